@@ -1,0 +1,165 @@
+// Params structs for the attention problem families (SPEC.md sections 1-3).
+// One plain struct per family, filled by the caller; strides are in ELEMENTS,
+// never bytes, and the last dim of every tensor is contiguous. Engine::forward*
+// validates a struct before any backend sees it (kernels/src/validate_params.cpp).
+//
+// Conventions shared by all families:
+//  - LSE is the natural-log sum-exp of the (scaled, soft-capped) scores over the
+//    visible keys, fp32.
+//  - A query row that sees no key gets output 0 and LSE -inf.
+//  - Mask (SPEC.md section 1), anchored bottom-right unless `mask_shift` says
+//    otherwise: with shift = s_k - s_q (per batch element),
+//      row i sees key j  iff  0 <= j < s_k
+//                        and (w_right < 0 or j <= i + shift + w_right)
+//                        and (w_left  < 0 or j >= i + shift - w_left)
+//    `causal` forces w_right = 0 and keeps w_left (causal + window = local).
+//  - softcap > 0: score = softcap * tanh(score / softcap), before masking.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "ringattn/dtype.hpp"
+
+namespace ringattn {
+
+inline constexpr int kMaxHeadDim = 256;
+
+// Mask / score options, shared by every family.
+struct MaskParams {
+  float scale = 0.0f;     // softmax scale; 0 = 1/sqrt(d)
+  float softcap = 0.0f;   // 0 = off
+  bool causal = false;    // bottom-right causal (sets w_right = 0)
+  int window_left = -1;   // -1 = unbounded
+  int window_right = -1;  // -1 = unbounded
+  // Optional per-batch-element diagonal shift overriding the bottom-right anchor:
+  // [b] int64; key j is "on the diagonal" of row i when j == i + mask_shift[b].
+  // Used by ring attention, where a block's query and key positions are offsets
+  // into a longer sequence. nullptr = bottom-right (shift = s_k - s_q).
+  const std::int64_t* mask_shift = nullptr;
+};
+
+// Dense and varlen forward (FA3 flash_attn_func / flash_attn_varlen_func).
+//
+// Dense   (cu_seqlens_q == nullptr):
+//   q   [b, s_q, h,   d]     k [b, s_k, h_k, d]     v [b, s_k, h_k, d_v]
+//   out [b, s_q, h,   d_v]   lse [b, h, s_q]
+// Varlen  (cu_seqlens_q and cu_seqlens_k set; batch strides ignored):
+//   q   [total_q, h,   d]    k [total_k, h_k, d]    v [total_k, h_k, d_v]
+//   out [total_q, h,   d_v]  lse [h, total_q]       total_q = cu_seqlens_q[b]
+//   s_q / s_k hold max_seqlen_q / max_seqlen_k (upper bounds, used for planning).
+struct FwdParams {
+  DType dtype = DType::kF32;      // storage of q, k, v
+  DType out_dtype = DType::kF32;  // storage of out: kF32 or == dtype
+
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;  // nullable; layout above
+
+  std::int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  std::int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  std::int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  std::int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
+
+  int b = 0;     // batch size (number of sequences for varlen)
+  int s_q = 0;   // query length (varlen: max_seqlen_q)
+  int s_k = 0;   // key length   (varlen: max_seqlen_k)
+  int h = 0;     // query heads
+  int h_k = 0;   // key/value heads, h % h_k == 0 (GQA; MQA is h_k = 1)
+  int d = 0;     // q/k head dim, <= 256
+  int d_v = 0;   // v head dim, <= 256
+
+  const std::int32_t* cu_seqlens_q = nullptr;  // [b+1] varlen only
+  const std::int32_t* cu_seqlens_k = nullptr;  // [b+1] varlen only
+  const std::int32_t* seqused_q = nullptr;     // [b] optional: rows used per segment
+  const std::int32_t* seqused_k = nullptr;     // [b] optional: keys used per segment
+
+  MaskParams mask;
+
+  // Split-KV: 0 = let the engine decide, 1 = no split, n > 1 = n key splits.
+  // Changes speed only, never results beyond rounding.
+  int num_splits = 0;
+
+  bool is_varlen() const { return cu_seqlens_q != nullptr; }
+};
+
+// A plan from Engine::plan_kvcache (FA3 get_scheduler_metadata): how many key
+// splits each sequence gets. Affects speed only.
+struct SchedulerMetadata {
+  int b = 0;
+  int threads = 1;
+  std::vector<std::int32_t> num_splits;  // [b] key splits per sequence (>= 1)
+};
+
+// KV-cache forward (FA3 flash_attn_with_kvcache).
+//   q           [b, s_q, h, d]
+//   k_cache     dense [b_cache, s_cache, h_k, d]   or paged [num_blocks, page_size, h_k, d]
+//   v_cache     dense [b_cache, s_cache, h_k, d_v] or paged [num_blocks, page_size, h_k, d_v]
+//   page_table  [b, max_pages] int32 (paged only); token t of sequence b lives at
+//               cache[page_table[b, t / page_size], t % page_size]
+//   k_new/v_new [b, s_new, h_k, d / d_v] appended IN PLACE at [cache_seqlens, +s_new)
+//   out         [b, s_q, h, d_v], lse [b, h, s_q]
+// Effective key count of sequence i: cache_seqlens[i] - leftpad[i] + s_new.
+// Cache slots outside [leftpad, cache_seqlens + s_new) are never read (may be NaN).
+struct KvCacheParams {
+  DType dtype = DType::kF32;      // storage of q, caches, k_new, v_new
+  DType out_dtype = DType::kF32;  // kF32 or == dtype
+
+  const void* q = nullptr;
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  const void* k_new = nullptr;  // nullable
+  const void* v_new = nullptr;  // nullable (set together with k_new)
+  void* out = nullptr;
+  float* lse = nullptr;  // nullable
+
+  std::int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  // Dense cache: batch = cache sequence; paged cache: batch = block.
+  std::int64_t k_cache_batch_stride = 0, k_cache_row_stride = 0, k_cache_head_stride = 0;
+  std::int64_t v_cache_batch_stride = 0, v_cache_row_stride = 0, v_cache_head_stride = 0;
+  std::int64_t k_new_batch_stride = 0, k_new_row_stride = 0, k_new_head_stride = 0;
+  std::int64_t v_new_batch_stride = 0, v_new_row_stride = 0, v_new_head_stride = 0;
+  std::int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
+
+  int b = 0, s_q = 0, h = 0, h_k = 0, d = 0, d_v = 0;
+  int s_new = 0;  // rows of k_new / v_new (0 = no append)
+
+  // Dense cache geometry (page_table == nullptr).
+  int b_cache = 0;  // number of cache sequences (>= max cache_batch_idx + 1)
+  int s_cache = 0;  // capacity in tokens per cache sequence
+
+  // Paged cache geometry.
+  const std::int32_t* page_table = nullptr;  // [b, max_pages]
+  std::int64_t page_table_batch_stride = 0;  // elements, usually max_pages
+  int num_blocks = 0;
+  int page_size = 0;
+  int max_pages = 0;
+
+  const std::int32_t* cache_seqlens = nullptr;    // [b] required: valid length before append
+  const std::int32_t* cache_batch_idx = nullptr;  // [b] optional (dense cache): row of the cache
+  const std::int32_t* cache_leftpad = nullptr;    // [b] optional: first valid token
+
+  // Rotary embedding (applied to q and k_new when rotary_cos != nullptr):
+  //   cos/sin [s_rotary, rotary_dim / 2] fp32; rotary_dim even, <= d.
+  //   interleaved: pairs (x[2i], x[2i+1]); otherwise half-split (x[i], x[i + rotary_dim/2]).
+  //   k_new row r of sequence i is rotated at position cache_seqlens[i] - leftpad[i] + r;
+  //   q row r at the same position when causal or windowed, else all q rows at
+  //   position cache_seqlens[i] - leftpad[i] (FA semantics).
+  const float* rotary_cos = nullptr;
+  const float* rotary_sin = nullptr;
+  int rotary_dim = 0;
+  int s_rotary = 0;
+  bool rotary_interleaved = false;
+
+  MaskParams mask;
+
+  int num_splits = 0;                         // 0 = engine decides (or plan), 1 = none
+  const SchedulerMetadata* plan = nullptr;    // optional plan from Engine::plan_kvcache
+
+  bool is_paged() const { return page_table != nullptr; }
+};
+
+}  // namespace ringattn

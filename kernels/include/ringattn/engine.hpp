@@ -1,0 +1,71 @@
+// Engine: the single entry point of the kernel layer. The backend is chosen once,
+// when the engine is created:
+//   "auto"        best backend this CPU supports (cpu-avx512 > cpu-avx2 > cpu-scalar)
+//   "reference"   plain loops, always available; what the tests compare against
+//   "cpu"         optimised CPU path with the best SIMD ISA this CPU supports
+//   "cpu-avx512" | "cpu-avx2" | "cpu-scalar"   that ISA explicitly; asking for one the
+//                 CPU cannot run throws UnsupportedError naming the missing feature.
+// Every call validates its params (InvalidArgument naming the argument and values)
+// before the backend runs. Engines are cheap to keep and safe to share between
+// threads for concurrent calls on different outputs.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ringattn/attention_params.hpp"
+
+namespace ringattn {
+
+struct MlaDecodeParams;  // ringattn/mla_params.hpp
+
+namespace detail {
+class Backend;
+}
+
+struct EngineOptions {
+  std::string backend = "auto";
+  int threads = 0;  // OpenMP threads per call; 0 = omp_get_max_threads()
+};
+
+class Engine {
+ public:
+  explicit Engine(const EngineOptions& options = {});
+  ~Engine();
+  Engine(Engine&&) noexcept;
+  Engine& operator=(Engine&&) noexcept;
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Name of the backend actually selected (e.g. "cpu-avx2" for "auto").
+  const std::string& backend_name() const { return name_; }
+  int threads() const { return threads_; }
+
+  // Dense or varlen forward (SPEC.md sections 1-2). Writes p.out and p.lse.
+  void forward(const FwdParams& p) const;
+
+  // KV-cache forward (SPEC.md section 3). Appends k_new/v_new into the caches in
+  // place, then writes p.out and p.lse.
+  void forward_kvcache(const KvCacheParams& p) const;
+
+  // Scheduler plan for a KV-cache call with these shapes (FA3 get_scheduler_metadata).
+  // Pass it back through p.plan; it changes speed only.
+  SchedulerMetadata plan_kvcache(const KvCacheParams& p) const;
+
+  // DeepSeek MLA decode (SPEC.md section 4).
+  void mla_decode(const MlaDecodeParams& p) const;
+
+ private:
+  std::unique_ptr<detail::Backend> backend_;
+  std::string name_;
+  int threads_ = 1;
+};
+
+// Backend names this machine can run, best first (always ends with "reference").
+std::vector<std::string> available_backends();
+
+// Human description of the CPU features detected (e.g. "avx2 fma f16c").
+std::string cpu_feature_summary();
+
+}  // namespace ringattn

@@ -1,0 +1,38 @@
+// Internal backend interface. Engine validates params, then calls exactly one
+// Backend chosen at construction. Backends may assume validated inputs.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "cpu_features.hpp"
+#include "ringattn/attention_params.hpp"
+
+namespace ringattn {
+struct MlaDecodeParams;
+}
+
+namespace ringattn::detail {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  // `threads` >= 1: OpenMP threads this call may use.
+  virtual void forward(const FwdParams& p, int threads) = 0;
+  virtual void forward_kvcache(const KvCacheParams& p, int threads) = 0;
+  virtual SchedulerMetadata plan_kvcache(const KvCacheParams& p, int threads) = 0;
+  virtual void mla_decode(const MlaDecodeParams& p, int threads) = 0;
+};
+
+// reference/reference_backend.cpp
+std::unique_ptr<Backend> make_reference_backend();
+// cpu/cpu_backend.cpp; precondition: cpu_supports(isa)
+std::unique_ptr<Backend> make_cpu_backend(CpuIsa isa);
+
+// validate_params.cpp: throw InvalidArgument naming the argument and the values.
+void validate(const FwdParams& p);
+void validate(const KvCacheParams& p);
+void validate(const MlaDecodeParams& p);
+
+}  // namespace ringattn::detail

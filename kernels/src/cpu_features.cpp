@@ -1,0 +1,76 @@
+#include "cpu_features.hpp"
+
+namespace ringattn::detail {
+
+namespace {
+struct Feature {
+  const char* name;
+  bool present;
+};
+}  // namespace
+
+const char* isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kScalar: return "scalar";
+    case CpuIsa::kAvx2: return "avx2";
+    case CpuIsa::kAvx512: return "avx512";
+  }
+  return "?";
+}
+
+bool cpu_supports(CpuIsa isa, std::string* missing) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  const Feature avx2[] = {{"avx2", __builtin_cpu_supports("avx2") != 0},
+                          {"fma", __builtin_cpu_supports("fma") != 0},
+                          {"f16c", __builtin_cpu_supports("f16c") != 0}};
+  const Feature avx512[] = {{"avx512f", __builtin_cpu_supports("avx512f") != 0},
+                            {"avx512bw", __builtin_cpu_supports("avx512bw") != 0},
+                            {"avx512vl", __builtin_cpu_supports("avx512vl") != 0},
+                            {"avx512dq", __builtin_cpu_supports("avx512dq") != 0}};
+#else
+  const Feature avx2[] = {{"avx2", false}, {"fma", false}, {"f16c", false}};
+  const Feature avx512[] = {{"avx512f", false}, {"avx512bw", false}, {"avx512vl", false},
+                            {"avx512dq", false}};
+#endif
+  std::string miss;
+  auto add = [&](const Feature* f, int n) {
+    for (int i = 0; i < n; ++i)
+      if (!f[i].present) {
+        if (!miss.empty()) miss += ' ';
+        miss += f[i].name;
+      }
+  };
+  if (isa == CpuIsa::kAvx2 || isa == CpuIsa::kAvx512) add(avx2, 3);
+  if (isa == CpuIsa::kAvx512) add(avx512, 4);
+  if (missing) *missing = miss;
+  return miss.empty();
+}
+
+CpuIsa best_cpu_isa() {
+  if (cpu_supports(CpuIsa::kAvx512)) return CpuIsa::kAvx512;
+  if (cpu_supports(CpuIsa::kAvx2)) return CpuIsa::kAvx2;
+  return CpuIsa::kScalar;
+}
+
+std::string cpu_feature_summary_impl() {
+  std::string s;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  const Feature all[] = {{"avx2", __builtin_cpu_supports("avx2") != 0},
+                         {"fma", __builtin_cpu_supports("fma") != 0},
+                         {"f16c", __builtin_cpu_supports("f16c") != 0},
+                         {"avx512f", __builtin_cpu_supports("avx512f") != 0},
+                         {"avx512bw", __builtin_cpu_supports("avx512bw") != 0},
+                         {"avx512vl", __builtin_cpu_supports("avx512vl") != 0},
+                         {"avx512dq", __builtin_cpu_supports("avx512dq") != 0}};
+  for (const auto& f : all)
+    if (f.present) {
+      if (!s.empty()) s += ' ';
+      s += f.name;
+    }
+#endif
+  return s.empty() ? "none" : s;
+}
+
+}  // namespace ringattn::detail

@@ -1,0 +1,2 @@
+// TEMPORARY placeholder: replaced by the merge implementation.
+#include "ringattn/merge_state.hpp"
