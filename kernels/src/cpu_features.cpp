@@ -1,8 +1,22 @@
 #include "cpu_features.hpp"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 namespace ringattn::detail {
 
 namespace {
+
+#if defined(__x86_64__) || defined(__i386__)
+// F16C from CPUID leaf 1 (ECX bit 29); not every compiler knows it as a
+// __builtin_cpu_supports feature name.
+bool has_f16c() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & bit_F16C) != 0;
+}
+#endif
+
 struct Feature {
   const char* name;
   bool present;
@@ -23,7 +37,7 @@ bool cpu_supports(CpuIsa isa, std::string* missing) {
   __builtin_cpu_init();
   const Feature avx2[] = {{"avx2", __builtin_cpu_supports("avx2") != 0},
                           {"fma", __builtin_cpu_supports("fma") != 0},
-                          {"f16c", __builtin_cpu_supports("f16c") != 0}};
+                          {"f16c", has_f16c()}};
   const Feature avx512[] = {{"avx512f", __builtin_cpu_supports("avx512f") != 0},
                             {"avx512bw", __builtin_cpu_supports("avx512bw") != 0},
                             {"avx512vl", __builtin_cpu_supports("avx512vl") != 0},
@@ -59,7 +73,7 @@ std::string cpu_feature_summary_impl() {
   __builtin_cpu_init();
   const Feature all[] = {{"avx2", __builtin_cpu_supports("avx2") != 0},
                          {"fma", __builtin_cpu_supports("fma") != 0},
-                         {"f16c", __builtin_cpu_supports("f16c") != 0},
+                         {"f16c", has_f16c()},
                          {"avx512f", __builtin_cpu_supports("avx512f") != 0},
                          {"avx512bw", __builtin_cpu_supports("avx512bw") != 0},
                          {"avx512vl", __builtin_cpu_supports("avx512vl") != 0},

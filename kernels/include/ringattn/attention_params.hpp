@@ -145,9 +145,9 @@ struct KvCacheParams {
   // Rotary embedding (applied to q and k_new when rotary_cos != nullptr):
   //   cos/sin [s_rotary, rotary_dim / 2] fp32; rotary_dim even, <= d.
   //   interleaved: pairs (x[2i], x[2i+1]); otherwise half-split (x[i], x[i + rotary_dim/2]).
-  //   k_new row r of sequence i is rotated at position cache_seqlens[i] - leftpad[i] + r;
-  //   q row r at the same position when causal or windowed, else all q rows at
-  //   position cache_seqlens[i] - leftpad[i] (FA semantics).
+  //   k_new row r of sequence i is rotated at position cache_seqlens[i] + r (the
+  //   absolute cache slot, leftpad or not); q row r at the same position when causal
+  //   or windowed, else all q rows at position cache_seqlens[i] (FA semantics).
   const float* rotary_cos = nullptr;
   const float* rotary_sin = nullptr;
   int rotary_dim = 0;

@@ -1,18 +1,29 @@
-// TEMPORARY placeholder: replaced by the reference backend.
+// The reference backend: plain loops over every entry point, always available.
+// Tests and the optimised backends compare against it.
 #include "backend.hpp"
 #include "mla/mla_kernels.hpp"
-#include "ringattn/error.hpp"
+#include "reference/reference_kernels.hpp"
 
 namespace ringattn::detail {
 namespace {
+
 class ReferenceBackend final : public Backend {
  public:
   std::string name() const override { return "reference"; }
-  void forward(const FwdParams&, int) override { RA_THROW(UnsupportedError, "not yet"); }
-  void forward_kvcache(const KvCacheParams&, int) override { RA_THROW(UnsupportedError, "not yet"); }
-  SchedulerMetadata plan_kvcache(const KvCacheParams&, int) override { return {}; }
-  void mla_decode(const MlaDecodeParams& p, int t) override { mla_decode_reference(p, t); }
+  void forward(const FwdParams& p, int threads) override { reference_forward(p, threads); }
+  void forward_kvcache(const KvCacheParams& p, int threads) override {
+    reference_forward_kvcache(p, threads);
+  }
+  SchedulerMetadata plan_kvcache(const KvCacheParams& p, int threads) override {
+    return reference_plan_kvcache(p, threads);
+  }
+  void mla_decode(const MlaDecodeParams& p, int threads) override {
+    mla_decode_reference(p, threads);
+  }
 };
+
 }  // namespace
+
 std::unique_ptr<Backend> make_reference_backend() { return std::make_unique<ReferenceBackend>(); }
+
 }  // namespace ringattn::detail
