@@ -16,9 +16,9 @@ std::string mpi_error_string(int code);
 
 }  // namespace ringattn::comm
 
-#define RA_MPI_CHECK(call)                                                                   \
-  do {                                                                                       \
-    const int ra_mpi_rc_ = (call);                                                           \
-    if (ra_mpi_rc_ != MPI_SUCCESS)                                                           \
+#define RA_MPI_CHECK(call)                                                                         \
+  do {                                                                                             \
+    const int ra_mpi_rc_ = (call);                                                                 \
+    if (ra_mpi_rc_ != MPI_SUCCESS)                                                                 \
       RA_THROW(CommError, #call << " failed: " << ::ringattn::comm::mpi_error_string(ra_mpi_rc_)); \
   } while (0)

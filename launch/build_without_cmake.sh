@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Builds the library and the ring example with mpicxx alone (for machines without
+# CMake packages for Boost; the CLI needs Boost.Program_options and is skipped).
+#   launch/build_without_cmake.sh OUT_DIR
+set -euo pipefail
+out=${1:-build-plain}
+mkdir -p "$out/obj" "$out/bin"
+inc="-Ikernels/include -Ikernels/src -Icomm/include -Isrc/include -Isrc"
+objs=()
+for f in $(find kernels/src comm/src src -name '*.cpp' ! -path 'src/cli/*'); do
+  o=$out/obj/$(echo "$f" | tr / _).o
+  isa=""
+  [[ $f == *_avx512.cpp ]] && isa="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c"
+  [[ $f == *_avx2.cpp ]] && isa="-mavx2 -mfma -mf16c"
+  mpicxx -std=c++20 -O3 -DNDEBUG -fopenmp $isa $inc -c "$f" -o "$o" &
+  objs+=("$o")
+  while [[ $(jobs -r | wc -l) -ge ${JOBS:-16} ]]; do sleep 0.1; done
+done
+wait
+mpicxx -std=c++20 -O3 -fopenmp $inc examples/ring_attention_example.cpp "${objs[@]}" \
+  -o "$out/bin/example_ring_attention_example"
+echo "built $out/bin/example_ring_attention_example"

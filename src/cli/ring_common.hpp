@@ -1,0 +1,46 @@
+// Helpers shared by the MPI subcommands (`ring`, `decode`): MPI-safe argument
+// parsing, deterministic synthetic tensors that every rank generates for its own
+// tokens only, and a float64 streaming reference for a sample of query rows.
+#pragma once
+
+#include <boost/program_options.hpp>
+#include <cstdint>
+#include <functional>
+
+#include "cli/cli_common.hpp"
+#include "ringattn/comm/communicator.hpp"
+#include "ringattn/dtype.hpp"
+
+namespace ringattn::cli {
+
+// parse_args on every rank, agreed collectively: a bad option on any rank makes
+// every rank throw InvalidArgument with that message. Returns false on --help
+// (printed by rank 0 only).
+bool parse_args_mpi(const comm::Communicator& comm, int argc, char** argv,
+                    const po::options_description& desc, const std::string& usage,
+                    po::variables_map* vm);
+
+// Value of element `index` of synthetic tensor `tensor` (0 = q, 1 = k, 2 = v, ...),
+// uniform in [-1, 1), rounded to storage dtype `t` (so the reference sees the
+// values the kernel sees).
+float synthetic_value(std::uint64_t seed, int tensor, std::int64_t index, DType t);
+// Fills `n` elements starting at global element `first` of tensor `tensor`.
+void fill_synthetic(std::uint64_t seed, int tensor, std::int64_t first, std::int64_t n, DType t,
+                    void* dst);
+
+// float64 reference for one query row against keys [0, s_k) of one sequence
+// (SPEC.md section 1 with an explicit diagonal shift: key j visible iff
+// j <= i + shift + wr and j >= i + shift - wl; causal => wr = 0).
+//   q_at(head, c), k_at(j, kv_head, c), v_at(j, kv_head, c) give element values.
+//   out [h, d_v] and lse [h] (natural log, -inf for an empty row).
+struct RowRefProblem {
+  int h = 0, h_k = 0, d = 0, d_v = 0;
+  std::int64_t s_k = 0, row = 0, shift = 0;
+  MaskParams mask;
+};
+void reference_row(const RowRefProblem& p, const std::function<double(int, int)>& q_at,
+                   const std::function<double(std::int64_t, int, int)>& k_at,
+                   const std::function<double(std::int64_t, int, int)>& v_at, double* out,
+                   double* lse);
+
+}  // namespace ringattn::cli
