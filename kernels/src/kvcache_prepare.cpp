@@ -73,13 +73,16 @@ void kvcache_append(const KvCacheParams& p, int threads) {
       const int hk = static_cast<int>(w % p.h_k);
       const std::int64_t r = (w / p.h_k) % p.s_new;
       const int i = static_cast<int>(w / (std::int64_t{p.h_k} * p.s_new));
-      const std::int64_t t = kv_rotary_pos_k(p, i, r);  // absolute cache slot (FA semantics)
+      // Key index counted from the leftpad (what kv_k_offset takes) and the rotary
+      // position, which is the absolute cache slot (FA semantics).
+      const std::int64_t t = std::int64_t{p.cache_seqlens[i]} - kv_leftpad(p, i) + r;
+      const std::int64_t pos = kv_rotary_pos_k(p, i, r);
       const std::int64_t k_src =
           i * p.k_new_batch_stride + r * p.k_new_row_stride + hk * p.k_new_head_stride;
       const std::int64_t v_src =
           i * p.v_new_batch_stride + r * p.v_new_row_stride + hk * p.v_new_head_stride;
       copy_row(byte_ptr(p.k_new, k_src, p.dtype), p.dtype,
-               byte_ptr(p.k_cache, kv_k_offset(p, i, t, hk), p.dtype), p.dtype, p.d, rotate, p, t,
+               byte_ptr(p.k_cache, kv_k_offset(p, i, t, hk), p.dtype), p.dtype, p.d, rotate, p, pos,
                tmp);
       copy_row(byte_ptr(p.v_new, v_src, p.dtype), p.dtype,
                byte_ptr(p.v_cache, kv_v_offset(p, i, t, hk), p.dtype), p.dtype, p.d_v, false, p, 0,

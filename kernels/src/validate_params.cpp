@@ -65,11 +65,14 @@ void check_input_strides(const char* tensor, std::int64_t inner, std::initialize
 // stride, each dimension must start past the span of all smaller ones.
 void check_output_strides(const char* tensor, std::int64_t inner, std::initializer_list<Dim> dims) {
   std::vector<Dim> ds;
+  bool empty = false;
   for (const Dim& dim : dims) {
     RA_CHECK_ARG(dim.stride >= 0,
                  tensor << ": " << dim.name << " stride must be >= 0, got " << dim.stride);
     if (dim.size > 1) ds.push_back(dim);
+    if (dim.size == 0) empty = true;
   }
+  if (empty) return;  // nothing is written, so no two elements can collide
   std::sort(ds.begin(), ds.end(), [](const Dim& a, const Dim& b) { return a.stride < b.stride; });
   std::int64_t span = inner;
   for (const Dim& dim : ds) {
@@ -213,6 +216,11 @@ void validate(const KvCacheParams& p) {
     RA_CHECK_ARG_GE(p.b_cache, 1, "b_cache: number of cache sequences must be >= 1");
     RA_CHECK_ARG_GE(p.s_cache, 0, "s_cache: cache capacity must be >= 0");
     capacity = p.s_cache;
+    if (!p.cache_batch_idx) {
+      RA_CHECK_ARG_LE(p.b, p.b_cache,
+                      "b_cache: without cache_batch_idx sequence i uses cache row i, so the dense "
+                      "cache needs at least b rows");
+    }
   }
   // Rows of the dense cache (or of the page table) that cache_batch_idx may name.
   const std::int64_t idx_limit = p.is_paged() ? p.b : p.b_cache;

@@ -1,6 +1,245 @@
-// TEMPORARY placeholder: the optimised CPU backend replaces this file.
+// The optimised CPU backend ("cpu-avx512" / "cpu-avx2" / "cpu-scalar").
+//
+// Every entry point is turned into one AttnProblem (flash_fwd_cpu.hpp): a list of
+// independent sequences with their lengths, mask diagonal and K/V row addressing.
+// The ISA is fixed when the backend is created: one function pointer to the
+// instantiation of the kernel templates for that ISA (run-time dispatch happens once).
+//
+//   forward          dense: one sequence per batch element; varlen: one per segment
+//   forward_kvcache  kvcache_append (in place, rotary on k_new), q rotated into scratch
+//                    when rotary applies, then one sequence per batch element whose
+//                    keys are resolved through kvcache_prepare.hpp (pages, leftpad,
+//                    cache_batch_idx)
+//   plan_kvcache     split-KV plan: key splits per sequence (choose_num_splits)
+//   mla_decode       mla_decode_cpu (mla/mla_kernels.hpp)
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
 #include "backend.hpp"
+#include "cpu/flash_fwd_cpu.hpp"
+#include "kvcache_prepare.hpp"
+#include "mla/mla_kernels.hpp"
+#include "ringattn/error.hpp"
 
 namespace ringattn::detail {
-std::unique_ptr<Backend> make_cpu_backend(CpuIsa) { return make_reference_backend(); }
+namespace {
+
+using cpu::AttnProblem;
+using cpu::SeqDesc;
+
+using KernelFn = void (*)(const AttnProblem&, int);
+
+KernelFn kernel_for(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx512:
+      return &cpu::flash_fwd_avx512;
+    case CpuIsa::kAvx2:
+      return &cpu::flash_fwd_avx2;
+    case CpuIsa::kScalar:
+      return &cpu::flash_fwd_scalar;
+  }
+  return &cpu::flash_fwd_scalar;
+}
+
+void set_mask(AttnProblem& a, const MaskParams& m, int d) {
+  a.scale = m.scale != 0.0f ? m.scale : 1.0f / std::sqrt(static_cast<float>(d));
+  a.softcap = m.softcap;
+  a.w_left = m.window_left;
+  a.w_right = m.causal ? 0 : m.window_right;
+}
+
+// Tasks a call has without splitting keys (cpu::unsplit_tasks per sequence).
+std::int64_t base_tasks(const std::vector<SeqDesc>& seqs, int h, int h_k) {
+  std::int64_t n = 0;
+  for (const SeqDesc& sd : seqs) n += cpu::unsplit_tasks(sd.s_q, h, h_k);
+  return n;
+}
+
+// num_splits: 0 = heuristic, 1 = none, n > 1 = n splits for every sequence.
+void assign_splits(std::vector<SeqDesc>& seqs, int requested, int h, int h_k, int threads) {
+  const std::int64_t base = base_tasks(seqs, h, h_k);
+  for (SeqDesc& sd : seqs)
+    sd.num_splits = requested > 0 ? requested : cpu::choose_num_splits(sd.s_k, base, threads);
+}
+
+AttnProblem make_problem(const FwdParams& p, int threads) {
+  AttnProblem a;
+  a.dtype = p.dtype;
+  a.out_dtype = p.out_dtype;
+  a.h = p.h;
+  a.h_k = p.h_k;
+  a.d = p.d;
+  a.d_v = p.d_v;
+  a.q = p.q;
+  a.q_row_stride = p.q_row_stride;
+  a.q_head_stride = p.q_head_stride;
+  a.out = p.out;
+  a.out_row_stride = p.out_row_stride;
+  a.out_head_stride = p.out_head_stride;
+  a.lse = p.lse;
+  set_mask(a, p.mask, p.d);
+  const std::int64_t esize = static_cast<std::int64_t>(dtype_size(p.dtype));
+  a.seqs.resize(static_cast<std::size_t>(p.b));
+  if (p.is_varlen()) {
+    // lse [h, total_q]
+    a.lse_head_stride = p.cu_seqlens_q[p.b];
+  } else {
+    // lse [b, h, s_q]
+    a.lse_head_stride = p.s_q;
+  }
+  for (int bi = 0; bi < p.b; ++bi) {
+    SeqDesc& sd = a.seqs[static_cast<std::size_t>(bi)];
+    std::int64_t k_off, v_off;
+    if (p.is_varlen()) {
+      const std::int64_t q0 = p.cu_seqlens_q[bi], k0 = p.cu_seqlens_k[bi];
+      sd.s_q_slots = static_cast<int>(p.cu_seqlens_q[bi + 1] - q0);
+      sd.s_q = p.seqused_q ? p.seqused_q[bi] : sd.s_q_slots;
+      sd.s_k = p.seqused_k ? p.seqused_k[bi] : p.cu_seqlens_k[bi + 1] - k0;
+      sd.q_off = q0 * p.q_row_stride;
+      sd.out_off = q0 * p.out_row_stride;
+      sd.lse_off = q0;
+      k_off = k0 * p.k_row_stride;
+      v_off = k0 * p.v_row_stride;
+    } else {
+      sd.s_q_slots = p.s_q;
+      sd.s_q = p.seqused_q ? p.seqused_q[bi] : p.s_q;
+      sd.s_k = p.seqused_k ? p.seqused_k[bi] : p.s_k;
+      sd.q_off = bi * p.q_batch_stride;
+      sd.out_off = bi * p.out_batch_stride;
+      sd.lse_off = std::int64_t{bi} * p.h * p.s_q;
+      k_off = bi * p.k_batch_stride;
+      v_off = bi * p.v_batch_stride;
+    }
+    sd.shift = p.mask.mask_shift ? p.mask.mask_shift[bi] : sd.s_k - sd.s_q;
+    sd.k.base = static_cast<const char*>(p.k) + k_off * esize;
+    sd.k.row_stride = p.k_row_stride;
+    sd.k.head_stride = p.k_head_stride;
+    sd.v.base = static_cast<const char*>(p.v) + v_off * esize;
+    sd.v.row_stride = p.v_row_stride;
+    sd.v.head_stride = p.v_head_stride;
+  }
+  assign_splits(a.seqs, p.num_splits, p.h, p.h_k, threads);
+  return a;
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(CpuIsa isa) : isa_(isa), kernel_(kernel_for(isa)) {}
+
+  std::string name() const override { return std::string("cpu-") + isa_name(isa_); }
+
+  void forward(const FwdParams& p, int threads) override {
+    kernel_(make_problem(p, threads), threads);
+  }
+
+  void forward_kvcache(const KvCacheParams& p, int threads) override {
+    kvcache_append(p, threads);
+
+    // Rotary rotates q: into a contiguous scratch [b, s_q, h, d] of the storage dtype.
+    std::vector<unsigned char> q_rot;
+    const void* q = p.q;
+    std::int64_t q_batch = p.q_batch_stride, q_row = p.q_row_stride, q_head = p.q_head_stride;
+    if (kv_has_rotary(p)) {
+      q_rot.resize(static_cast<std::size_t>(p.b) * p.s_q * p.h * p.d * dtype_size(p.dtype));
+      kvcache_prepare_q(p, q_rot.data(), p.dtype, threads);
+      q = q_rot.data();
+      q_head = p.d;
+      q_row = std::int64_t{p.h} * p.d;
+      q_batch = q_row * p.s_q;
+    }
+
+    AttnProblem a;
+    a.dtype = p.dtype;
+    a.out_dtype = p.out_dtype;
+    a.h = p.h;
+    a.h_k = p.h_k;
+    a.d = p.d;
+    a.d_v = p.d_v;
+    a.q = q;
+    a.q_row_stride = q_row;
+    a.q_head_stride = q_head;
+    a.out = p.out;
+    a.out_row_stride = p.out_row_stride;
+    a.out_head_stride = p.out_head_stride;
+    a.lse = p.lse;
+    a.lse_head_stride = p.s_q;  // lse [b, h, s_q]
+    set_mask(a, p.mask, p.d);
+    a.seqs.resize(static_cast<std::size_t>(p.b));
+    for (int bi = 0; bi < p.b; ++bi) {
+      SeqDesc& sd = a.seqs[static_cast<std::size_t>(bi)];
+      sd.s_q = sd.s_q_slots = p.s_q;
+      sd.s_k = kv_num_keys(p, bi);
+      sd.shift = p.mask.mask_shift ? p.mask.mask_shift[bi] : sd.s_k - p.s_q;
+      sd.q_off = bi * q_batch;
+      sd.out_off = bi * p.out_batch_stride;
+      sd.lse_off = std::int64_t{bi} * p.h * p.s_q;
+      sd.k.base = static_cast<const char*>(p.k_cache);
+      sd.k.cache = &p;
+      sd.k.seq = bi;
+      sd.v.base = static_cast<const char*>(p.v_cache);
+      sd.v.cache = &p;
+      sd.v.seq = bi;
+      sd.v.is_v = true;
+    }
+    if (p.plan && p.plan->num_splits.size() == static_cast<std::size_t>(p.b)) {
+      for (int bi = 0; bi < p.b; ++bi)
+        a.seqs[static_cast<std::size_t>(bi)].num_splits =
+            std::max(1, p.plan->num_splits[static_cast<std::size_t>(bi)]);
+    } else {
+      assign_splits(a.seqs, p.num_splits, p.h, p.h_k, threads);
+    }
+    kernel_(a, threads);
+  }
+
+  SchedulerMetadata plan_kvcache(const KvCacheParams& p, int threads) override {
+    std::vector<SeqDesc> seqs(static_cast<std::size_t>(p.b));
+    for (int bi = 0; bi < p.b; ++bi) {
+      seqs[static_cast<std::size_t>(bi)].s_q = p.s_q;
+      seqs[static_cast<std::size_t>(bi)].s_k = kv_num_keys(p, bi);
+    }
+    assign_splits(seqs, p.num_splits, p.h, p.h_k, threads);
+    SchedulerMetadata m;
+    m.b = p.b;
+    m.threads = threads;
+    m.num_splits.reserve(seqs.size());
+    for (const SeqDesc& sd : seqs) m.num_splits.push_back(sd.num_splits);
+    return m;
+  }
+
+  void mla_decode(const MlaDecodeParams& p, int threads) override {
+    mla_decode_cpu(p, isa_, threads);
+  }
+
+ private:
+  CpuIsa isa_;
+  KernelFn kernel_;
+};
+
+}  // namespace
+
+namespace cpu {
+
+void store_row_converted(void* dst, std::int64_t off, DType t, const float* src, float mul, int n) {
+  if (t == DType::kBF16) {
+    auto* d = static_cast<std::uint16_t*>(dst) + off;
+    for (int c = 0; c < n; ++c) d[c] = f32_to_bf16(src[c] * mul);
+    return;
+  }
+  for (int c = 0; c < n; ++c) store_from_f32(dst, off + c, t, src[c] * mul);
+}
+
+void throw_scratch_alloc_failure(std::size_t bytes) {
+  RA_THROW(ResourceError, "cpu backend: cannot allocate " << bytes << " bytes of scratch");
+}
+
+void throw_unsupported_dtype(DType t) {
+  RA_THROW(UnsupportedError,
+           "cpu backend: storage dtype " << dtype_name(t) << " is not supported for attention");
+}
+
+}  // namespace cpu
+
+std::unique_ptr<Backend> make_cpu_backend(CpuIsa isa) { return std::make_unique<CpuBackend>(isa); }
+
 }  // namespace ringattn::detail

@@ -1,0 +1,143 @@
+// The optimised CPU attention kernels behind cpu_backend.cpp (internal).
+//
+// cpu_backend.cpp turns FwdParams (dense / varlen) and KvCacheParams (dense or paged
+// cache, after the append of kvcache_prepare.hpp) into one AttnProblem: a list of
+// independent sequences, each with its own lengths, mask diagonal and key/value row
+// addressing. One entry point per SIMD ISA runs it; each is the same template
+// (flash_fwd_tile.hpp) instantiated in flash_fwd_cpu_<isa>.cpp.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "kvcache_prepare.hpp"
+#include "ringattn/attention_params.hpp"
+
+namespace ringattn::detail::cpu {
+
+// Rows of one K or V tensor of one sequence. Either contiguous rows (varlen / dense
+// tensors: key t at t * row_stride) or a KV cache, resolved through the shared
+// kvcache_prepare.hpp helpers (page table, cache_batch_idx, leftpad).
+struct KvRows {
+  const char* base = nullptr;            // tensor base (bytes); contiguous: row of key 0
+  std::int64_t row_stride = 0;           // elements, contiguous mode only
+  std::int64_t head_stride = 0;          // elements, contiguous mode only
+  const KvCacheParams* cache = nullptr;  // cache mode when set
+  int seq = 0;                           // cache mode: batch index
+  bool is_v = false;                     // cache mode: v_cache instead of k_cache
+};
+
+// One independent attention problem (one batch element / varlen segment).
+//   query row i of head hq lives at q + q_off + i * q_row_stride + hq * q_head_stride
+//   (same for out), its LSE at lse[lse_off + hq * lse_head_stride + i].
+struct SeqDesc {
+  int s_q = 0;             // query rows computed
+  int s_q_slots = 0;       // rows of the output slot (>= s_q); rows past s_q get 0 / -inf
+  std::int64_t s_k = 0;    // keys
+  std::int64_t shift = 0;  // mask diagonal: key j is on the diagonal of row i when j == i + shift
+  std::int64_t q_off = 0, out_off = 0, lse_off = 0;
+  KvRows k, v;
+  int num_splits = 1;  // key splits (>= 1)
+};
+
+struct AttnProblem {
+  DType dtype = DType::kF32;      // storage of q, k, v
+  DType out_dtype = DType::kF32;  // kF32 or dtype
+  int h = 0, h_k = 0, d = 0, d_v = 0;
+  const void* q = nullptr;  // [.., h, d]
+  std::int64_t q_row_stride = 0, q_head_stride = 0;
+  void* out = nullptr;  // [.., h, d_v]
+  std::int64_t out_row_stride = 0, out_head_stride = 0;
+  float* lse = nullptr;  // nullable
+  std::int64_t lse_head_stride = 0;
+  float scale = 1.0f;    // resolved (never 0)
+  float softcap = 0.0f;  // 0 = off
+  int w_left = -1;       // -1 = unbounded
+  int w_right = -1;      // causal already folded in (0)
+  std::vector<SeqDesc> seqs;
+};
+
+// Helpers used by the generic backend and by the ISA translation units live in an
+// unnamed namespace: every translation unit gets its own copy, so code compiled with
+// AVX-512 flags is never picked by the linker for a caller on another path.
+namespace {
+
+// Element offset of key t (0-based within the sequence) of KV head hk.
+inline std::int64_t kv_rows_offset(const KvRows& kv, std::int64_t t, int hk) {
+  if (kv.cache)
+    return kv.is_v ? kv_v_offset(*kv.cache, kv.seq, t, hk) : kv_k_offset(*kv.cache, kv.seq, t, hk);
+  return t * kv.row_stride + hk * kv.head_stride;
+}
+
+// ---- scheduling constants shared by the kernels and the planner ----
+
+// Keys per tile of both kernels (a multiple of every ISA's micro-kernel width).
+inline constexpr int kKeyTile = 64;
+// Keys per tile of the decode kernel (divides kKeyTile).
+inline constexpr int kDecodeKeyTile = 16;
+// Rows (query rows x heads of one KV group) of one prefill task: Q, O (fp32) and the
+// score tile of 256 rows stay within a 512 KiB L2 for d = d_v = 128.
+inline constexpr int kPrefillRows = 256;
+// At or below this many rows per KV head (s_q * h / h_k) the decode kernel runs.
+inline constexpr int kDecodeMaxRows = 16;
+// Smallest number of keys a split should get (smaller splits cost more in the merge
+// than they gain in parallelism).
+inline constexpr int kMinKeysPerSplit = 256;
+
+inline int query_block_rows(int s_q, int group) {
+  if (s_q * group <= kDecodeMaxRows) return std::max(s_q, 1);
+  return std::clamp(kPrefillRows / group, 1, std::max(s_q, 1));
+}
+
+inline int num_query_blocks(int s_q, int group) {
+  const int mq = query_block_rows(s_q, group);
+  return (s_q + mq - 1) / mq;
+}
+
+// A decode task covers several KV heads, so that it reads each key's [h_k, d] row
+// as one contiguous piece (rows of a single head sit h_k * d elements apart: a page
+// per key, TLB-bound). Up to kPrefillRows query rows a task.
+inline int decode_heads_per_task(int s_q, int group, int h_k) {
+  return std::clamp(kPrefillRows / std::max(1, s_q * group), 1, std::max(h_k, 1));
+}
+
+// Tasks of one sequence before key splitting.
+inline std::int64_t unsplit_tasks(int s_q, int h, int h_k) {
+  const int group = h / h_k;
+  if (s_q <= 0) return 0;
+  if (s_q * group <= kDecodeMaxRows) {
+    const int hpt = decode_heads_per_task(s_q, group, h_k);
+    return (h_k + hpt - 1) / hpt;
+  }
+  return std::int64_t{h_k} * num_query_blocks(s_q, group);
+}
+
+// Split-KV heuristic (FA3 num_splits_heuristic in spirit): when the tasks without
+// splits (`base_tasks` = sum over sequences of h_k * query blocks) cannot keep every
+// thread busy, cut each sequence's keys into enough splits that there are about two
+// tasks per thread (the dynamic schedule then balances), never below
+// kMinKeysPerSplit keys a split.
+inline int choose_num_splits(std::int64_t s_k, std::int64_t base_tasks, int threads) {
+  const std::int64_t target = 2 * std::int64_t{threads};
+  if (base_tasks <= 0 || base_tasks >= target || s_k <= kMinKeysPerSplit) return 1;
+  const std::int64_t want = (target + base_tasks - 1) / base_tasks;
+  const std::int64_t cap = std::max<std::int64_t>(1, s_k / kMinKeysPerSplit);
+  return static_cast<int>(std::clamp<std::int64_t>(want, 1, std::min<std::int64_t>(cap, 128)));
+}
+
+}  // namespace
+
+// Out-of-line helpers defined in cpu_backend.cpp (generic code), so that the ISA
+// translation units emit no shared inline code of their own:
+// dst[off + c] = src[c] * mul for c < n, stored as `t` (round to nearest even).
+void store_row_converted(void* dst, std::int64_t off, DType t, const float* src, float mul, int n);
+[[noreturn]] void throw_scratch_alloc_failure(std::size_t bytes);
+[[noreturn]] void throw_unsupported_dtype(DType t);
+
+// Entry points, one per ISA (flash_fwd_cpu_<isa>.cpp).
+void flash_fwd_scalar(const AttnProblem& p, int threads);
+void flash_fwd_avx2(const AttnProblem& p, int threads);
+void flash_fwd_avx512(const AttnProblem& p, int threads);
+
+}  // namespace ringattn::detail::cpu

@@ -1,0 +1,671 @@
+// Kernel bodies of the optimised CPU backend, written once over the thin vector API
+// (S = SimdAvx2 / SimdAvx512 / SimdScalar) and the storage type T (float, bf16_t,
+// f16_t). flash_fwd_cpu_<isa>.cpp instantiates run_flash_fwd<S> for its ISA.
+//
+// Work decomposition. A task is (sequence, KV head hk, block of query rows, key split).
+// It owns every query head of the KV group (h / h_k heads), so each K/V row it loads
+// serves all of them (GQA/MQA read K/V once). The task's rows are
+// r = g * nq + ii  (head g of the group, query row q0 + ii), M = nq * group in all.
+// A decode task may cover nh consecutive KV heads (decode_heads_per_task); its rows
+// are then the nh groups one after the other (query head hk * group + r / nq).
+//
+//  - Prefill kernel (M > kDecodeMaxRows): FlashAttention-2 tiling. Per key tile of
+//    kKeyTile keys: K is packed transposed into kt [d][kKeyTile] fp32 and V into
+//    vp [kKeyTile][d_v padded] fp32 (bf16/fp16 converted while packing), once for all
+//    M rows; S = Q K^T and O += P V run as register-blocked GEMM micro-kernels.
+//  - Decode kernel (M <= kDecodeMaxRows, e.g. s_q = 1): K and V rows are streamed
+//    straight from memory once per tile for all M rows (dot products over d with M
+//    register accumulators, then O += P V with V rows read in place).
+//
+// Both keep one SoftmaxState (running max m, running sum d) per row and an fp32
+// accumulator o[M][d_v]; a task covering a key split writes its unnormalised
+// (o, state) to a partial buffer and the splits are merged afterwards with
+// SoftmaxState::merge, the same merge the ring and split-KV reductions use.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <vector>
+
+#include "cpu/flash_fwd_cpu.hpp"
+#include "ringattn/dtype.hpp"
+#include "ringattn/softmax_state.hpp"
+
+namespace ringattn::detail::cpu {
+// Everything below has internal linkage: each ISA's translation unit gets its own
+// copy, so the linker can never hand code compiled for AVX-512 to another path.
+namespace {
+
+inline std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
+
+// Upper bound of the per-call K/V packing buffer (floats, 1 GiB); larger calls pack
+// tiles per task instead.
+constexpr std::int64_t kMaxPackedFloats = std::int64_t{1} << 28;
+
+// 64-byte aligned buffer of a trivially copyable type, allocated once per call (never
+// inside the loops). Contents start uninitialised.
+template <class X>
+class AlignedBuf {
+ public:
+  void reset(std::size_t n) {
+    const std::size_t bytes = static_cast<std::size_t>(
+        round_up(static_cast<std::int64_t>(std::max<std::size_t>(n, 1) * sizeof(X)), 64));
+    ptr_.reset(static_cast<X*>(std::aligned_alloc(64, bytes)));
+    if (!ptr_) throw_scratch_alloc_failure(bytes);
+  }
+  X* get() const { return ptr_.get(); }
+  X& operator[](std::size_t i) const { return ptr_.get()[i]; }
+
+ private:
+  struct Free {
+    void operator()(X* p) const { std::free(p); }
+  };
+  std::unique_ptr<X, Free> ptr_;
+};
+using AlignedFloats = AlignedBuf<float>;
+
+// Visible key range [lo, hi) of query row i (SPEC.md section 1); empty when lo >= hi.
+struct RowRange {
+  std::int64_t lo, hi;
+};
+inline RowRange visible_keys(const AttnProblem& p, const SeqDesc& sd, std::int64_t i) {
+  RowRange r{0, sd.s_k};
+  if (p.w_left >= 0) r.lo = std::max<std::int64_t>(0, i + sd.shift - p.w_left);
+  if (p.w_right >= 0) r.hi = std::min<std::int64_t>(sd.s_k, i + sd.shift + p.w_right + 1);
+  return r;
+}
+
+struct Task {
+  int seq, hk, nh, q0, nq;  // KV heads [hk, hk + nh), query rows [q0, q0 + nq)
+  std::int64_t kb, ke;      // key range of this split
+  std::int64_t part;        // index of the partial slot, -1 = no split (writes the output)
+  const float* packed;      // pre-packed K/V tiles of (seq, hk), nullptr = pack per task
+};
+
+struct PackItem {
+  int seq, hk;
+  std::int64_t j0;
+  float* dst;
+};
+
+template <class S, class T>
+struct FlashFwd {
+  using V = typename S::V;
+  static constexpr int L = S::kLanes;
+  static constexpr int MR = S::kRows;
+  static constexpr int NV = S::kVecs;
+  static constexpr int NC = kKeyTile;
+  static_assert(NC % (NV * L) == 0, "key tile must be a multiple of the micro-kernel width");
+
+  const AttnProblem& p;
+  int group, dq, dvp, max_rows;
+
+  struct Scratch {
+    AlignedFloats q, s, o, kt, vp, alpha;
+    AlignedBuf<SoftmaxState> st;
+    AlignedBuf<RowRange> rows;
+    AlignedBuf<const T*> kptr, vrow_t;
+    AlignedBuf<const float*> vrow_f;
+  };
+
+  std::int64_t tile_floats() const { return std::int64_t{p.d} * NC + std::int64_t{NC} * dvp; }
+
+  explicit FlashFwd(const AttnProblem& prob) : p(prob) {
+    group = p.h / p.h_k;
+    dq = static_cast<int>(round_up(p.d, L));
+    dvp = static_cast<int>(round_up(p.d_v, L));
+    max_rows = 1;
+    for (const SeqDesc& sd : p.seqs)
+      max_rows = std::max(
+          max_rows,
+          query_block_rows(sd.s_q, group) * group *
+              (sd.s_q * group <= kDecodeMaxRows ? decode_heads_per_task(sd.s_q, group, p.h_k) : 1));
+  }
+
+  void init_scratch(Scratch& sc) const {
+    const std::size_t m = static_cast<std::size_t>(max_rows);
+    sc.q.reset(m * dq);
+    sc.s.reset(m * NC);
+    sc.o.reset(m * dvp);
+    sc.kt.reset(static_cast<std::size_t>(p.d) * NC);
+    sc.vp.reset(static_cast<std::size_t>(NC) * dvp);
+    sc.alpha.reset(m);
+    sc.st.reset(m);
+    sc.rows.reset(m);
+    sc.kptr.reset(NC);
+    sc.vrow_f.reset(NC);
+    sc.vrow_t.reset(NC);
+  }
+
+  const T* k_row(const SeqDesc& sd, std::int64_t t, int hk) const {
+    return reinterpret_cast<const T*>(sd.k.base) + kv_rows_offset(sd.k, t, hk);
+  }
+  const T* v_row(const SeqDesc& sd, std::int64_t t, int hk) const {
+    return reinterpret_cast<const T*>(sd.v.base) + kv_rows_offset(sd.v, t, hk);
+  }
+
+  // Converts n (multiple of 8) values of storage type U to fp32, times `mul`; the
+  // vector-width tail (AVX-512, n % 16 == 8) is zero filled up to round_up(n, L).
+  template <class U>
+  static void convert_row(const U* src, int n, float mul, float* dst) {
+    const V vm = S::set1(mul);
+    int c = 0;
+    for (; c + L <= n; c += L) S::store(dst + c, S::mul(S::load(src + c), vm));
+    if (c < n) S::store(dst + c, S::mul(S::load_partial(src + c, n - c), vm));
+  }
+
+  // ---------------- micro-kernels ----------------
+
+  // S[R rows][ncols] = Q[R][d] * KT[d][ncols] (KT row stride NC), ncols multiple of NV*L.
+  // Register block: R rows x NV vectors of accumulators; per d step, NV loads of KT
+  // and R broadcasts of Q feed R * NV FMAs.
+  template <int R>
+  static void qk_block(const float* q, int ldq, const float* kt, int d, float* s, int ncols) {
+    for (int c0 = 0; c0 < ncols; c0 += NV * L) {
+      V acc[R][NV];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
+      const float* kp = kt + c0;
+      for (int kk = 0; kk < d; ++kk) {
+        V b[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) b[v] = S::load(kp + v * L);
+        kp += NC;
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          const V a = S::set1(q[r * ldq + kk]);
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc[r][v] = S::fma(a, b[v], acc[r][v]);
+        }
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) S::store(s + r * NC + c0 + v * L, acc[r][v]);
+    }
+  }
+
+  // O[R rows][c0 .. c0 + NVv*L) = O * alpha[r] + P[R][0..nk) * Vrows[0..nk)[c0 ..].
+  // vrows[k] points at key k's value row (fp32 packed or storage type U, read in
+  // place); the last vector reads only `tail` values when kTail (AVX-512 tails).
+  template <int R, int NVv, bool kTail, class U>
+  static void pv_block(const float* pm, const U* const* vrows, int nk, int c0, int tail,
+                       const float* alpha, float* o, int ldo) {
+    V acc[R][NVv];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const V al = S::set1(alpha[r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NVv; ++v) acc[r][v] = S::mul(S::load(o + r * ldo + c0 + v * L), al);
+    }
+    for (int k = 0; k < nk; ++k) {
+      const U* vr = vrows[k] + c0;
+      V b[NVv];
+#pragma GCC unroll 4
+      for (int v = 0; v < NVv; ++v) {
+        if (kTail && v == NVv - 1) {
+          b[v] = S::load_partial(vr + v * L, tail);
+        } else {
+          b[v] = S::load(vr + v * L);
+        }
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const V a = S::set1(pm[r * NC + k]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NVv; ++v) acc[r][v] = S::fma(a, b[v], acc[r][v]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NVv; ++v) S::store(o + r * ldo + c0 + v * L, acc[r][v]);
+  }
+
+  // Decode scores: s[r][0..nk) = q[r] . krows[k] for R rows (q fp32 padded to dq).
+  template <int R>
+  void qk_rows(const float* q, const T* const* krows, int nk, float* s) const {
+    const int dfull = p.d / L * L;
+    const int tail = p.d - dfull;
+    for (int k = 0; k < nk; ++k) {
+      const T* kr = krows[k];
+      V acc[R];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[r] = S::zero();
+      for (int c = 0; c < dfull; c += L) {
+        const V b = S::load(kr + c);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) acc[r] = S::fma(S::load(q + r * dq + c), b, acc[r]);
+      }
+      if (tail) {
+        const V b = S::load_partial(kr + dfull, tail);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) acc[r] = S::fma(S::load(q + r * dq + dfull), b, acc[r]);
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) s[r * NC + k] = S::reduce_add(acc[r]);
+    }
+  }
+
+  // Runtime row count -> compile-time R (1 .. MR, or 1 .. 8 for decode).
+  template <int R = MR>
+  static void qk_dispatch(int rows, const float* q, int ldq, const float* kt, int d, float* s,
+                          int ncols) {
+    if constexpr (R > 0) {
+      if (rows == R) return qk_block<R>(q, ldq, kt, d, s, ncols);
+      return qk_dispatch<R - 1>(rows, q, ldq, kt, d, s, ncols);
+    }
+  }
+  template <int R = 8>
+  void qk_rows_dispatch(int rows, const float* q, const T* const* krows, int nk, float* s) const {
+    if constexpr (R > 0) {
+      if (rows == R) return qk_rows<R>(q, krows, nk, s);
+      return qk_rows_dispatch<R - 1>(rows, q, krows, nk, s);
+    }
+  }
+  template <int R, class U>
+  static void pv_cols(const float* pm, const U* const* vrows, int nk, int ncols, int tail,
+                      const float* alpha, float* o, int ldo) {
+    // ncols: columns to produce (multiple of L); the last vector is partial when tail.
+    int c0 = 0;
+    for (; c0 + NV * L <= ncols && !(tail && c0 + NV * L == ncols); c0 += NV * L)
+      pv_block<R, NV, false>(pm, vrows, nk, c0, 0, alpha, o, ldo);
+    while (c0 < ncols) {
+      const bool last = c0 + L == ncols;
+      if (last && tail) {
+        pv_block<R, 1, true>(pm, vrows, nk, c0, tail, alpha, o, ldo);
+      } else {
+        pv_block<R, 1, false>(pm, vrows, nk, c0, 0, alpha, o, ldo);
+      }
+      c0 += L;
+    }
+  }
+  template <class U, int R = (MR > 8 ? MR : 8)>
+  static void pv_dispatch(int rows, const float* pm, const U* const* vrows, int nk, int ncols,
+                          int tail, const float* alpha, float* o, int ldo) {
+    if constexpr (R > 0) {
+      if (rows == R) return pv_cols<R>(pm, vrows, nk, ncols, tail, alpha, o, ldo);
+      return pv_dispatch<U, R - 1>(rows, pm, vrows, nk, ncols, tail, alpha, o, ldo);
+    }
+  }
+
+  // ---------------- softmax over one score tile ----------------
+
+  // Rows r in [0, M) of the score tile s [M][NC] hold scores for keys j0 .. j0 + nc;
+  // columns [nc, ncv) are padding. Applies the soft cap, then the mask (only when the
+  // tile is not fully visible to every row), then the online-softmax update: s becomes
+  // P = exp(s - m_new), alpha[r] = exp(m_old - m_new) rescales the row's accumulator.
+  void softmax_tile(Scratch& sc, int M, int nq, std::int64_t j0, int nc, int ncv, bool full) const {
+    float* s = sc.s.get();
+    const V ninf = S::set1(kNegInf);
+    for (int r = 0; r < M; ++r) {
+      float* sr = s + r * NC;
+      if (p.softcap > 0.0f) {
+        const V cap = S::set1(p.softcap);
+        for (int c = 0; c < ncv; c += L) S::store(sr + c, S::mul(cap, S::tanh(S::load(sr + c))));
+      }
+      int a = 0, b = nc;
+      if (!full) {
+        const RowRange rr = sc.rows[r % nq];
+        a = static_cast<int>(std::clamp<std::int64_t>(rr.lo - j0, 0, nc));
+        b = static_cast<int>(std::clamp<std::int64_t>(rr.hi - j0, 0, nc));
+        if (a >= b) a = b = 0;
+      }
+      for (int c = 0; c < a; ++c) sr[c] = kNegInf;
+      for (int c = b; c < ncv; ++c) sr[c] = kNegInf;
+      SoftmaxState& st = sc.st[r];
+      if (a >= b) {  // row sees nothing in this tile
+        for (int c = 0; c < ncv; c += L) S::store(sr + c, S::zero());
+        sc.alpha.get()[r] = 1.0f;
+        continue;
+      }
+      V vmax = ninf;
+      for (int c = 0; c < ncv; c += L) vmax = S::max(vmax, S::load(sr + c));
+      const float m_new = std::max(st.m, S::reduce_max(vmax));
+      const V vm = S::set1(m_new);
+      V vsum = S::zero();
+      for (int c = 0; c < ncv; c += L) {
+        const V e = S::exp(S::sub(S::load(sr + c), vm));
+        S::store(sr + c, e);
+        vsum = S::add(vsum, e);
+      }
+      const float alpha = st.m == kNegInf ? 0.0f : std::exp(st.m - m_new);
+      st.d = st.d * alpha + S::reduce_add(vsum);
+      st.m = m_new;
+      sc.alpha.get()[r] = alpha;
+    }
+  }
+
+  // ---------------- one task ----------------
+
+  void run_task(const Task& t, Scratch& sc, float* part_o, SoftmaxState* part_st) const {
+    const SeqDesc& sd = p.seqs[static_cast<std::size_t>(t.seq)];
+    const int nq = t.nq;
+    const int gq = t.nh * group;  // query heads of the task
+    const int M = nq * gq;
+    const bool decode = sd.s_q * group <= kDecodeMaxRows;
+    const float qmul = p.softcap > 0.0f ? p.scale / p.softcap : p.scale;
+    float* q = sc.q.get();
+    float* o = sc.o.get();
+
+    // Query rows (scaled, fp32), accumulators, per-row key ranges.
+    for (int g = 0; g < gq; ++g) {
+      const int hq = t.hk * group + g;
+      for (int ii = 0; ii < nq; ++ii) {
+        const T* src = static_cast<const T*>(p.q) + sd.q_off + (t.q0 + ii) * p.q_row_stride +
+                       hq * p.q_head_stride;
+        convert_row(src, p.d, qmul, q + (g * nq + ii) * dq);
+      }
+    }
+    std::fill(o, o + static_cast<std::size_t>(M) * dvp, 0.0f);
+    for (int r = 0; r < M; ++r) sc.st[r] = SoftmaxState{};
+    std::int64_t jb = t.ke, je = t.kb;  // union of the rows' ranges within the split
+    for (int ii = 0; ii < nq; ++ii) {
+      RowRange rr = visible_keys(p, sd, t.q0 + ii);
+      rr.lo = std::max(rr.lo, t.kb);
+      rr.hi = std::min(rr.hi, t.ke);
+      sc.rows[ii] = rr;
+      if (rr.lo < rr.hi) {
+        jb = std::min(jb, rr.lo);
+        je = std::max(je, rr.hi);
+      }
+    }
+
+    // Key tiles. A tile that every row sees entirely runs without the mask; a tile
+    // no row sees is skipped; others are masked per row in softmax_tile.
+    const float* packed = t.packed;
+    if (packed) packed += jb / NC * tile_floats();
+    // Decode streams from memory: smaller tiles keep the current and the prefetched
+    // next tile (all nh heads) inside L2.
+    const int step = decode ? kDecodeKeyTile : NC;
+    for (std::int64_t j0 = jb / step * step; j0 < je; j0 += step) {
+      const float* packed_tile = packed;
+      if (packed) packed += tile_floats();
+      const int nc = static_cast<int>(std::min<std::int64_t>(step, je - j0));
+      bool full = true;
+      bool any = false;
+      for (int ii = 0; ii < nq; ++ii) {
+        const RowRange& rr = sc.rows[ii];
+        if (rr.lo > j0 || rr.hi < j0 + nc) full = false;
+        if (std::max(rr.lo, j0) < std::min(rr.hi, j0 + nc)) any = true;
+      }
+      if (!any) continue;
+      if (decode) {
+        decode_tile(sd, t, sc, M, nq, j0, nc, full, je);
+      } else {
+        prefill_tile(sd, t, sc, M, nq, j0, nc, full, packed_tile);
+      }
+    }
+
+    // Finish: normalise and write, or hand the unnormalised state to the merge.
+    if (t.part >= 0) {
+      std::memcpy(part_o, o, sizeof(float) * static_cast<std::size_t>(M) * dvp);
+      for (int r = 0; r < M; ++r) part_st[r] = sc.st[r];
+      return;
+    }
+    for (int g = 0; g < gq; ++g)
+      for (int ii = 0; ii < nq; ++ii) {
+        const int r = g * nq + ii;
+        write_row(sd, t.hk * group + g, t.q0 + ii, o + r * dvp, sc.st[r]);
+      }
+  }
+
+  // Software prefetch of n key rows (K or V, `bytes` each) starting at key j0 of head
+  // hk. Rows of one head sit h_k * d elements apart, often a page or more, which the
+  // hardware prefetchers do not follow. Kept to one small tile ahead: on some CPUs
+  // (AMD Zen) every prefetch hint fills L1.
+  void prefetch_rows(const KvRows& kv, int hk, std::int64_t j0, std::int64_t n, int bytes) const {
+    for (std::int64_t j = 0; j < n; ++j) {
+      const char* r = reinterpret_cast<const char*>(kv.base) +
+                      kv_rows_offset(kv, j0 + j, hk) * static_cast<std::int64_t>(sizeof(T));
+      for (int b = 0; b < bytes; b += 64) S::prefetch(r + b);
+    }
+  }
+
+  // Packs keys [j0, j0 + nc) of KV head hk: kt [d][NC] = K^T in fp32 (columns past nc
+  // zero) and vp [nc][dvp] = V in fp32 (padding columns zero). `staging` holds d floats.
+  void pack_tile(const SeqDesc& sd, int hk, std::int64_t j0, int nc, float* kt, float* vp,
+                 float* staging) const {
+    for (int j = 0; j < nc; ++j) {
+      convert_row(k_row(sd, j0 + j, hk), p.d, 1.0f, staging);
+      for (int c = 0; c < p.d; ++c) kt[c * NC + j] = staging[c];
+    }
+    if (nc < NC)
+      for (int c = 0; c < p.d; ++c) std::fill(kt + c * NC + nc, kt + (c + 1) * NC, 0.0f);
+    for (int j = 0; j < nc; ++j) convert_row(v_row(sd, j0 + j, hk), p.d_v, 1.0f, vp + j * dvp);
+  }
+
+  // One key tile of the prefill kernel. `packed` = this tile's kt followed by vp when
+  // the call pre-packed K/V (shared by every query block of the head), else nullptr.
+  void prefill_tile(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq, std::int64_t j0,
+                    int nc, bool full, const float* packed) const {
+    const float* kt = packed;
+    const float* vp = packed ? packed + p.d * NC : nullptr;
+    if (!packed) {
+      pack_tile(sd, t.hk, j0, nc, sc.kt.get(), sc.vp.get(), sc.s.get());
+      kt = sc.kt.get();
+      vp = sc.vp.get();
+    }
+    for (int j = 0; j < nc; ++j) sc.vrow_f[j] = vp + j * dvp;
+    const int ncv = static_cast<int>(round_up(nc, NV * L));
+    // S = Q K^T over all M rows in blocks of MR rows.
+    for (int r0 = 0; r0 < M; r0 += MR) {
+      const int rows = std::min(MR, M - r0);
+      qk_dispatch(rows, sc.q.get() + r0 * dq, dq, kt, p.d, sc.s.get() + r0 * NC, ncv);
+    }
+    softmax_tile(sc, M, nq, j0, nc, ncv, full);
+    // O = O * alpha + P V over all M rows.
+    for (int r0 = 0; r0 < M; r0 += MR) {
+      const int rows = std::min(MR, M - r0);
+      pv_dispatch<float>(rows, sc.s.get() + r0 * NC, sc.vrow_f.get(), nc, dvp, 0,
+                         sc.alpha.get() + r0, sc.o.get() + r0 * dvp, dvp);
+    }
+  }
+
+  void decode_tile(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq, std::int64_t j0,
+                   int nc, bool full, std::int64_t je) const {
+    // Next tile of the same head: fetched while this head's tile computes.
+    const std::int64_t next = std::min<std::int64_t>(nc, je - j0 - nc);
+    const int kbytes = p.d * static_cast<int>(sizeof(T));
+    const int vbytes = p.d_v * static_cast<int>(sizeof(T));
+    const int mh = M / t.nh;  // rows of one KV head
+    const int ncv = static_cast<int>(round_up(nc, L));
+    for (int hh = 0; hh < t.nh; ++hh) {
+      for (int j = 0; j < nc; ++j) sc.kptr[j] = k_row(sd, j0 + j, t.hk + hh);
+      if (next > 0) prefetch_rows(sd.k, t.hk + hh, j0 + nc, next, kbytes);
+      for (int r0 = hh * mh; r0 < (hh + 1) * mh; r0 += 8) {
+        const int rows = std::min(8, (hh + 1) * mh - r0);
+        qk_rows_dispatch(rows, sc.q.get() + r0 * dq, sc.kptr.get(), nc, sc.s.get() + r0 * NC);
+      }
+    }
+    softmax_tile(sc, M, nq, j0, nc, ncv, full);
+    const int tail = p.d_v % L;
+    for (int hh = 0; hh < t.nh; ++hh) {
+      for (int j = 0; j < nc; ++j) sc.vrow_t[j] = v_row(sd, j0 + j, t.hk + hh);
+      if (next > 0) prefetch_rows(sd.v, t.hk + hh, j0 + nc, next, vbytes);
+      for (int r0 = hh * mh; r0 < (hh + 1) * mh; r0 += 8) {
+        const int rows = std::min(8, (hh + 1) * mh - r0);
+        pv_dispatch<T>(rows, sc.s.get() + r0 * NC, sc.vrow_t.get(), nc, dvp, tail,
+                       sc.alpha.get() + r0, sc.o.get() + r0 * dvp, dvp);
+      }
+    }
+  }
+
+  // out row = acc / d (0 for an empty row), lse = m + log(d) (-inf when empty).
+  void write_row(const SeqDesc& sd, int hq, std::int64_t i, const float* acc,
+                 const SoftmaxState& st) const {
+    const float inv = st.inv_sum();
+    const std::int64_t off = sd.out_off + i * p.out_row_stride + hq * p.out_head_stride;
+    if (p.out_dtype == DType::kF32) {
+      float* dst = static_cast<float*>(p.out) + off;
+      for (int c = 0; c < p.d_v; ++c) dst[c] = acc[c] * inv;
+    } else {
+      store_row_converted(p.out, off, p.out_dtype, acc, inv, p.d_v);
+    }
+    if (p.lse) p.lse[sd.lse_off + hq * p.lse_head_stride + i] = st.lse();
+  }
+
+  // ---------------- the whole call ----------------
+
+  void run(int threads) const {
+    // Task list: (sequence, KV head, query block, key split).
+    std::vector<Task> tasks;
+    struct Merge {
+      int seq, hk, nh, q0, nq;
+      std::int64_t first_part;
+      int splits;
+    };
+    std::vector<Merge> merges;
+    std::int64_t parts = 0;
+
+    // Prefill sequences with several query blocks per KV head read every K/V row once
+    // per block. Their K/V are converted and packed into tiles ONCE per call (kt [d][NC]
+    // then vp [NC][dvp] per tile, tiles of one (sequence, head) consecutive), so tasks
+    // stream contiguous fp32 tiles instead of gathering rows that sit h_k * d elements
+    // apart (one page or more each: TLB misses) once per query block.
+    const int nseq = static_cast<int>(p.seqs.size());
+    std::vector<std::int64_t> pack_base(static_cast<std::size_t>(nseq), -1);
+    std::int64_t pack_total = 0;
+    for (int si = 0; si < nseq; ++si) {
+      const SeqDesc& sd = p.seqs[static_cast<std::size_t>(si)];
+      if (sd.s_q <= 0 || sd.s_k <= 0 || sd.s_q * group <= kDecodeMaxRows ||
+          num_query_blocks(sd.s_q, group) < 2)
+        continue;
+      pack_base[static_cast<std::size_t>(si)] = pack_total;
+      pack_total += std::int64_t{p.h_k} * ((sd.s_k + NC - 1) / NC) * tile_floats();
+    }
+    if (pack_total > kMaxPackedFloats) {  // too large: pack per task instead
+      std::fill(pack_base.begin(), pack_base.end(), -1);
+      pack_total = 0;
+    }
+    AlignedFloats pack_buf;
+    std::vector<PackItem> pack_items;
+    if (pack_total > 0) pack_buf.reset(static_cast<std::size_t>(pack_total));
+
+    for (int si = 0; si < nseq; ++si) {
+      const SeqDesc& sd = p.seqs[static_cast<std::size_t>(si)];
+      if (sd.s_q <= 0) continue;
+      const int mq = query_block_rows(sd.s_q, group);
+      std::int64_t chunk = std::max<std::int64_t>(sd.s_k, 1);
+      int splits = 1;
+      if (sd.num_splits > 1 && sd.s_k > NC) {
+        chunk = round_up((sd.s_k + sd.num_splits - 1) / sd.num_splits, NC);
+        splits = static_cast<int>((sd.s_k + chunk - 1) / chunk);
+      }
+      const std::int64_t ntiles = (sd.s_k + NC - 1) / NC;
+      const bool decode = sd.s_q * group <= kDecodeMaxRows;
+      const int hpt = decode ? decode_heads_per_task(sd.s_q, group, p.h_k) : 1;
+      for (int hk = 0; hk < p.h_k; hk += hpt) {
+        const int nh = std::min(hpt, p.h_k - hk);
+        float* packed = nullptr;
+        if (pack_base[static_cast<std::size_t>(si)] >= 0) {
+          packed = pack_buf.get() + pack_base[static_cast<std::size_t>(si)] +
+                   hk * ntiles * tile_floats();
+          for (std::int64_t ti = 0; ti < ntiles; ++ti)
+            pack_items.push_back({si, hk, ti * NC, packed + ti * tile_floats()});
+        }
+        for (int q0 = 0; q0 < sd.s_q; q0 += mq) {
+          const int nq = std::min(mq, sd.s_q - q0);
+          if (splits == 1) {
+            tasks.push_back({si, hk, nh, q0, nq, 0, sd.s_k, -1, packed});
+            continue;
+          }
+          merges.push_back({si, hk, nh, q0, nq, parts, splits});
+          for (int sp = 0; sp < splits; ++sp) {
+            const std::int64_t kb = sp * chunk;
+            tasks.push_back(
+                {si, hk, nh, q0, nq, kb, std::min(sd.s_k, kb + chunk), parts++, packed});
+          }
+        }
+      }
+    }
+    AlignedFloats part_o;
+    AlignedBuf<SoftmaxState> part_st;
+    if (parts > 0) {
+      part_o.reset(static_cast<std::size_t>(parts) * max_rows * dvp);
+      part_st.reset(static_cast<std::size_t>(parts) * max_rows);
+    }
+
+    const std::int64_t ntasks = static_cast<std::int64_t>(tasks.size());
+    const int nthreads =
+        static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(threads, ntasks)));
+    std::vector<Scratch> scratch(static_cast<std::size_t>(nthreads));
+    for (Scratch& sc : scratch) init_scratch(sc);
+#pragma omp parallel num_threads(nthreads)
+    {
+      Scratch& sc = scratch[static_cast<std::size_t>(omp_get_thread_num())];
+#pragma omp for schedule(dynamic, 4)
+      for (std::size_t pi = 0; pi < pack_items.size(); ++pi) {
+        const PackItem& it = pack_items[pi];
+        const SeqDesc& sd = p.seqs[static_cast<std::size_t>(it.seq)];
+        const int nc = static_cast<int>(std::min<std::int64_t>(NC, sd.s_k - it.j0));
+        pack_tile(sd, it.hk, it.j0, nc, it.dst, it.dst + p.d * NC, sc.s.get());
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (std::int64_t ti = 0; ti < ntasks; ++ti) {
+        const Task& t = tasks[static_cast<std::size_t>(ti)];
+        float* po = t.part >= 0 ? part_o.get() + t.part * max_rows * dvp : nullptr;
+        SoftmaxState* ps = t.part >= 0 ? part_st.get() + t.part * max_rows : nullptr;
+        run_task(t, sc, po, ps);
+      }
+
+      // Split-KV reduction: merge the splits' states row by row (SPEC.md section 5).
+      float* acc = sc.vp.get();  // free between tasks: the merge's accumulator row
+#pragma omp for schedule(dynamic, 1)
+      for (std::size_t mi = 0; mi < merges.size(); ++mi) {
+        const Merge& mg = merges[mi];
+        const SeqDesc& sd = p.seqs[static_cast<std::size_t>(mg.seq)];
+        const int M = mg.nq * group * mg.nh;
+        for (int r = 0; r < M; ++r) {
+          SoftmaxState st;
+          for (int c = 0; c < p.d_v; ++c) acc[c] = 0.0f;
+          for (int sp = 0; sp < mg.splits; ++sp) {
+            const std::int64_t part = mg.first_part + sp;
+            const SoftmaxState& ps = part_st[static_cast<std::size_t>(part * max_rows + r)];
+            const float* po = part_o.get() + (part * max_rows + r) * dvp;
+            const SoftmaxState::Scales f = st.merge(ps);
+            for (int c = 0; c < p.d_v; ++c) acc[c] = acc[c] * f.self + po[c] * f.other;
+          }
+          write_row(sd, mg.hk * group + r / mg.nq, mg.q0 + r % mg.nq, acc, st);
+        }
+      }
+    }
+
+    // Rows past seqused_q: output 0, LSE -inf.
+    const SoftmaxState empty;
+    float* zeros = scratch[0].vp.get();
+    for (int c = 0; c < p.d_v; ++c) zeros[c] = 0.0f;
+    for (const SeqDesc& sd : p.seqs)
+      for (int i = std::max(sd.s_q, 0); i < sd.s_q_slots; ++i)
+        for (int hq = 0; hq < p.h; ++hq) write_row(sd, hq, i, zeros, empty);
+  }
+};
+
+template <class S>
+void run_flash_fwd(const AttnProblem& p, int threads) {
+  switch (p.dtype) {
+    case DType::kF32:
+      FlashFwd<S, float>(p).run(threads);
+      return;
+    case DType::kBF16:
+      FlashFwd<S, bf16_t>(p).run(threads);
+      return;
+    case DType::kF16:
+      FlashFwd<S, f16_t>(p).run(threads);
+      return;
+    default:
+      throw_unsupported_dtype(p.dtype);
+  }
+}
+
+}  // namespace
+}  // namespace ringattn::detail::cpu

@@ -1,0 +1,76 @@
+// Thin vector API, AVX-512 (F, BW, VL, DQ) flavour: 16 fp32 lanes. Include only from
+// translation units compiled with the avx512 flags (files named *_avx512.cpp).
+// Same functions as simd_avx2.hpp.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/simd_math.hpp"
+#include "ringattn/dtype.hpp"
+
+namespace ringattn::detail::cpu {
+
+struct SimdAvx512 {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr const char* kName = "avx512";
+  // Micro-kernel blocking: 8 rows x 2 vectors = 16 of the 32 zmm registers.
+  static constexpr int kRows = 8;
+  static constexpr int kVecs = 2;
+
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V widen_bf16(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static V load(const bf16_t* p) {
+    return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static V load(const f16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  // Loads the first n (< kLanes) elements, zero in the other lanes (masked load:
+  // never touches memory past element n).
+  static __mmask16 first_n(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static V load_partial(const float* p, int n) { return _mm512_maskz_loadu_ps(first_n(n), p); }
+  static V load_partial(const bf16_t* p, int n) {
+    return widen_bf16(_mm256_maskz_loadu_epi16(first_n(n), p));
+  }
+  static V load_partial(const f16_t* p, int n) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_n(n), p));
+  }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  // Hint: bring the cache line holding p towards L2 (read).
+  static void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V abs(V a) { return _mm512_andnot_ps(_mm512_set1_ps(-0.0f), a); }
+  static V copysign(V mag, V sgn) {
+    const V s = _mm512_set1_ps(-0.0f);
+    return _mm512_or_ps(_mm512_andnot_ps(s, mag), _mm512_and_ps(s, sgn));
+  }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V select_lt(V a, V b, V x, V y) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), y, x);
+  }
+  static V round(V a) {
+    return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static V pow2i(V n) {
+    const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+  }
+  static float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
+  static float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
+  static V exp(V x) { return simd_exp<SimdAvx512>(x); }
+  static V tanh(V x) { return simd_tanh<SimdAvx512>(x); }
+};
+
+}  // namespace ringattn::detail::cpu

@@ -1,0 +1,49 @@
+// Transcendentals written once over the thin vector API (S = SimdAvx2, SimdAvx512,
+// SimdScalar): the functions below only call S's primitives.
+#pragma once
+
+namespace ringattn::detail::cpu {
+
+// exp(x) = 2^n * e^r with n = round(x * log2(e)) and r = x - n * ln(2) (Cody-Waite
+// split of ln(2)); e^r on |r| <= ln(2)/2 by the degree-7 polynomial of Cephes expf
+// (about 1 ulp). x below -87.34 (the smallest normal result), -inf included, gives
+// exactly 0, so masked scores never leave a residue.
+template <class S>
+typename S::V simd_exp(typename S::V x) {
+  using V = typename S::V;
+  const V lo = S::set1(-87.33654f);
+  const V xc = S::min(S::max(x, lo), S::set1(88.0f));
+  const V n = S::round(S::mul(xc, S::set1(1.44269504088896341f)));
+  V r = S::fma(n, S::set1(-0.693359375f), xc);
+  r = S::fma(n, S::set1(2.12194440e-4f), r);
+  V y = S::set1(1.9875691500e-4f);
+  y = S::fma(y, r, S::set1(1.3981999507e-3f));
+  y = S::fma(y, r, S::set1(8.3334519073e-3f));
+  y = S::fma(y, r, S::set1(4.1665795894e-2f));
+  y = S::fma(y, r, S::set1(1.6666665459e-1f));
+  y = S::fma(y, r, S::set1(5.0000001201e-1f));
+  y = S::fma(y, S::mul(r, r), S::add(r, S::set1(1.0f)));
+  y = S::mul(y, S::pow2i(n));
+  return S::select_lt(x, lo, S::zero(), y);
+}
+
+// tanh(x): for |x| < 0.625 the odd polynomial of Cephes tanhf (no cancellation near
+// 0), otherwise sign(x) * (1 - 2 / (exp(2|x|) + 1)).
+template <class S>
+typename S::V simd_tanh(typename S::V x) {
+  using V = typename S::V;
+  const V ax = S::abs(x);
+  const V z = S::mul(x, x);
+  V p = S::set1(-5.70498872745e-3f);
+  p = S::fma(p, z, S::set1(2.06390887954e-2f));
+  p = S::fma(p, z, S::set1(-5.37397155531e-2f));
+  p = S::fma(p, z, S::set1(1.33314422036e-1f));
+  p = S::fma(p, z, S::set1(-3.33332819422e-1f));
+  const V small = S::fma(S::mul(p, z), x, x);
+  const V e = simd_exp<S>(S::add(ax, ax));
+  const V one = S::set1(1.0f);
+  const V large = S::copysign(S::sub(one, S::div(S::set1(2.0f), S::add(e, one))), x);
+  return S::select_lt(ax, S::set1(0.625f), small, large);
+}
+
+}  // namespace ringattn::detail::cpu

@@ -1,0 +1,401 @@
+// The optimised CPU backends (cpu-avx512 / cpu-avx2 / cpu-scalar, whichever this
+// machine runs) against the "reference" backend on fresh random inputs: dense, varlen
+// (empty segments, seqused), KV cache (paged, append, leftpad, rotary, batch index),
+// split-KV (forced and planned), every dtype, GQA/MQA, masks and soft cap.
+// Outputs are poisoned with NaN so that an unwritten element fails.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ringattn/dtype.hpp"
+#include "ringattn/engine.hpp"
+
+namespace ringattn {
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+std::vector<std::string> cpu_backends() {
+  std::vector<std::string> out;
+  for (const std::string& n : available_backends())
+    if (n.rfind("cpu-", 0) == 0) out.push_back(n);
+  return out;
+}
+
+// Random tensor stored as `t` (fp32 or 16-bit), n elements.
+std::vector<std::uint8_t> random_tensor(std::size_t n, DType t, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<std::uint8_t> buf(n * dtype_size(t));
+  for (std::size_t i = 0; i < n; ++i)
+    store_from_f32(buf.data(), static_cast<std::int64_t>(i), t, nd(rng));
+  return buf;
+}
+
+// max |a - b| relative to max(1, max |b|); NaN anywhere (other than in both) fails.
+void expect_close(const std::vector<float>& a, const std::vector<float>& b, double tol,
+                  const std::string& what) {
+  ASSERT_EQ(a.size(), b.size());
+  double scale = 1.0;
+  for (float x : b)
+    if (std::isfinite(x)) scale = std::max(scale, static_cast<double>(std::fabs(x)));
+  double worst = 0.0;
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (a[i] == b[i]) continue;  // covers matching +-inf
+    const double d = std::fabs(static_cast<double>(a[i]) - b[i]);
+    if (!(d <= worst)) {
+      worst = std::isnan(d) ? std::numeric_limits<double>::infinity() : d;
+      at = i;
+    }
+  }
+  EXPECT_LE(worst / scale, tol) << what << ": element " << at << " got " << a[at] << " want "
+                                << b[at];
+}
+
+std::vector<float> to_f32(const std::vector<std::uint8_t>& buf, DType t) {
+  const std::size_t n = buf.size() / dtype_size(t);
+  std::vector<float> out(n);
+  for (std::size_t i = 0; i < n; ++i)
+    out[i] = load_as_f32(buf.data(), static_cast<std::int64_t>(i), t);
+  return out;
+}
+
+struct DenseCase {
+  int b, s_q, s_k, h, h_k, d, d_v;
+  DType dtype;
+  bool causal;
+  int w_left, w_right;
+  float softcap;
+  int num_splits;
+  DType out_dtype;
+};
+
+std::string describe(const DenseCase& c) {
+  return "b" + std::to_string(c.b) + " s_q" + std::to_string(c.s_q) + " s_k" +
+         std::to_string(c.s_k) + " h" + std::to_string(c.h) + "/" + std::to_string(c.h_k) + " d" +
+         std::to_string(c.d) + "/" + std::to_string(c.d_v) + " " + dtype_name(c.dtype) +
+         (c.causal ? " causal" : "") + " w(" + std::to_string(c.w_left) + "," +
+         std::to_string(c.w_right) + ") cap" + std::to_string(static_cast<int>(c.softcap)) +
+         " splits" + std::to_string(c.num_splits);
+}
+
+// Dense forward of every cpu backend vs reference.
+void check_dense(const DenseCase& c, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  const auto q = random_tensor(static_cast<std::size_t>(c.b) * c.s_q * c.h * c.d, c.dtype, rng);
+  const auto k = random_tensor(static_cast<std::size_t>(c.b) * c.s_k * c.h_k * c.d, c.dtype, rng);
+  const auto v = random_tensor(static_cast<std::size_t>(c.b) * c.s_k * c.h_k * c.d_v, c.dtype, rng);
+  FwdParams p;
+  p.dtype = c.dtype;
+  p.out_dtype = c.out_dtype;
+  p.q = q.data();
+  p.k = k.data();
+  p.v = v.data();
+  p.b = c.b;
+  p.s_q = c.s_q;
+  p.s_k = c.s_k;
+  p.h = c.h;
+  p.h_k = c.h_k;
+  p.d = c.d;
+  p.d_v = c.d_v;
+  p.q_head_stride = c.d;
+  p.q_row_stride = std::int64_t{c.h} * c.d;
+  p.q_batch_stride = p.q_row_stride * c.s_q;
+  p.k_head_stride = c.d;
+  p.k_row_stride = std::int64_t{c.h_k} * c.d;
+  p.k_batch_stride = p.k_row_stride * c.s_k;
+  p.v_head_stride = c.d_v;
+  p.v_row_stride = std::int64_t{c.h_k} * c.d_v;
+  p.v_batch_stride = p.v_row_stride * c.s_k;
+  p.out_head_stride = c.d_v;
+  p.out_row_stride = std::int64_t{c.h} * c.d_v;
+  p.out_batch_stride = p.out_row_stride * c.s_q;
+  p.mask.causal = c.causal;
+  p.mask.window_left = c.w_left;
+  p.mask.window_right = c.w_right;
+  p.mask.softcap = c.softcap;
+
+  const std::size_t n_out = static_cast<std::size_t>(c.b) * c.s_q * c.h * c.d_v;
+  const std::size_t n_lse = static_cast<std::size_t>(c.b) * c.h * c.s_q;
+  auto run = [&](const std::string& backend, int splits, int threads, std::vector<float>& out,
+                 std::vector<float>& lse) {
+    std::vector<std::uint8_t> out_raw(n_out * dtype_size(c.out_dtype), 0xff);  // NaN poison
+    lse.assign(n_lse, kNaN);
+    p.out = out_raw.data();
+    p.lse = lse.data();
+    p.num_splits = splits;
+    Engine(EngineOptions{backend, threads}).forward(p);
+    out = to_f32(out_raw, c.out_dtype);
+  };
+  std::vector<float> ref_out, ref_lse;
+  run("reference", 0, 2, ref_out, ref_lse);
+  const double tol = c.out_dtype == DType::kF32 ? 2e-5 : 1e-2;
+  for (const std::string& be : cpu_backends()) {
+    for (int threads : {1, 2}) {
+      std::vector<float> out, lse;
+      run(be, c.num_splits, threads, out, lse);
+      const std::string what = be + " threads" + std::to_string(threads) + " " + describe(c);
+      expect_close(out, ref_out, tol, what + " out");
+      expect_close(lse, ref_lse, 1e-5, what + " lse");
+    }
+  }
+}
+
+TEST(CpuBackend, NamesAndSelection) {
+  for (const std::string& be : cpu_backends())
+    EXPECT_EQ(Engine(EngineOptions{be, 1}).backend_name(), be);
+  EXPECT_EQ(Engine(EngineOptions{"cpu-scalar", 1}).backend_name(), "cpu-scalar");
+}
+
+TEST(CpuBackend, DenseGrid) {
+  const DenseCase cases[] = {
+      {1, 1, 1, 6, 6, 64, 64, DType::kF32, false, -1, -1, 0.0f, 0, DType::kF32},
+      {2, 1, 3, 6, 2, 64, 64, DType::kF32, true, -1, -1, 0.0f, 0, DType::kF32},
+      {1, 2, 1, 6, 1, 64, 64, DType::kF32, true, -1, -1, 0.0f, 0, DType::kF32},
+      {1, 113, 203, 6, 2, 128, 128, DType::kF32, true, -1, -1, 0.0f, 0, DType::kF32},
+      {2, 128, 217, 6, 6, 96, 96, DType::kF32, false, 17, 9, 15.0f, 0, DType::kF32},
+      {1, 239, 1, 6, 1, 192, 128, DType::kBF16, false, -1, -1, 0.0f, 0, DType::kF32},
+      {1, 64, 128, 6, 2, 256, 256, DType::kF16, true, 30, -1, 15.0f, 0, DType::kF32},
+      {1, 799, 3, 6, 2, 64, 64, DType::kF32, true, -1, -1, 0.0f, 0, DType::kF32},
+      {1, 384, 256, 6, 2, 72, 40, DType::kBF16, true, -1, -1, 0.0f, 0, DType::kBF16},
+      {1, 16, 2000, 6, 2, 128, 128, DType::kF32, false, -1, -1, 0.0f, 0, DType::kF32},
+      {2, 4, 700, 6, 6, 136, 56, DType::kF16, true, -1, -1, 15.0f, 3, DType::kF16},
+      {3, 1, 1500, 8, 2, 128, 128, DType::kBF16, false, 600, -1, 0.0f, 0, DType::kF32},
+      {1, 300, 900, 4, 2, 64, 64, DType::kF32, true, -1, -1, 0.0f, 4, DType::kF32},
+  };
+  std::uint32_t seed = 100;
+  for (const DenseCase& c : cases) check_dense(c, seed++);
+}
+
+TEST(CpuBackend, VarlenEmptySegmentsAndSeqused) {
+  std::mt19937 rng(7);
+  const int h = 6, h_k = 2, d = 64, d_v = 64;
+  const std::vector<std::int32_t> cu_q = {0, 5, 5, 140, 141, 300};
+  const std::vector<std::int32_t> cu_k = {0, 0, 40, 200, 210, 500};
+  const std::vector<std::int32_t> used_q = {5, 0, 120, 1, 150};
+  const std::vector<std::int32_t> used_k = {0, 40, 160, 7, 250};
+  const int b = 5, total_q = cu_q.back(), total_k = cu_k.back();
+  for (DType dt : {DType::kF32, DType::kBF16}) {
+    for (bool seqused : {false, true}) {
+      const auto q = random_tensor(static_cast<std::size_t>(total_q) * h * d, dt, rng);
+      const auto k = random_tensor(static_cast<std::size_t>(total_k) * h_k * d, dt, rng);
+      const auto v = random_tensor(static_cast<std::size_t>(total_k) * h_k * d_v, dt, rng);
+      FwdParams p;
+      p.dtype = dt;
+      p.q = q.data();
+      p.k = k.data();
+      p.v = v.data();
+      p.b = b;
+      p.s_q = 160;
+      p.s_k = 290;
+      p.h = h;
+      p.h_k = h_k;
+      p.d = d;
+      p.d_v = d_v;
+      p.q_head_stride = d;
+      p.q_row_stride = h * d;
+      p.k_head_stride = d;
+      p.k_row_stride = h_k * d;
+      p.v_head_stride = d_v;
+      p.v_row_stride = h_k * d_v;
+      p.out_head_stride = d_v;
+      p.out_row_stride = h * d_v;
+      p.cu_seqlens_q = cu_q.data();
+      p.cu_seqlens_k = cu_k.data();
+      if (seqused) {
+        p.seqused_q = used_q.data();
+        p.seqused_k = used_k.data();
+      }
+      p.mask.causal = true;
+      auto run = [&](const std::string& be, std::vector<float>& out, std::vector<float>& lse) {
+        out.assign(static_cast<std::size_t>(total_q) * h * d_v, kNaN);
+        lse.assign(static_cast<std::size_t>(h) * total_q, kNaN);
+        p.out = out.data();
+        p.lse = lse.data();
+        Engine(EngineOptions{be, 2}).forward(p);
+      };
+      std::vector<float> ref_out, ref_lse;
+      run("reference", ref_out, ref_lse);
+      for (const std::string& be : cpu_backends()) {
+        std::vector<float> out, lse;
+        run(be, out, lse);
+        expect_close(out, ref_out, 2e-5, be + " varlen out");
+        expect_close(lse, ref_lse, 1e-5, be + " varlen lse");
+      }
+    }
+  }
+}
+
+// KV cache: paged (page sizes 1, 4, 64) or dense with cache_batch_idx, leftpad, appended
+// k/v, rotary; plain call, forced splits and a plan from plan_kvcache.
+void check_kvcache(int page_size, bool rotary, DType dt, int s_q, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int b = 3, h = 8, h_k = 2, d = 64, d_v = 64, s_new = 3, s_cache = 160;
+  const std::vector<std::int32_t> seqlens = {150, 0, 77};
+  const std::vector<std::int32_t> leftpad = {10, 0, 3};
+  const std::vector<std::int32_t> batch_idx = {2, 0, 1};
+  const bool paged = page_size > 0;
+  const int max_pages = paged ? (s_cache + page_size - 1) / page_size : 0;
+  const int num_blocks = paged ? b * max_pages + 2 : 0;
+  const std::size_t cache_rows = paged ? static_cast<std::size_t>(num_blocks) * page_size
+                                       : static_cast<std::size_t>(b) * s_cache;
+  std::vector<std::int32_t> page_table;
+  if (paged) {  // a shuffled block assignment
+    std::vector<std::int32_t> blocks(static_cast<std::size_t>(num_blocks));
+    for (int i = 0; i < num_blocks; ++i) blocks[static_cast<std::size_t>(i)] = i;
+    std::shuffle(blocks.begin(), blocks.end(), rng);
+    page_table.assign(blocks.begin(), blocks.begin() + b * max_pages);
+  }
+  const auto q = random_tensor(static_cast<std::size_t>(b) * s_q * h * d, dt, rng);
+  auto k_cache0 = random_tensor(cache_rows * h_k * d, dt, rng);
+  auto v_cache0 = random_tensor(cache_rows * h_k * d_v, dt, rng);
+  const auto k_new = random_tensor(static_cast<std::size_t>(b) * s_new * h_k * d, dt, rng);
+  const auto v_new = random_tensor(static_cast<std::size_t>(b) * s_new * h_k * d_v, dt, rng);
+  std::vector<float> cos_t, sin_t;
+  const int rot_dim = 32, s_rot = s_cache + 64;
+  if (rotary) {
+    for (int pos = 0; pos < s_rot; ++pos)
+      for (int i = 0; i < rot_dim / 2; ++i) {
+        const double th = pos * std::pow(10000.0, -2.0 * i / rot_dim);
+        cos_t.push_back(static_cast<float>(std::cos(th)));
+        sin_t.push_back(static_cast<float>(std::sin(th)));
+      }
+  }
+
+  KvCacheParams p;
+  p.dtype = dt;
+  p.q = q.data();
+  p.k_new = k_new.data();
+  p.v_new = v_new.data();
+  p.b = b;
+  p.s_q = s_q;
+  p.h = h;
+  p.h_k = h_k;
+  p.d = d;
+  p.d_v = d_v;
+  p.s_new = s_new;
+  p.q_head_stride = d;
+  p.q_row_stride = h * d;
+  p.q_batch_stride = std::int64_t{s_q} * h * d;
+  p.k_cache_head_stride = d;
+  p.k_cache_row_stride = h_k * d;
+  p.v_cache_head_stride = d_v;
+  p.v_cache_row_stride = h_k * d_v;
+  p.k_cache_batch_stride = std::int64_t{paged ? page_size : s_cache} * h_k * d;
+  p.v_cache_batch_stride = std::int64_t{paged ? page_size : s_cache} * h_k * d_v;
+  p.k_new_head_stride = d;
+  p.k_new_row_stride = h_k * d;
+  p.k_new_batch_stride = std::int64_t{s_new} * h_k * d;
+  p.v_new_head_stride = d_v;
+  p.v_new_row_stride = h_k * d_v;
+  p.v_new_batch_stride = std::int64_t{s_new} * h_k * d_v;
+  p.out_head_stride = d_v;
+  p.out_row_stride = h * d_v;
+  p.out_batch_stride = std::int64_t{s_q} * h * d_v;
+  if (paged) {
+    p.page_table = page_table.data();
+    p.page_table_batch_stride = max_pages;
+    p.num_blocks = num_blocks;
+    p.page_size = page_size;
+    p.max_pages = max_pages;
+  } else {
+    p.b_cache = b;
+    p.s_cache = s_cache;
+    p.cache_batch_idx = batch_idx.data();
+  }
+  p.cache_seqlens = seqlens.data();
+  p.cache_leftpad = leftpad.data();
+  if (rotary) {
+    p.rotary_cos = cos_t.data();
+    p.rotary_sin = sin_t.data();
+    p.rotary_dim = rot_dim;
+    p.s_rotary = s_rot;
+  }
+  p.mask.causal = true;
+
+  struct Result {
+    std::vector<float> out, lse;
+    std::vector<std::uint8_t> k_cache, v_cache;
+  };
+  auto run = [&](const std::string& be, int splits, bool use_plan) {
+    Result r{std::vector<float>(static_cast<std::size_t>(b) * s_q * h * d_v, kNaN),
+             std::vector<float>(static_cast<std::size_t>(b) * h * s_q, kNaN), k_cache0, v_cache0};
+    KvCacheParams pp = p;
+    pp.k_cache = r.k_cache.data();
+    pp.v_cache = r.v_cache.data();
+    pp.out = r.out.data();
+    pp.lse = r.lse.data();
+    pp.num_splits = splits;
+    const Engine engine(EngineOptions{be, 2});
+    SchedulerMetadata plan;
+    if (use_plan) {
+      plan = engine.plan_kvcache(pp);
+      EXPECT_EQ(plan.num_splits.size(), static_cast<std::size_t>(b));
+      for (std::int32_t n : plan.num_splits) EXPECT_GE(n, 1);
+      pp.plan = &plan;
+    }
+    engine.forward_kvcache(pp);
+    return r;
+  };
+  const Result ref = run("reference", 0, false);
+  for (const std::string& be : cpu_backends()) {
+    for (int mode = 0; mode < 3; ++mode) {
+      const Result r = run(be, mode == 1 ? 3 : 0, mode == 2);
+      const std::string what = be + " page" + std::to_string(page_size) +
+                               (rotary ? " rotary" : "") + " s_q" + std::to_string(s_q) + " mode" +
+                               std::to_string(mode);
+      expect_close(r.out, ref.out, 2e-5, what + " out");
+      expect_close(r.lse, ref.lse, 1e-5, what + " lse");
+      EXPECT_EQ(r.k_cache, ref.k_cache) << what << " appended k_cache differs";
+      EXPECT_EQ(r.v_cache, ref.v_cache) << what << " appended v_cache differs";
+    }
+  }
+}
+
+TEST(CpuBackend, KvCachePagedDecode) {
+  check_kvcache(1, false, DType::kF32, 1, 11);
+  check_kvcache(4, true, DType::kBF16, 1, 12);
+  check_kvcache(64, false, DType::kF16, 2, 13);
+}
+
+TEST(CpuBackend, KvCacheDenseBatchIdxPrefill) {
+  check_kvcache(0, true, DType::kF32, 40, 14);
+  check_kvcache(0, false, DType::kBF16, 1, 15);
+}
+
+TEST(CpuBackend, PlanUsesEveryThreadForDecode) {
+  // One long sequence, one KV head: only key splits can feed several threads.
+  const int s_cache = 32768, d = 64;
+  std::vector<std::int32_t> seqlens = {s_cache};
+  std::vector<std::uint16_t> q(4 * d), cache(static_cast<std::size_t>(s_cache) * d), out(4 * d);
+  KvCacheParams p;
+  p.dtype = p.out_dtype = DType::kBF16;
+  p.b = 1;
+  p.s_q = 1;
+  p.h = 4;
+  p.h_k = 1;
+  p.d = p.d_v = d;
+  p.q = q.data();
+  p.k_cache = p.v_cache = cache.data();
+  p.out = out.data();
+  p.q_head_stride = p.out_head_stride = d;
+  p.q_row_stride = p.q_batch_stride = p.out_row_stride = p.out_batch_stride = 4 * d;
+  p.k_cache_head_stride = p.v_cache_head_stride = d;
+  p.k_cache_row_stride = p.v_cache_row_stride = d;
+  p.k_cache_batch_stride = p.v_cache_batch_stride = std::int64_t{s_cache} * d;
+  p.cache_seqlens = seqlens.data();
+  p.b_cache = 1;
+  p.s_cache = s_cache;
+  const SchedulerMetadata plan = Engine(EngineOptions{"cpu", 8}).plan_kvcache(p);
+  ASSERT_EQ(plan.num_splits.size(), 1u);
+  EXPECT_GE(plan.num_splits[0], 8);
+}
+
+}  // namespace
+}  // namespace ringattn
