@@ -18,7 +18,8 @@
 
 namespace ringattn {
 
-struct MlaDecodeParams;  // ringattn/mla_params.hpp
+struct MlaDecodeParams;         // ringattn/mla_params.hpp
+struct MlaSparsePrefillParams;  // ringattn/mla_params.hpp
 
 namespace detail {
 class Backend;
@@ -55,6 +56,14 @@ class Engine {
 
   // DeepSeek MLA decode (SPEC.md section 4).
   void mla_decode(const MlaDecodeParams& p) const;
+
+  // Split-KV plan for an MLA decode with these shapes (FlashMLA get_mla_metadata).
+  // Pass it back through p.plan; it changes speed only.
+  SchedulerMetadata plan_mla_decode(const MlaDecodeParams& p) const;
+
+  // Sparse MLA prefill (SPEC.md section 4); picks its path by the rule documented
+  // in mla_params.hpp unless p.path says otherwise.
+  void mla_sparse_prefill(const MlaSparsePrefillParams& p) const;
 
  private:
   std::unique_ptr<detail::Backend> backend_;

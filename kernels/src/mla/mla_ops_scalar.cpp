@@ -1,0 +1,19 @@
+// Portable MLA tile operations (plain C++; the "cpu-scalar" backend).
+#include "mla/mla_internal.hpp"
+#include "mla/mla_ops_impl.hpp"
+
+namespace ringattn::detail::mla {
+
+const Ops& ops_scalar() {
+  static const Ops ops = OpsImpl<MlaVecGeneric>::table("scalar");
+  return ops;
+}
+
+const Ops& ops_for(CpuIsa isa) {
+  // AVX-512 machines run the AVX2 tiles: the decode is bound by memory (small h_q)
+  // or by FMA throughput with 12 live accumulators, which AVX2 already keeps busy.
+  if (isa == CpuIsa::kAvx2 || isa == CpuIsa::kAvx512) return ops_avx2();
+  return ops_scalar();
+}
+
+}  // namespace ringattn::detail::mla
