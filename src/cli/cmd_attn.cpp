@@ -1,7 +1,242 @@
-// TEMPORARY placeholder: replaced by the real subcommand.
+// `ringattn attn`: dense or varlen attention on .npy inputs (SPEC.md sections 1-2).
+//   dense:  --q [b, s_q, h, d]  --k [b, s_k, h_k, d]  --v [b, s_k, h_k, d_v]
+//           -> --out [b, s_q, h, d_v] fp32, --lse [b, h, s_q] fp32 (natural log)
+//   varlen: --q [total_q, h, d] --k [total_k, h_k, d] --v [total_k, h_k, d_v]
+//           with --cu-seqlens-q/--cu-seqlens-k [b+1] (int32 or int64)
+//           -> --out [total_q, h, d_v], --lse [h, total_q]
+// Rows that see no key get output 0 and LSE -inf.
+#include <algorithm>
+#include <cstdio>
+#include <limits>
+
+#include "cli/cli_common.hpp"
 #include "cli/commands.hpp"
 #include "ringattn/error.hpp"
+#include "ringattn/softmax_state.hpp"
 
 namespace ringattn::cli {
-int cmd_attn(int, char**) { RA_THROW(UnsupportedError, "attn: not built yet"); }
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: ringattn attn --q Q.npy --k K.npy --v V.npy [--out O.npy] [--lse L.npy] [options]\n"
+    "\n"
+    "Dense ([b,s,h,d]) or varlen ([total,h,d] with --cu-seqlens-q/-k) attention.\n"
+    "Inputs are <f4 or <f2 .npy files; outputs are fp32.";
+
+// Checks a cu_seqlens array: starts >= 0, non-decreasing, last entry <= total.
+// Returns the longest segment.
+int check_cu_seqlens(const std::string& opt, const std::vector<std::int32_t>& cu,
+                     std::int64_t total, const std::string& total_what) {
+  RA_CHECK_ARG_GE(cu.front(), 0, opt << ": first entry");
+  int longest = 0;
+  for (std::size_t i = 1; i < cu.size(); ++i) {
+    RA_CHECK_ARG(cu[i] >= cu[i - 1], opt << ": must be non-decreasing, got entry " << i << " = "
+                                         << cu[i] << " < entry " << i - 1 << " = " << cu[i - 1]);
+    longest = std::max(longest, cu[i] - cu[i - 1]);
+  }
+  RA_CHECK_ARG(cu.back() <= total,
+               opt << ": last entry " << cu.back() << " exceeds " << total_what << " = " << total);
+  return longest;
+}
+
+}  // namespace
+
+int cmd_attn(int argc, char** argv) {
+  std::string q_path, k_path, v_path, out_path, lse_path;
+  std::string cu_q_path, cu_k_path, used_q_path, used_k_path;
+  int max_seqlen_q = 0, max_seqlen_k = 0, num_splits = 0;
+  MaskArgs mask_args;
+  KernelArgs kernel_args;
+
+  po::options_description io("Inputs and outputs");
+  auto add = io.add_options();
+  add("q", po::value<std::string>(&q_path), "queries: [b, s_q, h, d] or varlen [total_q, h, d]");
+  add("k", po::value<std::string>(&k_path), "keys: [b, s_k, h_k, d] or varlen [total_k, h_k, d]");
+  add("v", po::value<std::string>(&v_path),
+      "values: [b, s_k, h_k, d_v] or varlen [total_k, h_k, d_v]");
+  add("out", po::value<std::string>(&out_path),
+      "output fp32 [b, s_q, h, d_v] or [total_q, h, d_v]");
+  add("lse", po::value<std::string>(&lse_path), "log-sum-exp fp32 [b, h, s_q] or [h, total_q]");
+  add("cu-seqlens-q", po::value<std::string>(&cu_q_path),
+      "varlen: query segment offsets [b+1] int32/int64");
+  add("cu-seqlens-k", po::value<std::string>(&cu_k_path),
+      "varlen: key segment offsets [b+1] int32/int64");
+  add("seqused-q", po::value<std::string>(&used_q_path), "varlen: query rows used per segment [b]");
+  add("seqused-k", po::value<std::string>(&used_k_path), "varlen: keys used per segment [b]");
+  add("max-seqlen-q", po::value<int>(&max_seqlen_q)->default_value(0),
+      "varlen: longest query segment; 0 = from cu_seqlens");
+  add("max-seqlen-k", po::value<int>(&max_seqlen_k)->default_value(0),
+      "varlen: longest key segment; 0 = from cu_seqlens");
+  add("num-splits", po::value<int>(&num_splits)->default_value(0),
+      "key splits: 0 = engine decides, 1 = none");
+  po::options_description mask("Mask");
+  add_mask_options(mask, &mask_args);
+  po::options_description kern("Kernel");
+  add_kernel_options(kern, &kernel_args);
+  po::options_description all;
+  all.add(io).add(mask).add(kern);
+  po::variables_map vm;
+  if (!parse_args(argc, argv, all, kUsage, &vm)) return 0;
+  require(vm, "q");
+  require(vm, "k");
+  require(vm, "v");
+  RA_CHECK_ARG_GE(max_seqlen_q, 0, "--max-seqlen-q: must be >= 0");
+  RA_CHECK_ARG_GE(max_seqlen_k, 0, "--max-seqlen-k: must be >= 0");
+  RA_CHECK_ARG_GE(num_splits, 0, "--num-splits: must be >= 0");
+  const bool varlen = vm.count("cu-seqlens-q") || vm.count("cu-seqlens-k");
+  if (varlen) {
+    require(vm, "cu-seqlens-q");
+    require(vm, "cu-seqlens-k");
+  } else {
+    RA_CHECK_ARG(!vm.count("seqused-q") && !vm.count("seqused-k"),
+                 "--seqused-q/--seqused-k: only valid with --cu-seqlens-q/--cu-seqlens-k (varlen)");
+  }
+  const DType dtype = tensor_dtype(kernel_args);
+  const MaskParams mask_params = to_mask_params(mask_args);
+  const Engine engine = make_engine(kernel_args);
+
+  const int rank = varlen ? 3 : 4;
+  const NpyArray q = load_tensor("--q", q_path, rank);
+  const NpyArray k = load_tensor("--k", k_path, rank);
+  const NpyArray v = load_tensor("--v", v_path, rank);
+  const int hd = rank - 2;  // index of the head dim in the shapes
+  if (!varlen) {
+    check_dim("--k", k, 0, "--q", q, 0, "batch");
+    check_dim("--v", v, 0, "--q", q, 0, "batch");
+  }
+  check_dim("--v", v, hd - 1, "--k", k, hd - 1, "keys");
+  check_dim("--v", v, hd, "--k", k, hd, "kv heads");
+  check_dim("--k", k, hd + 1, "--q", q, hd + 1, "head dim");
+  const std::int64_t h = q.shape[hd], h_k = k.shape[hd];
+  RA_CHECK_ARG(h_k > 0 && h % h_k == 0,
+               "--k: kv heads h_k = " << h_k << " must divide --q heads h = " << h << " (--q shape "
+                                      << shape_to_string(q.shape) << ", --k shape "
+                                      << shape_to_string(k.shape) << ")");
+  const std::int64_t d = q.shape[hd + 1], d_v = v.shape[hd + 1];
+  RA_CHECK_ARG(
+      d <= kMaxHeadDim && d_v <= kMaxHeadDim,
+      "--q/--v: head dims must be <= " << kMaxHeadDim << ", got d = " << d << ", d_v = " << d_v);
+
+  FwdParams p;
+  p.dtype = dtype;
+  p.out_dtype = DType::kF32;
+  p.mask = mask_params;
+  p.num_splits = num_splits;
+  p.h = static_cast<int>(h);
+  p.h_k = static_cast<int>(h_k);
+  p.d = static_cast<int>(d);
+  p.d_v = static_cast<int>(d_v);
+
+  std::vector<std::int32_t> cu_q, cu_k, used_q, used_k;
+  std::vector<std::int64_t> out_shape, lse_shape;
+  std::int64_t rows_q = 0;  // query rows in all: b * s_q or total_q
+  if (varlen) {
+    const NpyArray cq = load_npy_arg("--cu-seqlens-q", cu_q_path);
+    RA_CHECK_ARG(
+        cq.ndim() == 1 && cq.shape[0] >= 2,
+        "--cu-seqlens-q: expected shape [b+1] with b >= 1, got " << shape_to_string(cq.shape));
+    const std::int64_t b = cq.shape[0] - 1;
+    cu_q = cq.to_i32("--cu-seqlens-q");
+    cu_k = load_index("--cu-seqlens-k", cu_k_path, {b + 1});
+    const int longest_q = check_cu_seqlens("--cu-seqlens-q", cu_q, q.shape[0], "--q total_q");
+    const int longest_k = check_cu_seqlens("--cu-seqlens-k", cu_k, k.shape[0], "--k total_k");
+    if (vm.count("seqused-q")) used_q = load_index("--seqused-q", used_q_path, {b});
+    if (vm.count("seqused-k")) used_k = load_index("--seqused-k", used_k_path, {b});
+    for (std::int64_t i = 0; i < b; ++i) {
+      if (!used_q.empty())
+        RA_CHECK_ARG(used_q[i] >= 0 && used_q[i] <= cu_q[i + 1] - cu_q[i],
+                     "--seqused-q: entry " << i << " = " << used_q[i] << " outside [0, "
+                                           << cu_q[i + 1] - cu_q[i] << "]");
+      if (!used_k.empty())
+        RA_CHECK_ARG(used_k[i] >= 0 && used_k[i] <= cu_k[i + 1] - cu_k[i],
+                     "--seqused-k: entry " << i << " = " << used_k[i] << " outside [0, "
+                                           << cu_k[i + 1] - cu_k[i] << "]");
+    }
+    if (max_seqlen_q > 0)
+      RA_CHECK_ARG_GE(max_seqlen_q, longest_q, "--max-seqlen-q: must cover the longest segment");
+    if (max_seqlen_k > 0)
+      RA_CHECK_ARG_GE(max_seqlen_k, longest_k, "--max-seqlen-k: must cover the longest segment");
+    p.b = static_cast<int>(b);
+    p.s_q = max_seqlen_q > 0 ? max_seqlen_q : longest_q;
+    p.s_k = max_seqlen_k > 0 ? max_seqlen_k : longest_k;
+    p.cu_seqlens_q = cu_q.data();
+    p.cu_seqlens_k = cu_k.data();
+    p.seqused_q = used_q.empty() ? nullptr : used_q.data();
+    p.seqused_k = used_k.empty() ? nullptr : used_k.data();
+    rows_q = q.shape[0];
+    out_shape = {rows_q, h, d_v};
+    lse_shape = {h, rows_q};
+  } else {
+    RA_CHECK_ARG(vm.count("max-seqlen-q") == 0 || vm["max-seqlen-q"].defaulted(),
+                 "--max-seqlen-q: only valid with --cu-seqlens-q (varlen)");
+    RA_CHECK_ARG(vm.count("max-seqlen-k") == 0 || vm["max-seqlen-k"].defaulted(),
+                 "--max-seqlen-k: only valid with --cu-seqlens-k (varlen)");
+    p.b = static_cast<int>(q.shape[0]);
+    p.s_q = static_cast<int>(q.shape[1]);
+    p.s_k = static_cast<int>(k.shape[1]);
+    rows_q = q.shape[0] * q.shape[1];
+    out_shape = {q.shape[0], q.shape[1], h, d_v};
+    lse_shape = {q.shape[0], h, q.shape[1]};
+  }
+
+  const std::vector<std::byte> qs = to_storage(q, dtype), ks = to_storage(k, dtype),
+                               vs = to_storage(v, dtype);
+  // Poisoned with NaN so that a row the kernel fails to write cannot pass for a
+  // result; varlen rows outside every segment (or beyond seqused_q) are set to
+  // output 0, LSE -inf after the kernel.
+  std::vector<float> out(static_cast<std::size_t>(rows_q * h * d_v),
+                         std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> lse(static_cast<std::size_t>(rows_q * h),
+                         std::numeric_limits<float>::quiet_NaN());
+  p.q = qs.data();
+  p.k = ks.data();
+  p.v = vs.data();
+  p.out = out.data();
+  p.lse = lse.data();
+  // Contiguous strides in elements; for varlen the row dim is the first one.
+  p.q_head_stride = d;
+  p.q_row_stride = h * d;
+  p.q_batch_stride = varlen ? 0 : q.shape[1] * h * d;
+  p.k_head_stride = d;
+  p.k_row_stride = h_k * d;
+  p.k_batch_stride = varlen ? 0 : k.shape[1] * h_k * d;
+  p.v_head_stride = d_v;
+  p.v_row_stride = h_k * d_v;
+  p.v_batch_stride = varlen ? 0 : v.shape[1] * h_k * d_v;
+  p.out_head_stride = d_v;
+  p.out_row_stride = h * d_v;
+  p.out_batch_stride = varlen ? 0 : q.shape[1] * h * d_v;
+
+  const double t0 = now_seconds();
+  engine.forward(p);
+  const double elapsed = now_seconds() - t0;
+  if (varlen) {
+    // The kernel's varlen LSE is [h, cu_seqlens_q[b]]; the file's is [h, total_q]
+    // (total_q = rows of --q, which may exceed cu_seqlens_q[b]).
+    const std::int64_t seg_rows = cu_q.back();
+    std::vector<float> lse_file(static_cast<std::size_t>(rows_q * h), kNegInf);
+    std::vector<bool> covered(static_cast<std::size_t>(rows_q), false);
+    for (int i = 0; i < p.b; ++i) {
+      const std::int32_t used = used_q.empty() ? cu_q[i + 1] - cu_q[i] : used_q[i];
+      for (std::int32_t r = cu_q[i]; r < cu_q[i] + used; ++r) {
+        covered[r] = true;
+        for (std::int64_t j = 0; j < h; ++j) lse_file[j * rows_q + r] = lse[j * seg_rows + r];
+      }
+    }
+    for (std::int64_t r = 0; r < rows_q; ++r)
+      if (!covered[r]) std::fill_n(out.begin() + r * h * d_v, h * d_v, 0.0f);
+    lse = std::move(lse_file);
+  }
+
+  if (!out_path.empty()) write_f32("--out", out_path, out_shape, out.data());
+  if (!lse_path.empty()) write_f32("--lse", lse_path, lse_shape, lse.data());
+  std::printf(
+      "attn: %s b=%d s_q=%d s_k=%d h=%d h_k=%d d=%d d_v=%d dtype=%s backend=%s threads=%d: %.3f "
+      "ms\n",
+      varlen ? "varlen" : "dense", p.b, p.s_q, p.s_k, p.h, p.h_k, p.d, p.d_v, dtype_name(dtype),
+      engine.backend_name().c_str(), engine.threads(), elapsed * 1e3);
+  return 0;
+}
+
 }  // namespace ringattn::cli

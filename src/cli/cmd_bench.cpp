@@ -1,7 +1,187 @@
-// TEMPORARY placeholder: replaced by the real subcommand.
+// `ringattn bench`: kernel benchmarks reported against this machine's peaks,
+// measured in the same run and on the same thread count:
+//   FMA peak   register-resident fp32 FMA loop (best ISA of this CPU)  -> GFLOP/s cases
+//   read BW    streaming sum over an array of 8 x last-level cache      -> GB/s cases
+// Each case runs once for warm-up, then --repeats times; the median is reported.
+#include <omp.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "cli/cli_common.hpp"
 #include "cli/commands.hpp"
+#include "ringattn/bench.hpp"
+#include "ringattn/engine.hpp"
 #include "ringattn/error.hpp"
 
 namespace ringattn::cli {
-int cmd_bench(int, char**) { RA_THROW(UnsupportedError, "bench: not built yet"); }
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: ringattn bench [--threads 1,2] [--case FILTER] [--repeats N] [--backend NAME]\n"
+    "                      [--quick] [--json FILE] [--list]\n"
+    "\n"
+    "Measures this machine's FMA peak and memory read bandwidth, then runs the benchmark\n"
+    "cases and prints median time, achieved GFLOP/s or GB/s and the ratio to the peak.";
+
+struct Row {
+  std::string name, unit, note;
+  int threads = 0;
+  double median_s = 0.0, value = 0.0, ratio = 0.0;
+};
+
+struct Peak {
+  int threads = 0;
+  double gflops = 0.0, gbs = 0.0;
+};
+
+}  // namespace
+
+int cmd_bench(int argc, char** argv) {
+  std::string threads_text, filter, backend, json_path;
+  int repeats = 0;
+  bool quick = false, list = false;
+  po::options_description desc("Options");
+  auto add = desc.add_options();
+  add("threads", po::value<std::string>(&threads_text)->default_value(""),
+      "comma-separated thread counts, e.g. 1,2 (default: all threads)");
+  add("case", po::value<std::string>(&filter)->default_value(""),
+      "run only cases whose name contains this text (comma-separated alternatives; ^ and $ "
+      "anchor)");
+  add("repeats", po::value<int>(&repeats)->default_value(0),
+      "timed runs per case (default 5, --quick 2)");
+  add("backend", po::value<std::string>(&backend)->default_value("auto"),
+      "kernel backend (see attn --help)");
+  add("quick", po::bool_switch(&quick), "small sizes for a smoke run");
+  add("json", po::value<std::string>(&json_path), "also write the results as JSON to this file");
+  add("list", po::bool_switch(&list), "list the cases and exit");
+  po::variables_map vm;
+  if (!parse_args(argc, argv, desc, kUsage, &vm)) return 0;
+
+  std::vector<BenchCase> cases = all_bench_cases();
+  if (list) {
+    for (const auto& c : cases) std::printf("%s (%s)\n", c.name.c_str(), c.unit.c_str());
+    return 0;
+  }
+  const std::vector<int> thread_counts = threads_text.empty()
+                                             ? std::vector<int>{omp_get_max_threads()}
+                                             : parse_int_list("--threads", threads_text);
+  for (const int t : thread_counts) RA_CHECK_ARG_GE(t, 1, "--threads: each thread count");
+  RA_CHECK_ARG_GE(repeats, 0, "--repeats: must be >= 0 (0 = default)");
+  if (repeats == 0) repeats = quick ? 2 : 5;
+  if (!filter.empty()) {
+    std::vector<std::string> alts;
+    std::size_t pos = 0;
+    while (pos <= filter.size()) {
+      const std::size_t c = std::min(filter.find(',', pos), filter.size());
+      if (c > pos) alts.push_back(filter.substr(pos, c - pos));
+      pos = c + 1;
+    }
+    // Substring match; a leading '^' / trailing '$' anchors at the start / end.
+    auto matches = [](const std::string& name, std::string pat) {
+      const bool front = !pat.empty() && pat.front() == '^';
+      if (front) pat.erase(0, 1);
+      const bool back = !pat.empty() && pat.back() == '$';
+      if (back) pat.pop_back();
+      if (front && back) return name == pat;
+      if (front) return name.rfind(pat, 0) == 0;
+      if (back)
+        return name.size() >= pat.size() &&
+               name.compare(name.size() - pat.size(), pat.size(), pat) == 0;
+      return name.find(pat) != std::string::npos;
+    };
+    std::vector<BenchCase> kept;
+    for (auto& c : cases)
+      for (const auto& a : alts)
+        if (matches(c.name, a)) {
+          kept.push_back(std::move(c));
+          break;
+        }
+    std::string names;
+    for (const auto& c : all_bench_cases()) names += (names.empty() ? "" : ", ") + c.name;
+    RA_CHECK_ARG(!kept.empty(),
+                 "--case: no case matches '" << filter << "' (cases: " << names << ")");
+    cases = std::move(kept);
+  }
+  // Fail early (exit 2) on a backend name this machine cannot run.
+  const std::string backend_name = Engine(EngineOptions{backend, 1}).backend_name();
+
+  std::printf("ringattn bench: cpu features: %s; FMA loop: %s; backend: %s; LLC %zu MiB%s\n",
+              cpu_feature_summary().c_str(), fma_peak_isa().c_str(), backend_name.c_str(),
+              last_level_cache_bytes() >> 20, quick ? "; quick sizes" : "");
+  std::vector<Peak> peaks;
+  std::vector<Row> rows;
+  for (const int t : thread_counts) {
+    Peak pk;
+    pk.threads = t;
+    pk.gflops = measure_fma_peak_gflops(t, quick ? 0.05 : 0.2, 3);
+    pk.gbs = measure_read_bandwidth_gbs(t, quick ? (std::size_t{32} << 20) : 0, quick ? 2 : 5);
+    peaks.push_back(pk);
+    std::printf("peak (threads=%d): fma %.1f GFLOP/s, read bandwidth %.1f GB/s\n", t, pk.gflops,
+                pk.gbs);
+  }
+  std::printf("\n%-26s %7s %12s %12s %-8s %8s  %s\n", "case", "threads", "median ms", "achieved",
+              "unit", "of peak", "note");
+  for (const Peak& pk : peaks) {
+    for (const auto& c : cases) {
+      BenchContext ctx;
+      ctx.threads = pk.threads;
+      ctx.backend = backend;
+      ctx.repeats = repeats;
+      ctx.quick = quick;
+      const BenchMeasurement m = c.run(ctx);
+      Row r;
+      r.name = c.name;
+      r.unit = c.unit;
+      r.note = m.note;
+      r.threads = pk.threads;
+      r.median_s = median(m.seconds);
+      r.value = r.median_s > 0 ? m.work / r.median_s / 1e9 : 0.0;
+      const double peak = c.unit == "GB/s" ? pk.gbs : pk.gflops;
+      r.ratio = peak > 0 ? r.value / peak : 0.0;
+      rows.push_back(r);
+      std::printf("%-26s %7d %12.3f %12.2f %-8s %7.1f%%  %s\n", r.name.c_str(), r.threads,
+                  r.median_s * 1e3, r.value, r.unit.c_str(), 100.0 * r.ratio, r.note.c_str());
+      std::fflush(stdout);
+    }
+  }
+
+  if (!json_path.empty()) {
+    JsonWriter j;
+    j.begin_object();
+    j.key("cpu_features").value(cpu_feature_summary());
+    j.key("fma_isa").value(fma_peak_isa());
+    j.key("backend").value(backend_name);
+    j.key("quick").value(quick);
+    j.key("repeats").value(repeats);
+    j.key("peaks").begin_array();
+    for (const Peak& pk : peaks) {
+      j.begin_object();
+      j.key("threads").value(pk.threads);
+      j.key("fma_gflops").value(pk.gflops);
+      j.key("read_gbs").value(pk.gbs);
+      j.end_object();
+    }
+    j.end_array();
+    j.key("results").begin_array();
+    for (const Row& r : rows) {
+      j.begin_object();
+      j.key("case").value(r.name);
+      j.key("threads").value(r.threads);
+      j.key("median_s").value(r.median_s);
+      j.key("value").value(r.value);
+      j.key("unit").value(r.unit);
+      j.key("ratio_to_peak").value(r.ratio);
+      j.key("note").value(r.note);
+      j.end_object();
+    }
+    j.end_array();
+    j.end_object();
+    j.write_file(json_path);
+  }
+  return 0;
+}
+
 }  // namespace ringattn::cli

@@ -1,7 +1,237 @@
-// TEMPORARY placeholder: replaced by the real subcommand.
+// `ringattn kvcache`: attention against a dense or paged KV cache with optional
+// in-place append of new keys/values (SPEC.md section 3, FA3 flash_attn_with_kvcache).
+//   --q            [b, s_q, h, d]
+//   --k-cache      dense [b_cache, s_cache, h_k, d]    paged [num_blocks, page_size, h_k, d]
+//   --v-cache      dense [b_cache, s_cache, h_k, d_v]  paged [num_blocks, page_size, h_k, d_v]
+//   --cache-seqlens [b] valid tokens per sequence before the append
+//   --page-table   [b, max_pages] (paged iff given)
+//   --k-new/--v-new [b, s_new, h_k, d / d_v] appended at [cache_seqlens, +s_new)
+//   --cache-batch-idx [b], --cache-leftpad [b], --rotary-cos/--rotary-sin [s_rotary, rotary_dim/2]
+// Writes --out [b, s_q, h, d_v] fp32, --lse [b, h, s_q] fp32 (natural log), and the
+// updated caches (--k-cache-out/--v-cache-out) in the dtype of the input cache files.
+#include <cstdio>
+#include <limits>
+
+#include "cli/cli_common.hpp"
 #include "cli/commands.hpp"
 #include "ringattn/error.hpp"
 
 namespace ringattn::cli {
-int cmd_kvcache(int, char**) { RA_THROW(UnsupportedError, "kvcache: not built yet"); }
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: ringattn kvcache --q Q.npy --k-cache K.npy --v-cache V.npy --cache-seqlens L.npy\n"
+    "                        [--page-table P.npy] [--k-new KN.npy --v-new VN.npy] [--out O.npy]\n"
+    "                        [--lse LSE.npy] [--k-cache-out K2.npy --v-cache-out V2.npy] "
+    "[options]\n"
+    "\n"
+    "Attention of --q against a KV cache (paged iff --page-table is given), appending\n"
+    "--k-new/--v-new in place first. Inputs are <f4 or <f2; index tensors <i4 or <i8.";
+
+}  // namespace
+
+int cmd_kvcache(int argc, char** argv) {
+  std::string q_path, kc_path, vc_path, seqlens_path, page_table_path, k_new_path, v_new_path;
+  std::string batch_idx_path, leftpad_path, cos_path, sin_path;
+  std::string out_path, lse_path, kc_out_path, vc_out_path;
+  bool rotary_interleaved = false;
+  int num_splits = 0;
+  MaskArgs mask_args;
+  KernelArgs kernel_args;
+
+  po::options_description io("Inputs and outputs");
+  auto add = io.add_options();
+  add("q", po::value<std::string>(&q_path), "queries [b, s_q, h, d]");
+  add("k-cache", po::value<std::string>(&kc_path),
+      "key cache: dense [b_cache, s_cache, h_k, d] or paged [num_blocks, page_size, h_k, d]");
+  add("v-cache", po::value<std::string>(&vc_path),
+      "value cache, same layout as --k-cache with head dim d_v");
+  add("cache-seqlens", po::value<std::string>(&seqlens_path),
+      "[b] int32/int64: valid tokens per sequence before the append");
+  add("page-table", po::value<std::string>(&page_table_path),
+      "[b, max_pages] int32/int64: makes the cache paged");
+  add("k-new", po::value<std::string>(&k_new_path),
+      "new keys [b, s_new, h_k, d] appended in place");
+  add("v-new", po::value<std::string>(&v_new_path),
+      "new values [b, s_new, h_k, d_v] appended in place");
+  add("cache-batch-idx", po::value<std::string>(&batch_idx_path),
+      "[b] int: cache sequence used by each batch element (dense cache)");
+  add("cache-leftpad", po::value<std::string>(&leftpad_path),
+      "[b] int: first valid cache token per sequence");
+  add("rotary-cos", po::value<std::string>(&cos_path), "rotary cos table [s_rotary, rotary_dim/2]");
+  add("rotary-sin", po::value<std::string>(&sin_path), "rotary sin table [s_rotary, rotary_dim/2]");
+  add("rotary-interleaved", po::bool_switch(&rotary_interleaved),
+      "rotate pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)");
+  add("num-splits", po::value<int>(&num_splits)->default_value(0),
+      "split-KV: 0 = engine decides, 1 = none, n = n splits");
+  add("out", po::value<std::string>(&out_path), "output fp32 [b, s_q, h, d_v]");
+  add("lse", po::value<std::string>(&lse_path), "log-sum-exp fp32 [b, h, s_q]");
+  add("k-cache-out", po::value<std::string>(&kc_out_path),
+      "updated key cache (dtype of --k-cache)");
+  add("v-cache-out", po::value<std::string>(&vc_out_path),
+      "updated value cache (dtype of --v-cache)");
+  po::options_description mask("Mask");
+  add_mask_options(mask, &mask_args);
+  po::options_description kern("Kernel");
+  add_kernel_options(kern, &kernel_args);
+  po::options_description all;
+  all.add(io).add(mask).add(kern);
+  po::variables_map vm;
+  if (!parse_args(argc, argv, all, kUsage, &vm)) return 0;
+  require(vm, "q");
+  require(vm, "k-cache");
+  require(vm, "v-cache");
+  require(vm, "cache-seqlens");
+  RA_CHECK_ARG(vm.count("k-new") == vm.count("v-new"), "--k-new/--v-new: must be given together");
+  RA_CHECK_ARG(vm.count("rotary-cos") == vm.count("rotary-sin"),
+               "--rotary-cos/--rotary-sin: must be given together");
+  RA_CHECK_ARG_GE(num_splits, 0, "--num-splits: must be >= 0");
+  const bool paged = vm.count("page-table") > 0;
+  RA_CHECK_ARG(!(paged && vm.count("cache-batch-idx")),
+               "--cache-batch-idx: only valid with a dense cache (no --page-table)");
+  const DType dtype = tensor_dtype(kernel_args);
+  const MaskParams mask_params = to_mask_params(mask_args);
+  const Engine engine = make_engine(kernel_args);
+
+  const NpyArray q = load_tensor("--q", q_path, 4);
+  const NpyArray kc = load_tensor("--k-cache", kc_path, 4);
+  const NpyArray vc = load_tensor("--v-cache", vc_path, 4);
+  check_dim("--v-cache", vc, 0, "--k-cache", kc, 0, paged ? "blocks" : "cache sequences");
+  check_dim("--v-cache", vc, 1, "--k-cache", kc, 1, paged ? "page size" : "cache capacity");
+  check_dim("--v-cache", vc, 2, "--k-cache", kc, 2, "kv heads");
+  check_dim("--k-cache", kc, 3, "--q", q, 3, "head dim");
+  const std::int64_t b = q.shape[0], s_q = q.shape[1], h = q.shape[2], d = q.shape[3];
+  const std::int64_t h_k = kc.shape[2], d_v = vc.shape[3];
+  RA_CHECK_ARG(h_k > 0 && h % h_k == 0,
+               "--k-cache: kv heads h_k = " << h_k << " must divide --q heads h = " << h
+                                            << " (--q shape " << shape_to_string(q.shape)
+                                            << ", --k-cache shape " << shape_to_string(kc.shape)
+                                            << ")");
+
+  KvCacheParams p;
+  p.dtype = dtype;
+  p.out_dtype = DType::kF32;
+  p.mask = mask_params;
+  p.num_splits = num_splits;
+  p.b = static_cast<int>(b);
+  p.s_q = static_cast<int>(s_q);
+  p.h = static_cast<int>(h);
+  p.h_k = static_cast<int>(h_k);
+  p.d = static_cast<int>(d);
+  p.d_v = static_cast<int>(d_v);
+
+  const std::vector<std::int32_t> seqlens = load_index("--cache-seqlens", seqlens_path, {b});
+  p.cache_seqlens = seqlens.data();
+  std::vector<std::int32_t> page_table, batch_idx, leftpad;
+  if (paged) {
+    const NpyArray pt = load_npy_arg("--page-table", page_table_path);
+    RA_CHECK_ARG(pt.is_index() && pt.ndim() == 2 && pt.shape[0] == b,
+                 "--page-table: expected an integer tensor [b, max_pages] with b = "
+                     << b << " (from --q), got " << npy_descr(pt.dtype) << " "
+                     << shape_to_string(pt.shape));
+    page_table = pt.to_i32("--page-table");
+    p.page_table = page_table.data();
+    p.max_pages = static_cast<int>(pt.shape[1]);
+    p.page_table_batch_stride = pt.shape[1];
+    p.num_blocks = static_cast<int>(kc.shape[0]);
+    p.page_size = static_cast<int>(kc.shape[1]);
+  } else {
+    p.b_cache = static_cast<int>(kc.shape[0]);
+    p.s_cache = static_cast<int>(kc.shape[1]);
+  }
+  if (vm.count("cache-batch-idx")) {
+    batch_idx = load_index("--cache-batch-idx", batch_idx_path, {b});
+    p.cache_batch_idx = batch_idx.data();
+  }
+  if (vm.count("cache-leftpad")) {
+    leftpad = load_index("--cache-leftpad", leftpad_path, {b});
+    p.cache_leftpad = leftpad.data();
+  }
+
+  std::vector<std::byte> k_new_s, v_new_s;
+  if (vm.count("k-new")) {
+    const NpyArray kn = load_tensor("--k-new", k_new_path, 4);
+    const NpyArray vn = load_tensor("--v-new", v_new_path, 4);
+    check_dim("--k-new", kn, 0, "--q", q, 0, "batch");
+    check_dim("--v-new", vn, 0, "--q", q, 0, "batch");
+    check_dim("--v-new", vn, 1, "--k-new", kn, 1, "new tokens");
+    check_dim("--k-new", kn, 2, "--k-cache", kc, 2, "kv heads");
+    check_dim("--v-new", vn, 2, "--k-cache", kc, 2, "kv heads");
+    check_dim("--k-new", kn, 3, "--k-cache", kc, 3, "head dim");
+    check_dim("--v-new", vn, 3, "--v-cache", vc, 3, "value head dim");
+    k_new_s = to_storage(kn, dtype);
+    v_new_s = to_storage(vn, dtype);
+    p.s_new = static_cast<int>(kn.shape[1]);
+    p.k_new = k_new_s.data();
+    p.v_new = v_new_s.data();
+    p.k_new_head_stride = d;
+    p.k_new_row_stride = h_k * d;
+    p.k_new_batch_stride = kn.shape[1] * h_k * d;
+    p.v_new_head_stride = d_v;
+    p.v_new_row_stride = h_k * d_v;
+    p.v_new_batch_stride = vn.shape[1] * h_k * d_v;
+  }
+
+  std::vector<float> rot_cos, rot_sin;
+  if (vm.count("rotary-cos")) {
+    const NpyArray c = load_tensor("--rotary-cos", cos_path, 2);
+    const NpyArray s = load_tensor("--rotary-sin", sin_path, 2);
+    check_shape("--rotary-sin", s, c.shape, "must match --rotary-cos");
+    RA_CHECK_ARG(c.shape[1] >= 1 && 2 * c.shape[1] <= d,
+                 "--rotary-cos: rotary_dim = 2 * " << c.shape[1] << " must be in [2, head dim " << d
+                                                   << "] (shape " << shape_to_string(c.shape)
+                                                   << ")");
+    rot_cos = c.to_f32();
+    rot_sin = s.to_f32();
+    p.rotary_cos = rot_cos.data();
+    p.rotary_sin = rot_sin.data();
+    p.rotary_dim = static_cast<int>(2 * c.shape[1]);
+    p.s_rotary = static_cast<int>(c.shape[0]);
+    p.rotary_interleaved = rotary_interleaved;
+  }
+
+  const std::vector<std::byte> qs = to_storage(q, dtype);
+  std::vector<std::byte> kcs = to_storage(kc, dtype), vcs = to_storage(vc, dtype);
+  // NaN poison: every element must be written by the kernel.
+  std::vector<float> out(static_cast<std::size_t>(b * s_q * h * d_v),
+                         std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> lse(static_cast<std::size_t>(b * h * s_q),
+                         std::numeric_limits<float>::quiet_NaN());
+  p.q = qs.data();
+  p.k_cache = kcs.data();
+  p.v_cache = vcs.data();
+  p.out = out.data();
+  p.lse = lse.data();
+  p.q_head_stride = d;
+  p.q_row_stride = h * d;
+  p.q_batch_stride = s_q * h * d;
+  p.k_cache_head_stride = d;
+  p.k_cache_row_stride = h_k * d;
+  p.k_cache_batch_stride = kc.shape[1] * h_k * d;
+  p.v_cache_head_stride = d_v;
+  p.v_cache_row_stride = h_k * d_v;
+  p.v_cache_batch_stride = vc.shape[1] * h_k * d_v;
+  p.out_head_stride = d_v;
+  p.out_row_stride = h * d_v;
+  p.out_batch_stride = s_q * h * d_v;
+
+  const double t0 = now_seconds();
+  engine.forward_kvcache(p);
+  const double elapsed = now_seconds() - t0;
+
+  if (!out_path.empty()) write_f32("--out", out_path, {b, s_q, h, d_v}, out.data());
+  if (!lse_path.empty()) write_f32("--lse", lse_path, {b, h, s_q}, lse.data());
+  if (!kc_out_path.empty())
+    write_array("--k-cache-out", kc_out_path, from_storage(kcs.data(), dtype, kc.shape, kc.dtype));
+  if (!vc_out_path.empty())
+    write_array("--v-cache-out", vc_out_path, from_storage(vcs.data(), dtype, vc.shape, vc.dtype));
+  std::printf(
+      "kvcache: %s b=%d s_q=%d h=%d h_k=%d d=%d d_v=%d s_new=%d dtype=%s backend=%s threads=%d: "
+      "%.3f ms\n",
+      paged ? "paged" : "dense", p.b, p.s_q, p.h, p.h_k, p.d, p.d_v, p.s_new, dtype_name(dtype),
+      engine.backend_name().c_str(), engine.threads(), elapsed * 1e3);
+  return 0;
+}
+
 }  // namespace ringattn::cli

@@ -1,0 +1,26 @@
+// Single-thread inner loops of the peak measurements (ringattn/bench.hpp), one set
+// per ISA. The *_avx2.cpp / *_avx512.cpp files are compiled for that ISA only
+// (src/CMakeLists.txt) and must only be called when the CPU supports it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace ringattn::bench_detail {
+
+// Each runs `iters` iterations of a block of independent fp32 FMAs held in
+// registers (enough accumulators to cover FMA latency x FMA ports) and returns a
+// value derived from all accumulators so that the loop cannot be removed.
+// *_flops_per_iter is the flop count of one iteration (FMA = 2 flops).
+float fma_loop_generic(std::int64_t iters);
+inline constexpr double kFmaFlopsPerIterGeneric = 8 * 4 * 2;  // 8 x 4-lane mul+add
+float fma_loop_avx2(std::int64_t iters);
+inline constexpr double kFmaFlopsPerIterAvx2 = 12 * 8 * 2;  // 12 x 8-lane FMA
+float fma_loop_avx512(std::int64_t iters);
+inline constexpr double kFmaFlopsPerIterAvx512 = 24 * 16 * 2;  // 24 x 16-lane FMA
+
+// Streaming sum of x[0, n) with several independent vector accumulators.
+float read_sum_generic(const float* x, std::size_t n);
+float read_sum_avx2(const float* x, std::size_t n);
+
+}  // namespace ringattn::bench_detail

@@ -1,0 +1,338 @@
+#include "cli/cli_common.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <iomanip>
+#include <iostream>
+
+#include "ringattn/error.hpp"
+
+namespace ringattn::cli {
+
+bool parse_args(int argc, char** argv, const po::options_description& desc,
+                const std::string& usage, po::variables_map* vm) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view a = argv[i];
+    if (a == "--help" || a == "-h") {
+      std::cout << usage << "\n\n" << desc << "\n";
+      return false;
+    }
+  }
+  const int style = po::command_line_style::unix_style ^ po::command_line_style::allow_short;
+  po::store(po::command_line_parser(argc, argv).options(desc).style(style).run(), *vm);
+  po::notify(*vm);
+  return true;
+}
+
+void require(const po::variables_map& vm, const char* name) {
+  RA_CHECK_ARG(vm.count(name) > 0, "missing required option --" << name);
+}
+
+std::vector<int> parse_int_list(const std::string& opt, const std::string& text) {
+  std::vector<int> out;
+  std::size_t pos = 0;
+  while (pos <= text.size()) {
+    const std::size_t comma = std::min(text.find(',', pos), text.size());
+    const std::string item = text.substr(pos, comma - pos);
+    std::size_t used = 0;
+    int v = 0;
+    try {
+      v = std::stoi(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    RA_CHECK_ARG(!item.empty() && used == item.size(),
+                 opt << ": '" << text << "' is not a comma-separated list of integers");
+    out.push_back(v);
+    pos = comma + 1;
+  }
+  return out;
+}
+
+void add_mask_options(po::options_description& desc, MaskArgs* a) {
+  auto add = desc.add_options();
+  add("causal", po::bool_switch(&a->causal),
+      "bottom-right causal mask (sets the right window to 0)");
+  add("window", po::value<std::vector<int>>(&a->window)->multitoken(),
+      "local window: two values L R, keys j with i+shift-L <= j <= i+shift+R are visible; -1 = "
+      "unbounded");
+  add("softcap", po::value<float>(&a->softcap)->default_value(0.0f),
+      "score soft-capping: score = C * tanh(score / C); 0 = off");
+  add("scale", po::value<float>(&a->scale)->default_value(0.0f),
+      "softmax scale; 0 = 1/sqrt(head dim)");
+}
+
+MaskParams to_mask_params(const MaskArgs& a) {
+  MaskParams m;
+  m.causal = a.causal;
+  if (!a.window.empty()) {
+    RA_CHECK_ARG_EQ(a.window.size(), std::size_t{2}, "--window: needs exactly two values L R");
+    RA_CHECK_ARG_GE(a.window[0], -1, "--window: left size must be >= -1 (-1 = unbounded)");
+    RA_CHECK_ARG_GE(a.window[1], -1, "--window: right size must be >= -1 (-1 = unbounded)");
+    m.window_left = a.window[0];
+    m.window_right = a.window[1];
+  }
+  RA_CHECK_ARG(std::isfinite(a.softcap) && a.softcap >= 0.0f,
+               "--softcap: must be finite and >= 0 (0 = off), got " << a.softcap);
+  RA_CHECK_ARG(std::isfinite(a.scale) && a.scale >= 0.0f,
+               "--scale: must be finite and >= 0 (0 = 1/sqrt(d)), got " << a.scale);
+  m.softcap = a.softcap;
+  m.scale = a.scale;
+  return m;
+}
+
+void add_kernel_options(po::options_description& desc, KernelArgs* a) {
+  auto add = desc.add_options();
+  add("dtype", po::value<std::string>(&a->dtype)->default_value("fp32"),
+      "storage dtype of the kernel inputs: fp32 | bf16 | fp16 (file values are rounded to it)");
+  add("backend", po::value<std::string>(&a->backend)->default_value("auto"),
+      "kernel backend: auto | cpu | cpu-avx512 | cpu-avx2 | cpu-scalar | reference");
+  add("threads", po::value<int>(&a->threads)->default_value(0), "OpenMP threads; 0 = all");
+}
+
+DType tensor_dtype(const KernelArgs& a) {
+  const DType t = parse_dtype(a.dtype, "--dtype");
+  RA_CHECK_ARG(t != DType::kFP8E4M3,
+               "--dtype: '" << a.dtype << "' is not supported here (expected fp32, bf16 or fp16)");
+  return t;
+}
+
+Engine make_engine(const KernelArgs& a) {
+  RA_CHECK_ARG_GE(a.threads, 0, "--threads: must be >= 0 (0 = all)");
+  EngineOptions o;
+  o.backend = a.backend;
+  o.threads = a.threads;
+  try {
+    return Engine(o);
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument("--" + e.message(), __FILE__, __LINE__);  // "--backend: unknown ..."
+  } catch (const UnsupportedError& e) {
+    throw UnsupportedError("--" + e.message(), __FILE__, __LINE__);
+  }
+}
+
+NpyArray load_npy_arg(const std::string& opt, const std::string& path) {
+  try {
+    return read_npy(path);
+  } catch (const IoError& e) {
+    throw IoError(opt + ": " + e.message(), __FILE__, __LINE__);
+  }
+}
+
+NpyArray load_tensor(const std::string& opt, const std::string& path, int ndim) {
+  NpyArray a = load_npy_arg(opt, path);
+  RA_CHECK_ARG(a.is_float(), opt << ": " << path << ": expected a float tensor (<f4 or <f2), got "
+                                 << npy_descr(a.dtype));
+  RA_CHECK_ARG(a.ndim() == ndim, opt << ": " << path << ": expected a " << ndim
+                                     << "-d tensor, got shape " << shape_to_string(a.shape));
+  return a;
+}
+
+std::vector<std::int32_t> load_index(const std::string& opt, const std::string& path,
+                                     const std::vector<std::int64_t>& shape) {
+  NpyArray a = load_npy_arg(opt, path);
+  RA_CHECK_ARG(a.is_index(), opt << ": " << path
+                                 << ": expected an integer tensor (<i4 or <i8), got "
+                                 << npy_descr(a.dtype));
+  RA_CHECK_ARG(a.shape == shape, opt << ": " << path << ": expected shape "
+                                     << shape_to_string(shape) << ", got "
+                                     << shape_to_string(a.shape));
+  return a.to_i32(opt);
+}
+
+void check_dim(const std::string& opt_a, const NpyArray& a, int dim_a, const std::string& opt_b,
+               const NpyArray& b, int dim_b, const char* meaning) {
+  const std::int64_t va = a.shape.at(dim_a), vb = b.shape.at(dim_b);
+  RA_CHECK_ARG(va == vb, opt_a << ": dim " << dim_a << " (" << meaning << ") = " << va
+                               << " must equal " << opt_b << " dim " << dim_b << " (" << meaning
+                               << ") = " << vb << " (" << opt_a << " shape "
+                               << shape_to_string(a.shape) << ", " << opt_b << " shape "
+                               << shape_to_string(b.shape) << ")");
+}
+
+void check_shape(const std::string& opt, const NpyArray& a,
+                 const std::vector<std::int64_t>& expected, const std::string& why) {
+  RA_CHECK_ARG(a.shape == expected, opt << ": shape " << shape_to_string(a.shape) << " must be "
+                                        << shape_to_string(expected) << " (" << why << ")");
+}
+
+std::vector<std::byte> to_storage(const NpyArray& a, DType t) {
+  const std::size_t n = static_cast<std::size_t>(a.numel());
+  std::vector<std::byte> out(n * dtype_size(t));
+  if ((a.dtype == NpyDType::kF32 && t == DType::kF32) ||
+      (a.dtype == NpyDType::kF16 && t == DType::kF16)) {
+    if (n > 0) std::memcpy(out.data(), a.data.data(), out.size());
+    return out;
+  }
+  const std::vector<float> f = a.to_f32();
+  for (std::size_t i = 0; i < n; ++i)
+    store_from_f32(out.data(), static_cast<std::int64_t>(i), t, f[i]);
+  return out;
+}
+
+NpyArray from_storage(const void* data, DType t, const std::vector<std::int64_t>& shape,
+                      NpyDType file_dtype) {
+  NpyArray a;
+  a.dtype = file_dtype;
+  a.shape = shape;
+  const std::int64_t n = a.numel();
+  a.data.resize(static_cast<std::size_t>(n) * a.itemsize());
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float v = load_as_f32(data, i, t);
+    if (file_dtype == NpyDType::kF32) {
+      std::memcpy(a.data.data() + 4 * i, &v, 4);
+    } else {
+      const std::uint16_t h =
+          t == DType::kF16 ? static_cast<const std::uint16_t*>(data)[i] : f32_to_f16(v);
+      std::memcpy(a.data.data() + 2 * i, &h, 2);
+    }
+  }
+  return a;
+}
+
+void write_array(const std::string& opt, const std::string& path, const NpyArray& a) {
+  try {
+    write_npy(path, a);
+  } catch (const IoError& e) {
+    throw IoError(opt + ": " + e.message(), __FILE__, __LINE__);
+  }
+}
+
+void write_f32(const std::string& opt, const std::string& path,
+               const std::vector<std::int64_t>& shape, const float* data) {
+  try {
+    write_npy(path, NpyDType::kF32, shape, data);
+  } catch (const IoError& e) {
+    throw IoError(opt + ": " + e.message(), __FILE__, __LINE__);
+  }
+}
+
+double now_seconds() {
+  using clock = std::chrono::steady_clock;
+  return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// ---- JsonWriter ----
+
+void JsonWriter::before_value() {
+  if (after_key_) {
+    after_key_ = false;
+    return;
+  }
+  if (!first_.empty()) {
+    if (!first_.back()) out_ << ',';
+    first_.back() = false;
+  }
+}
+
+JsonWriter& JsonWriter::begin_object() {
+  before_value();
+  out_ << '{';
+  first_.push_back(true);
+  return *this;
+}
+
+JsonWriter& JsonWriter::end_object() {
+  first_.pop_back();
+  out_ << '}';
+  return *this;
+}
+
+JsonWriter& JsonWriter::begin_array() {
+  before_value();
+  out_ << '[';
+  first_.push_back(true);
+  return *this;
+}
+
+JsonWriter& JsonWriter::end_array() {
+  first_.pop_back();
+  out_ << ']';
+  return *this;
+}
+
+JsonWriter& JsonWriter::key(const std::string& k) {
+  value(k);
+  out_ << ':';
+  after_key_ = true;
+  return *this;
+}
+
+JsonWriter& JsonWriter::value(const std::string& s) {
+  before_value();
+  out_ << '"';
+  for (const char c : s) {
+    switch (c) {
+      case '"':
+        out_ << "\\\"";
+        break;
+      case '\\':
+        out_ << "\\\\";
+        break;
+      case '\n':
+        out_ << "\\n";
+        break;
+      case '\t':
+        out_ << "\\t";
+        break;
+      case '\r':
+        out_ << "\\r";
+        break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof(buf), "\\u%04x", static_cast<unsigned>(c));
+          out_ << buf;
+        } else {
+          out_ << c;
+        }
+    }
+  }
+  out_ << '"';
+  return *this;
+}
+
+JsonWriter& JsonWriter::value(double x) {
+  before_value();
+  if (!std::isfinite(x)) {
+    out_ << "null";
+  } else {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%.9g", x);
+    out_ << buf;
+  }
+  return *this;
+}
+
+JsonWriter& JsonWriter::value(std::int64_t x) {
+  before_value();
+  out_ << x;
+  return *this;
+}
+
+JsonWriter& JsonWriter::value(bool b) {
+  before_value();
+  out_ << (b ? "true" : "false");
+  return *this;
+}
+
+void JsonWriter::write_file(const std::string& path) const {
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  if (!f) RA_THROW(IoError, path << ": cannot open for writing: " << std::strerror(errno));
+  const std::string s = str() + "\n";
+  const bool ok = std::fwrite(s.data(), 1, s.size(), f) == s.size();
+  const bool closed = std::fclose(f) == 0;
+  RA_CHECK(ok && closed, IoError, path << ": write failed");
+}
+
+}  // namespace ringattn::cli

@@ -1,0 +1,130 @@
+// Helpers shared by the subcommands of the `ringattn` tool: option groups declared
+// once (name, default, help), argument parsing with --help, .npy tensor loading with
+// shape checks whose messages name the option and both shapes, conversion to the
+// kernel storage dtype, output writing, timing and a small JSON writer.
+//
+// Error policy (see commands.hpp): bad options, shapes or values throw
+// InvalidArgument (exit 2); unreadable or malformed files throw IoError (exit 1);
+// both carry the option name, e.g. "--k: ..." .
+#pragma once
+
+#include <boost/program_options.hpp>
+#include <cstddef>
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "ringattn/attention_params.hpp"
+#include "ringattn/dtype.hpp"
+#include "ringattn/engine.hpp"
+#include "ringattn/npy.hpp"
+
+namespace ringattn::cli {
+
+namespace po = boost::program_options;
+
+// ---- argument parsing ----
+
+// Parses argv (argv[0] = subcommand name) against `desc`. Prints `usage` and the
+// options to stdout and returns false on --help / -h (the caller then exits 0).
+// Unknown options and bad values throw boost::program_options::error (exit 2).
+// Short options are disabled so that negative numbers ("--window -1 0") parse as values.
+bool parse_args(int argc, char** argv, const po::options_description& desc,
+                const std::string& usage, po::variables_map* vm);
+
+// Throws InvalidArgument "missing required option --<name>" unless vm has it.
+void require(const po::variables_map& vm, const char* name);
+
+// "1,2,4" -> {1, 2, 4}; InvalidArgument naming `opt` on anything else.
+std::vector<int> parse_int_list(const std::string& opt, const std::string& text);
+
+// Mask / score options shared by attn, kvcache and ring: --causal, --window L R,
+// --softcap C, --scale S.
+struct MaskArgs {
+  bool causal = false;
+  std::vector<int> window;  // empty or {left, right}
+  float softcap = 0.0f;
+  float scale = 0.0f;
+};
+void add_mask_options(po::options_description& desc, MaskArgs* args);
+// Validates (window values >= -1, softcap >= 0, scale >= 0) and converts.
+MaskParams to_mask_params(const MaskArgs& args);
+
+// Kernel options: --dtype fp32|bf16|fp16, --backend NAME, --threads N.
+struct KernelArgs {
+  std::string dtype = "fp32";
+  std::string backend = "auto";
+  int threads = 0;
+};
+void add_kernel_options(po::options_description& desc, KernelArgs* args);
+// Storage dtype from --dtype (fp32, bf16 or fp16; fp8 is refused here).
+DType tensor_dtype(const KernelArgs& args);
+Engine make_engine(const KernelArgs& args);
+
+// ---- tensors ----
+
+// Reads the .npy file given for option `opt` (e.g. "--q"); errors are rethrown
+// with the option name in front.
+NpyArray load_npy_arg(const std::string& opt, const std::string& path);
+// A float tensor (<f4 or <f2) of rank `ndim`.
+NpyArray load_tensor(const std::string& opt, const std::string& path, int ndim);
+// An index tensor (<i4 or <i8) with exactly `shape`, as int32.
+std::vector<std::int32_t> load_index(const std::string& opt, const std::string& path,
+                                     const std::vector<std::int64_t>& shape);
+
+// Throws InvalidArgument unless a.shape[dim_a] == b.shape[dim_b], naming both
+// options, the dimension meaning and both full shapes:
+//   "--k: dim 3 (head dim) = 64 must equal --q dim 3 (head dim) = 128
+//    (--k shape [2, 5, 2, 64], --q shape [2, 5, 6, 128])"
+void check_dim(const std::string& opt_a, const NpyArray& a, int dim_a, const std::string& opt_b,
+               const NpyArray& b, int dim_b, const char* meaning);
+// Throws InvalidArgument unless a.shape == expected.
+void check_shape(const std::string& opt, const NpyArray& a,
+                 const std::vector<std::int64_t>& expected, const std::string& why);
+
+// Element values of a float tensor converted to storage dtype `t` (rounded to
+// nearest even; <f2 data kept bit-exact when t is fp16).
+std::vector<std::byte> to_storage(const NpyArray& a, DType t);
+// Storage-dtype values back to a float array of file dtype `file_dtype` (<f4 / <f2).
+NpyArray from_storage(const void* data, DType t, const std::vector<std::int64_t>& shape,
+                      NpyDType file_dtype);
+
+// Writes `a` to `path` (given for option `opt`); IoError messages name the option.
+void write_array(const std::string& opt, const std::string& path, const NpyArray& a);
+// Writes an fp32 array to `path` (given for option `opt`).
+void write_f32(const std::string& opt, const std::string& path,
+               const std::vector<std::int64_t>& shape, const float* data);
+
+// ---- misc ----
+
+double now_seconds();  // monotonic clock
+double median(std::vector<double> v);
+
+// Minimal JSON writer (objects, arrays, strings, numbers, booleans), e.g.
+//   JsonWriter j; j.begin_object(); j.key("x").value(1.5); j.end_object(); j.str();
+class JsonWriter {
+ public:
+  JsonWriter& begin_object();
+  JsonWriter& end_object();
+  JsonWriter& begin_array();
+  JsonWriter& end_array();
+  JsonWriter& key(const std::string& k);
+  JsonWriter& value(const std::string& s);
+  JsonWriter& value(const char* s) { return value(std::string(s)); }
+  JsonWriter& value(double x);  // non-finite numbers are written as null
+  JsonWriter& value(std::int64_t x);
+  JsonWriter& value(int x) { return value(static_cast<std::int64_t>(x)); }
+  JsonWriter& value(bool b);
+  std::string str() const { return out_.str(); }
+  // Writes str() and a newline to `path`; IoError on failure.
+  void write_file(const std::string& path) const;
+
+ private:
+  void before_value();
+  std::ostringstream out_;
+  std::vector<bool> first_;  // per open container: no element written yet
+  bool after_key_ = false;
+};
+
+}  // namespace ringattn::cli

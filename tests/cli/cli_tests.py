@@ -1,0 +1,416 @@
+#!/usr/bin/env python3
+"""End-to-end tests of the `ringattn` tool: random .npy inputs, one run of the binary,
+comparison with a float64 NumPy reference that follows SPEC.md literally.
+
+usage: cli_tests.py RINGATTN_BINARY CASE     (CASE = one of the functions named case_*)
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+BIN = None
+TMP = None
+BACKENDS = ["reference", "auto"]
+
+
+# ---------------------------------------------------------------- reference
+def attention_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=0.0):
+    """q [s_q, h, d], k [s_k, h_k, d], v [s_k, h_k, d_v] (float64) ->
+    out [s_q, h, d_v], lse [h, s_q]; rows that see no key: out 0, lse -inf."""
+    s_q, h, d = q.shape
+    s_k, h_k, d_v = v.shape
+    if scale == 0.0:
+        scale = 1.0 / np.sqrt(d)
+    rep = h // h_k
+    kk = np.repeat(k, rep, axis=1)
+    vv = np.repeat(v, rep, axis=1)
+    s = np.einsum("qhd,khd->hqk", q, kk) * scale
+    if softcap > 0:
+        s = softcap * np.tanh(s / softcap)
+    wl, wr = window
+    if causal:
+        wr = 0
+    i = np.arange(s_q)[:, None]
+    j = np.arange(s_k)[None, :]
+    shift = s_k - s_q
+    vis = np.ones((s_q, s_k), dtype=bool)
+    if wr >= 0:
+        vis &= j <= i + shift + wr
+    if wl >= 0:
+        vis &= j >= i + shift - wl
+    s = np.where(vis[None], s, -np.inf)
+    m = s.max(axis=2, keepdims=True) if s_k > 0 else np.full((h, s_q, 1), -np.inf)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m_safe)
+    tot = p.sum(axis=2, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = np.where(tot[..., 0] > 0, np.log(tot[..., 0]) + m_safe[..., 0], -np.inf)
+        o = np.einsum("hqk,khd->qhd", np.where(tot > 0, p / np.where(tot > 0, tot, 1), 0), vv)
+    return o, lse
+
+
+def bf16_round(x):
+    """Round float values to bfloat16 (nearest even), returned as float64."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+# ---------------------------------------------------------------- helpers
+def path(name):
+    return os.path.join(TMP, name)
+
+
+def save(name, arr):
+    p = path(name)
+    np.save(p, arr)
+    return p
+
+
+def run(args, expect_rc=0):
+    r = subprocess.run([BIN] + [str(a) for a in args], capture_output=True, text=True)
+    if expect_rc is not None and r.returncode != expect_rc:
+        sys.exit(f"FAIL: {' '.join(map(str, args))}\nexit {r.returncode} (expected {expect_rc})\n"
+                 f"stdout: {r.stdout}\nstderr: {r.stderr}")
+    return r
+
+
+def check_close(name, got, ref, atol, rtol=0.0):
+    got = np.asarray(got, dtype=np.float64)
+    if got.shape != ref.shape:
+        sys.exit(f"FAIL: {name}: shape {got.shape} != reference {ref.shape}")
+    both_ninf = np.isneginf(got) & np.isneginf(ref)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(both_ninf, 0.0, np.abs(got - ref))
+    bad = ~(diff <= atol + rtol * np.abs(np.where(both_ninf, 0.0, ref)))
+    if bad.any():
+        idx = tuple(np.argwhere(bad)[0])
+        sys.exit(f"FAIL: {name}: {bad.sum()} elements off, first at {idx}: got {got[idx]}, "
+                 f"ref {ref[idx]} (atol {atol}, rtol {rtol})")
+    print(f"ok {name}: max err {diff.max() if diff.size else 0:.3g}")
+
+
+def rng():
+    return np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+
+
+def run_attn_dense(r, b, s_q, s_k, h, h_k, d, d_v, extra, ref_kw, dtype="fp32", atol=2e-4,
+                   file_dtype=np.float32):
+    q = r.standard_normal((b, s_q, h, d)).astype(file_dtype)
+    k = r.standard_normal((b, s_k, h_k, d)).astype(file_dtype)
+    v = r.standard_normal((b, s_k, h_k, d_v)).astype(file_dtype)
+    qp, kp, vp = save("q.npy", q), save("k.npy", k), save("v.npy", v)
+    conv = bf16_round if dtype == "bf16" else (lambda x: np.asarray(x, np.float64))
+    refs = [attention_ref(conv(q[i]), conv(k[i]), conv(v[i]), **ref_kw) for i in range(b)]
+    o_ref = np.stack([o for o, _ in refs])
+    l_ref = np.stack([l for _, l in refs])
+    for be in BACKENDS:
+        run(["attn", "--q", qp, "--k", kp, "--v", vp, "--out", path("o.npy"), "--lse", path("l.npy"),
+             "--dtype", dtype, "--backend", be] + extra)
+        check_close(f"out [{be}]", np.load(path("o.npy")), o_ref, atol)
+        check_close(f"lse [{be}]", np.load(path("l.npy")), l_ref, atol, 1e-5)
+
+
+# ---------------------------------------------------------------- attn
+def case_attn_dense():
+    run_attn_dense(rng(), 2, 37, 53, 6, 2, 64, 64, [], {})
+    run_attn_dense(rng(), 1, 9, 4, 4, 1, 32, 16, [], {})          # MQA, d_v != d, s_q > s_k
+    run_attn_dense(rng(), 2, 11, 13, 4, 4, 32, 32, [], {}, file_dtype=np.float16)  # <f2 files
+
+
+def case_attn_causal_window():
+    run_attn_dense(rng(), 2, 20, 33, 6, 3, 64, 64, ["--causal"], {"causal": True})
+    run_attn_dense(rng(), 1, 33, 20, 4, 2, 32, 32, ["--causal"], {"causal": True})  # empty rows
+    run_attn_dense(rng(), 2, 20, 33, 6, 3, 64, 64, ["--causal", "--window", 5, -1],
+                   {"causal": True, "window": (5, -1)})
+    run_attn_dense(rng(), 1, 24, 24, 2, 1, 32, 32, ["--window", 3, 2], {"window": (3, 2)})
+
+
+def case_attn_softcap():
+    run_attn_dense(rng(), 2, 17, 29, 4, 2, 64, 64, ["--softcap", 15, "--scale", 0.5],
+                   {"softcap": 15.0, "scale": 0.5})
+
+
+def case_attn_bf16():
+    run_attn_dense(rng(), 2, 31, 45, 4, 2, 64, 64, ["--causal"], {"causal": True}, dtype="bf16",
+                   atol=2e-2)
+
+
+def case_attn_varlen():
+    r = rng()
+    h, h_k, d, d_v = 4, 2, 32, 32
+    lens_q = [5, 0, 12, 3, 7]
+    lens_k = [7, 6, 20, 0, 7]      # segment 3 has no keys: its rows are 0 / -inf
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int64)  # int64 accepted too
+    q = r.standard_normal((cu_q[-1], h, d)).astype(np.float32)
+    k = r.standard_normal((cu_k[-1], h_k, d)).astype(np.float32)
+    v = r.standard_normal((cu_k[-1], h_k, d_v)).astype(np.float32)
+    args = ["--q", save("q.npy", q), "--k", save("k.npy", k), "--v", save("v.npy", v),
+            "--cu-seqlens-q", save("cq.npy", cu_q), "--cu-seqlens-k", save("ck.npy", cu_k),
+            "--out", path("o.npy"), "--lse", path("l.npy")]
+    for causal in (False, True):
+        o_ref = np.zeros((cu_q[-1], h, d_v))
+        l_ref = np.full((h, cu_q[-1]), -np.inf)
+        for i in range(len(lens_q)):
+            a, bq, c, dk = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+            o, l = attention_ref(q[a:bq].astype(np.float64), k[c:dk].astype(np.float64),
+                                 v[c:dk].astype(np.float64), causal=causal)
+            o_ref[a:bq] = o
+            l_ref[:, a:bq] = l
+        for be in BACKENDS:
+            run(["attn", "--backend", be] + args + (["--causal"] if causal else []))
+            check_close(f"varlen out causal={causal} [{be}]", np.load(path("o.npy")), o_ref, 2e-4)
+            check_close(f"varlen lse causal={causal} [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+
+
+def case_attn_varlen_seqused():
+    """seqused_q/k shorten segments; rows past them and past cu_seqlens_q[b] read 0 / -inf."""
+    r = rng()
+    h, h_k, d = 4, 1, 32
+    lens_q, lens_k = [6, 4, 9], [8, 5, 10]
+    used_q, used_k = np.array([4, 0, 9], np.int32), np.array([8, 3, 0], np.int32)
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
+    total_q = cu_q[-1] + 2  # two trailing rows outside every segment
+    q = r.standard_normal((total_q, h, d)).astype(np.float32)
+    k = r.standard_normal((cu_k[-1], h_k, d)).astype(np.float32)
+    v = r.standard_normal((cu_k[-1], h_k, d)).astype(np.float32)
+    o_ref = np.zeros((total_q, h, d))
+    l_ref = np.full((h, total_q), -np.inf)
+    for i in range(3):
+        a, c = cu_q[i], cu_k[i]
+        o, l = attention_ref(q[a:a + used_q[i]].astype(np.float64), k[c:c + used_k[i]].astype(np.float64),
+                             v[c:c + used_k[i]].astype(np.float64))
+        o_ref[a:a + used_q[i]] = o
+        l_ref[:, a:a + used_q[i]] = l
+    for be in BACKENDS:
+        run(["attn", "--backend", be, "--q", save("q.npy", q), "--k", save("k.npy", k), "--v", save("v.npy", v),
+             "--cu-seqlens-q", save("cq.npy", cu_q), "--cu-seqlens-k", save("ck.npy", cu_k),
+             "--seqused-q", save("uq.npy", used_q), "--seqused-k", save("uk.npy", used_k),
+             "--max-seqlen-q", 16, "--max-seqlen-k", 16, "--out", path("o.npy"), "--lse", path("l.npy")])
+        check_close(f"seqused out [{be}]", np.load(path("o.npy")), o_ref, 2e-4)
+        check_close(f"seqused lse [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+
+
+# ---------------------------------------------------------------- kvcache
+def kvcache_ref(q, k_tokens, v_tokens, causal):
+    return attention_ref(q, k_tokens, v_tokens, causal=causal)
+
+
+def case_kvcache_paged_append():
+    r = rng()
+    b, s_q, h, h_k, d, d_v, page, blocks, max_pages, s_new = 2, 3, 4, 2, 32, 32, 4, 12, 5, 3
+    seqlens = np.array([5, 9], dtype=np.int32)
+    kc = np.full((blocks, page, h_k, d), np.nan, dtype=np.float32)
+    vc = np.full((blocks, page, h_k, d_v), np.nan, dtype=np.float32)
+    pt = r.permutation(blocks)[: b * max_pages].reshape(b, max_pages).astype(np.int32)
+    for i in range(b):
+        for t in range(seqlens[i]):
+            kc[pt[i, t // page], t % page] = r.standard_normal((h_k, d))
+            vc[pt[i, t // page], t % page] = r.standard_normal((h_k, d_v))
+    q = r.standard_normal((b, s_q, h, d)).astype(np.float32)
+    kn = r.standard_normal((b, s_new, h_k, d)).astype(np.float32)
+    vn = r.standard_normal((b, s_new, h_k, d_v)).astype(np.float32)
+    kc_ref, vc_ref = kc.copy(), vc.copy()
+    for i in range(b):
+        for t in range(s_new):
+            pos = seqlens[i] + t
+            kc_ref[pt[i, pos // page], pos % page] = kn[i, t]
+            vc_ref[pt[i, pos // page], pos % page] = vn[i, t]
+    args = ["--q", save("q.npy", q), "--k-cache", save("kc.npy", kc), "--v-cache", save("vc.npy", vc),
+            "--cache-seqlens", save("sl.npy", seqlens), "--page-table", save("pt.npy", pt),
+            "--k-new", save("kn.npy", kn), "--v-new", save("vn.npy", vn), "--out", path("o.npy"),
+            "--lse", path("l.npy"), "--k-cache-out", path("kc2.npy"), "--v-cache-out", path("vc2.npy")]
+    for causal in (False, True):
+        o_ref = np.zeros((b, s_q, h, d_v))
+        l_ref = np.zeros((b, h, s_q))
+        for i in range(b):
+            n = seqlens[i] + s_new
+            toks = [(pt[i, t // page], t % page) for t in range(n)]
+            kt = np.stack([kc_ref[blk, off] for blk, off in toks]).astype(np.float64)
+            vt = np.stack([vc_ref[blk, off] for blk, off in toks]).astype(np.float64)
+            o_ref[i], l_ref[i] = kvcache_ref(q[i].astype(np.float64), kt, vt, causal)
+        for be in BACKENDS:
+            run(["kvcache", "--backend", be] + args + (["--causal"] if causal else []))
+            check_close(f"paged out causal={causal} [{be}]", np.load(path("o.npy")), o_ref, 2e-4)
+            check_close(f"paged lse causal={causal} [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+            for nm, got, ref in (("k", np.load(path("kc2.npy")), kc_ref), ("v", np.load(path("vc2.npy")), vc_ref)):
+                if not np.array_equal(got, ref, equal_nan=True):
+                    sys.exit(f"FAIL: updated {nm} cache differs from the expected append [{be}]")
+            print(f"ok paged cache append exact causal={causal} [{be}]")
+
+
+def case_kvcache_leftpad():
+    r = rng()
+    b, s_q, h, h_k, d, d_v, b_cache, s_cache, s_new = 2, 4, 6, 2, 64, 64, 3, 24, 2
+    seqlens = np.array([10, 20], dtype=np.int32)
+    leftpad = np.array([3, 0], dtype=np.int32)
+    bidx = np.array([2, 0], dtype=np.int32)
+    kc = np.full((b_cache, s_cache, h_k, d), np.nan, dtype=np.float32)
+    vc = np.full((b_cache, s_cache, h_k, d_v), np.nan, dtype=np.float32)
+    for i in range(b):
+        kc[bidx[i], leftpad[i]:seqlens[i]] = r.standard_normal((seqlens[i] - leftpad[i], h_k, d))
+        vc[bidx[i], leftpad[i]:seqlens[i]] = r.standard_normal((seqlens[i] - leftpad[i], h_k, d_v))
+    q = r.standard_normal((b, s_q, h, d)).astype(np.float32)
+    kn = r.standard_normal((b, s_new, h_k, d)).astype(np.float32)
+    vn = r.standard_normal((b, s_new, h_k, d_v)).astype(np.float32)
+    kc_ref, vc_ref = kc.copy(), vc.copy()
+    for i in range(b):
+        kc_ref[bidx[i], seqlens[i]:seqlens[i] + s_new] = kn[i]
+        vc_ref[bidx[i], seqlens[i]:seqlens[i] + s_new] = vn[i]
+    args = ["--q", save("q.npy", q), "--k-cache", save("kc.npy", kc), "--v-cache", save("vc.npy", vc),
+            "--cache-seqlens", save("sl.npy", seqlens.astype(np.int64)),
+            "--cache-leftpad", save("lp.npy", leftpad), "--cache-batch-idx", save("bi.npy", bidx),
+            "--k-new", save("kn.npy", kn), "--v-new", save("vn.npy", vn), "--out", path("o.npy"),
+            "--lse", path("l.npy"), "--k-cache-out", path("kc2.npy"), "--causal", "--num-splits", 3]
+    o_ref = np.zeros((b, s_q, h, d_v))
+    l_ref = np.zeros((b, h, s_q))
+    for i in range(b):
+        lo, hi = leftpad[i], seqlens[i] + s_new
+        o_ref[i], l_ref[i] = kvcache_ref(q[i].astype(np.float64), kc_ref[bidx[i], lo:hi].astype(np.float64),
+                                         vc_ref[bidx[i], lo:hi].astype(np.float64), True)
+    for be in BACKENDS:
+        run(["kvcache", "--backend", be] + args)
+        check_close(f"leftpad out [{be}]", np.load(path("o.npy")), o_ref, 2e-4)
+        check_close(f"leftpad lse [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+        if not np.array_equal(np.load(path("kc2.npy")), kc_ref, equal_nan=True):
+            sys.exit(f"FAIL: updated k cache differs from the expected append [{be}]")
+
+
+def rotate(x, cos, sin, pos, interleaved):
+    """x [n, heads, d] float64, rotary at positions pos [n] (FA apply_rotary_emb)."""
+    x = x.copy()
+    half = cos.shape[1]
+    i0 = np.arange(half) * 2 if interleaved else np.arange(half)
+    i1 = i0 + 1 if interleaved else i0 + half
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]
+    a, b = x[..., i0].copy(), x[..., i1].copy()
+    x[..., i0] = a * c - b * s
+    x[..., i1] = a * s + b * c
+    return x
+
+
+def case_kvcache_rotary():
+    r = rng()
+    b, s_q, h, h_k, d, s_cache, s_new, rot = 2, 3, 4, 2, 32, 16, 3, 16
+    seqlens = np.array([4, 9], dtype=np.int32)
+    kc = np.full((b, s_cache, h_k, d), np.nan, dtype=np.float32)
+    vc = np.full((b, s_cache, h_k, d), np.nan, dtype=np.float32)
+    for i in range(b):
+        kc[i, :seqlens[i]] = r.standard_normal((seqlens[i], h_k, d))
+        vc[i, :seqlens[i]] = r.standard_normal((seqlens[i], h_k, d))
+    q = r.standard_normal((b, s_q, h, d)).astype(np.float32)
+    kn = r.standard_normal((b, s_new, h_k, d)).astype(np.float32)
+    vn = r.standard_normal((b, s_new, h_k, d)).astype(np.float32)
+    theta = r.uniform(0, 2 * np.pi, (s_cache, rot // 2))
+    cos, sin = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+    base = ["--q", save("q.npy", q), "--k-cache", save("kc.npy", kc), "--v-cache", save("vc.npy", vc),
+            "--cache-seqlens", save("sl.npy", seqlens), "--k-new", save("kn.npy", kn),
+            "--v-new", save("vn.npy", vn), "--rotary-cos", save("cos.npy", cos),
+            "--rotary-sin", save("sin.npy", sin), "--out", path("o.npy"), "--lse", path("l.npy")]
+    c64, s64 = cos.astype(np.float64), sin.astype(np.float64)
+    for interleaved in (False, True):
+        for causal in (False, True):
+            o_ref = np.zeros((b, s_q, h, d))
+            l_ref = np.zeros((b, h, s_q))
+            for i in range(b):
+                p0 = seqlens[i]
+                knr = rotate(kn[i].astype(np.float64), c64, s64, p0 + np.arange(s_new), interleaved)
+                qpos = p0 + np.arange(s_q) if causal else np.full(s_q, p0)
+                qr = rotate(q[i].astype(np.float64), c64, s64, qpos, interleaved)
+                kt = np.concatenate([kc[i, :p0].astype(np.float64), knr])
+                vt = np.concatenate([vc[i, :p0].astype(np.float64), vn[i].astype(np.float64)])
+                o_ref[i], l_ref[i] = attention_ref(qr, kt, vt, causal=causal)
+            extra = (["--causal"] if causal else []) + (["--rotary-interleaved"] if interleaved else [])
+            for be in BACKENDS:
+                run(["kvcache", "--backend", be] + base + extra)
+                tag = f"rotary interleaved={interleaved} causal={causal} [{be}]"
+                check_close("out " + tag, np.load(path("o.npy")), o_ref, 2e-4)
+                check_close("lse " + tag, np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+
+
+# ---------------------------------------------------------------- bench
+def case_bench_quick():
+    js = path("bench.json")
+    out = run(["bench", "--quick", "--threads", "1", "--repeats", "1", "--case", "^prefill_fp32$,^decode_bf16$",
+               "--json", js]).stdout
+    print(out)
+    data = json.load(open(js))
+    assert data["peaks"][0]["fma_gflops"] > 0 and data["peaks"][0]["read_gbs"] > 0, data
+    names = sorted(x["case"] for x in data["results"])
+    assert names == ["decode_bf16", "prefill_fp32"], names
+    for x in data["results"]:
+        assert x["value"] > 0 and x["ratio_to_peak"] > 0 and x["median_s"] > 0, x
+    assert "of peak" in out and "peak (threads=1)" in out
+    run(["bench", "--list"])
+    bad = run(["bench", "--case", "no_such_case"], expect_rc=2)
+    assert "--case" in bad.stderr, bad.stderr
+    print("ok bench")
+
+
+# ---------------------------------------------------------------- bad inputs
+def expect_error(args, needles, rc=None):
+    r = run(args, expect_rc=None)
+    if r.returncode == 0 or (rc is not None and r.returncode != rc):
+        sys.exit(f"FAIL: {' '.join(map(str, args))}: exit {r.returncode}, expected "
+                 f"{rc if rc is not None else 'non-zero'}\n{r.stderr}")
+    for n in needles:
+        if n not in r.stderr:
+            sys.exit(f"FAIL: {' '.join(map(str, args))}: '{n}' not in message: {r.stderr}")
+    print(f"ok error exit {r.returncode}: {r.stderr.strip()}")
+
+
+def case_bad_inputs():
+    r = rng()
+    q = save("q.npy", r.standard_normal((1, 4, 6, 32)).astype(np.float32))
+    k = save("k.npy", r.standard_normal((1, 5, 2, 32)).astype(np.float32))
+    v = save("v.npy", r.standard_normal((1, 5, 2, 32)).astype(np.float32))
+    k8 = save("k8.npy", r.standard_normal((1, 5, 2, 32)))
+    k4h = save("k4h.npy", r.standard_normal((1, 5, 4, 32)).astype(np.float32))
+    v4h = save("v4h.npy", r.standard_normal((1, 5, 4, 32)).astype(np.float32))
+    vbad = save("vbad.npy", r.standard_normal((1, 6, 2, 32)).astype(np.float32))
+    base = ["attn", "--q", q, "--k", k, "--v", v]
+    expect_error(["attn", "--q", path("missing.npy"), "--k", k, "--v", v], ["--q", "missing.npy"], rc=1)
+    expect_error(["attn", "--q", q, "--k", k8, "--v", v], ["--k", "<f8"])
+    expect_error(["attn", "--q", q, "--k", k, "--v", vbad], ["--v", "[1, 6, 2, 32]", "[1, 5, 2, 32]"], rc=2)
+    expect_error(["attn", "--q", q, "--k", k4h, "--v", v4h], ["--k", "h_k = 4", "h = 6"], rc=2)
+    expect_error(base + ["--frobnicate", "1"], ["--frobnicate"], rc=2)
+    expect_error(["attn", "--q", q, "--k", k], ["--v"], rc=2)
+    expect_error(base + ["--threads", "-1"], ["--threads"], rc=2)
+    expect_error(base + ["--window", "-2", "0"], ["--window"], rc=2)
+    expect_error(base + ["--dtype", "fp64"], ["--dtype"], rc=2)
+    expect_error(base + ["--backend", "nonesuch"], ["--backend"], rc=2)
+    expect_error(["kvcache", "--q", q, "--k-cache", k, "--v-cache", v, "--cache-seqlens", k],
+                 ["--cache-seqlens"], rc=2)
+    expect_error(["kvcache", "--q", q, "--k-cache", k, "--v-cache", v,
+                  "--cache-seqlens", save("sl.npy", np.array([2, 3], np.int32))],
+                 ["--cache-seqlens", "[2]", "[1]"], rc=2)
+    expect_error(["bench", "--threads", "0"], ["--threads"], rc=2)
+    expect_error(["bench", "--threads", "1,x"], ["--threads"], rc=2)
+    for sub in ("attn", "kvcache", "bench"):
+        h = run([sub, "--help"])
+        assert "usage: ringattn " + sub in h.stdout, h.stdout
+    print("ok help")
+
+
+def main():
+    global BIN, TMP
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    BIN = sys.argv[1]
+    fn = globals().get("case_" + sys.argv[2])
+    if fn is None:
+        sys.exit(f"unknown case {sys.argv[2]}")
+    with tempfile.TemporaryDirectory(prefix="ringattn_cli_") as d:
+        TMP = d
+        fn()
+    print("PASS")
+
+
+if __name__ == "__main__":
+    main()
