@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <new>
 #include <string_view>
 
 #include "cli/commands.hpp"
@@ -58,6 +59,10 @@ int main(int argc, char** argv) {
     } catch (const ringattn::InvalidArgument& e) {
       std::fprintf(stderr, "ringattn %s: error: %s\n", s.name, e.what());
       return 2;
+    } catch (const std::bad_alloc&) {
+      // Allocation failure is reported as what it is, never as a crash.
+      std::fprintf(stderr, "ringattn %s: error: out of memory (an allocation failed)\n", s.name);
+      return 1;
     } catch (const std::exception& e) {
       std::fprintf(stderr, "ringattn %s: error: %s\n", s.name, e.what());
       return 1;
