@@ -50,8 +50,8 @@ int cmd_bench(int argc, char** argv) {
   add("case", po::value<std::string>(&filter)->default_value(""),
       "run only cases whose name contains this text (comma-separated alternatives; ^ and $ "
       "anchor)");
-  add("repeats", po::value<int>(&repeats)->default_value(0),
-      "timed runs per case (default 5, --quick 2)");
+  add("repeats", po::value<int>(&repeats),
+      "timed runs per case, >= 1 (default 5, --quick 2)");
   add("backend", po::value<std::string>(&backend)->default_value("auto"),
       "kernel backend (see attn --help)");
   add("quick", po::bool_switch(&quick), "small sizes for a smoke run");
@@ -69,8 +69,8 @@ int cmd_bench(int argc, char** argv) {
                                              ? std::vector<int>{omp_get_max_threads()}
                                              : parse_int_list("--threads", threads_text);
   for (const int t : thread_counts) RA_CHECK_ARG_GE(t, 1, "--threads: each thread count");
-  RA_CHECK_ARG_GE(repeats, 0, "--repeats: must be >= 0 (0 = default)");
-  if (repeats == 0) repeats = quick ? 2 : 5;
+  if (vm.count("repeats") == 0) repeats = quick ? 2 : 5;
+  RA_CHECK_ARG_GE(repeats, 1, "--repeats: timed runs per case");
   if (!filter.empty()) {
     std::vector<std::string> alts;
     std::size_t pos = 0;
