@@ -25,9 +25,12 @@ struct Feature {
 
 const char* isa_name(CpuIsa isa) {
   switch (isa) {
-    case CpuIsa::kScalar: return "scalar";
-    case CpuIsa::kAvx2: return "avx2";
-    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kScalar:
+      return "scalar";
+    case CpuIsa::kAvx2:
+      return "avx2";
+    case CpuIsa::kAvx512:
+      return "avx512";
   }
   return "?";
 }
@@ -44,8 +47,8 @@ bool cpu_supports(CpuIsa isa, std::string* missing) {
                             {"avx512dq", __builtin_cpu_supports("avx512dq") != 0}};
 #else
   const Feature avx2[] = {{"avx2", false}, {"fma", false}, {"f16c", false}};
-  const Feature avx512[] = {{"avx512f", false}, {"avx512bw", false}, {"avx512vl", false},
-                            {"avx512dq", false}};
+  const Feature avx512[] = {
+      {"avx512f", false}, {"avx512bw", false}, {"avx512vl", false}, {"avx512dq", false}};
 #endif
   std::string miss;
   auto add = [&](const Feature* f, int n) {

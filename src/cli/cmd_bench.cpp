@@ -50,8 +50,7 @@ int cmd_bench(int argc, char** argv) {
   add("case", po::value<std::string>(&filter)->default_value(""),
       "run only cases whose name contains this text (comma-separated alternatives; ^ and $ "
       "anchor)");
-  add("repeats", po::value<int>(&repeats),
-      "timed runs per case, >= 1 (default 5, --quick 2)");
+  add("repeats", po::value<int>(&repeats), "timed runs per case, >= 1 (default 5, --quick 2)");
   add("backend", po::value<std::string>(&backend)->default_value("auto"),
       "kernel backend (see attn --help)");
   add("quick", po::bool_switch(&quick), "small sizes for a smoke run");

@@ -41,7 +41,8 @@ TEST(SoftmaxState, MergeMatchesLogSumExp) {
     const float la = u(rng), lb = u(rng);
     SoftmaxState a = SoftmaxState::from_lse(la);
     a.merge(SoftmaxState::from_lse(lb));
-    const double ref = std::log(std::exp(static_cast<double>(la)) + std::exp(static_cast<double>(lb)));
+    const double ref =
+        std::log(std::exp(static_cast<double>(la)) + std::exp(static_cast<double>(lb)));
     EXPECT_NEAR(a.lse(), ref, 1e-5 * std::max(1.0, std::fabs(ref)));
   }
 }

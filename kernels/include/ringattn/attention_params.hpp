@@ -64,13 +64,13 @@ struct FwdParams {
   std::int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
   std::int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
 
-  int b = 0;     // batch size (number of sequences for varlen)
-  int s_q = 0;   // query length (varlen: max_seqlen_q)
-  int s_k = 0;   // key length   (varlen: max_seqlen_k)
-  int h = 0;     // query heads
-  int h_k = 0;   // key/value heads, h % h_k == 0 (GQA; MQA is h_k = 1)
-  int d = 0;     // q/k head dim, <= 256
-  int d_v = 0;   // v head dim, <= 256
+  int b = 0;    // batch size (number of sequences for varlen)
+  int s_q = 0;  // query length (varlen: max_seqlen_q)
+  int s_k = 0;  // key length   (varlen: max_seqlen_k)
+  int h = 0;    // query heads
+  int h_k = 0;  // key/value heads, h % h_k == 0 (GQA; MQA is h_k = 1)
+  int d = 0;    // q/k head dim, <= 256
+  int d_v = 0;  // v head dim, <= 256
 
   const std::int32_t* cu_seqlens_q = nullptr;  // [b+1] varlen only
   const std::int32_t* cu_seqlens_k = nullptr;  // [b+1] varlen only
@@ -156,8 +156,8 @@ struct KvCacheParams {
 
   MaskParams mask;
 
-  int num_splits = 0;                         // 0 = engine decides (or plan), 1 = none
-  const SchedulerMetadata* plan = nullptr;    // optional plan from Engine::plan_kvcache
+  int num_splits = 0;                       // 0 = engine decides (or plan), 1 = none
+  const SchedulerMetadata* plan = nullptr;  // optional plan from Engine::plan_kvcache
 
   bool is_paged() const { return page_table != nullptr; }
 };

@@ -22,20 +22,28 @@ enum class DType : std::uint8_t {
 
 inline constexpr std::size_t dtype_size(DType t) {
   switch (t) {
-    case DType::kF32: return 4;
-    case DType::kBF16: return 2;
-    case DType::kF16: return 2;
-    case DType::kFP8E4M3: return 1;
+    case DType::kF32:
+      return 4;
+    case DType::kBF16:
+      return 2;
+    case DType::kF16:
+      return 2;
+    case DType::kFP8E4M3:
+      return 1;
   }
   return 0;
 }
 
 inline constexpr const char* dtype_name(DType t) {
   switch (t) {
-    case DType::kF32: return "fp32";
-    case DType::kBF16: return "bf16";
-    case DType::kF16: return "fp16";
-    case DType::kFP8E4M3: return "fp8";
+    case DType::kF32:
+      return "fp32";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kF16:
+      return "fp16";
+    case DType::kFP8E4M3:
+      return "fp8";
   }
   return "?";
 }
@@ -46,7 +54,8 @@ inline DType parse_dtype(std::string_view s, std::string_view what = "dtype") {
   if (s == "bf16" || s == "bfloat16") return DType::kBF16;
   if (s == "fp16" || s == "float16" || s == "f16") return DType::kF16;
   if (s == "fp8" || s == "e4m3" || s == "fp8_e4m3") return DType::kFP8E4M3;
-  RA_THROW(InvalidArgument, what << ": unknown dtype '" << s << "' (expected fp32, bf16, fp16 or fp8)");
+  RA_THROW(InvalidArgument,
+           what << ": unknown dtype '" << s << "' (expected fp32, bf16, fp16 or fp8)");
 }
 
 // ---- scalar conversions (SIMD paths have their own vector versions) ----
@@ -71,8 +80,9 @@ inline float bf16_to_f32(std::uint16_t h) {
 inline std::uint16_t f32_to_bf16(float f) {
   std::uint32_t u;
   std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  if ((u & 0x7fffffffu) > 0x7f800000u)
+    return static_cast<std::uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);                         // round to nearest even
   return static_cast<std::uint16_t>(u >> 16);
 }
 
@@ -108,7 +118,7 @@ inline std::uint16_t f32_to_f16(float f) {
   std::memcpy(&u, &f, 4);
   const std::uint16_t sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
   const std::uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u);   // NaN
   if (abs >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // overflow -> inf
   if (abs < 0x38800000u) {  // subnormal or zero in fp16
     // value = abs_f * 2^24 rounded to nearest even, in units of 2^-24
@@ -145,7 +155,7 @@ inline std::uint8_t f32_to_fp8e4m3(float f) {
   if (a == 0.0f) return sign;
   // Find the nearest representable value by scanning exponent bands (values are few).
   int e;
-  std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
+  std::frexp(a, &e);    // a = m * 2^e, m in [0.5, 1)
   int exp = e - 1 + 7;  // biased exponent for 1.xxx form
   if (exp < 1) {        // subnormal range: step 2^-9
     const float q = std::nearbyint(a * 512.0f);
@@ -166,20 +176,32 @@ inline std::uint8_t f32_to_fp8e4m3(float f) {
 // and validation; kernels use vector loads).
 inline float load_as_f32(const void* base, std::int64_t i, DType t) {
   switch (t) {
-    case DType::kF32: return static_cast<const float*>(base)[i];
-    case DType::kBF16: return bf16_to_f32(static_cast<const std::uint16_t*>(base)[i]);
-    case DType::kF16: return f16_to_f32(static_cast<const std::uint16_t*>(base)[i]);
-    case DType::kFP8E4M3: return fp8e4m3_to_f32(static_cast<const std::uint8_t*>(base)[i]);
+    case DType::kF32:
+      return static_cast<const float*>(base)[i];
+    case DType::kBF16:
+      return bf16_to_f32(static_cast<const std::uint16_t*>(base)[i]);
+    case DType::kF16:
+      return f16_to_f32(static_cast<const std::uint16_t*>(base)[i]);
+    case DType::kFP8E4M3:
+      return fp8e4m3_to_f32(static_cast<const std::uint8_t*>(base)[i]);
   }
   return 0.0f;
 }
 
 inline void store_from_f32(void* base, std::int64_t i, DType t, float v) {
   switch (t) {
-    case DType::kF32: static_cast<float*>(base)[i] = v; break;
-    case DType::kBF16: static_cast<std::uint16_t*>(base)[i] = f32_to_bf16(v); break;
-    case DType::kF16: static_cast<std::uint16_t*>(base)[i] = f32_to_f16(v); break;
-    case DType::kFP8E4M3: static_cast<std::uint8_t*>(base)[i] = f32_to_fp8e4m3(v); break;
+    case DType::kF32:
+      static_cast<float*>(base)[i] = v;
+      break;
+    case DType::kBF16:
+      static_cast<std::uint16_t*>(base)[i] = f32_to_bf16(v);
+      break;
+    case DType::kF16:
+      static_cast<std::uint16_t*>(base)[i] = f32_to_f16(v);
+      break;
+    case DType::kFP8E4M3:
+      static_cast<std::uint8_t*>(base)[i] = f32_to_fp8e4m3(v);
+      break;
   }
 }
 

@@ -33,11 +33,10 @@ class Error : public std::runtime_error {
   std::string message_;
 };
 
-#define RINGATTN_DECLARE_ERROR(Name)                                   \
-  class Name : public Error {                                          \
-   public:                                                             \
-    Name(const std::string& message, const char* file, int line)       \
-        : Error(message, file, line) {}                                \
+#define RINGATTN_DECLARE_ERROR(Name)                                                             \
+  class Name : public Error {                                                                    \
+   public:                                                                                       \
+    Name(const std::string& message, const char* file, int line) : Error(message, file, line) {} \
   }
 
 RINGATTN_DECLARE_ERROR(InvalidArgument);
@@ -51,29 +50,29 @@ RINGATTN_DECLARE_ERROR(ResourceError);
 }  // namespace ringattn
 
 // RA_THROW(InvalidArgument, "q: head dim " << d << " > 256");
-#define RA_THROW(Type, stream_expr)                                       \
-  do {                                                                    \
-    std::ostringstream ra_oss_;                                           \
-    ra_oss_ << stream_expr;                                               \
-    throw ::ringattn::Type(ra_oss_.str(), __FILE__, __LINE__);            \
+#define RA_THROW(Type, stream_expr)                            \
+  do {                                                         \
+    std::ostringstream ra_oss_;                                \
+    ra_oss_ << stream_expr;                                    \
+    throw ::ringattn::Type(ra_oss_.str(), __FILE__, __LINE__); \
   } while (0)
 
 // RA_CHECK(cond, InvalidArgument, "message " << value);
-#define RA_CHECK(cond, Type, stream_expr) \
-  do {                                    \
+#define RA_CHECK(cond, Type, stream_expr)     \
+  do {                                        \
     if (!(cond)) RA_THROW(Type, stream_expr); \
   } while (0)
 
 // Argument checks that print both compared values, e.g.
 //   RA_CHECK_ARG_EQ(p.d, k_dim, "k: last dim must equal q's head dim");
 //   -> "k: last dim must equal q's head dim: expected p.d == k_dim, got 128 vs 64"
-#define RA_CHECK_ARG_OP_(a, b, op, what)                                                 \
-  do {                                                                                   \
-    const auto& ra_a_ = (a);                                                             \
-    const auto& ra_b_ = (b);                                                             \
-    if (!(ra_a_ op ra_b_))                                                               \
-      RA_THROW(InvalidArgument, what << ": expected " #a " " #op " " #b ", got " << ra_a_ \
-                                     << " vs " << ra_b_);                                \
+#define RA_CHECK_ARG_OP_(a, b, op, what)                                                      \
+  do {                                                                                        \
+    const auto& ra_a_ = (a);                                                                  \
+    const auto& ra_b_ = (b);                                                                  \
+    if (!(ra_a_ op ra_b_))                                                                    \
+      RA_THROW(InvalidArgument,                                                               \
+               what << ": expected " #a " " #op " " #b ", got " << ra_a_ << " vs " << ra_b_); \
   } while (0)
 
 #define RA_CHECK_ARG_EQ(a, b, what) RA_CHECK_ARG_OP_(a, b, ==, what)
