@@ -173,6 +173,40 @@ TEST(CpuBackend, DenseGrid) {
   for (const DenseCase& c : cases) check_dense(c, seed++);
 }
 
+// Decode kernel (at most 16 rows per KV head): every row count per head (s_q x group)
+// from 1 to 16, including the non-powers of two that the score kernel splits into
+// power-of-two chunks, head dims with a vector tail, one or several KV heads per task,
+// key counts that leave a partial last tile (padded key pointers).
+TEST(CpuBackend, DecodeRowShapes) {
+  const DenseCase cases[] = {
+      {1, 1, 37, 8, 8, 64, 64, DType::kF32, false, -1, -1, 0.0f, 0, DType::kF32},      // 1 row
+      {1, 1, 300, 6, 2, 72, 72, DType::kF32, false, -1, -1, 0.0f, 0, DType::kF32},     // 3 rows
+      {1, 1, 517, 10, 2, 136, 136, DType::kF32, false, -1, -1, 0.0f, 0, DType::kF32},  // 5
+      {1, 2, 129, 6, 2, 128, 64, DType::kBF16, true, -1, -1, 0.0f, 0, DType::kF32},    // 6 rows
+      {1, 1, 1000, 7, 1, 40, 40, DType::kF16, false, -1, -1, 15.0f, 0, DType::kF32},   // 7
+      {1, 3, 250, 8, 2, 128, 128, DType::kF32, true, 100, -1, 0.0f, 0, DType::kF32},   // 12
+      {2, 4, 333, 16, 4, 128, 128, DType::kF32, true, -1, -1, 0.0f, 0, DType::kF32},   // 16
+      {1, 1, 4099, 32, 8, 128, 128, DType::kF32, false, -1, -1, 0.0f, 0, DType::kF32},
+      {1, 1, 2050, 32, 8, 128, 128, DType::kBF16, false, -1, -1, 0.0f, 5, DType::kF32},
+  };
+  std::uint32_t seed = 500;
+  for (const DenseCase& c : cases) check_dense(c, seed++);
+}
+
+// Prefill diagonal tiles: row blocks that need only part of a masked key tile (causal,
+// causal + left window, top-left rows that see nothing when s_q > s_k, a query block
+// that does not start on a tile boundary).
+TEST(CpuBackend, PrefillDiagonalSubTiles) {
+  const DenseCase cases[] = {
+      {1, 150, 170, 6, 2, 64, 64, DType::kF32, true, -1, -1, 0.0f, 0, DType::kF32},
+      {1, 200, 100, 4, 1, 128, 128, DType::kF32, true, -1, -1, 0.0f, 0, DType::kF32},
+      {1, 257, 257, 8, 2, 96, 96, DType::kBF16, true, 40, -1, 0.0f, 0, DType::kF32},
+      {1, 130, 300, 4, 4, 64, 64, DType::kF16, false, 20, 7, 15.0f, 0, DType::kF32},
+  };
+  std::uint32_t seed = 600;
+  for (const DenseCase& c : cases) check_dense(c, seed++);
+}
+
 TEST(CpuBackend, VarlenEmptySegmentsAndSeqused) {
   std::mt19937 rng(7);
   const int h = 6, h_k = 2, d = 64, d_v = 64;

@@ -70,6 +70,12 @@ inline std::int64_t kv_rows_offset(const KvRows& kv, std::int64_t t, int hk) {
   return t * kv.row_stride + hk * kv.head_stride;
 }
 
+// Elements between the rows of two consecutive KV heads of one key.
+inline std::int64_t kv_head_stride(const KvRows& kv) {
+  if (kv.cache) return kv.is_v ? kv.cache->v_cache_head_stride : kv.cache->k_cache_head_stride;
+  return kv.head_stride;
+}
+
 // ---- scheduling constants shared by the kernels and the planner ----
 
 // Keys per tile of both kernels (a multiple of every ISA's micro-kernel width).

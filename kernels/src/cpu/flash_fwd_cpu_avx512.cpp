@@ -2,8 +2,9 @@
 // vector API.
 // Compiled with the avx512 flags by the *_avx512.cpp rule of kernels/CMakeLists.txt.
 // GCC 12 reports the deliberately undefined lanes of its own AVX-512 intrinsics
-// (_mm512_undefined_*) as maybe-uninitialized once they are inlined here.
+// (_mm512_undefined_*) as (maybe-)uninitialized once they are inlined here.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "cpu/flash_fwd_tile.hpp"
 #include "cpu/simd_avx512.hpp"

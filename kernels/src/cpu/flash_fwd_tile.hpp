@@ -14,8 +14,11 @@
 //    vp [kKeyTile][d_v padded] fp32 (bf16/fp16 converted while packing), once for all
 //    M rows; S = Q K^T and O += P V run as register-blocked GEMM micro-kernels.
 //  - Decode kernel (M <= kDecodeMaxRows, e.g. s_q = 1): K and V rows are streamed
-//    straight from memory once per tile for all M rows (dot products over d with M
-//    register accumulators, then O += P V with V rows read in place).
+//    straight from memory once per tile for all M rows (dot products over d with a
+//    rows x keys block of L accumulators and one transposed reduction, then
+//    O += P V with V rows read in place).
+//  - Masked prefill tiles compute each row block only up to its last visible key
+//    column (diagonal sub-tiles).
 //
 // Both keep one SoftmaxState (running max m, running sum d) per row and an fp32
 // accumulator o[M][d_v]; a task covering a key split writes its unnormalised
@@ -111,7 +114,8 @@ struct FlashFwd {
     AlignedFloats q, s, o, kt, vp, alpha;
     AlignedBuf<SoftmaxState> st;
     AlignedBuf<RowRange> rows;
-    AlignedBuf<const T*> kptr, vrow_t;
+    AlignedBuf<int> lim;  // per MR-row block: key columns of the tile it needs
+    AlignedBuf<const T*> kptr, vrow_t, kbase, vbase;
     AlignedBuf<const float*> vrow_f;
   };
 
@@ -139,7 +143,10 @@ struct FlashFwd {
     sc.alpha.reset(m);
     sc.st.reset(m);
     sc.rows.reset(m);
+    sc.lim.reset(m / MR + 1);
     sc.kptr.reset(NC);
+    sc.kbase.reset(NC);
+    sc.vbase.reset(NC);
     sc.vrow_f.reset(NC);
     sc.vrow_t.reset(NC);
   }
@@ -231,28 +238,53 @@ struct FlashFwd {
       for (int v = 0; v < NVv; ++v) S::store(o + r * ldo + c0 + v * L, acc[r][v]);
   }
 
-  // Decode scores: s[r][0..nk) = q[r] . krows[k] for R rows (q fp32 padded to dq).
+  // Decode scores: s[r][0..nk) = q[r] . krows[k] for R rows (q fp32 padded to dq),
+  // R a power of two <= L. Keys are taken KB = L / R at a time, so the R x KB
+  // accumulators are L independent FMA chains (enough to hide the FMA latency on two
+  // ports, where one chain per row left the loop latency bound), and the L dot
+  // products are finished by one transposed reduction (reduce_add_lanes) instead of
+  // L horizontal sums. Lane r * KB + kb of the reduction is the score of row r, key
+  // k0 + kb. krows must hold round_up(nk, KB) pointers (padding repeats a real row;
+  // the padded columns are masked by softmax_tile).
   template <int R>
   void qk_rows(const float* q, const T* const* krows, int nk, float* s) const {
+    constexpr int KB = L / R;
+    static_assert(R * KB == L, "rows must divide the vector width");
     const int dfull = p.d / L * L;
     const int tail = p.d - dfull;
-    for (int k = 0; k < nk; ++k) {
-      const T* kr = krows[k];
-      V acc[R];
+    for (int k0 = 0; k0 < nk; k0 += KB) {
+      V acc[L];
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) acc[r] = S::zero();
+      for (int i = 0; i < L; ++i) acc[i] = S::zero();
+      const T* kr[KB];
+#pragma GCC unroll 16
+      for (int kb = 0; kb < KB; ++kb) kr[kb] = krows[k0 + kb];
       for (int c = 0; c < dfull; c += L) {
-        const V b = S::load(kr + c);
+        V b[KB];
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) acc[r] = S::fma(S::load(q + r * dq + c), b, acc[r]);
+        for (int kb = 0; kb < KB; ++kb) b[kb] = S::load(kr[kb] + c);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          const V a = S::load(q + r * dq + c);
+#pragma GCC unroll 16
+          for (int kb = 0; kb < KB; ++kb) acc[r * KB + kb] = S::fma(a, b[kb], acc[r * KB + kb]);
+        }
       }
       if (tail) {
-        const V b = S::load_partial(kr + dfull, tail);
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) acc[r] = S::fma(S::load(q + r * dq + dfull), b, acc[r]);
+        for (int r = 0; r < R; ++r) {
+          const V a = S::load(q + r * dq + dfull);
+#pragma GCC unroll 16
+          for (int kb = 0; kb < KB; ++kb)
+            acc[r * KB + kb] = S::fma(a, S::load_partial(kr[kb] + dfull, tail), acc[r * KB + kb]);
+        }
       }
+      alignas(64) float sums[L];
+      S::store(sums, S::reduce_add_lanes(acc));
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) s[r * NC + k] = S::reduce_add(acc[r]);
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+        for (int kb = 0; kb < KB; ++kb) s[r * NC + k0 + kb] = sums[r * KB + kb];
     }
   }
 
@@ -265,12 +297,16 @@ struct FlashFwd {
       return qk_dispatch<R - 1>(rows, q, ldq, kt, d, s, ncols);
     }
   }
-  template <int R = 8>
+  // Decode scores for any row count: chunks of L, L/2, ..., 1 rows (powers of two).
   void qk_rows_dispatch(int rows, const float* q, const T* const* krows, int nk, float* s) const {
-    if constexpr (R > 0) {
-      if (rows == R) return qk_rows<R>(q, krows, nk, s);
-      return qk_rows_dispatch<R - 1>(rows, q, krows, nk, s);
-    }
+    int r0 = 0;
+    qk_rows_pow2<L>(rows, r0, q, krows, nk, s);
+  }
+  template <int R>
+  void qk_rows_pow2(int rows, int& r0, const float* q, const T* const* krows, int nk,
+                    float* s) const {
+    for (; rows - r0 >= R; r0 += R) qk_rows<R>(q + r0 * dq, krows, nk, s + r0 * NC);
+    if constexpr (R > 1) qk_rows_pow2<R / 2>(rows, r0, q, krows, nk, s);
   }
   template <int R, class U>
   static void pv_cols(const float* pm, const U* const* vrows, int nk, int ncols, int tail,
@@ -384,8 +420,8 @@ struct FlashFwd {
     // no row sees is skipped; others are masked per row in softmax_tile.
     const float* packed = t.packed;
     if (packed) packed += jb / NC * tile_floats();
-    // Decode streams from memory: smaller tiles keep the current and the prefetched
-    // next tile (all nh heads) inside L2.
+    // Decode streams K/V from memory once: 16-key tiles keep the tile of all nh heads
+    // (K and V) inside L2 between the score and the P V pass.
     const int step = decode ? kDecodeKeyTile : NC;
     for (std::int64_t j0 = jb / step * step; j0 < je; j0 += step) {
       const float* packed_tile = packed;
@@ -400,7 +436,7 @@ struct FlashFwd {
       }
       if (!any) continue;
       if (decode) {
-        decode_tile(sd, t, sc, M, nq, j0, nc, full, je);
+        decode_tile(sd, t, sc, M, nq, j0, nc, full);
       } else {
         prefill_tile(sd, t, sc, M, nq, j0, nc, full, packed_tile);
       }
@@ -417,18 +453,6 @@ struct FlashFwd {
         const int r = g * nq + ii;
         write_row(sd, t.hk * group + g, t.q0 + ii, o + r * dvp, sc.st[r]);
       }
-  }
-
-  // Software prefetch of n key rows (K or V, `bytes` each) starting at key j0 of head
-  // hk. Rows of one head sit h_k * d elements apart, often a page or more, which the
-  // hardware prefetchers do not follow. Kept to one small tile ahead: on some CPUs
-  // (AMD Zen) every prefetch hint fills L1.
-  void prefetch_rows(const KvRows& kv, int hk, std::int64_t j0, std::int64_t n, int bytes) const {
-    for (std::int64_t j = 0; j < n; ++j) {
-      const char* r = reinterpret_cast<const char*>(kv.base) +
-                      kv_rows_offset(kv, j0 + j, hk) * static_cast<std::int64_t>(sizeof(T));
-      for (int b = 0; b < bytes; b += 64) S::prefetch(r + b);
-    }
   }
 
   // Packs keys [j0, j0 + nc) of KV head hk: kt [d][NC] = K^T in fp32 (columns past nc
@@ -457,45 +481,73 @@ struct FlashFwd {
     }
     for (int j = 0; j < nc; ++j) sc.vrow_f[j] = vp + j * dvp;
     const int ncv = static_cast<int>(round_up(nc, NV * L));
+    // Diagonal sub-tiles: on a masked tile, a block of MR rows only needs the key
+    // columns up to the last one any of its rows sees (lim); the columns past it are
+    // -inf for every row of the block, so S and P V stop there (rounded up to the
+    // micro-kernel width for S), and a block that sees nothing is skipped (its rows
+    // keep alpha = 1 and P = 0 from softmax_tile). On causal prefill this removes
+    // the hidden upper triangle of each diagonal tile.
+    int* lim = sc.lim.get();
+    for (int r0 = 0, bi = 0; r0 < M; r0 += MR, ++bi) {
+      lim[bi] = nc;
+      if (full) continue;
+      std::int64_t hi = 0;
+      for (int r = r0; r < std::min(MR + r0, M); ++r) hi = std::max(hi, sc.rows[r % nq].hi - j0);
+      lim[bi] = static_cast<int>(std::clamp<std::int64_t>(hi, 0, nc));
+    }
     // S = Q K^T over all M rows in blocks of MR rows.
-    for (int r0 = 0; r0 < M; r0 += MR) {
+    for (int r0 = 0, bi = 0; r0 < M; r0 += MR, ++bi) {
       const int rows = std::min(MR, M - r0);
-      qk_dispatch(rows, sc.q.get() + r0 * dq, dq, kt, p.d, sc.s.get() + r0 * NC, ncv);
+      if (lim[bi] > 0)
+        qk_dispatch(rows, sc.q.get() + r0 * dq, dq, kt, p.d, sc.s.get() + r0 * NC,
+                    static_cast<int>(round_up(lim[bi], NV * L)));
     }
     softmax_tile(sc, M, nq, j0, nc, ncv, full);
     // O = O * alpha + P V over all M rows.
-    for (int r0 = 0; r0 < M; r0 += MR) {
+    for (int r0 = 0, bi = 0; r0 < M; r0 += MR, ++bi) {
       const int rows = std::min(MR, M - r0);
-      pv_dispatch<float>(rows, sc.s.get() + r0 * NC, sc.vrow_f.get(), nc, dvp, 0,
-                         sc.alpha.get() + r0, sc.o.get() + r0 * dvp, dvp);
+      if (lim[bi] > 0)
+        pv_dispatch<float>(rows, sc.s.get() + r0 * NC, sc.vrow_f.get(), lim[bi], dvp, 0,
+                           sc.alpha.get() + r0, sc.o.get() + r0 * dvp, dvp);
     }
   }
 
+  // One key tile of the decode kernel, all nh KV heads of the task. Rows of head hh
+  // are r in [hh * mh, (hh + 1) * mh). Loop order: head-major within the tile (for
+  // each head, its nc key rows, then the next head), K for the scores, then V for
+  // O += P V, each row read exactly once. Key row pointers are resolved once per key
+  // (the cache page lookup) and offset by the head stride.
+  //
+  // Measured alternatives (docs/cpu-backend.md): key-major order (all heads of one
+  // key, then the next key: one address-ordered stream) was 5-10 points slower in
+  // ratio to the read loop, with or without software prefetch 8-32 keys ahead, and
+  // software prefetch of the next tile gave nothing over the hardware prefetchers.
   void decode_tile(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq, std::int64_t j0,
-                   int nc, bool full, std::int64_t je) const {
-    // Next tile of the same head: fetched while this head's tile computes.
-    const std::int64_t next = std::min<std::int64_t>(nc, je - j0 - nc);
-    const int kbytes = p.d * static_cast<int>(sizeof(T));
-    const int vbytes = p.d_v * static_cast<int>(sizeof(T));
+                   int nc, bool full) const {
     const int mh = M / t.nh;  // rows of one KV head
     const int ncv = static_cast<int>(round_up(nc, L));
+    const std::int64_t khs = kv_head_stride(sd.k), vhs = kv_head_stride(sd.v);
+    const T** kb = sc.kbase.get();
+    const T** vb = sc.vbase.get();
+    for (int j = 0; j < nc; ++j) {
+      kb[j] = k_row(sd, j0 + j, t.hk);
+      vb[j] = v_row(sd, j0 + j, t.hk);
+    }
+    const T** kp = sc.kptr.get();
     for (int hh = 0; hh < t.nh; ++hh) {
-      for (int j = 0; j < nc; ++j) sc.kptr[j] = k_row(sd, j0 + j, t.hk + hh);
-      if (next > 0) prefetch_rows(sd.k, t.hk + hh, j0 + nc, next, kbytes);
-      for (int r0 = hh * mh; r0 < (hh + 1) * mh; r0 += 8) {
-        const int rows = std::min(8, (hh + 1) * mh - r0);
-        qk_rows_dispatch(rows, sc.q.get() + r0 * dq, sc.kptr.get(), nc, sc.s.get() + r0 * NC);
-      }
+      for (int j = 0; j < nc; ++j) kp[j] = kb[j] + hh * khs;
+      for (int j = nc; j < ncv; ++j) kp[j] = kp[nc - 1];  // padding (masked)
+      qk_rows_dispatch(mh, sc.q.get() + hh * mh * dq, kp, nc, sc.s.get() + hh * mh * NC);
     }
     softmax_tile(sc, M, nq, j0, nc, ncv, full);
     const int tail = p.d_v % L;
+    const T** vp = sc.vrow_t.get();
     for (int hh = 0; hh < t.nh; ++hh) {
-      for (int j = 0; j < nc; ++j) sc.vrow_t[j] = v_row(sd, j0 + j, t.hk + hh);
-      if (next > 0) prefetch_rows(sd.v, t.hk + hh, j0 + nc, next, vbytes);
+      for (int j = 0; j < nc; ++j) vp[j] = vb[j] + hh * vhs;
       for (int r0 = hh * mh; r0 < (hh + 1) * mh; r0 += 8) {
         const int rows = std::min(8, (hh + 1) * mh - r0);
-        pv_dispatch<T>(rows, sc.s.get() + r0 * NC, sc.vrow_t.get(), nc, dvp, tail,
-                       sc.alpha.get() + r0, sc.o.get() + r0 * dvp, dvp);
+        pv_dispatch<T>(rows, sc.s.get() + r0 * NC, vp, nc, dvp, tail, sc.alpha.get() + r0,
+                       sc.o.get() + r0 * dvp, dvp);
       }
     }
   }

@@ -40,8 +40,6 @@ struct SimdAvx2 {
     return load(buf);
   }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  // Hint: bring the cache line holding p towards L2 (read).
-  static void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
@@ -69,6 +67,16 @@ struct SimdAvx2 {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+  }
+  // Transposed horizontal sum of kLanes vectors: lane i of the result = sum of the
+  // lanes of v[i]. A tree of hadd steps: 8 dot products cost 7 shuffles + adds
+  // instead of 8 separate reduce_add chains.
+  static V reduce_add_lanes(const V* v) {
+    const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    // ab = [sum4 low halves of v0..v3 | sum4 high halves of v0..v3], cd likewise.
+    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20),
+                         _mm256_permute2f128_ps(ab, cd, 0x31));
   }
   static float reduce_max(V v) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -43,8 +43,6 @@ struct SimdAvx512 {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_n(n), p));
   }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  // Hint: bring the cache line holding p towards L2 (read).
-  static void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
@@ -68,6 +66,29 @@ struct SimdAvx512 {
     return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
   }
   static float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
+  // Transposed horizontal sum of kLanes vectors: lane i of the result = sum of the
+  // lanes of v[i]. Four halving steps (unpack ps, unpack pd, two 128-bit chunk
+  // shuffles), 15 shuffle pairs + adds for 16 dot products.
+  static V reduce_add_lanes(const V* v) {
+    V u[4];
+    for (int i = 0; i < 4; ++i) {
+      const V* w = v + 4 * i;
+      // per 128-bit chunk: [a0+a2, b0+b2, a1+a3, b1+b3] for (a, b) = (w0, w1), (w2, w3)
+      const V r1 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
+      const V r2 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
+      // per chunk: [w0, w1, w2, w3] partial sums over that chunk's 4 lanes
+      u[i] = _mm512_add_ps(
+          _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(r1), _mm512_castps_pd(r2))),
+          _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(r1), _mm512_castps_pd(r2))));
+    }
+    // Sum the four 128-bit chunks: chunk k of the result belongs to u[k].
+    const V w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const V w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
   static float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
   static V exp(V x) { return simd_exp<SimdAvx512>(x); }
   static V tanh(V x) { return simd_tanh<SimdAvx512>(x); }

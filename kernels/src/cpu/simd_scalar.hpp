@@ -29,8 +29,6 @@ struct SimdScalar {
     return n > 0 ? load(p) : 0.0f;
   }
   static void store(float* p, V v) { *p = v; }
-  // Hint: bring the cache line holding p towards L2 (read).
-  static void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
   static V fma(V a, V b, V c) { return a * b + c; }
   static V mul(V a, V b) { return a * b; }
   static V add(V a, V b) { return a + b; }
@@ -49,6 +47,8 @@ struct SimdScalar {
     return f;
   }
   static float reduce_add(V v) { return v; }
+  // Transposed horizontal sum of kLanes vectors (one lane: the value itself).
+  static V reduce_add_lanes(const V* v) { return v[0]; }
   static float reduce_max(V v) { return v; }
   static V exp(V x) { return simd_exp<SimdScalar>(x); }
   static V tanh(V x) { return simd_tanh<SimdScalar>(x); }
