@@ -33,7 +33,8 @@ constexpr const char* kUsage =
     "L.npy]\n"
     "                                  | --seqlen S [--batch B] [--heads H] ...) [options]\n"
     "\n"
-    "Ring attention (pass-KV) across MPI ranks. Files are read and written on rank 0 only.";
+    "Ring attention across MPI ranks: --mode pass-kv (K/V travel, default) or pass-q (queries\n"
+    "travel, K/V stay). Files are read and written on rank 0 only.";
 
 struct Problem {
   int b = 1, h = 8, h_k = 0, d = 128, d_v = 0;
@@ -84,7 +85,8 @@ int cmd_ring(int argc, char** argv) {
   const comm::Communicator comm(MPI_COMM_WORLD);
   const int P = comm.size(), rank = comm.rank();
 
-  std::string q_path, k_path, v_path, out_path, lse_path, cu_path, seqlens_text, layout_text;
+  std::string q_path, k_path, v_path, out_path, lse_path, cu_path, seqlens_text, layout_text,
+      mode_text;
   Problem pr;
   std::uint64_t seed = 0;
   int iters = 1, check_rows = 4, piece_rows = 0;
@@ -114,6 +116,8 @@ int cmd_ring(int argc, char** argv) {
   po::options_description run("Run");
   run.add_options()("layout", po::value<std::string>(&layout_text)->default_value("zigzag"),
                     "contiguous | zigzag | striped")(
+      "mode", po::value<std::string>(&mode_text)->default_value("pass-kv"),
+      "pass-kv (K/V shards travel) | pass-q (query shards travel, K/V stay)")(
       "iters", po::value<int>(&iters)->default_value(1), "timed repetitions (median reported)")(
       "check", po::bool_switch(&check),
       "verify a sample of rows against a float64 single-process computation")(
@@ -134,11 +138,13 @@ int cmd_ring(int argc, char** argv) {
 
   const bool files = vm.count("q") || vm.count("k") || vm.count("v");
   ShardLayout layout{};
+  RingMode mode{};
   DType dtype{};
   MaskParams mask_params;
   std::vector<std::byte> q_all, k_all, v_all;  // rank 0, files mode only
   comm::run_collectively(comm, [&] {
     layout = parse_layout(layout_text);
+    mode = parse_ring_mode(mode_text);
     dtype = tensor_dtype(kernel_args);
     mask_params = to_mask_params(mask_args);
     RA_CHECK_ARG_GE(iters, 1, "--iters");
@@ -234,10 +240,17 @@ int cmd_ring(int argc, char** argv) {
   const std::size_t es = dtype_size(dtype);
   const std::int64_t qr = std::int64_t{pr.h} * pr.d, kr = std::int64_t{pr.h_k} * pr.d,
                      vr = std::int64_t{pr.h_k} * pr.d_v, orow = std::int64_t{pr.h} * pr.d_v;
-  std::vector<std::byte> q(static_cast<std::size_t>(rows * qr) * es),
-      k(static_cast<std::size_t>(rows * kr) * es), v(static_cast<std::size_t>(rows * vr) * es);
-  std::vector<float> out(static_cast<std::size_t>(rows * orow)),
-      lse(static_cast<std::size_t>(rows * pr.h));
+  // Shard buffers are allocated collectively: an allocation failure on one rank
+  // becomes the same "out of memory" error on every rank instead of a hang.
+  std::vector<std::byte> q, k, v;
+  std::vector<float> out, lse;
+  comm::run_collectively(comm, [&] {
+    q.resize(static_cast<std::size_t>(rows * qr) * es);
+    k.resize(static_cast<std::size_t>(rows * kr) * es);
+    v.resize(static_cast<std::size_t>(rows * vr) * es);
+    out.resize(static_cast<std::size_t>(rows * orow));
+    lse.resize(static_cast<std::size_t>(rows * pr.h));
+  });
   const auto spans_of = [&](int r) { return spans_for(pr, layout, P, r); };
   if (files) {
     comm::scatter_rows(comm, 0, q_all.data(), static_cast<std::size_t>(qr) * es, spans_of,
@@ -278,22 +291,25 @@ int cmd_ring(int argc, char** argv) {
   for (int it = 0; it < iters; ++it) {
     comm.barrier();
     const double t0 = now_seconds();
-    ring_attention_forward(comm, engine, p, options, &stats);
+    ring_attention(comm, engine, mode, p, options, &stats);
     times.push_back(allreduce_max(comm, now_seconds() - t0));
   }
   const double t_med = median(times);
 
-  // Per-step figures, averaged over steps and ranks (and the max wait over ranks).
-  double compute = 0.0, wait = 0.0, bytes = 0.0;
+  // Per-step figures, averaged over steps and ranks (and the max wait over ranks);
+  // bytes averaged over the steps that sent something.
+  double compute = 0.0, wait = 0.0, bytes = 0.0, sending = 0.0;
   for (const auto& s : stats.steps) {
     compute += s.compute_s;
     wait += s.wait_s;
     bytes += static_cast<double>(s.bytes);
+    sending += s.bytes > 0 ? 1.0 : 0.0;
   }
   const double compute_step = allreduce_sum(comm, compute) / (P * P);
   const double wait_step = allreduce_sum(comm, wait) / (P * P);
   const double wait_max = allreduce_max(comm, wait);
-  const double bytes_step = P > 1 ? allreduce_sum(comm, bytes) / (P * (P - 1)) : 0.0;
+  const double sending_all = allreduce_sum(comm, sending);
+  const double bytes_step = sending_all > 0 ? allreduce_sum(comm, bytes) / sending_all : 0.0;
   double pairs = 0.0;
   for (int i = 0; i < pr.b; ++i) pairs += visible_pairs(pr.len(i), mask_params);
   const double flops = 2.0 * (pr.d + pr.d_v) * pr.h * pairs;
@@ -410,6 +426,7 @@ int cmd_ring(int argc, char** argv) {
       j.key("command").value("ring").key("version").value(version());
       j.key("ranks").value(P).key("threads").value(engine.threads());
       j.key("backend").value(engine.backend_name()).key("layout").value(layout_name(layout));
+      j.key("mode").value(ring_mode_name(mode));
       j.key("dtype").value(dtype_name(dtype)).key("causal").value(mask_params.causal);
       j.key("window_left").value(mask_params.window_left);
       j.key("window_right").value(mask_params.window_right);
@@ -424,13 +441,14 @@ int cmd_ring(int argc, char** argv) {
       std::printf("%s\n", j.str().c_str());
     } else {
       std::printf(
-          "ring: ranks=%d threads=%d backend=%s layout=%s dtype=%s causal=%d b=%d total=%lld h=%d "
+          "ring: ranks=%d threads=%d backend=%s mode=%s layout=%s dtype=%s causal=%d b=%d "
+          "total=%lld h=%d "
           "h_k=%d d=%d d_v=%d | time %.4f s (median of %d) %.3f TFLOP/s | per step: compute "
           "%.2f ms, wait %.2f ms, %.2f MB sent",
-          P, engine.threads(), engine.backend_name().c_str(), layout_name(layout),
-          dtype_name(dtype), mask_params.causal ? 1 : 0, pr.b, static_cast<long long>(pr.total()),
-          pr.h, pr.h_k, pr.d, pr.d_v, t_med, iters, tflops, compute_step * 1e3, wait_step * 1e3,
-          bytes_step / 1e6);
+          P, engine.threads(), engine.backend_name().c_str(), ring_mode_name(mode),
+          layout_name(layout), dtype_name(dtype), mask_params.causal ? 1 : 0, pr.b,
+          static_cast<long long>(pr.total()), pr.h, pr.h_k, pr.d, pr.d_v, t_med, iters, tflops,
+          compute_step * 1e3, wait_step * 1e3, bytes_step / 1e6);
       if (check)
         std::printf(" | check: max abs err %.3g, max LSE rel err %.3g", max_err, max_lse_err);
       std::printf("\n");

@@ -33,6 +33,8 @@ struct Case {
   float softcap = 0.0f;
   DType dtype = DType::kF32;
   bool varlen = false;
+  RingMode mode = RingMode::kPassKV;
+  int piece = 16;  // RingOptions::piece_rows (0 = automatic)
 };
 
 std::vector<std::byte> random_tensor(std::mt19937& rng, std::int64_t n, DType t) {
@@ -128,7 +130,7 @@ void run_case(const Case& c) {
   p.out = lo.data();
   p.lse = ll.data();
   RingStats stats;
-  ring_attention_forward(comm, engine, p, RingOptions{true, 16}, &stats);
+  ring_attention(comm, engine, c.mode, p, RingOptions{true, c.piece}, &stats);
   ASSERT_EQ(static_cast<int>(stats.steps.size()), P);
 
   // LSE to rows [rows, h] for the gather, then compare on rank 0.
@@ -184,6 +186,26 @@ std::vector<Case> cases() {
   }
   out.push_back(
       {"zigzag_fp16", ShardLayout::kZigzag, {33}, 1, 4, 4, 32, true, -1, -1, 0.0f, DType::kF16});
+  // Whole chunks per kernel call: several key chunks merged into one call.
+  const std::size_t n_pass_kv = out.size();
+  for (std::size_t i = 0; i < n_pass_kv; ++i) {
+    const std::string& n = out[i].name;
+    if (n.find("_causal") == std::string::npos && n.find("_full") == std::string::npos &&
+        n.find("_window_both") == std::string::npos && n.find("_varlen") == std::string::npos)
+      continue;
+    Case c = out[i];
+    c.name += "_whole_chunks";
+    c.piece = 0;
+    out.push_back(c);
+  }
+  // Pass-Q ring: the same problems with the queries travelling.
+  for (std::size_t i = 0; i < n_pass_kv; ++i) {
+    Case c = out[i];
+    c.name = "pass_q_" + c.name;
+    c.mode = RingMode::kPassQ;
+    if (i % 2 == 0) c.piece = 0;
+    out.push_back(c);
+  }
   return out;
 }
 

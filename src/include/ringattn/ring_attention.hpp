@@ -2,7 +2,8 @@
 // shard of Q, K and V (positions given by a ShardLayout), K/V shards travel around
 // the ring, and each rank merges the partial (out, lse) of every block into its
 // output with the SPEC.md section 5 merge. Result: for every local query token,
-// exactly what single-process attention over the whole sequence gives.
+// exactly what single-process attention over the whole sequence gives. The pass-Q
+// ring (ring_attention_forward_pass_q) computes the same with the queries travelling.
 //
 // Self-attention over the global sequence (s_q == s_k per sequence): the mask is the
 // SPEC.md section 1 rule with shift 0: row i sees key j iff j <= i + w_right and
@@ -11,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 #include <vector>
 
 #include "ringattn/attention_params.hpp"
@@ -51,7 +53,8 @@ struct RingOptions {
   // Call MPI_Testall between pieces of compute so the K/V transfer proceeds while
   // the kernel runs (Open MPI moves large messages only inside MPI calls).
   bool progress = true;
-  // Query rows per kernel call (0 = about 8 pieces per chunk, at least 64 rows).
+  // Query rows per kernel call (0 = whole chunks: a zigzag rank makes one call per
+  // query chunk and step, its key chunks merged into one call where the mask allows).
   int piece_rows = 0;
 };
 
@@ -79,6 +82,28 @@ std::int64_t ring_local_rows(const RingAttentionParams& p, int ranks, int rank);
 void ring_attention_forward(const comm::Communicator& comm, const Engine& engine,
                             const RingAttentionParams& p, const RingOptions& options = {},
                             RingStats* stats = nullptr);
+
+// Pass-Q ring: the same contract, inputs and result as ring_attention_forward, but
+// every rank's K/V shard stays where it is and the query shards travel, each
+// followed one step behind by its running (out, lse) accumulator (fp32), which is
+// delivered back to the query's owner after the last step. Suits ranks whose K/V
+// must stay resident (a cached context); it moves h * d query elements plus
+// h * (d_v + 1) fp32 accumulator values per token instead of h_k * (d + d_v) K/V
+// elements, so with the self-attention shards here pass-KV moves fewer bytes
+// unless h_k * (d + d_v) * sizeof(dtype) exceeds that.
+void ring_attention_forward_pass_q(const comm::Communicator& comm, const Engine& engine,
+                                   const RingAttentionParams& p, const RingOptions& options = {},
+                                   RingStats* stats = nullptr);
+
+// Which ring: "pass-kv" (K/V travel) or "pass-q" (queries travel).
+enum class RingMode : std::uint8_t { kPassKV, kPassQ };
+const char* ring_mode_name(RingMode mode);
+// "pass-kv" | "pass-q"; InvalidArgument otherwise.
+RingMode parse_ring_mode(std::string_view name);
+// Runs the ring of `mode`.
+void ring_attention(const comm::Communicator& comm, const Engine& engine, RingMode mode,
+                    const RingAttentionParams& p, const RingOptions& options = {},
+                    RingStats* stats = nullptr);
 
 // ---- block masks (exposed for tests) ----
 

@@ -1,0 +1,78 @@
+// Internal: what the pass-KV and pass-Q rings share. Both compute, at every ring step,
+// "the query rows of shard q_rank against the key/value rows of shard k_rank", merged
+// into an fp32 accumulator; they differ only in which of the two travels.
+//
+// RingPlan holds the geometry every rank derives from RingAttentionParams alone (row
+// offsets of each sequence in each rank's shard, groups of sequences sharing a kernel
+// call, row sizes); attend_shard runs one (q shard, k shard) pair.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "ringattn/engine.hpp"
+#include "ringattn/ring_attention.hpp"
+
+namespace ringattn::detail {
+
+// Sequences that share one kernel call: dense batches form one group (same length,
+// same chunk geometry on every rank); varlen sequences are one group each.
+struct RingGroup {
+  int first = 0;         // first sequence
+  int count = 1;         // sequences in the group
+  std::int64_t len = 0;  // tokens per sequence
+};
+
+struct RingPlan {
+  const RingAttentionParams* p = nullptr;
+  int ranks = 1;
+  std::vector<std::vector<std::int64_t>> offsets;  // [ranks][b + 1] row offsets per sequence
+  std::vector<RingGroup> groups;
+  std::size_t esize = 0;                                    // bytes per q/k/v element
+  std::int64_t q_row = 0, k_row = 0, v_row = 0, o_row = 0;  // elements per token
+  std::int64_t max_rows = 0;                                // largest shard (rows)
+  std::int64_t max_chunk = 0;  // largest chunk of any rank (rows), for scratch
+  int max_nb = 1;              // largest group (sequences)
+  int wl = -1, wr = -1;        // global window; causal folded into wr = 0
+  std::int64_t rows(int rank) const { return offsets[static_cast<std::size_t>(rank)].back(); }
+};
+
+// Validates `p` on every rank, agrees collectively (same exception on all ranks) and
+// checks that every rank holds the same configuration (`mode` is part of it).
+void ring_validate(const comm::Communicator& comm, const RingAttentionParams& p, const char* mode);
+
+RingPlan make_ring_plan(const RingAttentionParams& p, int ranks);
+
+// Query rows per kernel call for `options`: piece_rows, or (0) the largest chunk, so
+// that each (query chunk, key run) pair is one kernel call. The kernel packs K/V once
+// per call; measured here, 512-row pieces of a 4096-key block cost about 18% more
+// kernel time than one 4096-row call. Progress is driven before and after every call.
+std::int64_t ring_piece_rows(const RingPlan& plan, const RingOptions& options);
+
+// Scratch of one kernel call: out [nb, piece, h, d_v], lse [nb, h, piece], lse in row
+// order [piece, h], per-sequence shifts [nb].
+struct RingScratch {
+  RingScratch(const RingPlan& plan, std::int64_t piece);
+  std::int64_t piece = 1;
+  std::vector<float> o, lse, lse_rows;
+  std::vector<std::int64_t> shifts;
+};
+
+// Attends the query rows of shard `q_rank` (q: that shard's tokens, [rows, h, d] in
+// local order) to the key/value rows of shard `k_rank` (k [rows, h_k, d], v [rows,
+// h_k, d_v]) and merges the partial results into acc_o [rows(q_rank), h, d_v] and
+// acc_lse [rows(q_rank), h] (fp32, natural log; start from 0 / -inf). Blocks the
+// mask hides are skipped; `progress` runs between kernel calls.
+void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const std::byte* q,
+                  int k_rank, const std::byte* k, const std::byte* v, float* acc_o, float* acc_lse,
+                  std::int64_t piece, RingScratch& scratch, const std::function<void()>& progress,
+                  RingStepStats& st);
+
+// acc_lse [rows, h] -> the API's LSE layout (dense [b, h, n_r], varlen [h, t_r]).
+void ring_write_lse(const RingPlan& plan, int rank, const float* acc_lse, float* lse);
+
+double ring_now_s();
+
+}  // namespace ringattn::detail
