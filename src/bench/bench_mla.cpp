@@ -15,9 +15,11 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ringattn/bench.hpp"
@@ -94,8 +96,13 @@ BenchMeasurement run_decode(const BenchContext& ctx, DType kv, int b, int h, int
   std::sort(sorted.begin(), sorted.end());
   const double flops = 2.0 * (kMlaHeadDim + kMlaValueDim) * h * static_cast<double>(b) * s;
   const double gflops = flops / sorted[sorted.size() / 2] * 1e-9;
-  static double fma_peak = 0.0;
-  if (fma_peak == 0.0) fma_peak = measure_fma_peak_gflops(ctx.threads);
+  // FMA peak of the backend's ISA, measured once per (ISA, threads).
+  static std::map<std::pair<std::string, int>, double> fma_peaks;
+  const std::pair<std::string, int> peak_key{fma_peak_isa_for_backend(engine.backend_name()),
+                                             ctx.threads};
+  if (fma_peaks.count(peak_key) == 0)
+    fma_peaks[peak_key] = measure_fma_peak_gflops_isa(ctx.threads, peak_key.first);
+  const double fma_peak = fma_peaks[peak_key];
   char buf[160];
   std::snprintf(buf, sizeof buf, "%.1f GFLOP/s = %.0f%% of FMA peak; %s", gflops,
                 100.0 * gflops / fma_peak, engine.backend_name().c_str());

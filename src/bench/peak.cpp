@@ -73,17 +73,33 @@ volatile float g_sink = 0.0f;  // keeps the measured loops' results alive
 
 std::string fma_peak_isa() { return has_avx512() ? "avx512" : has_avx2() ? "avx2" : "sse2"; }
 
+std::string fma_peak_isa_for_backend(const std::string& backend_name) {
+  if (backend_name == "cpu-avx2") return "avx2";
+  if (backend_name == "cpu-scalar" || backend_name == "reference") return "sse2";
+  return fma_peak_isa();
+}
+
 double measure_fma_peak_gflops(int threads, double seconds, int repeats) {
+  return measure_fma_peak_gflops_isa(threads, fma_peak_isa(), seconds, repeats);
+}
+
+double measure_fma_peak_gflops_isa(int threads, const std::string& isa, double seconds,
+                                   int repeats) {
   RA_CHECK_ARG_GE(threads, 1, "threads");
   RA_CHECK_ARG_GE(repeats, 1, "repeats");
   float (*loop)(std::int64_t) = fma_loop_generic;
   double flops_per_iter = bench_detail::kFmaFlopsPerIterGeneric;
-  if (has_avx512()) {
+  if (isa == "avx512") {
+    if (!has_avx512()) RA_THROW(UnsupportedError, "bench: FMA loop isa 'avx512' needs AVX-512F");
     loop = fma_loop_avx512;
     flops_per_iter = bench_detail::kFmaFlopsPerIterAvx512;
-  } else if (has_avx2()) {
+  } else if (isa == "avx2") {
+    if (!has_avx2()) RA_THROW(UnsupportedError, "bench: FMA loop isa 'avx2' needs AVX2 and FMA");
     loop = fma_loop_avx2;
     flops_per_iter = bench_detail::kFmaFlopsPerIterAvx2;
+  } else if (isa != "sse2") {
+    RA_THROW(InvalidArgument,
+             "bench: FMA loop isa must be avx512, avx2 or sse2, got '" << isa << "'");
   }
   // Calibrate the iteration count on one thread so that a run lasts ~`seconds`.
   std::int64_t iters = 1 << 16;

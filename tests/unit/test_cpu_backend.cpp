@@ -188,6 +188,10 @@ TEST(CpuBackend, DecodeRowShapes) {
       {2, 4, 333, 16, 4, 128, 128, DType::kF32, true, -1, -1, 0.0f, 0, DType::kF32},   // 16
       {1, 1, 4099, 32, 8, 128, 128, DType::kF32, false, -1, -1, 0.0f, 0, DType::kF32},
       {1, 1, 2050, 32, 8, 128, 128, DType::kBF16, false, -1, -1, 0.0f, 5, DType::kF32},
+      // P V in wide column blocks (<= 4 rows per head) with vector tails and a split:
+      {1, 1, 200, 4, 2, 96, 40, DType::kF32, false, -1, -1, 0.0f, 0, DType::kF32},    // 2 rows
+      {1, 1, 170, 8, 2, 72, 200, DType::kF16, true, -1, -1, 0.0f, 3, DType::kF32},    // 4 rows
+      {1, 1, 90, 2, 2, 64, 136, DType::kBF16, false, -1, -1, 0.0f, 0, DType::kBF16},  // 1 row
   };
   std::uint32_t seed = 500;
   for (const DenseCase& c : cases) check_dense(c, seed++);

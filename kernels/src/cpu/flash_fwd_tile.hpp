@@ -310,9 +310,9 @@ struct FlashFwd {
   }
   template <int R, class U>
   static void pv_cols(const float* pm, const U* const* vrows, int nk, int ncols, int tail,
-                      const float* alpha, float* o, int ldo) {
-    // ncols: columns to produce (multiple of L); the last vector is partial when tail.
-    int c0 = 0;
+                      const float* alpha, float* o, int ldo, int cstart = 0) {
+    // Columns [cstart, ncols) (multiples of L); the last vector is partial when tail.
+    int c0 = cstart;
     for (; c0 + NV * L <= ncols && !(tail && c0 + NV * L == ncols); c0 += NV * L)
       pv_block<R, NV, false>(pm, vrows, nk, c0, 0, alpha, o, ldo);
     while (c0 < ncols) {
@@ -324,6 +324,18 @@ struct FlashFwd {
       }
       c0 += L;
     }
+  }
+  // Decode P V for few rows (R <= 4): NVD vectors of columns per block, so R * NVD
+  // independent FMA chains (more than pv_cols' R * NV: the chains run over the keys of
+  // a tile and are latency bound at 8).
+  static constexpr int NVD = L >= 16 ? 4 : 3;
+  template <int R, class U>
+  static void pv_cols_wide(const float* pm, const U* const* vrows, int nk, int ncols, int tail,
+                           const float* alpha, float* o, int ldo) {
+    int c0 = 0;
+    for (; c0 + NVD * L <= ncols && !(tail && c0 + NVD * L == ncols); c0 += NVD * L)
+      pv_block<R, NVD, false>(pm, vrows, nk, c0, 0, alpha, o, ldo);
+    if (c0 < ncols) pv_cols<R>(pm, vrows, nk, ncols, tail, alpha, o, ldo, c0);
   }
   template <class U, int R = (MR > 8 ? MR : 8)>
   static void pv_dispatch(int rows, const float* pm, const U* const* vrows, int nk, int ncols,
@@ -519,9 +531,11 @@ struct FlashFwd {
   // (the cache page lookup) and offset by the head stride.
   //
   // Measured alternatives (docs/cpu-backend.md): key-major order (all heads of one
-  // key, then the next key: one address-ordered stream) was 5-10 points slower in
-  // ratio to the read loop, with or without software prefetch 8-32 keys ahead, and
-  // software prefetch of the next tile gave nothing over the hardware prefetchers.
+  // key, then the next key: one address-ordered stream) and 4-key address-ordered
+  // chunks were 8-23 points slower in ratio to the read loop; software prefetch (next
+  // tiles in address order, or this tile's V during the scores; every hint) was neutral
+  // or slower; fewer heads per task was slower. The kernel is bound by the misses it
+  // keeps in flight: the head-major order over 16 keys keeps the most.
   void decode_tile(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq, std::int64_t j0,
                    int nc, bool full) const {
     const int mh = M / t.nh;  // rows of one KV head
@@ -546,8 +560,25 @@ struct FlashFwd {
       for (int j = 0; j < nc; ++j) vp[j] = vb[j] + hh * vhs;
       for (int r0 = hh * mh; r0 < (hh + 1) * mh; r0 += 8) {
         const int rows = std::min(8, (hh + 1) * mh - r0);
-        pv_dispatch<T>(rows, sc.s.get() + r0 * NC, vp, nc, dvp, tail, sc.alpha.get() + r0,
-                       sc.o.get() + r0 * dvp, dvp);
+        float* const sr = sc.s.get() + r0 * NC;
+        float* const orow = sc.o.get() + r0 * dvp;
+        const float* const al = sc.alpha.get() + r0;
+        switch (rows) {  // up to 4 rows (GQA groups of 4): wider column blocks
+          case 4:
+            pv_cols_wide<4>(sr, vp, nc, dvp, tail, al, orow, dvp);
+            break;
+          case 3:
+            pv_cols_wide<3>(sr, vp, nc, dvp, tail, al, orow, dvp);
+            break;
+          case 2:
+            pv_cols_wide<2>(sr, vp, nc, dvp, tail, al, orow, dvp);
+            break;
+          case 1:
+            pv_cols_wide<1>(sr, vp, nc, dvp, tail, al, orow, dvp);
+            break;
+          default:
+            pv_dispatch<T>(rows, sr, vp, nc, dvp, tail, al, orow, dvp);
+        }
       }
     }
   }

@@ -25,6 +25,16 @@ std::string fma_peak_isa();
 // about `seconds`. Best of `repeats` runs.
 double measure_fma_peak_gflops(int threads, double seconds = 0.2, int repeats = 3);
 
+// ISA of the FMA loop matching kernel backend `backend_name` (Engine::backend_name()):
+// "cpu-avx2" -> "avx2", "cpu-scalar" and "reference" -> "sse2" (the portable loop),
+// any other backend -> fma_peak_isa(), the best ISA of this CPU.
+std::string fma_peak_isa_for_backend(const std::string& backend_name);
+
+// As measure_fma_peak_gflops, with the loop of `isa` ("avx512", "avx2" or "sse2");
+// UnsupportedError when this CPU cannot run it.
+double measure_fma_peak_gflops_isa(int threads, const std::string& isa, double seconds = 0.2,
+                                   int repeats = 3);
+
 // Last-level cache size in bytes (sysfs / sysconf; 32 MiB when unknown).
 std::size_t last_level_cache_bytes();
 
