@@ -334,8 +334,10 @@ void fuzz_kvcache(FuzzBytes& in) {
     p.max_pages = in.range(0, 5);
     p.page_table_batch_stride = in.u8() % 6 == 0 ? in.range(-2, 7) : p.max_pages;
     const std::int64_t pt_rows = std::max(b, p.b_cache);
-    const std::int64_t pt_size =
-        std::max<std::int64_t>(pt_rows * std::max<std::int64_t>(p.page_table_batch_stride, 0), 1);
+    // page_table is [rows, max_pages] with rows page_table_batch_stride apart: the last
+    // row still holds max_pages entries whatever the stride.
+    const std::int64_t pt_size = std::max<std::int64_t>(
+        (pt_rows - 1) * std::max<std::int64_t>(p.page_table_batch_stride, 0) + p.max_pages, 1);
     const bool garbage = in.u8() % 4 == 0;
     for (std::int64_t i = 0; i < pt_size; ++i)
       page_table.push_back(garbage ? in.range(-2, p.num_blocks + 1)
