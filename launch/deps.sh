@@ -24,7 +24,5 @@ ringattn_install_deps() {
 # mpirun as root, and more ranks than cores.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
-# Containers often lack a usable shared-memory segment for vader's CMA; fall back quietly.
-export OMPI_MCA_btl_vader_single_copy_mechanism=none
 
 ringattn_jobs() { nproc 2>/dev/null || echo 2; }
