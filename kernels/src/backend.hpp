@@ -10,7 +10,8 @@
 
 namespace ringattn {
 struct MlaDecodeParams;
-}
+struct MlaSparsePrefillParams;
+}  // namespace ringattn
 
 namespace ringattn::detail {
 
@@ -23,6 +24,7 @@ class Backend {
   virtual void forward_kvcache(const KvCacheParams& p, int threads) = 0;
   virtual SchedulerMetadata plan_kvcache(const KvCacheParams& p, int threads) = 0;
   virtual void mla_decode(const MlaDecodeParams& p, int threads) = 0;
+  virtual void mla_sparse_prefill(const MlaSparsePrefillParams& p, int threads) = 0;
 };
 
 // reference/reference_backend.cpp

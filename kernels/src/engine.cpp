@@ -70,22 +70,6 @@ void Engine::mla_decode(const MlaDecodeParams& p) const {
   backend_->mla_decode(p, threads_);
 }
 
-// The MLA plan and sparse prefill are routed here by backend name: "reference"
-// runs the plain loops, every cpu-* backend the MLA kernels of its ISA.
-namespace {
-bool mla_cpu_isa(const std::string& name, CpuIsa* isa) {
-  if (name == "cpu-avx512")
-    *isa = CpuIsa::kAvx512;
-  else if (name == "cpu-avx2")
-    *isa = CpuIsa::kAvx2;
-  else if (name == "cpu-scalar")
-    *isa = CpuIsa::kScalar;
-  else
-    return false;
-  return true;
-}
-}  // namespace
-
 SchedulerMetadata Engine::plan_mla_decode(const MlaDecodeParams& p) const {
   detail::validate(p);
   return detail::mla_plan_decode(p, threads_);
@@ -93,12 +77,7 @@ SchedulerMetadata Engine::plan_mla_decode(const MlaDecodeParams& p) const {
 
 void Engine::mla_sparse_prefill(const MlaSparsePrefillParams& p) const {
   detail::validate(p);
-  CpuIsa isa;
-  if (mla_cpu_isa(name_, &isa)) {
-    detail::mla_sparse_prefill_cpu(p, isa, threads_);
-  } else {
-    detail::mla_sparse_prefill_reference(p, threads_);
-  }
+  backend_->mla_sparse_prefill(p, threads_);
 }
 
 std::vector<std::string> available_backends() {

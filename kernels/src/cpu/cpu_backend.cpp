@@ -207,6 +207,9 @@ class CpuBackend final : public Backend {
     return m;
   }
 
+  void mla_sparse_prefill(const MlaSparsePrefillParams& p, int threads) override {
+    mla_sparse_prefill_cpu(p, isa_, threads);
+  }
   void mla_decode(const MlaDecodeParams& p, int threads) override {
     mla_decode_cpu(p, isa_, threads);
   }

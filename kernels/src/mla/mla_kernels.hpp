@@ -1,6 +1,6 @@
-// MLA kernels behind the backends (internal). Backends route Engine::mla_decode
-// here; Engine::plan_mla_decode and Engine::mla_sparse_prefill call the functions
-// below directly, choosing reference or cpu by the engine's backend.
+// MLA kernels behind the backends (internal). Backends route Engine::mla_decode and
+// Engine::mla_sparse_prefill here; Engine::plan_mla_decode (shape-only) calls
+// mla_plan_decode directly.
 #pragma once
 
 #include "cpu_features.hpp"

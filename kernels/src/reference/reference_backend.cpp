@@ -17,6 +17,9 @@ class ReferenceBackend final : public Backend {
   SchedulerMetadata plan_kvcache(const KvCacheParams& p, int threads) override {
     return reference_plan_kvcache(p, threads);
   }
+  void mla_sparse_prefill(const MlaSparsePrefillParams& p, int threads) override {
+    mla_sparse_prefill_reference(p, threads);
+  }
   void mla_decode(const MlaDecodeParams& p, int threads) override {
     mla_decode_reference(p, threads);
   }
