@@ -31,7 +31,8 @@ void validate_local(const RingAttentionParams& p, int ranks, int rank) {
   RA_CHECK_ARG_GT(p.b, 0, "ring: batch size b");
   RA_CHECK_ARG_GT(p.h, 0, "ring: query heads h");
   RA_CHECK_ARG_GT(p.h_k, 0, "ring: key/value heads h_k");
-  RA_CHECK_ARG_EQ(p.h % p.h_k, 0, "ring: h must be a multiple of h_k");
+  RA_CHECK_ARG(p.h % p.h_k == 0, "ring: h_k: number of query heads h="
+                                     << p.h << " must be a multiple of h_k=" << p.h_k);
   RA_CHECK_ARG(p.d > 0 && p.d <= kMaxHeadDim,
                "ring: head dim d = " << p.d << " outside [1, " << kMaxHeadDim << "]");
   RA_CHECK_ARG(p.d_v > 0 && p.d_v <= kMaxHeadDim,
