@@ -70,7 +70,7 @@ BenchMeasurement run_prefill(const BenchContext& ctx, DType t, bool causal, int 
   p.mask.causal = causal;
   const Engine engine(EngineOptions{ctx.backend, ctx.threads});
   BenchMeasurement m;
-  m.seconds = time_runs([&] { engine.forward(p); }, ctx.repeats);
+  m.seconds = time_runs(ctx, [&] { engine.forward(p); });
   const double pairs = causal ? 0.5 * s * (s + 1.0) : static_cast<double>(s) * s;
   m.work = 4.0 * b * h * d * pairs;
   m.note = "s=" + std::to_string(s) + " " + engine.backend_name();
@@ -119,7 +119,7 @@ BenchMeasurement run_decode(const BenchContext& ctx, DType t, int s_k) {
   const SchedulerMetadata plan = engine.plan_kvcache(p);
   p.plan = &plan;
   BenchMeasurement m;
-  m.seconds = time_runs([&] { engine.forward_kvcache(p); }, ctx.repeats);
+  m.seconds = time_runs(ctx, [&] { engine.forward_kvcache(p); });
   m.work = 2.0 * b * s_k * h_k * d * static_cast<double>(dtype_size(t));
   m.note = "s_k=" + std::to_string(s_k) + " " + engine.backend_name();
   return m;

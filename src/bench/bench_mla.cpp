@@ -90,7 +90,7 @@ BenchMeasurement run_decode(const BenchContext& ctx, DType kv, int b, int h, int
   const SchedulerMetadata plan = engine.plan_mla_decode(p);
   p.plan = &plan;
   BenchMeasurement m;
-  m.seconds = time_runs([&] { engine.mla_decode(p); }, ctx.repeats);
+  m.seconds = time_runs(ctx, [&] { engine.mla_decode(p); });
   m.work = static_cast<double>(b) * s * kMlaHeadDim * dtype_size(kv);
   std::vector<double> sorted = m.seconds;
   std::sort(sorted.begin(), sorted.end());
@@ -137,7 +137,7 @@ BenchMeasurement run_prefill(const BenchContext& ctx, MlaPrefillPath path, int s
   p.path = path;
   const Engine engine(EngineOptions{ctx.backend, ctx.threads});
   BenchMeasurement m;
-  m.seconds = time_runs([&] { engine.mla_sparse_prefill(p); }, ctx.repeats);
+  m.seconds = time_runs(ctx, [&] { engine.mla_sparse_prefill(p); });
   m.work = 2.0 * (kMlaHeadDim + kMlaValueDim) * h * pairs;
   char buf[96];
   std::snprintf(buf, sizeof buf, "s/topk=%.2f %s", static_cast<double>(s) / topk,

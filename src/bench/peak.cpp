@@ -159,56 +159,62 @@ std::size_t last_level_cache_bytes() {
   return std::size_t{32} << 20;
 }
 
-double measure_read_bandwidth_gbs(int threads, std::size_t bytes, int repeats) {
+ReadBandwidthProbe::ReadBandwidthProbe(int threads, std::size_t bytes) : threads_(threads) {
   RA_CHECK_ARG_GE(threads, 1, "threads");
-  RA_CHECK_ARG_GE(repeats, 1, "repeats");
   if (bytes == 0)
     bytes = std::max<std::size_t>(8 * last_level_cache_bytes(), std::size_t{256} << 20);
-  const std::size_t n = bytes / sizeof(float);
-  std::unique_ptr<float[]> x;
-  try {
-    x.reset(new float[n]);
-  } catch (const std::bad_alloc&) {
+  n_ = bytes / sizeof(float);
+  x_ = static_cast<float*>(std::aligned_alloc(64, (n_ * sizeof(float) + 63) / 64 * 64));
+  if (!x_)
     RA_THROW(ResourceError, "bench: cannot allocate " << bytes << " bytes for the bandwidth test");
-  }
-  float (*sum)(const float*, std::size_t) =
-      has_avx2() ? bench_detail::read_sum_avx2 : bench_detail::read_sum_generic;
-  // Thread i owns the contiguous part [n*i/T, n*(i+1)/T): it first-touches it and
-  // later streams through it, so pages sit near the thread that reads them.
-#pragma omp parallel num_threads(threads)
+    // Thread i owns the contiguous part [n*i/T, n*(i+1)/T): it first-touches it and
+    // later streams through it, so pages sit near the thread that reads them.
+#pragma omp parallel num_threads(threads_)
   {
     const std::size_t t = static_cast<std::size_t>(omp_get_thread_num());
     const std::size_t nt = static_cast<std::size_t>(omp_get_num_threads());
-    for (std::size_t i = n * t / nt; i < n * (t + 1) / nt; ++i)
-      x[i] = static_cast<float>(i & 0xff) * 1e-3f;
+    for (std::size_t i = n_ * t / nt; i < n_ * (t + 1) / nt; ++i)
+      x_[i] = static_cast<float>(i & 0xff) * 1e-3f;
   }
+}
+
+ReadBandwidthProbe::~ReadBandwidthProbe() { std::free(x_); }
+
+double ReadBandwidthProbe::measure_once() const {
+  float (*sum)(const float*, std::size_t) =
+      has_avx2() ? bench_detail::read_sum_avx2 : bench_detail::read_sum_generic;
+  double t0 = 0.0, t1 = 0.0;
+  float sink = 0.0f;
+#pragma omp parallel num_threads(threads_) reduction(+ : sink)
+  {
+    const std::size_t t = static_cast<std::size_t>(omp_get_thread_num());
+    const std::size_t nt = static_cast<std::size_t>(omp_get_num_threads());
+    const std::size_t lo = n_ * t / nt, hi = n_ * (t + 1) / nt;
+#pragma omp barrier
+#pragma omp master
+    t0 = wall();
+    sink += sum(x_ + lo, hi - lo);
+#pragma omp barrier
+#pragma omp master
+    t1 = wall();
+  }
+  g_sink = g_sink + sink;
+  return static_cast<double>(n_ * sizeof(float)) / (t1 - t0) / 1e9;
+}
+
+double measure_read_bandwidth_gbs(int threads, std::size_t bytes, int repeats) {
+  RA_CHECK_ARG_GE(repeats, 1, "repeats");
+  const ReadBandwidthProbe probe(threads, bytes);
   double best = 0.0;
-  for (int r = 0; r < repeats; ++r) {
-    double t0 = 0.0, t1 = 0.0;
-    float sink = 0.0f;
-#pragma omp parallel num_threads(threads) reduction(+ : sink)
-    {
-      const std::size_t t = static_cast<std::size_t>(omp_get_thread_num());
-      const std::size_t nt = static_cast<std::size_t>(omp_get_num_threads());
-      const std::size_t lo = n * t / nt, hi = n * (t + 1) / nt;
-#pragma omp barrier
-#pragma omp master
-      t0 = wall();
-      sink += sum(x.get() + lo, hi - lo);
-#pragma omp barrier
-#pragma omp master
-      t1 = wall();
-    }
-    g_sink = g_sink + sink;
-    best = std::max(best, static_cast<double>(n * sizeof(float)) / (t1 - t0) / 1e9);
-  }
+  for (int r = 0; r < repeats; ++r) best = std::max(best, probe.measure_once());
   return best;
 }
 
-std::vector<double> time_runs(const std::function<void()>& fn, int repeats) {
+std::vector<double> time_runs(const BenchContext& ctx, const std::function<void()>& fn) {
   fn();  // warm-up: page faults, caches, thread pool start
   std::vector<double> t;
-  for (int r = 0; r < repeats; ++r) {
+  for (int r = 0; r < ctx.repeats; ++r) {
+    if (ctx.before_run) ctx.before_run();
     const double t0 = wall();
     fn();
     t.push_back(wall() - t0);

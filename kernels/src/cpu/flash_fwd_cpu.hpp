@@ -82,6 +82,9 @@ inline std::int64_t kv_head_stride(const KvRows& kv) {
 inline constexpr int kKeyTile = 64;
 // Keys per tile of the decode kernel (divides kKeyTile).
 inline constexpr int kDecodeKeyTile = 16;
+// The decode kernel prefetches the K/V rows this many key tiles ahead, spread over
+// the loads of the current tile.
+inline constexpr int kDecodePrefetchTiles = 2;
 // Rows (query rows x heads of one KV group) of one prefill task: Q, O (fp32) and the
 // score tile of 256 rows stay within a 512 KiB L2 for d = d_v = 128.
 inline constexpr int kPrefillRows = 256;

@@ -48,6 +48,13 @@ namespace {
 
 inline std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 
+// Software prefetch into L2 (prefetcht2): the decode kernel asks for the rows it will
+// read a few tiles later while it computes on the current ones (see decode_tile).
+template <class U>
+inline void prefetch_l2(const U* a) {
+  __builtin_prefetch(a, 0, 1);
+}
+
 // Upper bound of the per-call K/V packing buffer (floats, 1 GiB); larger calls pack
 // tiles per task instead.
 constexpr std::int64_t kMaxPackedFloats = std::int64_t{1} << 28;
@@ -116,6 +123,7 @@ struct FlashFwd {
     AlignedBuf<RowRange> rows;
     AlignedBuf<int> lim;  // per MR-row block: key columns of the tile it needs
     AlignedBuf<const T*> kptr, vrow_t, kbase, vbase;
+    AlignedBuf<const T*> kpf, vpf, kpf_base, vpf_base;  // decode prefetch rows
     AlignedBuf<const float*> vrow_f;
   };
 
@@ -149,6 +157,10 @@ struct FlashFwd {
     sc.vbase.reset(NC);
     sc.vrow_f.reset(NC);
     sc.vrow_t.reset(NC);
+    sc.kpf.reset(NC);
+    sc.vpf.reset(NC);
+    sc.kpf_base.reset(NC);
+    sc.vpf_base.reset(NC);
   }
 
   const T* k_row(const SeqDesc& sd, std::int64_t t, int hk) const {
@@ -206,7 +218,7 @@ struct FlashFwd {
   // place); the last vector reads only `tail` values when kTail (AVX-512 tails).
   template <int R, int NVv, bool kTail, class U>
   static void pv_block(const float* pm, const U* const* vrows, int nk, int c0, int tail,
-                       const float* alpha, float* o, int ldo) {
+                       const float* alpha, float* o, int ldo, const U* const* pf = nullptr) {
     V acc[R][NVv];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
@@ -216,6 +228,9 @@ struct FlashFwd {
     }
     for (int k = 0; k < nk; ++k) {
       const U* vr = vrows[k] + c0;
+      if (pf)
+#pragma GCC unroll 4
+        for (int v = 0; v < NVv; ++v) prefetch_l2(pf[k] + c0 + v * L);
       V b[NVv];
 #pragma GCC unroll 4
       for (int v = 0; v < NVv; ++v) {
@@ -247,7 +262,7 @@ struct FlashFwd {
   // k0 + kb. krows must hold round_up(nk, KB) pointers (padding repeats a real row;
   // the padded columns are masked by softmax_tile).
   template <int R>
-  void qk_rows(const float* q, const T* const* krows, int nk, float* s) const {
+  void qk_rows(const float* q, const T* const* krows, const T* const* pf, int nk, float* s) const {
     constexpr int KB = L / R;
     static_assert(R * KB == L, "rows must divide the vector width");
     const int dfull = p.d / L * L;
@@ -257,10 +272,16 @@ struct FlashFwd {
 #pragma GCC unroll 16
       for (int i = 0; i < L; ++i) acc[i] = S::zero();
       const T* kr[KB];
+      const T* kf[KB];
 #pragma GCC unroll 16
-      for (int kb = 0; kb < KB; ++kb) kr[kb] = krows[k0 + kb];
+      for (int kb = 0; kb < KB; ++kb) {
+        kr[kb] = krows[k0 + kb];
+        kf[kb] = pf[k0 + kb];
+      }
       for (int c = 0; c < dfull; c += L) {
         V b[KB];
+#pragma GCC unroll 16
+        for (int kb = 0; kb < KB; ++kb) prefetch_l2(kf[kb] + c);
 #pragma GCC unroll 16
         for (int kb = 0; kb < KB; ++kb) b[kb] = S::load(kr[kb] + c);
 #pragma GCC unroll 16
@@ -298,29 +319,31 @@ struct FlashFwd {
     }
   }
   // Decode scores for any row count: chunks of L, L/2, ..., 1 rows (powers of two).
-  void qk_rows_dispatch(int rows, const float* q, const T* const* krows, int nk, float* s) const {
+  void qk_rows_dispatch(int rows, const float* q, const T* const* krows, const T* const* pf, int nk,
+                        float* s) const {
     int r0 = 0;
-    qk_rows_pow2<L>(rows, r0, q, krows, nk, s);
+    qk_rows_pow2<L>(rows, r0, q, krows, pf, nk, s);
   }
   template <int R>
-  void qk_rows_pow2(int rows, int& r0, const float* q, const T* const* krows, int nk,
-                    float* s) const {
-    for (; rows - r0 >= R; r0 += R) qk_rows<R>(q + r0 * dq, krows, nk, s + r0 * NC);
-    if constexpr (R > 1) qk_rows_pow2<R / 2>(rows, r0, q, krows, nk, s);
+  void qk_rows_pow2(int rows, int& r0, const float* q, const T* const* krows, const T* const* pf,
+                    int nk, float* s) const {
+    for (; rows - r0 >= R; r0 += R) qk_rows<R>(q + r0 * dq, krows, pf, nk, s + r0 * NC);
+    if constexpr (R > 1) qk_rows_pow2<R / 2>(rows, r0, q, krows, pf, nk, s);
   }
   template <int R, class U>
   static void pv_cols(const float* pm, const U* const* vrows, int nk, int ncols, int tail,
-                      const float* alpha, float* o, int ldo, int cstart = 0) {
+                      const float* alpha, float* o, int ldo, int cstart = 0,
+                      const U* const* pf = nullptr) {
     // Columns [cstart, ncols) (multiples of L); the last vector is partial when tail.
     int c0 = cstart;
     for (; c0 + NV * L <= ncols && !(tail && c0 + NV * L == ncols); c0 += NV * L)
-      pv_block<R, NV, false>(pm, vrows, nk, c0, 0, alpha, o, ldo);
+      pv_block<R, NV, false>(pm, vrows, nk, c0, 0, alpha, o, ldo, pf);
     while (c0 < ncols) {
       const bool last = c0 + L == ncols;
       if (last && tail) {
-        pv_block<R, 1, true>(pm, vrows, nk, c0, tail, alpha, o, ldo);
+        pv_block<R, 1, true>(pm, vrows, nk, c0, tail, alpha, o, ldo, pf);
       } else {
-        pv_block<R, 1, false>(pm, vrows, nk, c0, 0, alpha, o, ldo);
+        pv_block<R, 1, false>(pm, vrows, nk, c0, 0, alpha, o, ldo, pf);
       }
       c0 += L;
     }
@@ -331,18 +354,19 @@ struct FlashFwd {
   static constexpr int NVD = L >= 16 ? 4 : 3;
   template <int R, class U>
   static void pv_cols_wide(const float* pm, const U* const* vrows, int nk, int ncols, int tail,
-                           const float* alpha, float* o, int ldo) {
+                           const float* alpha, float* o, int ldo, const U* const* pf) {
     int c0 = 0;
     for (; c0 + NVD * L <= ncols && !(tail && c0 + NVD * L == ncols); c0 += NVD * L)
-      pv_block<R, NVD, false>(pm, vrows, nk, c0, 0, alpha, o, ldo);
-    if (c0 < ncols) pv_cols<R>(pm, vrows, nk, ncols, tail, alpha, o, ldo, c0);
+      pv_block<R, NVD, false>(pm, vrows, nk, c0, 0, alpha, o, ldo, pf);
+    if (c0 < ncols) pv_cols<R>(pm, vrows, nk, ncols, tail, alpha, o, ldo, c0, pf);
   }
   template <class U, int R = (MR > 8 ? MR : 8)>
   static void pv_dispatch(int rows, const float* pm, const U* const* vrows, int nk, int ncols,
-                          int tail, const float* alpha, float* o, int ldo) {
+                          int tail, const float* alpha, float* o, int ldo,
+                          const U* const* pf = nullptr) {
     if constexpr (R > 0) {
-      if (rows == R) return pv_cols<R>(pm, vrows, nk, ncols, tail, alpha, o, ldo);
-      return pv_dispatch<U, R - 1>(rows, pm, vrows, nk, ncols, tail, alpha, o, ldo);
+      if (rows == R) return pv_cols<R>(pm, vrows, nk, ncols, tail, alpha, o, ldo, 0, pf);
+      return pv_dispatch<U, R - 1>(rows, pm, vrows, nk, ncols, tail, alpha, o, ldo, pf);
     }
   }
 
@@ -530,12 +554,14 @@ struct FlashFwd {
   // O += P V, each row read exactly once. Key row pointers are resolved once per key
   // (the cache page lookup) and offset by the head stride.
   //
-  // Measured alternatives (docs/cpu-backend.md): key-major order (all heads of one
-  // key, then the next key: one address-ordered stream) and 4-key address-ordered
-  // chunks were 8-23 points slower in ratio to the read loop; software prefetch (next
-  // tiles in address order, or this tile's V during the scores; every hint) was neutral
-  // or slower; fewer heads per task was slower. The kernel is bound by the misses it
-  // keeps in flight: the head-major order over 16 keys keeps the most.
+  // Prefetch: every load of the scores and of P V is paired with a prefetcht2 of the
+  // same head's row kDecodePrefetchTiles tiles ahead, so the misses of later tiles are
+  // in flight while this tile computes and the prefetches come at the rate the data
+  // is consumed (a burst of prefetches per tile, as tried first, stalled the loads
+  // behind it). Measured (docs/cpu-backend.md): fp32 decode from 45 % to 68-80 % of
+  // the read loop on 2 threads, bf16 from 38 % to 68-76 % (AVX-512). Key-major order
+  // (all heads of one key, then the next key) and address-ordered prefetch were
+  // slower; fewer heads per task was slower.
   void decode_tile(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq, std::int64_t j0,
                    int nc, bool full) const {
     const int mh = M / t.nh;  // rows of one KV head
@@ -547,17 +573,31 @@ struct FlashFwd {
       kb[j] = k_row(sd, j0 + j, t.hk);
       vb[j] = v_row(sd, j0 + j, t.hk);
     }
+    // Rows to prefetch: the same keys kDecodePrefetchTiles tiles ahead (within the
+    // task's key range; past its end the current rows, already cached, stand in).
+    const T** kfb = sc.kpf_base.get();
+    const T** vfb = sc.vpf_base.get();
+    const std::int64_t pj0 = j0 + std::int64_t{kDecodePrefetchTiles} * kDecodeKeyTile;
+    for (int j = 0; j < ncv; ++j) {
+      const bool ahead = pj0 + j < t.ke;
+      kfb[j] = ahead ? k_row(sd, pj0 + j, t.hk) : kb[std::min(j, nc - 1)];
+      vfb[j] = ahead ? v_row(sd, pj0 + j, t.hk) : vb[std::min(j, nc - 1)];
+    }
     const T** kp = sc.kptr.get();
+    const T** kf = sc.kpf.get();
     for (int hh = 0; hh < t.nh; ++hh) {
       for (int j = 0; j < nc; ++j) kp[j] = kb[j] + hh * khs;
       for (int j = nc; j < ncv; ++j) kp[j] = kp[nc - 1];  // padding (masked)
-      qk_rows_dispatch(mh, sc.q.get() + hh * mh * dq, kp, nc, sc.s.get() + hh * mh * NC);
+      for (int j = 0; j < ncv; ++j) kf[j] = kfb[j] + hh * khs;
+      qk_rows_dispatch(mh, sc.q.get() + hh * mh * dq, kp, kf, nc, sc.s.get() + hh * mh * NC);
     }
     softmax_tile(sc, M, nq, j0, nc, ncv, full);
     const int tail = p.d_v % L;
     const T** vp = sc.vrow_t.get();
+    const T** vf = sc.vpf.get();
     for (int hh = 0; hh < t.nh; ++hh) {
       for (int j = 0; j < nc; ++j) vp[j] = vb[j] + hh * vhs;
+      for (int j = 0; j < nc; ++j) vf[j] = vfb[j] + hh * vhs;
       for (int r0 = hh * mh; r0 < (hh + 1) * mh; r0 += 8) {
         const int rows = std::min(8, (hh + 1) * mh - r0);
         float* const sr = sc.s.get() + r0 * NC;
@@ -565,19 +605,19 @@ struct FlashFwd {
         const float* const al = sc.alpha.get() + r0;
         switch (rows) {  // up to 4 rows (GQA groups of 4): wider column blocks
           case 4:
-            pv_cols_wide<4>(sr, vp, nc, dvp, tail, al, orow, dvp);
+            pv_cols_wide<4>(sr, vp, nc, dvp, tail, al, orow, dvp, vf);
             break;
           case 3:
-            pv_cols_wide<3>(sr, vp, nc, dvp, tail, al, orow, dvp);
+            pv_cols_wide<3>(sr, vp, nc, dvp, tail, al, orow, dvp, vf);
             break;
           case 2:
-            pv_cols_wide<2>(sr, vp, nc, dvp, tail, al, orow, dvp);
+            pv_cols_wide<2>(sr, vp, nc, dvp, tail, al, orow, dvp, vf);
             break;
           case 1:
-            pv_cols_wide<1>(sr, vp, nc, dvp, tail, al, orow, dvp);
+            pv_cols_wide<1>(sr, vp, nc, dvp, tail, al, orow, dvp, vf);
             break;
           default:
-            pv_dispatch<T>(rows, sr, vp, nc, dvp, tail, al, orow, dvp);
+            pv_dispatch<T>(rows, sr, vp, nc, dvp, tail, al, orow, dvp, vf);
         }
       }
     }

@@ -43,6 +43,23 @@ std::size_t last_level_cache_bytes();
 // bytes = 0 picks 8 x the last-level cache (at least 256 MiB).
 double measure_read_bandwidth_gbs(int threads, std::size_t bytes = 0, int repeats = 5);
 
+// The same read loop kept ready for repeated single passes: `ringattn bench` runs one
+// pass right before each timed run of a GB/s case, so each run is compared with the
+// bandwidth the machine gave at that moment (shared machines swing by 2x in minutes).
+class ReadBandwidthProbe {
+ public:
+  ReadBandwidthProbe(int threads, std::size_t bytes = 0);  // allocates and first-touches
+  ~ReadBandwidthProbe();
+  ReadBandwidthProbe(const ReadBandwidthProbe&) = delete;
+  ReadBandwidthProbe& operator=(const ReadBandwidthProbe&) = delete;
+  double measure_once() const;  // GB/s of one pass over the whole array
+
+ private:
+  int threads_;
+  std::size_t n_;  // floats
+  float* x_;
+};
+
 // ---- cases ----
 
 struct BenchContext {
@@ -50,6 +67,9 @@ struct BenchContext {
   std::string backend = "auto";  // Engine backend name
   int repeats = 5;               // timed runs (after one warm-up)
   bool quick = false;            // CI smoke: small sizes
+  // Runs before each timed run (not the warm-up), outside the timed region; set by
+  // `ringattn bench` for GB/s cases to take the interleaved bandwidth reading.
+  std::function<void()> before_run;
 };
 
 struct BenchMeasurement {
@@ -64,8 +84,9 @@ struct BenchCase {
   std::function<BenchMeasurement(const BenchContext&)> run;
 };
 
-// Times `fn` once for warm-up and then `repeats` times; returns the run times.
-std::vector<double> time_runs(const std::function<void()>& fn, int repeats);
+// Times `fn` once for warm-up and then ctx.repeats times, calling ctx.before_run (when
+// set) before each timed run; returns the run times.
+std::vector<double> time_runs(const BenchContext& ctx, const std::function<void()>& fn);
 
 std::vector<BenchCase> attention_bench_cases();  // src/bench/bench_attention.cpp
 std::vector<BenchCase> mla_bench_cases();        // src/bench/bench_mla.cpp
