@@ -12,7 +12,10 @@
 #   (d) T1 with every core busy: the whole causal problem on one core while 15
 #       copies of it run on the others (E against that T1 removes the machine's
 #       all-core slowdown from the comparison),
-#   (e) 16-rank causal zigzag variants: pass-KV, pass-Q, two pieces per chunk.
+#   (e) 16-rank causal zigzag variants: pass-KV, pass-Q, two pieces per chunk,
+#       with the spread of per-rank compute (the ring runs at its slowest rank's pace),
+#   (f) `ringattn bench` decode and prefill cases on 2 pinned cores (a quiet machine
+#       for the kernel figures the shared development VM measures only noisily).
 # Results go to $OUT_DIR (log, CSV). PARTS (default "a b d e") picks parts.
 #   [PARTS="d e"] launch/device_scaling.sh [DEB_DIR] [OUT_DIR] [S]
 # DEB_DIR holds libboost1.74-dev, libboost-program-options1.74-dev and
@@ -60,8 +63,8 @@ fi
 # S/256, the earlier default) against whole chunks per kernel call (the default now).
 if [[ $PARTS == *b* ]]; then
 log "(b, c) efficiency, 16 ranks x 1 thread, s=$S"
-launch/efficiency --bin $BIN --ranks 16 --seqlen "$S" --repeat 1 --iters 2 \
-  --cases "zigzag:full zigzag:causal contiguous:causal zigzag:causal:$((S / 256))" \
+launch/efficiency --bin $BIN --ranks 16 --seqlen "$S" --repeat ${REPEAT:-1} --iters 2 \
+  --cases "${CASES:-zigzag:full zigzag:causal contiguous:causal}" \
   --csv "$OUT_DIR/efficiency.csv"
 fi
 field() { sed -n "s/.*\"$1\":\([^,}]*\).*/\1/p" <<<"$2"; }
@@ -84,7 +87,15 @@ if [[ $PARTS == *e* ]]; then
     j=$(OMP_NUM_THREADS=1 mpirun --bind-to core --map-by core -np 16 $BIN ring --seqlen "$S" \
       --heads 8 --dim 128 --causal --layout zigzag --threads 1 --iters 3 --json $v)
     log "$v: T16 $(field time_s "$j") s, per step compute $(field step_compute_s "$j") s," \
-      "wait $(field step_wait_s "$j") s, $(field step_bytes "$j") bytes"
+      "wait $(field step_wait_s "$j") s, $(field step_bytes "$j") bytes, per-rank compute" \
+      "min $(field min_rank_compute_s "$j") s / max $(field max_rank_compute_s "$j") s"
+  done
+fi
+if [[ $PARTS == *f* ]]; then
+  log "(f) ringattn bench on cores 0-1"
+  for be in auto cpu-avx2; do
+    OMP_PROC_BIND=close taskset -c 0,1 $BIN bench --threads 1,2 --backend $be --repeats 9 \
+      --case '^decode_' --json "$OUT_DIR/bench_$be.json" | tee "$OUT_DIR/bench_$be.txt"
   done
 fi
 log "done in $(($(date +%s) - t0)) s"

@@ -308,6 +308,10 @@ int cmd_ring(int argc, char** argv) {
   const double compute_step = allreduce_sum(comm, compute) / (P * P);
   const double wait_step = allreduce_sum(comm, wait) / (P * P);
   const double wait_max = allreduce_max(comm, wait);
+  // The ring runs at the pace of its slowest rank: the spread of the per-rank compute
+  // (last iteration, all steps) is the wait the others see.
+  const double compute_max = allreduce_max(comm, compute);
+  const double compute_min = -allreduce_max(comm, -compute);
   const double sending_all = allreduce_sum(comm, sending);
   const double bytes_step = sending_all > 0 ? allreduce_sum(comm, bytes) / sending_all : 0.0;
   double pairs = 0.0;
@@ -436,6 +440,7 @@ int cmd_ring(int argc, char** argv) {
       j.key("iters").value(iters).key("time_s").value(t_med).key("tflops").value(tflops);
       j.key("step_compute_s").value(compute_step).key("step_wait_s").value(wait_step);
       j.key("max_rank_wait_s").value(wait_max).key("step_bytes").value(bytes_step);
+      j.key("max_rank_compute_s").value(compute_max).key("min_rank_compute_s").value(compute_min);
       if (check) j.key("max_abs_err").value(max_err).key("max_lse_rel_err").value(max_lse_err);
       j.end_object();
       std::printf("%s\n", j.str().c_str());
