@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <exception>
+#include <functional>
 #include <sstream>
 
 #include "ringattn/comm/collectives.hpp"
@@ -286,6 +288,26 @@ RingScratch::RingScratch(const RingPlan& plan, std::int64_t piece_rows)
       lse_rows(static_cast<std::size_t>(piece_rows * plan.p->h)),
       shifts(static_cast<std::size_t>(plan.max_nb)) {}
 
+namespace {
+
+// Hands `progress` to the kernel as a ProgressHook, which must not throw: an error
+// (e.g. a failed MPI_Test) is kept and rethrown once the kernel call has returned.
+struct ProgressBridge {
+  const std::function<void()>* fn = nullptr;
+  std::exception_ptr error;
+  static void call(void* self) {
+    auto* b = static_cast<ProgressBridge*>(self);
+    if (b->error) return;
+    try {
+      (*b->fn)();
+    } catch (...) {
+      b->error = std::current_exception();
+    }
+  }
+};
+
+}  // namespace
+
 void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const std::byte* q,
                   int k_rank, const std::byte* k, const std::byte* v, float* acc_o, float* acc_lse,
                   std::int64_t piece, RingScratch& scratch, const std::function<void()>& progress,
@@ -301,8 +323,10 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
   // (combine_mask), else each chunk gets its own call (fully visible: unmasked; else
   // the kernel's mask shifted onto the block diagonal). Every partial (o, lse) is
   // merged into the accumulators with merge_state_inplace (SPEC.md section 5);
-  // `progress` runs before the first and after every call so a transfer in flight
-  // keeps moving.
+  // `progress` runs before the first and after every call, and inside the kernel
+  // (ProgressHook: between key tiles, at most every 100 us), so a transfer in flight
+  // keeps moving even where Open MPI has no single-copy path and moves a large message
+  // only while both sides sit in MPI calls.
   if (progress) progress();
   for (const auto& g : plan.groups) {
     const auto q_chunks = shard_chunks(p.layout, g.len, plan.ranks, q_rank);
@@ -374,7 +398,14 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
             f.mask.window_left = bm.window_left;
             f.mask.window_right = bm.window_right;
           }
+          ProgressBridge bridge;
+          if (progress) {
+            bridge.fn = &progress;
+            f.progress.fn = &ProgressBridge::call;
+            f.progress.ctx = &bridge;
+          }
           engine.forward(f);
+          if (bridge.error) std::rethrow_exception(bridge.error);
           ++st.kernel_calls;
           // Merge each sequence's rows: kernel lse [h, np] -> [np, h] to match rows.
           for (int sb = 0; sb < g.count; ++sb) {

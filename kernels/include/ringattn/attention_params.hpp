@@ -40,6 +40,18 @@ struct MaskParams {
   const std::int64_t* mask_shift = nullptr;
 };
 
+// Optional callback a kernel calls from the calling thread while it runs: between
+// key tiles and between tasks, at most once per `interval_us`. Ring attention uses it
+// to drive MPI transfers under the compute (Open MPI moves a large message only while
+// both sides are inside MPI calls when no single-copy path exists). The callback must
+// not throw; it runs on the thread that called the Engine entry point (OpenMP thread
+// 0 of the kernel's parallel region), so MPI_THREAD_FUNNELED suffices.
+struct ProgressHook {
+  void (*fn)(void* ctx) = nullptr;  // nullptr = no callback
+  void* ctx = nullptr;
+  int interval_us = 100;
+};
+
 // Dense and varlen forward (FA3 flash_attn_func / flash_attn_varlen_func).
 //
 // Dense   (cu_seqlens_q == nullptr):
@@ -82,6 +94,8 @@ struct FwdParams {
   // Split-KV: 0 = let the engine decide, 1 = no split, n > 1 = n key splits.
   // Changes speed only, never results beyond rounding.
   int num_splits = 0;
+
+  ProgressHook progress;  // optional, see ProgressHook
 
   bool is_varlen() const { return cu_seqlens_q != nullptr; }
 };

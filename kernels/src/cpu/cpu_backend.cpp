@@ -78,6 +78,7 @@ AttnProblem make_problem(const FwdParams& p, int threads) {
   a.out_row_stride = p.out_row_stride;
   a.out_head_stride = p.out_head_stride;
   a.lse = p.lse;
+  a.progress = p.progress;
   set_mask(a, p.mask, p.d);
   const std::int64_t esize = static_cast<std::int64_t>(dtype_size(p.dtype));
   a.seqs.resize(static_cast<std::size_t>(p.b));

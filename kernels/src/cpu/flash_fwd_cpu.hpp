@@ -56,6 +56,7 @@ struct AttnProblem {
   int w_left = -1;       // -1 = unbounded
   int w_right = -1;      // causal already folded in (0)
   std::vector<SeqDesc> seqs;
+  ProgressHook progress;  // polled by the calling thread (progress_throttle.hpp)
 };
 
 // Helpers used by the generic backend and by the ISA translation units live in an

@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "cpu/flash_fwd_cpu.hpp"
+#include "progress_throttle.hpp"
 #include "ringattn/dtype.hpp"
 #include "ringattn/softmax_state.hpp"
 
@@ -130,6 +131,7 @@ struct FlashFwd {
     AlignedBuf<const T*> kptr, vrow_t, kbase, vbase;
     AlignedBuf<const T*> kpf, vpf, kpf_base, vpf_base;  // decode prefetch rows
     AlignedBuf<const float*> vrow_f;
+    ProgressThrottle* progress = nullptr;  // set on the calling thread only
   };
 
   std::int64_t tile_floats() const { return std::int64_t{p.d} * NC + std::int64_t{NC} * dvp; }
@@ -476,6 +478,7 @@ struct FlashFwd {
         if (std::max(rr.lo, j0) < std::min(rr.hi, j0 + nc)) any = true;
       }
       if (!any) continue;
+      if (sc.progress) sc.progress->poll();
       if (decode) {
         decode_tile(sd, t, sc, M, nq, j0, nc, full);
       } else {
@@ -728,8 +731,11 @@ struct FlashFwd {
         static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(threads, ntasks)));
     std::vector<Scratch> scratch(static_cast<std::size_t>(nthreads));
     for (Scratch& sc : scratch) init_scratch(sc);
+    ProgressThrottle progress(p.progress);
+    if (progress.active()) scratch[0].progress = &progress;
 #pragma omp parallel num_threads(nthreads)
     {
+      // Thread 0 of this region is the calling thread: only it polls the hook.
       Scratch& sc = scratch[static_cast<std::size_t>(omp_get_thread_num())];
 #pragma omp for schedule(dynamic, 4)
       for (std::size_t pi = 0; pi < pack_items.size(); ++pi) {
@@ -737,6 +743,7 @@ struct FlashFwd {
         const SeqDesc& sd = p.seqs[static_cast<std::size_t>(it.seq)];
         const int nc = static_cast<int>(std::min<std::int64_t>(NC, sd.s_k - it.j0));
         pack_tile(sd, it.hk, it.j0, nc, it.dst, it.dst + p.d * NC, sc.s.get());
+        if (sc.progress) sc.progress->poll();
       }
 #pragma omp for schedule(dynamic, 1)
       for (std::int64_t ti = 0; ti < ntasks; ++ti) {
@@ -744,6 +751,7 @@ struct FlashFwd {
         float* po = t.part >= 0 ? part_o.get() + t.part * max_rows * dvp : nullptr;
         SoftmaxState* ps = t.part >= 0 ? part_st.get() + t.part * max_rows : nullptr;
         run_task(t, sc, po, ps);
+        if (sc.progress) sc.progress->poll();
       }
 
       // Split-KV reduction: merge the splits' states row by row (SPEC.md section 5).

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "progress_throttle.hpp"
 #include "reference/reference_attention.hpp"
 #include "reference/reference_kernels.hpp"
 
@@ -24,12 +25,15 @@ void reference_forward(const FwdParams& p, int threads) {
 
   // One work item per (query row, query head); rows of different lengths make the
   // cost uneven, hence the dynamic schedule.
+  ProgressThrottle progress(p.progress);
 #pragma omp parallel num_threads(threads)
   {
     RowScratch scratch;
     scratch.q.resize(static_cast<std::size_t>(p.d));
+    const bool caller = omp_get_thread_num() == 0;  // polls the progress hook
 #pragma omp for schedule(dynamic, 16)
     for (std::int64_t w = 0; w < work; ++w) {
+      if (caller) progress.poll();
       const std::int64_t r = w / p.h;
       const int hi = static_cast<int>(w % p.h);
       const int hk = hi / group;
