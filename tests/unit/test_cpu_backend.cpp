@@ -491,7 +491,9 @@ TEST(CpuBackend, ProgressHookRunsOnCallerAndChangesNothing) {
         p.lse = lse_hooked.data();
         engine.forward(p);
         // With 2 threads the other thread may take every work item of a tiny problem.
-        if (threads == 1) EXPECT_GT(count.calls, 0);
+        if (threads == 1) {
+          EXPECT_GT(count.calls, 0);
+        }
         EXPECT_FALSE(count.other_thread);
         EXPECT_EQ(0, std::memcmp(plain.data(), hooked.data(), plain.size() * sizeof(float)));
         EXPECT_EQ(
