@@ -281,12 +281,32 @@ std::int64_t ring_piece_rows(const RingPlan& plan, const RingOptions& options) {
   return std::max<std::int64_t>(1, std::min(piece, chunk));
 }
 
+namespace {
+
+// Scratch vectors kept between ring calls on this thread: a fresh multi-MiB buffer
+// costs a page fault and a page clear per 4 KiB on every call (the kernel's own large
+// buffers are pooled by its backend for the same reason).
+struct CachedScratch {
+  std::vector<float> o, lse;
+};
+thread_local CachedScratch g_cached_scratch;
+
+}  // namespace
+
 RingScratch::RingScratch(const RingPlan& plan, std::int64_t piece_rows)
     : piece(piece_rows),
-      o(static_cast<std::size_t>(plan.max_nb * piece_rows * plan.o_row)),
-      lse(static_cast<std::size_t>(plan.max_nb * piece_rows * plan.p->h)),
+      o(std::move(g_cached_scratch.o)),
+      lse(std::move(g_cached_scratch.lse)),
       lse_rows(static_cast<std::size_t>(piece_rows * plan.p->h)),
-      shifts(static_cast<std::size_t>(plan.max_nb)) {}
+      shifts(static_cast<std::size_t>(plan.max_nb)) {
+  o.resize(static_cast<std::size_t>(plan.max_nb * piece_rows * plan.o_row));
+  lse.resize(static_cast<std::size_t>(plan.max_nb * piece_rows * plan.p->h));
+}
+
+RingScratch::~RingScratch() {
+  g_cached_scratch.o = std::move(o);
+  g_cached_scratch.lse = std::move(lse);
+}
 
 namespace {
 

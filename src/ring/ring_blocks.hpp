@@ -54,7 +54,10 @@ std::int64_t ring_piece_rows(const RingPlan& plan, const RingOptions& options);
 // Scratch of one kernel call: out [nb, piece, h, d_v], lse [nb, h, piece], lse in row
 // order [piece, h], per-sequence shifts [nb].
 struct RingScratch {
-  RingScratch(const RingPlan& plan, std::int64_t piece);
+  RingScratch(const RingPlan& plan, std::int64_t piece);  // reuses this thread's last buffers
+  ~RingScratch();
+  RingScratch(const RingScratch&) = delete;
+  RingScratch& operator=(const RingScratch&) = delete;
   std::int64_t piece = 1;
   std::vector<float> o, lse, lse_rows;
   std::vector<std::int64_t> shifts;

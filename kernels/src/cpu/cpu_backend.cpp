@@ -26,6 +26,7 @@ namespace ringattn::detail {
 namespace {
 
 using cpu::AttnProblem;
+using cpu::ScratchPool;
 using cpu::SeqDesc;
 
 using KernelFn = void (*)(const AttnProblem&, int);
@@ -131,7 +132,9 @@ class CpuBackend final : public Backend {
   std::string name() const override { return std::string("cpu-") + isa_name(isa_); }
 
   void forward(const FwdParams& p, int threads) override {
-    kernel_(make_problem(p, threads), threads);
+    AttnProblem a = make_problem(p, threads);
+    a.pool = &pool_;
+    kernel_(a, threads);
   }
 
   void forward_kvcache(const KvCacheParams& p, int threads) override {
@@ -190,6 +193,7 @@ class CpuBackend final : public Backend {
     } else {
       assign_splits(a.seqs, p.num_splits, p.h, p.h_k, threads);
     }
+    a.pool = &pool_;
     kernel_(a, threads);
   }
 
@@ -218,6 +222,7 @@ class CpuBackend final : public Backend {
  private:
   CpuIsa isa_;
   KernelFn kernel_;
+  ScratchPool pool_;
 };
 
 }  // namespace

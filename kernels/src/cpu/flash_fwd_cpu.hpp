@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/scratch_pool.hpp"
 #include "kvcache_prepare.hpp"
 #include "ringattn/attention_params.hpp"
 
@@ -56,7 +57,8 @@ struct AttnProblem {
   int w_left = -1;       // -1 = unbounded
   int w_right = -1;      // causal already folded in (0)
   std::vector<SeqDesc> seqs;
-  ProgressHook progress;  // polled by the calling thread (progress_throttle.hpp)
+  ProgressHook progress;        // polled by the calling thread (progress_throttle.hpp)
+  ScratchPool* pool = nullptr;  // large per-call buffers kept between calls; nullable
 };
 
 // Helpers used by the generic backend and by the ISA translation units live in an

@@ -678,9 +678,11 @@ struct FlashFwd {
       std::fill(pack_base.begin(), pack_base.end(), -1);
       pack_total = 0;
     }
-    AlignedFloats pack_buf;
+    ScratchPool::Lease pack_lease;
     std::vector<PackItem> pack_items;
-    if (pack_total > 0) pack_buf.reset(static_cast<std::size_t>(pack_total));
+    if (pack_total > 0)
+      ScratchPool::take(p.pool, static_cast<std::size_t>(pack_total) * sizeof(float), pack_lease);
+    float* const pack_buf = static_cast<float*>(pack_lease.data());
 
     for (int si = 0; si < nseq; ++si) {
       const SeqDesc& sd = p.seqs[static_cast<std::size_t>(si)];
@@ -699,8 +701,7 @@ struct FlashFwd {
         const int nh = std::min(hpt, p.h_k - hk);
         float* packed = nullptr;
         if (pack_base[static_cast<std::size_t>(si)] >= 0) {
-          packed = pack_buf.get() + pack_base[static_cast<std::size_t>(si)] +
-                   hk * ntiles * tile_floats();
+          packed = pack_buf + pack_base[static_cast<std::size_t>(si)] + hk * ntiles * tile_floats();
           for (std::int64_t ti = 0; ti < ntiles; ++ti)
             pack_items.push_back({si, hk, ti * NC, packed + ti * tile_floats()});
         }
@@ -719,12 +720,16 @@ struct FlashFwd {
         }
       }
     }
-    AlignedFloats part_o;
-    AlignedBuf<SoftmaxState> part_st;
-    if (parts > 0) {
-      part_o.reset(static_cast<std::size_t>(parts) * max_rows * dvp);
-      part_st.reset(static_cast<std::size_t>(parts) * max_rows);
-    }
+    // Split partials: o [parts][max_rows][dvp] then their states [parts][max_rows].
+    ScratchPool::Lease part_lease;
+    const std::size_t part_o_floats = static_cast<std::size_t>(parts) * max_rows * dvp;
+    if (parts > 0)
+      ScratchPool::take(p.pool,
+                        part_o_floats * sizeof(float) +
+                            static_cast<std::size_t>(parts) * max_rows * sizeof(SoftmaxState),
+                        part_lease);
+    float* const part_o = static_cast<float*>(part_lease.data());
+    SoftmaxState* const part_st = reinterpret_cast<SoftmaxState*>(part_o + part_o_floats);
 
     const std::int64_t ntasks = static_cast<std::int64_t>(tasks.size());
     const int nthreads =
@@ -748,8 +753,8 @@ struct FlashFwd {
 #pragma omp for schedule(dynamic, 1)
       for (std::int64_t ti = 0; ti < ntasks; ++ti) {
         const Task& t = tasks[static_cast<std::size_t>(ti)];
-        float* po = t.part >= 0 ? part_o.get() + t.part * max_rows * dvp : nullptr;
-        SoftmaxState* ps = t.part >= 0 ? part_st.get() + t.part * max_rows : nullptr;
+        float* po = t.part >= 0 ? part_o + t.part * max_rows * dvp : nullptr;
+        SoftmaxState* ps = t.part >= 0 ? part_st + t.part * max_rows : nullptr;
         run_task(t, sc, po, ps);
         if (sc.progress) sc.progress->poll();
       }
@@ -767,7 +772,7 @@ struct FlashFwd {
           for (int sp = 0; sp < mg.splits; ++sp) {
             const std::int64_t part = mg.first_part + sp;
             const SoftmaxState& ps = part_st[static_cast<std::size_t>(part * max_rows + r)];
-            const float* po = part_o.get() + (part * max_rows + r) * dvp;
+            const float* po = part_o + (part * max_rows + r) * dvp;
             const SoftmaxState::Scales f = st.merge(ps);
             for (int c = 0; c < p.d_v; ++c) acc[c] = acc[c] * f.self + po[c] * f.other;
           }
