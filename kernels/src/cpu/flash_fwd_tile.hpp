@@ -35,6 +35,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/flash_fwd_cpu.hpp"
@@ -233,26 +234,35 @@ struct FlashFwd {
 #pragma GCC unroll 4
       for (int v = 0; v < NVv; ++v) acc[r][v] = S::mul(S::load(o + r * ldo + c0 + v * L), al);
     }
-    for (int k = 0; k < nk; ++k) {
-      const U* vr = vrows[k] + c0;
-      if (pf)
+    // The key loop twice (with and without prefetch), so the prefill instantiation
+    // (pf == nullptr) carries no test in its innermost loop.
+    const auto keys = [&](auto with_pf) {
+      for (int k = 0; k < nk; ++k) {
+        const U* vr = vrows[k] + c0;
+        if constexpr (decltype(with_pf)::value)
 #pragma GCC unroll 4
-        for (int v = 0; v < NVv; ++v) prefetch_l2<L * sizeof(U)>(pf[k] + c0 + v * L);
-      V b[NVv];
+          for (int v = 0; v < NVv; ++v) prefetch_l2<L * sizeof(U)>(pf[k] + c0 + v * L);
+        V b[NVv];
 #pragma GCC unroll 4
-      for (int v = 0; v < NVv; ++v) {
-        if (kTail && v == NVv - 1) {
-          b[v] = S::load_partial(vr + v * L, tail);
-        } else {
-          b[v] = S::load(vr + v * L);
+        for (int v = 0; v < NVv; ++v) {
+          if (kTail && v == NVv - 1) {
+            b[v] = S::load_partial(vr + v * L, tail);
+          } else {
+            b[v] = S::load(vr + v * L);
+          }
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          const V a = S::set1(pm[r * NC + k]);
+#pragma GCC unroll 4
+          for (int v = 0; v < NVv; ++v) acc[r][v] = S::fma(a, b[v], acc[r][v]);
         }
       }
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const V a = S::set1(pm[r * NC + k]);
-#pragma GCC unroll 4
-        for (int v = 0; v < NVv; ++v) acc[r][v] = S::fma(a, b[v], acc[r][v]);
-      }
+    };
+    if (pf) {
+      keys(std::true_type{});
+    } else {
+      keys(std::false_type{});
     }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
