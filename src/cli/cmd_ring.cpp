@@ -298,8 +298,9 @@ int cmd_ring(int argc, char** argv) {
 
   // Per-step figures, averaged over steps and ranks (and the max wait over ranks);
   // bytes averaged over the steps that sent something.
-  double compute = 0.0, wait = 0.0, bytes = 0.0, sending = 0.0;
+  double compute = 0.0, wait = 0.0, bytes = 0.0, sending = 0.0, calls = 0.0;
   for (const auto& s : stats.steps) {
+    calls += s.kernel_calls;
     compute += s.compute_s;
     wait += s.wait_s;
     bytes += static_cast<double>(s.bytes);
@@ -310,6 +311,7 @@ int cmd_ring(int argc, char** argv) {
   const double wait_max = allreduce_max(comm, wait);
   // The ring runs at the pace of its slowest rank: the spread of the per-rank compute
   // (last iteration, all steps) is the wait the others see.
+  const double calls_per_rank = allreduce_sum(comm, calls) / P;
   const double compute_max = allreduce_max(comm, compute);
   const double compute_min = -allreduce_max(comm, -compute);
   const double sending_all = allreduce_sum(comm, sending);
@@ -441,6 +443,7 @@ int cmd_ring(int argc, char** argv) {
       j.key("step_compute_s").value(compute_step).key("step_wait_s").value(wait_step);
       j.key("max_rank_wait_s").value(wait_max).key("step_bytes").value(bytes_step);
       j.key("max_rank_compute_s").value(compute_max).key("min_rank_compute_s").value(compute_min);
+      j.key("kernel_calls_per_rank").value(calls_per_rank);
       if (check) j.key("max_abs_err").value(max_err).key("max_lse_rel_err").value(max_lse_err);
       j.end_object();
       std::printf("%s\n", j.str().c_str());

@@ -295,12 +295,13 @@ thread_local CachedScratch g_cached_scratch;
 
 RingScratch::RingScratch(const RingPlan& plan, std::int64_t piece_rows)
     : piece(piece_rows),
+      rows_cap(std::max<std::int64_t>(piece_rows, std::min(2 * piece_rows, plan.max_rows))),
       o(std::move(g_cached_scratch.o)),
       lse(std::move(g_cached_scratch.lse)),
-      lse_rows(static_cast<std::size_t>(piece_rows * plan.p->h)),
+      lse_rows(static_cast<std::size_t>(rows_cap * plan.p->h)),
       shifts(static_cast<std::size_t>(plan.max_nb)) {
-  o.resize(static_cast<std::size_t>(plan.max_nb * piece_rows * plan.o_row));
-  lse.resize(static_cast<std::size_t>(plan.max_nb * piece_rows * plan.p->h));
+  o.resize(static_cast<std::size_t>(plan.max_nb * rows_cap * plan.o_row));
+  lse.resize(static_cast<std::size_t>(plan.max_nb * rows_cap * plan.p->h));
 }
 
 RingScratch::~RingScratch() {
@@ -357,6 +358,98 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
     // Row strides between sequences of a dense group (each rank's n_r / n_src).
     const std::int64_t q_seq_rows = qoff[g.first + 1] - qoff[g.first];
     const std::int64_t k_seq_rows = koff[g.first + 1] - koff[g.first];
+    // One kernel call: query rows [q_row0, q_row0 + np) (global row index into the
+    // shard) against the keys of chunks [c0, c1) under mask bm, trimmed to the keys
+    // some row sees (the kernel packs every key it is given).
+    const auto run_call = [&](std::int64_t q_row0, std::int64_t np, int c0, int c1, BlockMask bm) {
+      std::int64_t k_first = 0, k_last = k_lo[c1] - k_lo[c0] - 1;
+      if (bm.kind == BlockMask::kPartial) {
+        if (bm.window_right >= 0) k_last = std::min(k_last, np - 1 + bm.shift + bm.window_right);
+        if (bm.window_left >= 0) k_first = std::max<std::int64_t>(0, bm.shift - bm.window_left);
+        if (k_first > k_last) return;
+        bm.shift -= k_first;
+      }
+      const std::int64_t k_row0 = koff[g.first] + k_lo[c0] + k_first;
+      FwdParams f;
+      f.dtype = p.dtype;
+      f.out_dtype = DType::kF32;
+      f.q = q + static_cast<std::size_t>((q_row0 - qoff[0]) * plan.q_row) * es;
+      f.k = k + static_cast<std::size_t>(k_row0 * plan.k_row) * es;
+      f.v = v + static_cast<std::size_t>(k_row0 * plan.v_row) * es;
+      f.out = scratch.o.data();
+      f.lse = scratch.lse.data();
+      f.q_batch_stride = q_seq_rows * plan.q_row;
+      f.q_row_stride = plan.q_row;
+      f.q_head_stride = p.d;
+      f.k_batch_stride = k_seq_rows * plan.k_row;
+      f.k_row_stride = plan.k_row;
+      f.k_head_stride = p.d;
+      f.v_batch_stride = k_seq_rows * plan.v_row;
+      f.v_row_stride = plan.v_row;
+      f.v_head_stride = p.d_v;
+      f.out_batch_stride = np * plan.o_row;
+      f.out_row_stride = plan.o_row;
+      f.out_head_stride = p.d_v;
+      f.b = g.count;
+      f.s_q = static_cast<int>(np);
+      f.s_k = static_cast<int>(k_last - k_first + 1);
+      f.h = p.h;
+      f.h_k = p.h_k;
+      f.d = p.d;
+      f.d_v = p.d_v;
+      f.mask.scale = p.mask.scale;
+      f.mask.softcap = p.mask.softcap;
+      if (bm.kind == BlockMask::kPartial) {
+        std::fill(scratch.shifts.begin(), scratch.shifts.begin() + g.count, bm.shift);
+        f.mask.mask_shift = scratch.shifts.data();
+        f.mask.window_left = bm.window_left;
+        f.mask.window_right = bm.window_right;
+      }
+      ProgressBridge bridge;
+      if (progress) {
+        bridge.fn = &progress;
+        f.progress.fn = &ProgressBridge::call;
+        f.progress.ctx = &bridge;
+      }
+      engine.forward(f);
+      if (bridge.error) std::rethrow_exception(bridge.error);
+      ++st.kernel_calls;
+      // Merge each sequence's rows: kernel lse [h, np] -> [np, h] to match rows.
+      for (int sb = 0; sb < g.count; ++sb) {
+        const float* l = scratch.lse.data() + static_cast<std::int64_t>(sb) * p.h * np;
+        for (std::int64_t i = 0; i < np; ++i)
+          for (int hh = 0; hh < p.h; ++hh) scratch.lse_rows[i * p.h + hh] = l[hh * np + i];
+        const std::int64_t row = q_row0 - qoff[0] + sb * q_seq_rows;
+        merge_state_inplace(acc_o + row * plan.o_row, acc_lse + row * p.h,
+                            scratch.o.data() + sb * np * plan.o_row, scratch.lse_rows.data(),
+                            np * p.h, p.d_v);
+      }
+      if (progress) progress();
+    };
+    // Calls wait in `pending` so that query ranges stored back to back which see the
+    // same key run fully become ONE call (zigzag: both query chunks of a rank see an
+    // earlier rank's key chunk; one call packs those keys once). Merge order per row
+    // is unchanged: a different call flushes the pending one first.
+    struct Pending {
+      std::int64_t q_row0 = 0, np = 0;
+      int c0 = 0, c1 = 0;
+      BlockMask bm;
+      bool set = false;
+    } pending;
+    const auto flush = [&] {
+      if (pending.set) run_call(pending.q_row0, pending.np, pending.c0, pending.c1, pending.bm);
+      pending.set = false;
+    };
+    const auto enqueue = [&](std::int64_t q_row0, std::int64_t np, int c0, int c1, BlockMask bm) {
+      if (pending.set && bm.kind == BlockMask::kFull && pending.bm.kind == BlockMask::kFull &&
+          pending.c0 == c0 && pending.c1 == c1 && pending.q_row0 + pending.np == q_row0 &&
+          pending.np + np <= scratch.rows_cap) {
+        pending.np += np;
+        return;
+      }
+      flush();
+      pending = Pending{q_row0, np, c0, c1, bm, true};
+    };
     std::int64_t q_lo = 0;
     std::vector<char> visible(k_chunks.size());
     for (const auto& cq : q_chunks) {
@@ -370,74 +463,8 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
                                                .kind != BlockMask::kHidden;
           if (!visible[c] && k_chunks[c].count > 0) ++st.skipped_blocks;
         }
-        // One kernel call for keys of chunks [c0, c1) under mask bm, trimmed to the
-        // keys some row of the piece sees (the kernel packs every key it is given).
         const auto call = [&](int c0, int c1, BlockMask bm) {
-          std::int64_t k_first = 0, k_last = k_lo[c1] - k_lo[c0] - 1;
-          if (bm.kind == BlockMask::kPartial) {
-            if (bm.window_right >= 0)
-              k_last = std::min(k_last, np - 1 + bm.shift + bm.window_right);
-            if (bm.window_left >= 0) k_first = std::max<std::int64_t>(0, bm.shift - bm.window_left);
-            if (k_first > k_last) return;
-            bm.shift -= k_first;
-          }
-          const std::int64_t q_row0 = qoff[g.first] + q_lo + i0;
-          const std::int64_t k_row0 = koff[g.first] + k_lo[c0] + k_first;
-          FwdParams f;
-          f.dtype = p.dtype;
-          f.out_dtype = DType::kF32;
-          f.q = q + static_cast<std::size_t>((q_row0 - qoff[0]) * plan.q_row) * es;
-          f.k = k + static_cast<std::size_t>(k_row0 * plan.k_row) * es;
-          f.v = v + static_cast<std::size_t>(k_row0 * plan.v_row) * es;
-          f.out = scratch.o.data();
-          f.lse = scratch.lse.data();
-          f.q_batch_stride = q_seq_rows * plan.q_row;
-          f.q_row_stride = plan.q_row;
-          f.q_head_stride = p.d;
-          f.k_batch_stride = k_seq_rows * plan.k_row;
-          f.k_row_stride = plan.k_row;
-          f.k_head_stride = p.d;
-          f.v_batch_stride = k_seq_rows * plan.v_row;
-          f.v_row_stride = plan.v_row;
-          f.v_head_stride = p.d_v;
-          f.out_batch_stride = np * plan.o_row;
-          f.out_row_stride = plan.o_row;
-          f.out_head_stride = p.d_v;
-          f.b = g.count;
-          f.s_q = static_cast<int>(np);
-          f.s_k = static_cast<int>(k_last - k_first + 1);
-          f.h = p.h;
-          f.h_k = p.h_k;
-          f.d = p.d;
-          f.d_v = p.d_v;
-          f.mask.scale = p.mask.scale;
-          f.mask.softcap = p.mask.softcap;
-          if (bm.kind == BlockMask::kPartial) {
-            std::fill(scratch.shifts.begin(), scratch.shifts.begin() + g.count, bm.shift);
-            f.mask.mask_shift = scratch.shifts.data();
-            f.mask.window_left = bm.window_left;
-            f.mask.window_right = bm.window_right;
-          }
-          ProgressBridge bridge;
-          if (progress) {
-            bridge.fn = &progress;
-            f.progress.fn = &ProgressBridge::call;
-            f.progress.ctx = &bridge;
-          }
-          engine.forward(f);
-          if (bridge.error) std::rethrow_exception(bridge.error);
-          ++st.kernel_calls;
-          // Merge each sequence's rows: kernel lse [h, np] -> [np, h] to match rows.
-          for (int sb = 0; sb < g.count; ++sb) {
-            const float* l = scratch.lse.data() + static_cast<std::int64_t>(sb) * p.h * np;
-            for (std::int64_t i = 0; i < np; ++i)
-              for (int hh = 0; hh < p.h; ++hh) scratch.lse_rows[i * p.h + hh] = l[hh * np + i];
-            const std::int64_t row = q_row0 - qoff[0] + sb * q_seq_rows;
-            merge_state_inplace(acc_o + row * plan.o_row, acc_lse + row * p.h,
-                                scratch.o.data() + sb * np * plan.o_row, scratch.lse_rows.data(),
-                                np * p.h, p.d_v);
-          }
-          if (progress) progress();
+          enqueue(qoff[g.first] + q_lo + i0, np, c0, c1, bm);
         };
         for (int c0 = 0; c0 < nk;) {
           if (!visible[c0]) {
@@ -461,6 +488,7 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
       }
       q_lo += cq.count;
     }
+    flush();
   }
 }
 

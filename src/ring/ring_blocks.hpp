@@ -58,7 +58,8 @@ struct RingScratch {
   ~RingScratch();
   RingScratch(const RingScratch&) = delete;
   RingScratch& operator=(const RingScratch&) = delete;
-  std::int64_t piece = 1;
+  std::int64_t piece = 1;     // query rows per piece
+  std::int64_t rows_cap = 1;  // rows one kernel call may have (two pieces combined)
   std::vector<float> o, lse, lse_rows;
   std::vector<std::int64_t> shifts;
 };
