@@ -7,7 +7,9 @@
 //                 CPU cannot run throws UnsupportedError naming the missing feature.
 // Every call validates its params (InvalidArgument naming the argument and values)
 // before the backend runs. Engines are cheap to keep and safe to share between
-// threads for concurrent calls on different outputs.
+// threads for concurrent calls on different outputs. A CPU engine keeps up to 4 of
+// its large per-call buffers (packed K/V tiles, split-KV partials) for later calls,
+// so repeated calls do not page-fault fresh memory; they are freed with the engine.
 #pragma once
 
 #include <memory>
