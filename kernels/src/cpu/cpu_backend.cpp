@@ -43,6 +43,20 @@ KernelFn kernel_for(CpuIsa isa) {
   return &cpu::flash_fwd_scalar;
 }
 
+// fp32 decode (every sequence at most kDecodeMaxRows rows per KV head) runs the 256-bit
+// kernel on AVX-512 machines: with 64-byte vectors each load is a whole cache line and
+// the decode kernel measured 10-15 % slower on one thread of the Zen 5 VM and no faster
+// on the Xeon (docs/cpu-backend.md); bf16 / fp16 decode and all prefill keep AVX-512.
+KernelFn kernel_for_problem(CpuIsa isa, const AttnProblem& a) {
+  if (isa == CpuIsa::kAvx512 && a.dtype == DType::kF32) {
+    const int group = a.h / a.h_k;
+    bool decode = true;
+    for (const SeqDesc& sd : a.seqs) decode = decode && sd.s_q * group <= cpu::kDecodeMaxRows;
+    if (decode) return &cpu::flash_fwd_avx2;
+  }
+  return kernel_for(isa);
+}
+
 void set_mask(AttnProblem& a, const MaskParams& m, int d) {
   a.scale = m.scale != 0.0f ? m.scale : 1.0f / std::sqrt(static_cast<float>(d));
   a.softcap = m.softcap;
@@ -127,14 +141,14 @@ AttnProblem make_problem(const FwdParams& p, int threads) {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(CpuIsa isa) : isa_(isa), kernel_(kernel_for(isa)) {}
+  explicit CpuBackend(CpuIsa isa) : isa_(isa) {}
 
   std::string name() const override { return std::string("cpu-") + isa_name(isa_); }
 
   void forward(const FwdParams& p, int threads) override {
     AttnProblem a = make_problem(p, threads);
     a.pool = &pool_;
-    kernel_(a, threads);
+    kernel_for_problem(isa_, a)(a, threads);
   }
 
   void forward_kvcache(const KvCacheParams& p, int threads) override {
@@ -194,7 +208,7 @@ class CpuBackend final : public Backend {
       assign_splits(a.seqs, p.num_splits, p.h, p.h_k, threads);
     }
     a.pool = &pool_;
-    kernel_(a, threads);
+    kernel_for_problem(isa_, a)(a, threads);
   }
 
   SchedulerMetadata plan_kvcache(const KvCacheParams& p, int threads) override {
@@ -221,7 +235,6 @@ class CpuBackend final : public Backend {
 
  private:
   CpuIsa isa_;
-  KernelFn kernel_;
   ScratchPool pool_;
 };
 
