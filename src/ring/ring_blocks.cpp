@@ -426,29 +426,32 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
       }
       if (progress) progress();
     };
-    // Calls wait in `pending` so that query ranges stored back to back which see the
-    // same key run fully become ONE call (zigzag: both query chunks of a rank see an
-    // earlier rank's key chunk; one call packs those keys once). Merge order per row
-    // is unchanged: a different call flushes the pending one first.
+    // Calls wait in `pending` so that whole query chunks stored back to back which see
+    // the same key run fully become ONE call (zigzag: both query chunks of a rank see an
+    // earlier rank's key chunk; one call packs those keys once). Pieces smaller than a
+    // chunk (--piece-rows) are never joined. Merge order per row is unchanged: a
+    // different call flushes the pending one first.
     struct Pending {
       std::int64_t q_row0 = 0, np = 0;
       int c0 = 0, c1 = 0;
       BlockMask bm;
+      bool whole = false;  // a whole query chunk
       bool set = false;
     } pending;
     const auto flush = [&] {
       if (pending.set) run_call(pending.q_row0, pending.np, pending.c0, pending.c1, pending.bm);
       pending.set = false;
     };
-    const auto enqueue = [&](std::int64_t q_row0, std::int64_t np, int c0, int c1, BlockMask bm) {
-      if (pending.set && bm.kind == BlockMask::kFull && pending.bm.kind == BlockMask::kFull &&
-          pending.c0 == c0 && pending.c1 == c1 && pending.q_row0 + pending.np == q_row0 &&
-          pending.np + np <= scratch.rows_cap) {
+    const auto enqueue = [&](std::int64_t q_row0, std::int64_t np, bool whole, int c0, int c1,
+                             BlockMask bm) {
+      if (pending.set && whole && pending.whole && bm.kind == BlockMask::kFull &&
+          pending.bm.kind == BlockMask::kFull && pending.c0 == c0 && pending.c1 == c1 &&
+          pending.q_row0 + pending.np == q_row0 && pending.np + np <= scratch.rows_cap) {
         pending.np += np;
         return;
       }
       flush();
-      pending = Pending{q_row0, np, c0, c1, bm, true};
+      pending = Pending{q_row0, np, c0, c1, bm, whole, true};
     };
     std::int64_t q_lo = 0;
     std::vector<char> visible(k_chunks.size());
@@ -464,7 +467,7 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
           if (!visible[c] && k_chunks[c].count > 0) ++st.skipped_blocks;
         }
         const auto call = [&](int c0, int c1, BlockMask bm) {
-          enqueue(qoff[g.first] + q_lo + i0, np, c0, c1, bm);
+          enqueue(qoff[g.first] + q_lo + i0, np, np == cq.count, c0, c1, bm);
         };
         for (int c0 = 0; c0 < nk;) {
           if (!visible[c0]) {
