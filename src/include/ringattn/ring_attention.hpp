@@ -50,8 +50,10 @@ struct RingAttentionParams {
 };
 
 struct RingOptions {
-  // Call MPI_Testall between pieces of compute so the K/V transfer proceeds while
-  // the kernel runs (Open MPI moves large messages only inside MPI calls).
+  // Test the step's MPI requests between kernel calls and, through the kernel's
+  // ProgressHook, between key tiles, so the K/V transfer proceeds while the kernel
+  // runs (Open MPI moves large messages only inside MPI calls when it has no
+  // single-copy path).
   bool progress = true;
   // Query rows per kernel call (0 = whole chunks: a zigzag rank makes one call per
   // query chunk and step, its key chunks merged into one call where the mask allows).
