@@ -122,8 +122,9 @@ int cmd_ring(int argc, char** argv) {
       "check", po::bool_switch(&check),
       "verify a sample of rows against a float64 single-process computation")(
       "check-rows", po::value<int>(&check_rows)->default_value(4),
-      "rows per rank checked with --check")("no-progress", po::bool_switch(&no_progress),
-                                            "do not drive MPI progress between or inside kernel calls")(
+      "rows per rank checked with --check")(
+      "no-progress", po::bool_switch(&no_progress),
+      "do not drive MPI progress between or inside kernel calls")(
       "piece-rows", po::value<int>(&piece_rows)->default_value(0),
       "query rows per kernel call (0 = auto)")(
       "json", po::bool_switch(&json), "print the result as one JSON object instead of a line");
