@@ -88,18 +88,15 @@ std::string describe(const DenseCase& c) {
          " splits" + std::to_string(c.num_splits);
 }
 
-// Dense forward of every cpu backend vs reference.
-void check_dense(const DenseCase& c, std::uint32_t seed) {
-  std::mt19937 rng(seed);
-  const auto q = random_tensor(static_cast<std::size_t>(c.b) * c.s_q * c.h * c.d, c.dtype, rng);
-  const auto k = random_tensor(static_cast<std::size_t>(c.b) * c.s_k * c.h_k * c.d, c.dtype, rng);
-  const auto v = random_tensor(static_cast<std::size_t>(c.b) * c.s_k * c.h_k * c.d_v, c.dtype, rng);
+// Dense FwdParams for case c over contiguous q [b, s_q, h, d], k [b, s_k, h_k, d],
+// v [b, s_k, h_k, d_v] and out [b, s_q, h, d_v] (out/lse pointers left to the caller).
+FwdParams dense_params(const DenseCase& c, const void* q, const void* k, const void* v) {
   FwdParams p;
   p.dtype = c.dtype;
   p.out_dtype = c.out_dtype;
-  p.q = q.data();
-  p.k = k.data();
-  p.v = v.data();
+  p.q = q;
+  p.k = k;
+  p.v = v;
   p.b = c.b;
   p.s_q = c.s_q;
   p.s_k = c.s_k;
@@ -123,6 +120,17 @@ void check_dense(const DenseCase& c, std::uint32_t seed) {
   p.mask.window_left = c.w_left;
   p.mask.window_right = c.w_right;
   p.mask.softcap = c.softcap;
+  p.num_splits = c.num_splits;
+  return p;
+}
+
+// Dense forward of every cpu backend vs reference.
+void check_dense(const DenseCase& c, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  const auto q = random_tensor(static_cast<std::size_t>(c.b) * c.s_q * c.h * c.d, c.dtype, rng);
+  const auto k = random_tensor(static_cast<std::size_t>(c.b) * c.s_k * c.h_k * c.d, c.dtype, rng);
+  const auto v = random_tensor(static_cast<std::size_t>(c.b) * c.s_k * c.h_k * c.d_v, c.dtype, rng);
+  FwdParams p = dense_params(c, q.data(), k.data(), v.data());
 
   const std::size_t n_out = static_cast<std::size_t>(c.b) * c.s_q * c.h * c.d_v;
   const std::size_t n_lse = static_cast<std::size_t>(c.b) * c.h * c.s_q;
@@ -453,22 +461,9 @@ TEST(CpuBackend, ProgressHookRunsOnCallerAndChangesNothing) {
     for (const std::string& be : backends)
       for (const int threads : {1, 2}) {
         SCOPED_TRACE(be + " s_q=" + std::to_string(s_q) + " threads=" + std::to_string(threads));
-        FwdParams p;
-        p.q = q.data();
-        p.k = k.data();
-        p.v = v.data();
-        p.b = 1;
-        p.s_q = s_q;
-        p.s_k = s_k;
-        p.h = h;
-        p.h_k = h_k;
-        p.d = p.d_v = d;
-        p.q_head_stride = p.k_head_stride = p.v_head_stride = p.out_head_stride = d;
-        p.q_row_stride = p.out_row_stride = h * d;
-        p.k_row_stride = p.v_row_stride = h_k * d;
-        p.q_batch_stride = p.out_batch_stride = std::int64_t{s_q} * h * d;
-        p.k_batch_stride = p.v_batch_stride = std::int64_t{s_k} * h_k * d;
-        p.mask.causal = true;
+        FwdParams p = dense_params(
+            {1, s_q, s_k, h, h_k, d, d, DType::kF32, true, -1, -1, 0.0f, 0, DType::kF32}, q.data(),
+            k.data(), v.data());
         std::vector<float> plain(static_cast<std::size_t>(s_q) * h * d, kNaN), hooked = plain;
         std::vector<float> lse_plain(static_cast<std::size_t>(h) * s_q, kNaN),
             lse_hooked = lse_plain;
@@ -524,22 +519,9 @@ TEST(CpuBackend, SharedEngineConcurrentCallsGetOwnScratch) {
                      {}});
   const Engine engine(EngineOptions{"cpu", 1});
   const auto run = [&](const Problem& pr, std::vector<float>& out) {
-    FwdParams p;
-    p.q = pr.q.data();
-    p.k = pr.k.data();
-    p.v = pr.v.data();
-    p.b = 1;
-    p.s_q = pr.s_q;
-    p.s_k = pr.s_k;
-    p.h = h;
-    p.h_k = h_k;
-    p.d = p.d_v = d;
-    p.q_head_stride = p.k_head_stride = p.v_head_stride = p.out_head_stride = d;
-    p.q_row_stride = p.out_row_stride = h * d;
-    p.k_row_stride = p.v_row_stride = h_k * d;
-    p.q_batch_stride = p.out_batch_stride = std::int64_t{pr.s_q} * h * d;
-    p.k_batch_stride = p.v_batch_stride = std::int64_t{pr.s_k} * h_k * d;
-    p.num_splits = pr.s_q == 1 ? 6 : 0;
+    FwdParams p = dense_params({1, pr.s_q, pr.s_k, h, h_k, d, d, DType::kF32, false, -1, -1, 0.0f,
+                                pr.s_q == 1 ? 6 : 0, DType::kF32},
+                               pr.q.data(), pr.k.data(), pr.v.data());
     out.assign(static_cast<std::size_t>(pr.s_q) * h * d, kNaN);
     p.out = out.data();
     engine.forward(p);
