@@ -51,7 +51,7 @@ KernelFn kernel_for_problem(CpuIsa isa, const AttnProblem& a) {
   if (isa == CpuIsa::kAvx512 && a.dtype == DType::kF32) {
     const int group = a.h / a.h_k;
     bool decode = true;
-    for (const SeqDesc& sd : a.seqs) decode = decode && sd.s_q * group <= cpu::kDecodeMaxRows;
+    for (const SeqDesc& sd : a.seqs) decode = decode && cpu::is_decode(sd.s_q, group);
     if (decode) return &cpu::flash_fwd_avx2;
   }
   return kernel_for(isa);

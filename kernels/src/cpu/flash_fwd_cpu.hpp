@@ -97,8 +97,12 @@ inline constexpr int kDecodeMaxRows = 16;
 // than they gain in parallelism).
 inline constexpr int kMinKeysPerSplit = 256;
 
+// A sequence runs the decode kernel when its rows per KV head (query rows x heads of
+// one group) are at most kDecodeMaxRows.
+inline bool is_decode(int s_q, int group) { return s_q * group <= kDecodeMaxRows; }
+
 inline int query_block_rows(int s_q, int group) {
-  if (s_q * group <= kDecodeMaxRows) return std::max(s_q, 1);
+  if (is_decode(s_q, group)) return std::max(s_q, 1);
   return std::clamp(kPrefillRows / group, 1, std::max(s_q, 1));
 }
 
@@ -118,7 +122,7 @@ inline int decode_heads_per_task(int s_q, int group, int h_k) {
 inline std::int64_t unsplit_tasks(int s_q, int h, int h_k) {
   const int group = h / h_k;
   if (s_q <= 0) return 0;
-  if (s_q * group <= kDecodeMaxRows) {
+  if (is_decode(s_q, group)) {
     const int hpt = decode_heads_per_task(s_q, group, h_k);
     return (h_k + hpt - 1) / hpt;
   }

@@ -146,7 +146,7 @@ struct FlashFwd {
       max_rows = std::max(
           max_rows,
           query_block_rows(sd.s_q, group) * group *
-              (sd.s_q * group <= kDecodeMaxRows ? decode_heads_per_task(sd.s_q, group, p.h_k) : 1));
+              (is_decode(sd.s_q, group) ? decode_heads_per_task(sd.s_q, group, p.h_k) : 1));
   }
 
   void init_scratch(Scratch& sc) const {
@@ -441,7 +441,7 @@ struct FlashFwd {
     const int nq = t.nq;
     const int gq = t.nh * group;  // query heads of the task
     const int M = nq * gq;
-    const bool decode = sd.s_q * group <= kDecodeMaxRows;
+    const bool decode = is_decode(sd.s_q, group);
     const float qmul = p.softcap > 0.0f ? p.scale / p.softcap : p.scale;
     float* q = sc.q.get();
     float* o = sc.o.get();
@@ -678,7 +678,7 @@ struct FlashFwd {
     std::int64_t pack_total = 0;
     for (int si = 0; si < nseq; ++si) {
       const SeqDesc& sd = p.seqs[static_cast<std::size_t>(si)];
-      if (sd.s_q <= 0 || sd.s_k <= 0 || sd.s_q * group <= kDecodeMaxRows ||
+      if (sd.s_q <= 0 || sd.s_k <= 0 || is_decode(sd.s_q, group) ||
           num_query_blocks(sd.s_q, group) < 2)
         continue;
       pack_base[static_cast<std::size_t>(si)] = pack_total;
@@ -705,7 +705,7 @@ struct FlashFwd {
         splits = static_cast<int>((sd.s_k + chunk - 1) / chunk);
       }
       const std::int64_t ntiles = (sd.s_k + NC - 1) / NC;
-      const bool decode = sd.s_q * group <= kDecodeMaxRows;
+      const bool decode = is_decode(sd.s_q, group);
       const int hpt = decode ? decode_heads_per_task(sd.s_q, group, p.h_k) : 1;
       for (int hk = 0; hk < p.h_k; hk += hpt) {
         const int nh = std::min(hpt, p.h_k - hk);
