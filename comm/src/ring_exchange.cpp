@@ -1,9 +1,7 @@
 #include "ringattn/comm/ring_exchange.hpp"
 
 #include <climits>
-#include <memory>
-#include <mutex>
-#include <vector>
+#include <new>
 
 #include "ringattn/comm/mpi_check.hpp"
 
@@ -11,44 +9,12 @@ namespace ringattn::comm {
 
 namespace {
 
-// Free exchange buffers kept for the next ring call (at most kKeep, newest first).
-class BufferPool {
- public:
-  static BufferPool& instance() {
-    static BufferPool pool;
-    return pool;
-  }
-  std::unique_ptr<std::byte[]> take(std::size_t bytes, std::size_t* capacity) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      for (auto it = free_.begin(); it != free_.end(); ++it) {
-        if (it->capacity >= bytes) {
-          std::unique_ptr<std::byte[]> b = std::move(it->data);
-          *capacity = it->capacity;
-          free_.erase(it);
-          return b;
-        }
-      }
-    }
-    *capacity = bytes;
-    return std::unique_ptr<std::byte[]>(new std::byte[bytes]);  // uninitialised
-  }
-  void give(std::unique_ptr<std::byte[]> b, std::size_t capacity) {
-    if (!b) return;
-    std::lock_guard<std::mutex> lock(mu_);
-    free_.insert(free_.begin(), Entry{std::move(b), capacity});
-    if (free_.size() > kKeep) free_.pop_back();
-  }
-
- private:
-  static constexpr std::size_t kKeep = 6;  // two exchanges of three buffers (pass-Q)
-  struct Entry {
-    std::unique_ptr<std::byte[]> data;
-    std::size_t capacity;
-  };
-  std::mutex mu_;
-  std::vector<Entry> free_;
-};
+// Free exchange buffers kept for the next ring call: two exchanges of three buffers
+// (pass-Q runs two).
+BufferPool& exchange_pool() {
+  static BufferPool pool(6);
+  return pool;
+}
 
 }  // namespace
 
@@ -57,13 +23,13 @@ RingExchange::RingExchange(const Communicator& comm, std::size_t max_bytes, int 
   RA_CHECK_ARG_LE(max_bytes, static_cast<std::size_t>(INT_MAX),
                   "ring exchange: block larger than one MPI message (bytes)");
   for (int i = 0; i < kBuffers; ++i)
-    buffers_[i] = BufferPool::instance().take(max_bytes == 0 ? 1 : max_bytes, &capacity_[i]);
+    if (!BufferPool::take(&exchange_pool(), max_bytes, buffers_[i])) throw std::bad_alloc();
   const int count = static_cast<int>(max_bytes);
   for (int i = 0; i < kBuffers; ++i) {
-    RA_MPI_CHECK(MPI_Send_init(buffers_[i].get(), count, MPI_BYTE, comm.right(), tag, comm.get(),
+    RA_MPI_CHECK(MPI_Send_init(buffers_[i].data(), count, MPI_BYTE, comm.right(), tag, comm.get(),
                                &send_[i]));
-    RA_MPI_CHECK(
-        MPI_Recv_init(buffers_[i].get(), count, MPI_BYTE, comm.left(), tag, comm.get(), &recv_[i]));
+    RA_MPI_CHECK(MPI_Recv_init(buffers_[i].data(), count, MPI_BYTE, comm.left(), tag, comm.get(),
+                               &recv_[i]));
   }
 }
 
@@ -78,8 +44,6 @@ RingExchange::~RingExchange() {
     if (send_[i] != MPI_REQUEST_NULL) MPI_Request_free(&send_[i]);
     if (recv_[i] != MPI_REQUEST_NULL) MPI_Request_free(&recv_[i]);
   }
-  for (int i = 0; i < kBuffers; ++i)
-    BufferPool::instance().give(std::move(buffers_[i]), capacity_[i]);
 }
 
 void RingExchange::start() {

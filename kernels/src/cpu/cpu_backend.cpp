@@ -26,7 +26,6 @@ namespace ringattn::detail {
 namespace {
 
 using cpu::AttnProblem;
-using cpu::ScratchPool;
 using cpu::SeqDesc;
 
 using KernelFn = void (*)(const AttnProblem&, int);
@@ -235,7 +234,7 @@ class CpuBackend final : public Backend {
 
  private:
   CpuIsa isa_;
-  ScratchPool pool_;
+  BufferPool pool_{4};  // packed K/V and split partials of up to 4 calls
 };
 
 }  // namespace

@@ -11,9 +11,9 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu/scratch_pool.hpp"
 #include "kvcache_prepare.hpp"
 #include "ringattn/attention_params.hpp"
+#include "ringattn/buffer_pool.hpp"
 
 namespace ringattn::detail::cpu {
 
@@ -57,8 +57,8 @@ struct AttnProblem {
   int w_left = -1;       // -1 = unbounded
   int w_right = -1;      // causal already folded in (0)
   std::vector<SeqDesc> seqs;
-  ProgressHook progress;        // polled by the calling thread (progress_throttle.hpp)
-  ScratchPool* pool = nullptr;  // large per-call buffers kept between calls; nullable
+  ProgressHook progress;       // polled by the calling thread (progress_throttle.hpp)
+  BufferPool* pool = nullptr;  // large per-call buffers kept between calls; nullable
 };
 
 // Helpers used by the generic backend and by the ISA translation units live in an
@@ -149,6 +149,11 @@ inline int choose_num_splits(std::int64_t s_k, std::int64_t base_tasks, int thre
 // dst[off + c] = src[c] * mul for c < n, stored as `t` (round to nearest even).
 void store_row_converted(void* dst, std::int64_t off, DType t, const float* src, float mul, int n);
 [[noreturn]] void throw_scratch_alloc_failure(std::size_t bytes);
+
+// A scratch buffer from `pool` (nullable) or ResourceError naming the size.
+inline void take_scratch(BufferPool* pool, std::size_t bytes, BufferPool::Lease& lease) {
+  if (!BufferPool::take(pool, bytes, lease)) throw_scratch_alloc_failure(bytes);
+}
 [[noreturn]] void throw_unsupported_dtype(DType t);
 
 // Entry points, one per ISA (flash_fwd_cpu_<isa>.cpp).

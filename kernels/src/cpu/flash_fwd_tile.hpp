@@ -688,10 +688,10 @@ struct FlashFwd {
       std::fill(pack_base.begin(), pack_base.end(), -1);
       pack_total = 0;
     }
-    ScratchPool::Lease pack_lease;
+    BufferPool::Lease pack_lease;
     std::vector<PackItem> pack_items;
     if (pack_total > 0)
-      ScratchPool::take(p.pool, static_cast<std::size_t>(pack_total) * sizeof(float), pack_lease);
+      take_scratch(p.pool, static_cast<std::size_t>(pack_total) * sizeof(float), pack_lease);
     float* const pack_buf = static_cast<float*>(pack_lease.data());
 
     for (int si = 0; si < nseq; ++si) {
@@ -731,13 +731,13 @@ struct FlashFwd {
       }
     }
     // Split partials: o [parts][max_rows][dvp] then their states [parts][max_rows].
-    ScratchPool::Lease part_lease;
+    BufferPool::Lease part_lease;
     const std::size_t part_o_floats = static_cast<std::size_t>(parts) * max_rows * dvp;
     if (parts > 0)
-      ScratchPool::take(p.pool,
-                        part_o_floats * sizeof(float) +
-                            static_cast<std::size_t>(parts) * max_rows * sizeof(SoftmaxState),
-                        part_lease);
+      take_scratch(p.pool,
+                   part_o_floats * sizeof(float) +
+                       static_cast<std::size_t>(parts) * max_rows * sizeof(SoftmaxState),
+                   part_lease);
     float* const part_o = static_cast<float*>(part_lease.data());
     SoftmaxState* const part_st = reinterpret_cast<SoftmaxState*>(part_o + part_o_floats);
 

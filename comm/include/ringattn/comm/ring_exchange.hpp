@@ -32,8 +32,8 @@
 #include <mpi.h>
 
 #include <cstddef>
-#include <memory>
 
+#include "ringattn/buffer_pool.hpp"
 #include "ringattn/comm/communicator.hpp"
 
 namespace ringattn::comm {
@@ -49,8 +49,8 @@ class RingExchange {
   // The block in hand (max_bytes long). Fill it before the first start(); it must
   // not be written while a transfer started from it may be in flight (until the
   // next-but-one start()).
-  std::byte* current() { return buffers_[cur_].get(); }
-  const std::byte* current() const { return buffers_[cur_].get(); }
+  std::byte* current() { return static_cast<std::byte*>(buffers_[cur_].data()); }
+  const std::byte* current() const { return static_cast<const std::byte*>(buffers_[cur_].data()); }
 
   // Posts receive of the next block and send of the current one.
   void start();
@@ -66,11 +66,11 @@ class RingExchange {
   std::size_t max_bytes_;
   static constexpr int kBuffers = 3;
   int next() const { return (cur_ + 1) % kBuffers; }
-  // Taken from (and given back to) a process-wide pool: ring calls repeat (every
-  // layer, every iteration), and fresh buffers of tens of MB would pay page faults
-  // and zeroing on every call. Contents start unspecified.
-  std::unique_ptr<std::byte[]> buffers_[kBuffers];
-  std::size_t capacity_[kBuffers] = {0, 0, 0};
+  // Taken from (and given back to, after the requests are freed) a process-wide
+  // BufferPool: ring calls repeat (every layer, every iteration), and fresh buffers of
+  // tens of MB would pay page faults and zeroing on every call. Contents start
+  // unspecified.
+  BufferPool::Lease buffers_[kBuffers];
   MPI_Request send_[kBuffers] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
   MPI_Request recv_[kBuffers] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
   bool send_active_[kBuffers] = {false, false, false};

@@ -1,10 +1,11 @@
-#include "cpu/scratch_pool.hpp"
+#include "ringattn/buffer_pool.hpp"
 
-#include "cpu/flash_fwd_cpu.hpp"
+#include <algorithm>
+#include <cstdlib>
 
-namespace ringattn::detail::cpu {
+namespace ringattn {
 
-ScratchPool::Lease::~Lease() {
+BufferPool::Lease::~Lease() {
   if (!data_) return;
   if (pool_) {
     pool_->give(data_, capacity_);
@@ -13,11 +14,11 @@ ScratchPool::Lease::~Lease() {
   }
 }
 
-ScratchPool::~ScratchPool() {
+BufferPool::~BufferPool() {
   for (const Free& f : free_) std::free(f.data);
 }
 
-void ScratchPool::take(ScratchPool* pool, std::size_t bytes, Lease& lease) {
+bool BufferPool::take(BufferPool* pool, std::size_t bytes, Lease& lease) {
   const std::size_t want = (std::max<std::size_t>(bytes, 1) + 63) / 64 * 64;
   lease.pool_ = pool;
   if (pool) {
@@ -32,18 +33,18 @@ void ScratchPool::take(ScratchPool* pool, std::size_t bytes, Lease& lease) {
       lease.data_ = pool->free_[best].data;
       lease.capacity_ = pool->free_[best].capacity;
       pool->free_.erase(pool->free_.begin() + static_cast<std::ptrdiff_t>(best));
-      return;
+      return true;
     }
   }
   lease.data_ = std::aligned_alloc(64, want);
-  if (!lease.data_) throw_scratch_alloc_failure(want);
-  lease.capacity_ = want;
+  lease.capacity_ = lease.data_ ? want : 0;
+  return lease.data_ != nullptr;
 }
 
-void ScratchPool::give(void* data, std::size_t capacity) {
+void BufferPool::give(void* data, std::size_t capacity) {
   std::lock_guard<std::mutex> lock(mu_);
   free_.insert(free_.begin(), Free{data, capacity});
-  if (free_.size() > kKeep) {
+  if (free_.size() > keep_) {
     // Drop the smallest: the large buffers are the ones worth keeping.
     std::size_t smallest = 0;
     for (std::size_t i = 1; i < free_.size(); ++i)
@@ -53,4 +54,4 @@ void ScratchPool::give(void* data, std::size_t capacity) {
   }
 }
 
-}  // namespace ringattn::detail::cpu
+}  // namespace ringattn
