@@ -5,6 +5,7 @@
 #include <climits>
 #include <exception>
 #include <functional>
+#include <new>
 #include <sstream>
 
 #include "ringattn/comm/collectives.hpp"
@@ -283,30 +284,27 @@ std::int64_t ring_piece_rows(const RingPlan& plan, const RingOptions& options) {
 
 namespace {
 
-// Scratch vectors kept between ring calls on this thread: a fresh multi-MiB buffer
-// costs a page fault and a page clear per 4 KiB on every call (the kernel's own large
-// buffers are pooled by its backend for the same reason).
-struct CachedScratch {
-  std::vector<float> o, lse;
-};
-thread_local CachedScratch g_cached_scratch;
+// The kernel's partial outputs, kept between ring calls (BufferPool: a fresh multi-MiB
+// buffer costs a page fault and a page clear per 4 KiB on every call).
+BufferPool& ring_scratch_pool() {
+  static BufferPool pool(2);
+  return pool;
+}
+
+float* take_floats(std::size_t n, BufferPool::Lease& lease) {
+  if (!BufferPool::take(&ring_scratch_pool(), n * sizeof(float), lease)) throw std::bad_alloc();
+  return static_cast<float*>(lease.data());
+}
 
 }  // namespace
 
 RingScratch::RingScratch(const RingPlan& plan, std::int64_t piece_rows)
     : piece(piece_rows),
       rows_cap(std::max<std::int64_t>(piece_rows, std::min(2 * piece_rows, plan.max_rows))),
-      o(std::move(g_cached_scratch.o)),
-      lse(std::move(g_cached_scratch.lse)),
       lse_rows(static_cast<std::size_t>(rows_cap * plan.p->h)),
       shifts(static_cast<std::size_t>(plan.max_nb)) {
-  o.resize(static_cast<std::size_t>(plan.max_nb * rows_cap * plan.o_row));
-  lse.resize(static_cast<std::size_t>(plan.max_nb * rows_cap * plan.p->h));
-}
-
-RingScratch::~RingScratch() {
-  g_cached_scratch.o = std::move(o);
-  g_cached_scratch.lse = std::move(lse);
+  o = take_floats(static_cast<std::size_t>(plan.max_nb * rows_cap * plan.o_row), o_lease);
+  lse = take_floats(static_cast<std::size_t>(plan.max_nb * rows_cap * plan.p->h), lse_lease);
 }
 
 namespace {
@@ -376,8 +374,8 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
       f.q = q + static_cast<std::size_t>((q_row0 - qoff[0]) * plan.q_row) * es;
       f.k = k + static_cast<std::size_t>(k_row0 * plan.k_row) * es;
       f.v = v + static_cast<std::size_t>(k_row0 * plan.v_row) * es;
-      f.out = scratch.o.data();
-      f.lse = scratch.lse.data();
+      f.out = scratch.o;
+      f.lse = scratch.lse;
       f.q_batch_stride = q_seq_rows * plan.q_row;
       f.q_row_stride = plan.q_row;
       f.q_head_stride = p.d;
@@ -416,13 +414,13 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
       ++st.kernel_calls;
       // Merge each sequence's rows: kernel lse [h, np] -> [np, h] to match rows.
       for (int sb = 0; sb < g.count; ++sb) {
-        const float* l = scratch.lse.data() + static_cast<std::int64_t>(sb) * p.h * np;
+        const float* l = scratch.lse + static_cast<std::int64_t>(sb) * p.h * np;
         for (std::int64_t i = 0; i < np; ++i)
           for (int hh = 0; hh < p.h; ++hh) scratch.lse_rows[i * p.h + hh] = l[hh * np + i];
         const std::int64_t row = q_row0 - qoff[0] + sb * q_seq_rows;
         merge_state_inplace(acc_o + row * plan.o_row, acc_lse + row * p.h,
-                            scratch.o.data() + sb * np * plan.o_row, scratch.lse_rows.data(),
-                            np * p.h, p.d_v);
+                            scratch.o + sb * np * plan.o_row, scratch.lse_rows.data(), np * p.h,
+                            p.d_v);
       }
       if (progress) progress();
     };

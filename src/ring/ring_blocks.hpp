@@ -12,6 +12,7 @@
 #include <functional>
 #include <vector>
 
+#include "ringattn/buffer_pool.hpp"
 #include "ringattn/engine.hpp"
 #include "ringattn/ring_attention.hpp"
 
@@ -54,13 +55,15 @@ std::int64_t ring_piece_rows(const RingPlan& plan, const RingOptions& options);
 // Scratch of one kernel call: out [nb, piece, h, d_v], lse [nb, h, piece], lse in row
 // order [piece, h], per-sequence shifts [nb].
 struct RingScratch {
-  RingScratch(const RingPlan& plan, std::int64_t piece);  // reuses this thread's last buffers
-  ~RingScratch();
+  RingScratch(const RingPlan& plan, std::int64_t piece);  // buffers from a process-wide pool
   RingScratch(const RingScratch&) = delete;
   RingScratch& operator=(const RingScratch&) = delete;
   std::int64_t piece = 1;     // query rows per piece
   std::int64_t rows_cap = 1;  // rows one kernel call may have (two pieces combined)
-  std::vector<float> o, lse, lse_rows;
+  BufferPool::Lease o_lease, lse_lease;
+  float* o = nullptr;    // [max_nb, rows_cap, h, d_v] kernel output of one call
+  float* lse = nullptr;  // [max_nb, h, rows_cap] its LSE
+  std::vector<float> lse_rows;
   std::vector<std::int64_t> shifts;
 };
 
