@@ -387,6 +387,16 @@ struct FlashFwd {
       pv_block<R, NVD, false>(pm, vrows, nk, c0, 0, alpha, o, ldo, pf);
     if (c0 < ncols) pv_cols<R>(pm, vrows, nk, ncols, tail, alpha, o, ldo, c0, pf);
   }
+  // Runtime row count (1 .. 4) -> pv_cols_wide<R>.
+  template <class U, int R = 4>
+  static void pv_wide_dispatch(int rows, const float* pm, const U* const* vrows, int nk, int ncols,
+                               int tail, const float* alpha, float* o, int ldo,
+                               const U* const* pf) {
+    if constexpr (R > 0) {
+      if (rows == R) return pv_cols_wide<R>(pm, vrows, nk, ncols, tail, alpha, o, ldo, pf);
+      return pv_wide_dispatch<U, R - 1>(rows, pm, vrows, nk, ncols, tail, alpha, o, ldo, pf);
+    }
+  }
   template <class U, int R = (MR > 8 ? MR : 8)>
   static void pv_dispatch(int rows, const float* pm, const U* const* vrows, int nk, int ncols,
                           int tail, const float* alpha, float* o, int ldo,
@@ -631,21 +641,11 @@ struct FlashFwd {
         float* const sr = sc.s.get() + r0 * NC;
         float* const orow = sc.o.get() + r0 * dvp;
         const float* const al = sc.alpha.get() + r0;
-        switch (rows) {  // up to 4 rows (GQA groups of 4): wider column blocks
-          case 4:
-            pv_cols_wide<4>(sr, vp, nc, dvp, tail, al, orow, dvp, vf);
-            break;
-          case 3:
-            pv_cols_wide<3>(sr, vp, nc, dvp, tail, al, orow, dvp, vf);
-            break;
-          case 2:
-            pv_cols_wide<2>(sr, vp, nc, dvp, tail, al, orow, dvp, vf);
-            break;
-          case 1:
-            pv_cols_wide<1>(sr, vp, nc, dvp, tail, al, orow, dvp, vf);
-            break;
-          default:
-            pv_dispatch<T>(rows, sr, vp, nc, dvp, tail, al, orow, dvp, vf);
+        // Up to 4 rows (GQA groups of 4): wider column blocks.
+        if (rows <= 4) {
+          pv_wide_dispatch(rows, sr, vp, nc, dvp, tail, al, orow, dvp, vf);
+        } else {
+          pv_dispatch<T>(rows, sr, vp, nc, dvp, tail, al, orow, dvp, vf);
         }
       }
     }
