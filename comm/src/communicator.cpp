@@ -1,8 +1,20 @@
 #include "ringattn/comm/communicator.hpp"
 
+#include <cstdlib>
+#include <exception>
+
 #include "ringattn/comm/mpi_check.hpp"
 
 namespace ringattn::comm {
+namespace {
+
+void finalize_at_exit() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Finalize();
+}
+
+}  // namespace
 
 MpiRuntime::MpiRuntime(int* argc, char*** argv, int required) {
   int initialized = 0;
@@ -17,11 +29,13 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv, int required) {
            "MPI: thread support level " << provided_ << " is below the required " << required);
 }
 
+// Leaving by an exception (an error every rank agreed on), MPI_Finalize waits for exit:
+// the caller prints the error first, and since finalising synchronises the ranks, no
+// rank exits (making mpirun kill the others) before every rank has printed it.
 MpiRuntime::~MpiRuntime() {
   if (!owns_) return;
-  int finalized = 0;
-  MPI_Finalized(&finalized);
-  if (!finalized) MPI_Finalize();
+  if (std::uncaught_exceptions() > 0 && std::atexit(finalize_at_exit) == 0) return;
+  finalize_at_exit();
 }
 
 Communicator::Communicator(MPI_Comm parent) {
