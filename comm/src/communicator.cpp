@@ -29,9 +29,10 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv, int required) {
            "MPI: thread support level " << provided_ << " is below the required " << required);
 }
 
-// Leaving by an exception (an error every rank agreed on), MPI_Finalize waits for exit:
-// the caller prints the error first, and since finalising synchronises the ranks, no
-// rank exits (making mpirun kill the others) before every rank has printed it.
+// Leaving by an exception, MPI_Finalize is deferred to exit: the CLI prints the error
+// first. For an error the ranks agreed on (collectives.hpp, agree_on_error) every rank
+// prints it and then meets the others in MPI_Finalize, so no rank exits (which makes
+// mpirun kill the rest) before all have printed.
 MpiRuntime::~MpiRuntime() {
   if (!owns_) return;
   if (std::uncaught_exceptions() > 0 && std::atexit(finalize_at_exit) == 0) return;
