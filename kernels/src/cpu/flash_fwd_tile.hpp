@@ -586,22 +586,211 @@ struct FlashFwd {
     }
   }
 
-  // One key tile of the decode kernel, all nh KV heads of the task. Rows of head hh
-  // are r in [hh * mh, (hh + 1) * mh). Loop order: head-major within the tile (for
-  // each head, its nc key rows, then the next head), K for the scores, then V for
-  // O += P V, each row read exactly once. Key row pointers are resolved once per key
-  // (the cache page lookup) and offset by the head stride.
+  // One key tile of the decode kernel. fp32 K/V run in key-major order (memory bound:
+  // K and V read as single ascending streams), 2-byte K/V in head-major order (half the
+  // bytes per key, so the arithmetic bounds it, and head-major keeps the P V
+  // accumulators in registers: 25 against 37 ns per key and head on AVX-512).
+  void decode_tile(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq, std::int64_t j0,
+                   int nc, bool full) const {
+    if constexpr (sizeof(T) == 4) {
+      decode_tile_key_major(sd, t, sc, M, nq, j0, nc, full);
+    } else {
+      decode_tile_head_major(sd, t, sc, M, nq, j0, nc, full);
+    }
+  }
+
+  // ---------------- decode (key-major) ----------------
+
+  // Calls f(std::integral_constant<int, R>{}, r0) for rows [r0, r0 + R) covering
+  // [0, rows) in chunks of at most 4 rows (the register block of qk_key / pv_key).
+  template <int RH, class F>
+  static void row_chunks(int rows, F&& f) {
+    if constexpr (RH > 0) {
+      int r0 = 0;
+#pragma GCC unroll 4
+      for (; r0 + 4 <= RH; r0 += 4) f(std::integral_constant<int, 4>{}, r0);
+      if constexpr (RH % 4 != 0) f(std::integral_constant<int, RH % 4>{}, r0);
+      return;
+    }
+    int r0 = 0;
+    for (; r0 + 4 <= rows; r0 += 4) f(std::integral_constant<int, 4>{}, r0);
+    switch (rows - r0) {
+      case 3:
+        return f(std::integral_constant<int, 3>{}, r0);
+      case 2:
+        return f(std::integral_constant<int, 2>{}, r0);
+      case 1:
+        return f(std::integral_constant<int, 1>{}, r0);
+      default:
+        return;
+    }
+  }
+
+  // Decode scores against one key row of one KV head: s[r * NC] = q[r] . krow for R
+  // rows. Two accumulators per row (even / odd vector steps) give 2R independent FMA
+  // chains; each row's horizontal sum follows at once (deferring the sums to one
+  // transposed reduction over all rows of the key measured 5 ns per key and head
+  // slower). Each K load is paired with a prefetch of the same offset in the row `kf`
+  // (kDecodePrefetchTiles tiles ahead).
+  template <int R>
+  void qk_key(const float* q, const T* kr, const T* kf, float* s) const {
+    V acc0[R], acc1[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = S::zero();
+    const int d = p.d;
+    int c = 0;
+    for (; c + 2 * L <= d; c += 2 * L) {
+      prefetch_l2<L * sizeof(T)>(kf + c);
+      prefetch_l2<L * sizeof(T)>(kf + c + L);
+      const V b0 = S::load(kr + c);
+      const V b1 = S::load(kr + c + L);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        acc0[r] = S::fma(S::load(q + r * dq + c), b0, acc0[r]);
+        acc1[r] = S::fma(S::load(q + r * dq + c + L), b1, acc1[r]);
+      }
+    }
+    if (c + L <= d) {
+      prefetch_l2<L * sizeof(T)>(kf + c);
+      const V b0 = S::load(kr + c);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc0[r] = S::fma(S::load(q + r * dq + c), b0, acc0[r]);
+      c += L;
+    }
+    if (c < d) {  // q is zero padded to dq
+      const V b1 = S::load_partial(kr + c, d - c);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc1[r] = S::fma(S::load(q + r * dq + c), b1, acc1[r]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) s[r * NC] = S::reduce_add(S::add(acc0[r], acc1[r]));
+  }
+
+  // Decode O += P V for one key row of one KV head: o[r] += p[r] * vrow for R rows
+  // (p[r] at pm[r * NC], o rows dvp apart). Each V load is paired with a prefetch of
+  // the same offset in the row `vf`.
+  template <int R>
+  void pv_key(const float* pm, const T* vr, const T* vf, float* o) const {
+    V a[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) a[r] = S::set1(pm[r * NC]);
+    // Locals: the vector stores may alias any object, members would be re-read.
+    const int ld = dvp, dv = p.d_v, dfull = dv / L * L;
+    int c = 0;
+    for (; c < dfull; c += L) {
+      prefetch_l2<L * sizeof(T)>(vf + c);
+      const V b = S::load(vr + c);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+        S::store(o + r * ld + c, S::fma(a[r], b, S::load(o + r * ld + c)));
+    }
+    if (c < dv) {
+      const V b = S::load_partial(vr + c, dv - c);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+        S::store(o + r * ld + c, S::fma(a[r], b, S::load(o + r * ld + c)));
+    }
+  }
+
+  // One key tile of the decode kernel, all nh KV heads of the task; rows of head hh
+  // are r in [hh * mh, (hh + 1) * mh).
+  //
+  // Order: key-major. For each key of the tile, the K rows of all nh heads (one
+  // contiguous [nh, d] piece of a [.., h_k, d] cache), then the next key; after the
+  // softmax, V the same way, with the accumulators O (nh * mh rows) in L1. So K and V
+  // are each read as one ascending stream, which the hardware prefetchers follow, and
+  // every load is paired with a prefetch of the same offset kDecodePrefetchTiles tiles
+  // ahead, i.e. the prefetches form the same single stream. Measured (docs/cpu-backend.md,
+  // seventh round): the former head-major order (the tile's 16 rows of one head, then
+  // the next head; 16 pages read in turn) held 2 threads near 75 % of the read loop;
+  // reading two keys' rows interleaved drops a load-only loop to 35 % without software
+  // prefetch (one stream: 90 %).
+  void decode_tile_key_major(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq,
+                             std::int64_t j0, int nc, bool full) const {
+    switch (M / t.nh) {
+      case 1:
+        return decode_tile_rows<1>(sd, t, sc, M, nq, j0, nc, full);
+      case 2:
+        return decode_tile_rows<2>(sd, t, sc, M, nq, j0, nc, full);
+      case 4:
+        return decode_tile_rows<4>(sd, t, sc, M, nq, j0, nc, full);
+      case 8:
+        return decode_tile_rows<8>(sd, t, sc, M, nq, j0, nc, full);
+      default:
+        return decode_tile_rows<0>(sd, t, sc, M, nq, j0, nc, full);
+    }
+  }
+  // RH: rows per KV head when known at compile time (0: run time, M / t.nh).
+  template <int RH>
+  void decode_tile_rows(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq,
+                        std::int64_t j0, int nc, bool full) const {
+    const int mh = RH > 0 ? RH : M / t.nh;  // rows of one KV head
+    const int ncv = static_cast<int>(round_up(nc, L));
+    const std::int64_t khs = kv_head_stride(sd.k), vhs = kv_head_stride(sd.v);
+    const T** kb = sc.kbase.get();
+    const T** vb = sc.vbase.get();
+    const T** kfb = sc.kpf_base.get();
+    const T** vfb = sc.vpf_base.get();
+    // Rows to prefetch: the same keys kDecodePrefetchTiles tiles ahead (within the
+    // task's key range; past its end the current rows, already cached, stand in).
+    const std::int64_t pj0 = j0 + std::int64_t{kDecodePrefetchTiles} * kDecodeKeyTile;
+    for (int j = 0; j < nc; ++j) {
+      kb[j] = k_row(sd, j0 + j, t.hk);
+      vb[j] = v_row(sd, j0 + j, t.hk);
+      const bool ahead = pj0 + j < t.ke;
+      kfb[j] = ahead ? k_row(sd, pj0 + j, t.hk) : kb[j];
+      vfb[j] = ahead ? v_row(sd, pj0 + j, t.hk) : vb[j];
+    }
+    const float* const q = sc.q.get();
+    float* const s = sc.s.get();
+    float* const o = sc.o.get();
+
+    // S = Q K^T, key by key.
+    for (int j = 0; j < nc; ++j) {
+      for (int hh = 0; hh < t.nh; ++hh) {
+        row_chunks<RH>(mh, [&](auto rc, int r0) {
+          const int r = hh * mh + r0;
+          qk_key<decltype(rc)::value>(q + r * dq, kb[j] + hh * khs, kfb[j] + hh * khs,
+                                      s + r * NC + j);
+        });
+      }
+    }
+    softmax_tile(sc, M, nq, j0, nc, ncv, full);
+
+    // O = O * alpha + P V.
+    const int ld = dvp;
+    for (int r = 0; r < M; ++r) {
+      const float al = sc.alpha.get()[r];
+      if (al == 1.0f) continue;
+      const V va = S::set1(al);
+      for (int c = 0; c < ld; c += L) S::store(o + r * ld + c, S::mul(va, S::load(o + r * ld + c)));
+    }
+    for (int j = 0; j < nc; ++j) {
+      for (int hh = 0; hh < t.nh; ++hh) {
+        row_chunks<RH>(mh, [&](auto rc, int r0) {
+          const int r = hh * mh + r0;
+          pv_key<decltype(rc)::value>(s + r * NC + j, vb[j] + hh * vhs, vfb[j] + hh * vhs,
+                                      o + r * dvp);
+        });
+      }
+    }
+  }
+
+  // One key tile of the decode kernel for 2-byte K/V, all nh KV heads of the task.
+  // Rows of head hh are r in [hh * mh, (hh + 1) * mh). Loop order: head-major within
+  // the tile (for each head, its nc key rows, then the next head), K for the scores,
+  // then V for O += P V with the accumulators in registers across the tile's keys,
+  // each row read exactly once. Key row pointers are resolved once per key (the cache
+  // page lookup) and offset by the head stride.
   //
   // Prefetch: every load of the scores and of P V is paired with a prefetcht2 of the
   // same head's row kDecodePrefetchTiles tiles ahead, so the misses of later tiles are
   // in flight while this tile computes and the prefetches come at the rate the data
   // is consumed (a burst of prefetches per tile, as tried first, stalled the loads
-  // behind it). Measured (docs/cpu-backend.md): fp32 decode from 45 % to 68-80 % of
-  // the read loop on 2 threads, bf16 from 38 % to 68-76 % (AVX-512). Key-major order
-  // (all heads of one key, then the next key) and address-ordered prefetch were
-  // slower; fewer heads per task was slower.
-  void decode_tile(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq, std::int64_t j0,
-                   int nc, bool full) const {
+  // behind it). Measured (docs/cpu-backend.md): bf16 from 38 % to 68-76 % of the read
+  // loop on 2 threads (AVX-512); fewer heads per task was slower.
+  void decode_tile_head_major(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq,
+                              std::int64_t j0, int nc, bool full) const {
     const int mh = M / t.nh;  // rows of one KV head
     const int ncv = static_cast<int>(round_up(nc, L));
     const std::int64_t khs = kv_head_stride(sd.k), vhs = kv_head_stride(sd.v);
