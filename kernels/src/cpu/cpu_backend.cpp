@@ -42,20 +42,6 @@ KernelFn kernel_for(CpuIsa isa) {
   return &cpu::flash_fwd_scalar;
 }
 
-// fp32 decode (every sequence at most kDecodeMaxRows rows per KV head) runs the 256-bit
-// kernel on AVX-512 machines: with 64-byte vectors each load is a whole cache line and
-// the decode kernel measured 10-15 % slower on one thread of the Zen 5 VM and no faster
-// on the Xeon (docs/cpu-backend.md); bf16 / fp16 decode and all prefill keep AVX-512.
-KernelFn kernel_for_problem(CpuIsa isa, const AttnProblem& a) {
-  if (isa == CpuIsa::kAvx512 && a.dtype == DType::kF32) {
-    const int group = a.h / a.h_k;
-    bool decode = true;
-    for (const SeqDesc& sd : a.seqs) decode = decode && cpu::is_decode(sd.s_q, group);
-    if (decode) return &cpu::flash_fwd_avx2;
-  }
-  return kernel_for(isa);
-}
-
 void set_mask(AttnProblem& a, const MaskParams& m, int d) {
   a.scale = m.scale != 0.0f ? m.scale : 1.0f / std::sqrt(static_cast<float>(d));
   a.softcap = m.softcap;
@@ -147,7 +133,7 @@ class CpuBackend final : public Backend {
   void forward(const FwdParams& p, int threads) override {
     AttnProblem a = make_problem(p, threads);
     a.pool = &pool_;
-    kernel_for_problem(isa_, a)(a, threads);
+    kernel_for(isa_)(a, threads);
   }
 
   void forward_kvcache(const KvCacheParams& p, int threads) override {
@@ -207,7 +193,7 @@ class CpuBackend final : public Backend {
       assign_splits(a.seqs, p.num_splits, p.h, p.h_k, threads);
     }
     a.pool = &pool_;
-    kernel_for_problem(isa_, a)(a, threads);
+    kernel_for(isa_)(a, threads);
   }
 
   SchedulerMetadata plan_kvcache(const KvCacheParams& p, int threads) override {
