@@ -493,9 +493,9 @@ struct FlashFwd {
     // no row sees is skipped; others are masked per row in softmax_tile.
     const float* packed = t.packed;
     if (packed) packed += jb / NC * tile_floats();
-    // Decode streams K/V from memory once: 16-key tiles keep the tile of all nh heads
-    // (K and V) inside L2 between the score and the P V pass.
-    const int step = decode ? kDecodeKeyTile : NC;
+    // Decode streams K/V from memory once; its tiles (16 or 64 keys of all nh heads,
+    // K and V) stay inside L2 between the score and the P V pass.
+    const int step = decode ? (sizeof(T) == 4 ? kDecodeKeyMajorTile : kDecodeKeyTile) : NC;
     for (std::int64_t j0 = jb / step * step; j0 < je; j0 += step) {
       const float* packed_tile = packed;
       if (packed) packed += tile_floats();
@@ -631,7 +631,7 @@ struct FlashFwd {
   // chains; each row's horizontal sum follows at once (deferring the sums to one
   // transposed reduction over all rows of the key measured 5 ns per key and head
   // slower). Each K load is paired with a prefetch of the same offset in the row `kf`
-  // (kDecodePrefetchTiles tiles ahead).
+  // (kDecodeKeyMajorPrefetchTiles tiles ahead).
   template <int R>
   void qk_key(const float* q, const T* kr, const T* kf, float* s) const {
     V acc0[R], acc1[R];
@@ -699,7 +699,7 @@ struct FlashFwd {
   // contiguous [nh, d] piece of a [.., h_k, d] cache), then the next key; after the
   // softmax, V the same way, with the accumulators O (nh * mh rows) in L1. So K and V
   // are each read as one ascending stream, which the hardware prefetchers follow, and
-  // every load is paired with a prefetch of the same offset kDecodePrefetchTiles tiles
+  // every load is paired with a prefetch of the same offset kDecodeKeyMajorPrefetchTiles tiles
   // ahead, i.e. the prefetches form the same single stream. Measured (docs/cpu-backend.md,
   // seventh round): the former head-major order (the tile's 16 rows of one head, then
   // the next head; 16 pages read in turn) held 2 threads near 75 % of the read loop;
@@ -731,9 +731,9 @@ struct FlashFwd {
     const T** vb = sc.vbase.get();
     const T** kfb = sc.kpf_base.get();
     const T** vfb = sc.vpf_base.get();
-    // Rows to prefetch: the same keys kDecodePrefetchTiles tiles ahead (within the
+    // Rows to prefetch: the same keys kDecodeKeyMajorPrefetchTiles tiles ahead (within the
     // task's key range; past its end the current rows, already cached, stand in).
-    const std::int64_t pj0 = j0 + std::int64_t{kDecodePrefetchTiles} * kDecodeKeyTile;
+    const std::int64_t pj0 = j0 + std::int64_t{kDecodeKeyMajorPrefetchTiles} * kDecodeKeyMajorTile;
     for (int j = 0; j < nc; ++j) {
       kb[j] = k_row(sd, j0 + j, t.hk);
       vb[j] = v_row(sd, j0 + j, t.hk);
