@@ -64,6 +64,17 @@ bool cpu_supports(CpuIsa isa, std::string* missing) {
   return miss.empty();
 }
 
+bool cpu_prefers_key_major_decode() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(0, &a, &b, &c, &d) == 0) return false;
+  // Vendor string in EBX, EDX, ECX: "AuthenticAMD".
+  return b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;
+#else
+  return false;
+#endif
+}
+
 CpuIsa best_cpu_isa() {
   if (cpu_supports(CpuIsa::kAvx512)) return CpuIsa::kAvx512;
   if (cpu_supports(CpuIsa::kAvx2)) return CpuIsa::kAvx2;

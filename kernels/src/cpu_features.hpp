@@ -17,4 +17,10 @@ CpuIsa best_cpu_isa();
 
 std::string cpu_feature_summary_impl();
 
+// True on AMD CPUs: there the decode kernel reads an fp32 cache faster in key-major
+// order (one ascending stream; Zen 5: 80-95 % of the read loop on 2 threads against
+// 70-77 % head-major), while an Intel Xeon reads it faster head-major (93-97 %
+// against 80-89 %). docs/cpu-backend.md, seventh round.
+bool cpu_prefers_key_major_decode();
+
 }  // namespace ringattn::detail

@@ -13,9 +13,11 @@ namespace {
 using detail::CpuIsa;
 
 // The one selection point: backend name -> Backend object.
-std::unique_ptr<detail::Backend> select_backend(const std::string& name) {
+std::unique_ptr<detail::Backend> select_backend(const std::string& name,
+                                                detail::DecodeOrder order) {
   if (name == "reference") return detail::make_reference_backend();
-  if (name == "auto" || name == "cpu") return detail::make_cpu_backend(detail::best_cpu_isa());
+  if (name == "auto" || name == "cpu")
+    return detail::make_cpu_backend(detail::best_cpu_isa(), order);
   CpuIsa isa;
   if (name == "cpu-avx512") {
     isa = CpuIsa::kAvx512;
@@ -33,15 +35,24 @@ std::unique_ptr<detail::Backend> select_backend(const std::string& name) {
   RA_CHECK(detail::cpu_supports(isa, &missing), UnsupportedError,
            "backend: '" << name << "' needs CPU features this machine lacks: " << missing
                         << " (available: " << cpu_feature_summary() << ")");
-  return detail::make_cpu_backend(isa);
+  return detail::make_cpu_backend(isa, order);
+}
+
+detail::DecodeOrder parse_decode_order(const std::string& s) {
+  if (s == "auto") return detail::DecodeOrder::kAuto;
+  if (s == "key-major") return detail::DecodeOrder::kKeyMajor;
+  if (s == "head-major") return detail::DecodeOrder::kHeadMajor;
+  RA_THROW(InvalidArgument,
+           "decode_order: unknown order '" << s << "' (expected auto, key-major or head-major)");
 }
 
 }  // namespace
 
 Engine::Engine(const EngineOptions& options) {
   RA_CHECK_ARG_GE(options.threads, 0, "threads: must be >= 0 (0 = all)");
-  backend_ = select_backend(options.backend);
+  backend_ = select_backend(options.backend, parse_decode_order(options.decode_order));
   name_ = backend_->name();
+  decode_order_ = backend_->decode_order();
   threads_ = options.threads > 0 ? options.threads : omp_get_max_threads();
   if (threads_ < 1) threads_ = 1;
 }

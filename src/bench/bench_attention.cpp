@@ -121,7 +121,9 @@ BenchMeasurement run_decode(const BenchContext& ctx, DType t, int s_k) {
   BenchMeasurement m;
   m.seconds = time_runs(ctx, [&] { engine.forward_kvcache(p); });
   m.work = 2.0 * b * s_k * h_k * d * static_cast<double>(dtype_size(t));
-  m.note = "s_k=" + std::to_string(s_k) + " " + engine.backend_name();
+  // fp32 follows EngineOptions::decode_order; 2-byte caches always run head-major.
+  m.note = "s_k=" + std::to_string(s_k) + " " + engine.backend_name() + " " +
+           (t == DType::kF32 ? engine.decode_order() : std::string("head-major"));
   return m;
 }
 

@@ -18,6 +18,7 @@
 
 #include "ringattn/dtype.hpp"
 #include "ringattn/engine.hpp"
+#include "ringattn/error.hpp"
 
 namespace ringattn {
 namespace {
@@ -30,6 +31,9 @@ std::vector<std::string> cpu_backends() {
     if (n.rfind("cpu-", 0) == 0) out.push_back(n);
   return out;
 }
+
+// Both fp32 decode tile orders run on every machine (EngineOptions::decode_order).
+const char* const kDecodeOrders[] = {"key-major", "head-major"};
 
 // Random tensor stored as `t` (fp32 or 16-bit), n elements.
 std::vector<std::uint8_t> random_tensor(std::size_t n, DType t, std::mt19937& rng) {
@@ -134,27 +138,48 @@ void check_dense(const DenseCase& c, std::uint32_t seed) {
 
   const std::size_t n_out = static_cast<std::size_t>(c.b) * c.s_q * c.h * c.d_v;
   const std::size_t n_lse = static_cast<std::size_t>(c.b) * c.h * c.s_q;
-  auto run = [&](const std::string& backend, int splits, int threads, std::vector<float>& out,
-                 std::vector<float>& lse) {
+  auto run = [&](const std::string& backend, const std::string& order, int splits, int threads,
+                 std::vector<float>& out, std::vector<float>& lse) {
     std::vector<std::uint8_t> out_raw(n_out * dtype_size(c.out_dtype), 0xff);  // NaN poison
     lse.assign(n_lse, kNaN);
     p.out = out_raw.data();
     p.lse = lse.data();
     p.num_splits = splits;
-    Engine(EngineOptions{backend, threads}).forward(p);
+    Engine(EngineOptions{backend, threads, order}).forward(p);
     out = to_f32(out_raw, c.out_dtype);
   };
   std::vector<float> ref_out, ref_lse;
-  run("reference", 0, 2, ref_out, ref_lse);
+  run("reference", "auto", 0, 2, ref_out, ref_lse);
   const double tol = c.out_dtype == DType::kF32 ? 2e-5 : 1e-2;
   for (const std::string& be : cpu_backends()) {
-    for (int threads : {1, 2}) {
-      std::vector<float> out, lse;
-      run(be, c.num_splits, threads, out, lse);
-      const std::string what = be + " threads" + std::to_string(threads) + " " + describe(c);
-      expect_close(out, ref_out, tol, what + " out");
-      expect_close(lse, ref_lse, 1e-5, what + " lse");
+    for (const char* order : kDecodeOrders) {
+      for (int threads : {1, 2}) {
+        std::vector<float> out, lse;
+        run(be, order, c.num_splits, threads, out, lse);
+        const std::string what =
+            be + " " + order + " threads" + std::to_string(threads) + " " + describe(c);
+        expect_close(out, ref_out, tol, what + " out");
+        expect_close(lse, ref_lse, 1e-5, what + " lse");
+      }
     }
+  }
+}
+
+TEST(CpuBackend, DecodeOrderOption) {
+  for (const std::string& be : cpu_backends()) {
+    EXPECT_EQ(Engine(EngineOptions{be, 1, "key-major"}).decode_order(), "key-major");
+    EXPECT_EQ(Engine(EngineOptions{be, 1, "head-major"}).decode_order(), "head-major");
+    const std::string chosen = Engine(EngineOptions{be, 1}).decode_order();
+    EXPECT_TRUE(chosen == "key-major" || chosen == "head-major") << chosen;
+  }
+  EXPECT_EQ(Engine(EngineOptions{"reference", 1}).decode_order(), "none");
+  try {
+    Engine(EngineOptions{"cpu", 1, "diagonal"});
+    ADD_FAILURE() << "decode_order 'diagonal' was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("decode_order: unknown order 'diagonal'"),
+              std::string::npos)
+        << e.what();
   }
 }
 
@@ -372,7 +397,7 @@ void check_kvcache(int page_size, bool rotary, DType dt, int s_q, std::uint32_t 
     std::vector<float> out, lse;
     std::vector<std::uint8_t> k_cache, v_cache;
   };
-  auto run = [&](const std::string& be, int splits, bool use_plan) {
+  auto run = [&](const std::string& be, const std::string& order, int splits, bool use_plan) {
     Result r{std::vector<float>(static_cast<std::size_t>(b) * s_q * h * d_v, kNaN),
              std::vector<float>(static_cast<std::size_t>(b) * h * s_q, kNaN), k_cache0, v_cache0};
     KvCacheParams pp = p;
@@ -381,7 +406,7 @@ void check_kvcache(int page_size, bool rotary, DType dt, int s_q, std::uint32_t 
     pp.out = r.out.data();
     pp.lse = r.lse.data();
     pp.num_splits = splits;
-    const Engine engine(EngineOptions{be, 2});
+    const Engine engine(EngineOptions{be, 2, order});
     SchedulerMetadata plan;
     if (use_plan) {
       plan = engine.plan_kvcache(pp);
@@ -392,11 +417,12 @@ void check_kvcache(int page_size, bool rotary, DType dt, int s_q, std::uint32_t 
     engine.forward_kvcache(pp);
     return r;
   };
-  const Result ref = run("reference", 0, false);
+  const Result ref = run("reference", "auto", 0, false);
   for (const std::string& be : cpu_backends()) {
-    for (int mode = 0; mode < 3; ++mode) {
-      const Result r = run(be, mode == 1 ? 3 : 0, mode == 2);
-      const std::string what = be + " page" + std::to_string(page_size) +
+    for (int mode = 0; mode < 6; ++mode) {
+      const char* order = kDecodeOrders[mode / 3];
+      const Result r = run(be, order, mode % 3 == 1 ? 3 : 0, mode % 3 == 2);
+      const std::string what = be + " " + order + " page" + std::to_string(page_size) +
                                (rotary ? " rotary" : "") + " s_q" + std::to_string(s_q) + " mode" +
                                std::to_string(mode);
       expect_close(r.out, ref.out, 2e-5, what + " out");

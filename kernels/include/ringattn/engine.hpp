@@ -30,6 +30,12 @@ class Backend;
 struct EngineOptions {
   std::string backend = "auto";
   int threads = 0;  // OpenMP threads per call; 0 = omp_get_max_threads()
+  // Order in which the CPU decode kernel reads an fp32 KV cache (speed only, results
+  // are the same): "key-major" (all KV heads of one key, then the next key: K and V
+  // each one ascending stream), "head-major" (a tile's keys of one head, then the next
+  // head; accumulators in registers), or "auto": key-major on AMD CPUs, head-major on
+  // others (docs/cpu-backend.md has the measurements behind the rule).
+  std::string decode_order = "auto";
 };
 
 class Engine {
@@ -44,6 +50,8 @@ class Engine {
   // Name of the backend actually selected (e.g. "cpu-avx2" for "auto").
   const std::string& backend_name() const { return name_; }
   int threads() const { return threads_; }
+  // fp32 decode order in use: "key-major" or "head-major" ("none" for reference).
+  const std::string& decode_order() const { return decode_order_; }
 
   // Dense or varlen forward (SPEC.md sections 1-2). Writes p.out and p.lse.
   void forward(const FwdParams& p) const;
@@ -70,6 +78,7 @@ class Engine {
  private:
   std::unique_ptr<detail::Backend> backend_;
   std::string name_;
+  std::string decode_order_;
   int threads_ = 1;
 };
 

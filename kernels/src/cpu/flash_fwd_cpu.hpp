@@ -57,8 +57,9 @@ struct AttnProblem {
   int w_left = -1;       // -1 = unbounded
   int w_right = -1;      // causal already folded in (0)
   std::vector<SeqDesc> seqs;
-  ProgressHook progress;       // polled by the calling thread (progress_throttle.hpp)
-  BufferPool* pool = nullptr;  // large per-call buffers kept between calls; nullable
+  ProgressHook progress;          // polled by the calling thread (progress_throttle.hpp)
+  BufferPool* pool = nullptr;     // large per-call buffers kept between calls; nullable
+  bool decode_key_major = false;  // fp32 decode tile order (EngineOptions::decode_order)
 };
 
 // Helpers used by the generic backend and by the ISA translation units live in an

@@ -495,7 +495,7 @@ struct FlashFwd {
     if (packed) packed += jb / NC * tile_floats();
     // Decode streams K/V from memory once; its tiles (16 or 64 keys of all nh heads,
     // K and V) stay inside L2 between the score and the P V pass.
-    const int step = decode ? (sizeof(T) == 4 ? kDecodeKeyMajorTile : kDecodeKeyTile) : NC;
+    const int step = decode ? (key_major_decode() ? kDecodeKeyMajorTile : kDecodeKeyTile) : NC;
     for (std::int64_t j0 = jb / step * step; j0 < je; j0 += step) {
       const float* packed_tile = packed;
       if (packed) packed += tile_floats();
@@ -586,13 +586,16 @@ struct FlashFwd {
     }
   }
 
-  // One key tile of the decode kernel. fp32 K/V run in key-major order (memory bound:
-  // K and V read as single ascending streams), 2-byte K/V in head-major order (half the
-  // bytes per key, so the arithmetic bounds it, and head-major keeps the P V
-  // accumulators in registers: 25 against 37 ns per key and head on AVX-512).
+  // Decode tile order: key-major for fp32 K/V when the backend asks for it
+  // (EngineOptions::decode_order; memory bound there, and K and V are each read as one
+  // ascending stream); head-major otherwise, and always for 2-byte K/V (half the bytes
+  // per key, so the arithmetic bounds it, and head-major keeps the P V accumulators in
+  // registers: 25 against 37 ns per key and head on AVX-512).
+  bool key_major_decode() const { return sizeof(T) == 4 && p.decode_key_major; }
+
   void decode_tile(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq, std::int64_t j0,
                    int nc, bool full) const {
-    if constexpr (sizeof(T) == 4) {
+    if (key_major_decode()) {
       decode_tile_key_major(sd, t, sc, M, nq, j0, nc, full);
     } else {
       decode_tile_head_major(sd, t, sc, M, nq, j0, nc, full);
@@ -776,7 +779,8 @@ struct FlashFwd {
     }
   }
 
-  // One key tile of the decode kernel for 2-byte K/V, all nh KV heads of the task.
+  // One key tile of the decode kernel in head-major order (2-byte K/V, and fp32 K/V
+  // unless key-major is asked for), all nh KV heads of the task.
   // Rows of head hh are r in [hh * mh, (hh + 1) * mh). Loop order: head-major within
   // the tile (for each head, its nc key rows, then the next head), K for the scores,
   // then V for O += P V with the accumulators in registers across the tile's keys,
