@@ -593,6 +593,26 @@ struct FlashFwd {
   // registers: 25 against 37 ns per key and head on AVX-512).
   bool key_major_decode() const { return sizeof(T) == 4 && p.decode_key_major; }
 
+  // Row pointers of a decode tile (head t.hk; other heads add the head stride): the K/V
+  // rows of keys [j0, j0 + nc) into kbase / vbase, and the rows `ahead` keys later into
+  // kpf_base / vpf_base for entries [0, npf) (within the task's key range; past its end
+  // the current rows, already cached, stand in). The cache page lookup runs once per key.
+  void decode_tile_rows_of(const SeqDesc& sd, const Task& t, Scratch& sc, std::int64_t j0, int nc,
+                           int npf, std::int64_t ahead) const {
+    const T** kb = sc.kbase.get();
+    const T** vb = sc.vbase.get();
+    for (int j = 0; j < nc; ++j) {
+      kb[j] = k_row(sd, j0 + j, t.hk);
+      vb[j] = v_row(sd, j0 + j, t.hk);
+    }
+    const std::int64_t pj0 = j0 + ahead;
+    for (int j = 0; j < npf; ++j) {
+      const bool in_range = pj0 + j < t.ke;
+      sc.kpf_base[j] = in_range ? k_row(sd, pj0 + j, t.hk) : kb[std::min(j, nc - 1)];
+      sc.vpf_base[j] = in_range ? v_row(sd, pj0 + j, t.hk) : vb[std::min(j, nc - 1)];
+    }
+  }
+
   void decode_tile(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq, std::int64_t j0,
                    int nc, bool full) const {
     if (key_major_decode()) {
@@ -702,10 +722,11 @@ struct FlashFwd {
   // contiguous [nh, d] piece of a [.., h_k, d] cache), then the next key; after the
   // softmax, V the same way, with the accumulators O (nh * mh rows) in L1. So K and V
   // are each read as one ascending stream, which the hardware prefetchers follow, and
-  // every load is paired with a prefetch of the same offset kDecodeKeyMajorPrefetchTiles tiles
-  // ahead, i.e. the prefetches form the same single stream. Measured (docs/cpu-backend.md,
-  // seventh round): the former head-major order (the tile's 16 rows of one head, then
-  // the next head; 16 pages read in turn) held 2 threads near 75 % of the read loop;
+  // every load is paired with a prefetch of the same offset kDecodeKeyMajorPrefetchTiles
+  // tiles ahead, i.e. the prefetches form the same single stream. Measured
+  // (docs/cpu-backend.md, seventh round) on a Zen 5: the head-major order (the tile's 16
+  // rows of one head, then the next head; 16 pages read in turn) holds 2 threads near
+  // 75 % of the read loop, this order 80-95 %;
   // reading two keys' rows interleaved drops a load-only loop to 35 % without software
   // prefetch (one stream: 90 %).
   void decode_tile_key_major(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq,
@@ -730,20 +751,12 @@ struct FlashFwd {
     const int mh = RH > 0 ? RH : M / t.nh;  // rows of one KV head
     const int ncv = static_cast<int>(round_up(nc, L));
     const std::int64_t khs = kv_head_stride(sd.k), vhs = kv_head_stride(sd.v);
-    const T** kb = sc.kbase.get();
-    const T** vb = sc.vbase.get();
-    const T** kfb = sc.kpf_base.get();
-    const T** vfb = sc.vpf_base.get();
-    // Rows to prefetch: the same keys kDecodeKeyMajorPrefetchTiles tiles ahead (within the
-    // task's key range; past its end the current rows, already cached, stand in).
-    const std::int64_t pj0 = j0 + std::int64_t{kDecodeKeyMajorPrefetchTiles} * kDecodeKeyMajorTile;
-    for (int j = 0; j < nc; ++j) {
-      kb[j] = k_row(sd, j0 + j, t.hk);
-      vb[j] = v_row(sd, j0 + j, t.hk);
-      const bool ahead = pj0 + j < t.ke;
-      kfb[j] = ahead ? k_row(sd, pj0 + j, t.hk) : kb[j];
-      vfb[j] = ahead ? v_row(sd, pj0 + j, t.hk) : vb[j];
-    }
+    decode_tile_rows_of(sd, t, sc, j0, nc, nc,
+                        std::int64_t{kDecodeKeyMajorPrefetchTiles} * kDecodeKeyMajorTile);
+    const T* const* kb = sc.kbase.get();
+    const T* const* vb = sc.vbase.get();
+    const T* const* kfb = sc.kpf_base.get();
+    const T* const* vfb = sc.vpf_base.get();
     const float* const q = sc.q.get();
     float* const s = sc.s.get();
     float* const o = sc.o.get();
@@ -798,22 +811,13 @@ struct FlashFwd {
     const int mh = M / t.nh;  // rows of one KV head
     const int ncv = static_cast<int>(round_up(nc, L));
     const std::int64_t khs = kv_head_stride(sd.k), vhs = kv_head_stride(sd.v);
-    const T** kb = sc.kbase.get();
-    const T** vb = sc.vbase.get();
-    for (int j = 0; j < nc; ++j) {
-      kb[j] = k_row(sd, j0 + j, t.hk);
-      vb[j] = v_row(sd, j0 + j, t.hk);
-    }
-    // Rows to prefetch: the same keys kDecodePrefetchTiles tiles ahead (within the
-    // task's key range; past its end the current rows, already cached, stand in).
-    const T** kfb = sc.kpf_base.get();
-    const T** vfb = sc.vpf_base.get();
-    const std::int64_t pj0 = j0 + std::int64_t{kDecodePrefetchTiles} * kDecodeKeyTile;
-    for (int j = 0; j < ncv; ++j) {
-      const bool ahead = pj0 + j < t.ke;
-      kfb[j] = ahead ? k_row(sd, pj0 + j, t.hk) : kb[std::min(j, nc - 1)];
-      vfb[j] = ahead ? v_row(sd, pj0 + j, t.hk) : vb[std::min(j, nc - 1)];
-    }
+    // Prefetch rows for the padded key count too (the score kernel takes KB at a time).
+    decode_tile_rows_of(sd, t, sc, j0, nc, ncv,
+                        std::int64_t{kDecodePrefetchTiles} * kDecodeKeyTile);
+    const T* const* kb = sc.kbase.get();
+    const T* const* vb = sc.vbase.get();
+    const T* const* kfb = sc.kpf_base.get();
+    const T* const* vfb = sc.vpf_base.get();
     const T** kp = sc.kptr.get();
     const T** kf = sc.kpf.get();
     for (int hh = 0; hh < t.nh; ++hh) {
