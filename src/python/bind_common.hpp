@@ -1,0 +1,73 @@
+// Shared pieces of the Python extension `ringattn._C`.
+//
+// The pure-Python layer (src/python/ringattn/_tensor.py) turns every torch.Tensor or
+// numpy.ndarray argument into a TensorArg: the caller's data pointer, dtype, shape and
+// strides (in elements). The bindings read and write the caller's memory in place
+// through it; the Python objects stay alive for the whole call because the Python
+// wrapper holds them. Kernels run with the GIL released.
+#pragma once
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ringattn/dtype.hpp"
+#include "ringattn/engine.hpp"
+#include "ringattn/error.hpp"
+
+namespace ringattn::python {
+
+namespace py = pybind11;
+
+// Element types a TensorArg can carry: the attention storage dtypes and the index types.
+enum class ElemType : std::uint8_t { kF32, kBF16, kF16, kFP8E4M3, kI32, kI64, kU8 };
+
+// "fp32" | "bf16" | "fp16" | "fp8" | "i32" | "i64" | "u8".
+ElemType parse_elem_type(const std::string& name);
+const char* elem_type_name(ElemType t);
+// The attention storage dtype of a float element type (InvalidArgument for index types).
+DType storage_dtype(ElemType t, const std::string& what);
+
+// One tensor argument: where it lives and how it is laid out (strides in elements).
+struct TensorArg {
+  std::string name;  // the Python argument name, for error messages
+  std::uintptr_t ptr = 0;
+  ElemType type = ElemType::kF32;
+  std::vector<std::int64_t> shape;
+  std::vector<std::int64_t> strides;
+
+  int ndim() const { return static_cast<int>(shape.size()); }
+  std::int64_t dim(int i) const { return shape.at(i < 0 ? i + ndim() : i); }
+  std::int64_t stride(int i) const { return strides.at(i < 0 ? i + ndim() : i); }
+  template <typename T>
+  T* data() const {
+    return reinterpret_cast<T*>(ptr);
+  }
+  // Throws InvalidArgument naming the tensor unless it has `n` dims.
+  void expect_ndim(int n, const char* shape_text) const;
+  // Throws InvalidArgument naming the tensor unless dim i == want.
+  void expect_dim(int i, std::int64_t want, const char* what) const;
+  // Throws InvalidArgument unless every stride is the C-contiguous one.
+  void expect_contiguous() const;
+};
+
+// The process-wide engine of the Python package: backend chosen once (set_backend
+// replaces it), thread count from set_num_threads. Readers take a shared_ptr copy, so
+// a call in flight keeps its engine even if another thread switches backends.
+std::shared_ptr<const Engine> engine();
+void set_backend(const std::string& name);
+std::string backend_name();
+void set_num_threads(int n);
+int num_threads();
+
+// Registration of each group of bindings (one file each).
+void register_core(py::module_& m);       // module_core.cpp: exceptions, engine, merge
+void register_attention(py::module_& m);  // bind_attention.cpp: FA3 forward, KV cache
+void register_mla(py::module_& m);        // bind_mla.cpp: FlashMLA decode, sparse prefill
+void register_ring(py::module_& m);       // bind_ring.cpp: ring attention, distributed decode
+
+}  // namespace ringattn::python

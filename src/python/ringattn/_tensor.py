@@ -1,0 +1,194 @@
+"""Tensor plumbing shared by every ringattn Python module (internal).
+
+Inputs may be CPU ``torch.Tensor`` (float32, bfloat16, float16, float8_e4m3fn, int32,
+int64, uint8) or ``numpy.ndarray`` (float32, float16, int32, int64, uint8). Float
+tensors (q, k, v, caches) are read and written **in place**: the C++ side receives the
+caller's data pointer, shape and strides (in elements); only the last dim must be
+contiguous, as in FlashAttention-3. Small index tensors (cu_seqlens, cache_seqlens,
+page/block tables, indices) are converted to contiguous int32 when they are not
+already, after a range check. Outputs are allocated in the kind of the reference
+input (torch in -> torch out, numpy in -> numpy out).
+"""
+
+import sys
+
+import numpy as np
+
+from . import _C
+
+FLOAT_TYPES = ("fp32", "bf16", "fp16")
+INDEX_TYPES = ("i32", "i64")
+
+_NUMPY_TYPES = {
+    np.dtype(np.float32): "fp32",
+    np.dtype(np.float16): "fp16",
+    np.dtype(np.int32): "i32",
+    np.dtype(np.int64): "i64",
+    np.dtype(np.uint8): "u8",
+}
+_NUMPY_OF_TYPE = {v: k for k, v in _NUMPY_TYPES.items()}
+
+
+def _torch():
+    """The torch module if the caller has imported it (never imports it ourselves)."""
+    return sys.modules.get("torch")
+
+
+def is_torch(x):
+    t = _torch()
+    return t is not None and isinstance(x, t.Tensor)
+
+
+def _torch_types():
+    t = _torch()
+    m = {
+        t.float32: "fp32",
+        t.bfloat16: "bf16",
+        t.float16: "fp16",
+        t.int32: "i32",
+        t.int64: "i64",
+        t.uint8: "u8",
+    }
+    if hasattr(t, "float8_e4m3fn"):
+        m[t.float8_e4m3fn] = "fp8"
+    return m
+
+
+def type_of(x, name):
+    """ringattn element type name of a tensor ("fp32", "bf16", ...)."""
+    if is_torch(x):
+        typ = _torch_types().get(x.dtype)
+        if typ is None:
+            raise TypeError(f"{name}: unsupported dtype {x.dtype}")
+        return typ
+    if isinstance(x, np.ndarray):
+        typ = _NUMPY_TYPES.get(x.dtype)
+        if typ is None:
+            raise TypeError(f"{name}: unsupported dtype {x.dtype}")
+        return typ
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def arg(x, name, types=FLOAT_TYPES, ndim=None, shape_text=""):
+    """TensorArg over `x` (no copy). Checks kind, device, dtype, rank and that the last
+    dim is contiguous; raises TypeError / ValueError naming `name`."""
+    typ = type_of(x, name)
+    if typ not in types:
+        raise TypeError(f"{name}: dtype {typ} not accepted here (expected one of {', '.join(types)})")
+    if is_torch(x):
+        if x.device.type != "cpu":
+            raise ValueError(f"{name}: must be a CPU tensor, got device {x.device}")
+        shape = tuple(x.shape)
+        strides = tuple(x.stride())
+        ptr = x.data_ptr()
+    else:
+        shape = x.shape
+        item = x.itemsize
+        if any(s % item for s in x.strides):
+            raise ValueError(f"{name}: strides {x.strides} are not a multiple of the item size {item}")
+        strides = tuple(s // item for s in x.strides)
+        ptr = x.ctypes.data
+    if ndim is not None and len(shape) not in ((ndim,) if isinstance(ndim, int) else ndim):
+        want = ndim if isinstance(ndim, int) else " or ".join(map(str, ndim))
+        raise ValueError(f"{name}: expected {want} dims {shape_text}, got {len(shape)} (shape {list(shape)})")
+    if len(shape) and shape[-1] > 1 and strides[-1] != 1:
+        raise ValueError(f"{name}: last dim must be contiguous (stride 1), got stride {strides[-1]}")
+    if any(s < 0 for s in strides):
+        raise ValueError(f"{name}: negative strides {list(strides)} are not supported")
+    return _C.TensorArg(name, ptr, typ, list(shape), list(strides))
+
+
+def opt_arg(x, name, **kw):
+    return None if x is None else arg(x, name, **kw)
+
+
+def index_array(x, name, ndim=None, shape_text="", lo=None, hi=None):
+    """Index tensor -> (contiguous int32 object to keep alive, TensorArg). Accepts int32 or
+    int64 torch/numpy (and Python ints/lists, made into numpy); checks the values fit in
+    int32 and, when given, lie in [lo, hi]."""
+    if not (is_torch(x) or isinstance(x, np.ndarray)):
+        x = np.asarray(x)
+        if x.dtype.kind not in "iu":
+            raise TypeError(f"{name}: expected integers, got {x.dtype}")
+        x = x.astype(np.int64, copy=False)
+    typ = type_of(x, name)
+    if typ not in INDEX_TYPES:
+        raise TypeError(f"{name}: expected an int32 or int64 tensor, got {typ}")
+    if is_torch(x) and x.device.type != "cpu":
+        raise ValueError(f"{name}: must be a CPU tensor, got device {x.device}")
+    a = x.numpy() if is_torch(x) else x
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims {shape_text}, got {a.ndim} (shape {list(a.shape)})")
+    if a.size:
+        mn, mx = int(a.min()), int(a.max())
+        if mn < -(2**31) or mx >= 2**31:
+            raise ValueError(f"{name}: values must fit in int32, got range [{mn}, {mx}]")
+        if lo is not None and mn < lo:
+            raise ValueError(f"{name}: values must be >= {lo}, got {mn}")
+        if hi is not None and mx > hi:
+            raise ValueError(f"{name}: values must be <= {hi}, got {mx}")
+    if a.dtype != np.int32 or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a, dtype=np.int32)
+    return a, arg(a, name, types=("i32",))
+
+
+def empty(ref, shape, typ):
+    """Uninitialised tensor of the same kind as `ref` (torch or numpy) and element type `typ`."""
+    if is_torch(ref):
+        t = _torch()
+        dt = {v: k for k, v in _torch_types().items()}[typ]
+        return t.empty(tuple(shape), dtype=dt)
+    if typ == "bf16":
+        raise TypeError("numpy has no bfloat16: pass torch tensors for bf16")
+    return np.empty(tuple(shape), dtype=_NUMPY_OF_TYPE[typ])
+
+
+def full(ref, shape, typ, value):
+    out = empty(ref, shape, typ)
+    out[...] = value
+    return out
+
+
+def to_type(x, typ):
+    """`x` converted to element type `typ` (a copy only when the type differs)."""
+    if type_of(x, "x") == typ:
+        return x
+    if is_torch(x):
+        dt = {v: k for k, v in _torch_types().items()}[typ]
+        return x.to(dt)
+    return x.astype(_NUMPY_OF_TYPE[typ])
+
+
+def kind_name(x):
+    return "torch" if is_torch(x) else "numpy"
+
+
+def same_kind(ref, others):
+    """Raise TypeError unless every non-None tensor in `others` (name -> tensor) is the same
+    kind (torch or numpy) as `ref`."""
+    want = kind_name(ref)
+    for name, x in others.items():
+        if x is not None and (is_torch(x) or isinstance(x, np.ndarray)) and kind_name(x) != want:
+            raise TypeError(f"{name}: is a {kind_name(x)} tensor but q is {want}; pass one kind")
+
+
+def out_type(q_type):
+    """Output element type for a query of `q_type` (fp8 inputs give bf16)."""
+    return "bf16" if q_type == "fp8" else q_type
+
+
+def check_scalar_int(x, name):
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(x).__name__}")
+    return int(x)
+
+
+def window_pair(window_size, name="window_size"):
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a pair (left, right), got {window_size!r}") from None
+    left, right = check_scalar_int(left, name + "[0]"), check_scalar_int(right, name + "[1]")
+    if left < -1 or right < -1:
+        raise ValueError(f"{name}: entries must be >= -1 (-1 = unbounded), got ({left}, {right})")
+    return left, right
