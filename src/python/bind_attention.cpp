@@ -1,11 +1,16 @@
-// Bindings of the FlashAttention-3 forward family (docs/semantics.md sections 1-3):
-// dense and varlen forward, the KV-cache forward and its scheduler plan. The Python
-// side (ringattn/flash_attn_interface.py) checks argument kinds and allocates
-// outputs; these functions fill the params struct from the tensors' own strides and
-// run the engine with the GIL released. The engine validates shapes and values.
+// Bindings of the FlashAttention-3 forward family (docs/semantics.md sections 1-3
+// and 5): dense and varlen forward, the KV-cache forward and its scheduler plan, and
+// the split combine. The Python side (ringattn/flash_attn_interface.py) checks
+// argument kinds and allocates outputs; these functions check that the tensors agree
+// on shapes (naming both), fill the params struct from the tensors' own strides and
+// run the engine with the GIL released. The engine validates the rest.
+#include <algorithm>
+#include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "bind_common.hpp"
+#include "ringattn/merge_state.hpp"
 
 namespace ringattn::python {
 
@@ -28,6 +33,8 @@ FwdShapes fwd_shapes(const TensorArg& q, const TensorArg& k, const TensorArg& v,
   s.h_k = static_cast<int>(k.dim(-2));
   s.d_v = static_cast<int>(v.dim(-1));
   RA_CHECK_ARG(k.dim(-1) == s.d, "k: head dim " << k.dim(-1) << " must equal q's " << s.d);
+  RA_CHECK_ARG(s.h_k >= 1 && s.h % s.h_k == 0,
+               "k: heads h_k=" << s.h_k << " must divide q's heads h=" << s.h);
   RA_CHECK_ARG(v.dim(-2) == s.h_k, "v: heads " << v.dim(-2) << " must equal k's " << s.h_k);
   RA_CHECK_ARG(v.dim(-3) == k.dim(-3),
                "v: length " << v.dim(-3) << " must equal k's " << k.dim(-3));
@@ -49,8 +56,7 @@ void strides3(const TensorArg& t, bool varlen, std::int64_t& batch, std::int64_t
   head = t.stride(-2);
 }
 
-MaskParams mask_params(float scale, bool causal, int window_left, int window_right,
-                       float softcap) {
+MaskParams mask_params(float scale, bool causal, int window_left, int window_right, float softcap) {
   MaskParams m;
   m.scale = scale;
   m.causal = causal;
@@ -66,19 +72,18 @@ MaskParams mask_params(float scale, bool causal, int window_left, int window_rig
 void fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const TensorArg& out,
          const std::optional<TensorArg>& lse, const std::optional<TensorArg>& cu_seqlens_q,
          const std::optional<TensorArg>& cu_seqlens_k, const std::optional<TensorArg>& seqused_q,
-         const std::optional<TensorArg>& seqused_k, int max_seqlen_q, int max_seqlen_k,
-         float scale, bool causal, int window_left, int window_right, float softcap,
-         int num_splits) {
+         const std::optional<TensorArg>& seqused_k, int max_seqlen_q, int max_seqlen_k, float scale,
+         bool causal, int window_left, int window_right, float softcap, int num_splits) {
   const bool varlen = cu_seqlens_q.has_value();
   RA_CHECK_ARG(varlen == cu_seqlens_k.has_value(),
                "cu_seqlens_q and cu_seqlens_k must be given together");
   const FwdShapes s = fwd_shapes(q, k, v, varlen);
   FwdParams p;
   p.dtype = storage_dtype(q.type, q.name);
-  RA_CHECK_ARG(k.type == q.type && v.type == q.type,
-               "k, v: dtype must equal q's " << elem_type_name(q.type) << ", got "
-                                             << elem_type_name(k.type) << " and "
-                                             << elem_type_name(v.type));
+  RA_CHECK_ARG(k.type == q.type && v.type == q.type, "k, v: dtype must equal q's "
+                                                         << elem_type_name(q.type) << ", got "
+                                                         << elem_type_name(k.type) << " and "
+                                                         << elem_type_name(v.type));
   p.out_dtype = storage_dtype(out.type, out.name);
   p.q = q.data<const void>();
   p.k = k.data<const void>();
@@ -112,8 +117,293 @@ void fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const Tenso
   p.mask = mask_params(scale, causal, window_left, window_right, softcap);
   p.num_splits = num_splits;
   auto eng = engine();
-  py::gil_scoped_release release;
-  eng->forward(p);
+  run_kernel([&] { eng->forward(p); });
+}
+
+// Index vector of `n` int32 entries ([n], contiguous): its data, or null when absent.
+const std::int32_t* index_data(const std::optional<TensorArg>& t, std::int64_t n,
+                               const char* what) {
+  if (!t) return nullptr;
+  RA_CHECK_ARG(t->type == ElemType::kI32,
+               t->name << ": expected int32, got " << elem_type_name(t->type));
+  t->expect_ndim(1, what);
+  t->expect_dim(0, n, "batch");
+  t->expect_contiguous();
+  return t->data<const std::int32_t>();
+}
+
+// KV-cache forward (docs/semantics.md section 3):
+//   q [b, s_q, h, d]; k_cache [b_cache, s_cache, h_k, d] or paged [num_blocks, page_size,
+//   h_k, d] with page_table [b, max_pages]; v_cache likewise with d_v; k_new/v_new
+//   [b, s_new, h_k, d / d_v] appended in place; out [b, s_q, h, d_v]; lse [b, h, s_q].
+//   cache_seqlens/cache_batch_idx/cache_leftpad [b] int32; rotary_cos/sin
+//   [s_rotary, rotary_dim / 2] fp32 contiguous; plan [b] int32 key splits per sequence.
+void fwd_kvcache(const TensorArg& q, const TensorArg& k_cache, const TensorArg& v_cache,
+                 const std::optional<TensorArg>& k_new, const std::optional<TensorArg>& v_new,
+                 const TensorArg& out, const std::optional<TensorArg>& lse,
+                 const TensorArg& cache_seqlens, const std::optional<TensorArg>& cache_batch_idx,
+                 const std::optional<TensorArg>& cache_leftpad,
+                 const std::optional<TensorArg>& page_table,
+                 const std::optional<TensorArg>& rotary_cos,
+                 const std::optional<TensorArg>& rotary_sin, bool rotary_interleaved, float scale,
+                 bool causal, int window_left, int window_right, float softcap, int num_splits,
+                 const std::optional<TensorArg>& plan) {
+  q.expect_ndim(4, "[b, s_q, h, d]");
+  k_cache.expect_ndim(4, "[b_cache, s_cache, h_k, d] or [num_blocks, page_size, h_k, d]");
+  v_cache.expect_ndim(4, "[b_cache, s_cache, h_k, d_v] or [num_blocks, page_size, h_k, d_v]");
+  KvCacheParams p;
+  p.b = static_cast<int>(q.dim(0));
+  p.s_q = static_cast<int>(q.dim(1));
+  p.h = static_cast<int>(q.dim(2));
+  p.d = static_cast<int>(q.dim(3));
+  p.h_k = static_cast<int>(k_cache.dim(2));
+  p.d_v = static_cast<int>(v_cache.dim(3));
+  RA_CHECK_ARG(k_cache.dim(3) == p.d,
+               "k_cache: head dim " << k_cache.dim(3) << " must equal q's " << p.d);
+  RA_CHECK_ARG(p.h_k >= 1 && p.h % p.h_k == 0,
+               "k_cache: heads h_k=" << p.h_k << " must divide q's heads h=" << p.h);
+  for (int i = 0; i < 3; ++i) {
+    RA_CHECK_ARG(v_cache.dim(i) == k_cache.dim(i), "v_cache: shape dim "
+                                                       << i << " is " << v_cache.dim(i)
+                                                       << ", k_cache's is " << k_cache.dim(i));
+  }
+  p.dtype = storage_dtype(q.type, q.name);
+  p.out_dtype = storage_dtype(out.type, out.name);
+  for (const TensorArg* t : {&k_cache, &v_cache}) {
+    RA_CHECK_ARG(t->type == q.type, t->name << ": dtype " << elem_type_name(t->type)
+                                            << " must equal q's " << elem_type_name(q.type));
+  }
+  p.q = q.data<const void>();
+  p.k_cache = k_cache.data<void>();
+  p.v_cache = v_cache.data<void>();
+  p.out = out.data<void>();
+  strides3(q, false, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  strides3(k_cache, false, p.k_cache_batch_stride, p.k_cache_row_stride, p.k_cache_head_stride);
+  strides3(v_cache, false, p.v_cache_batch_stride, p.v_cache_row_stride, p.v_cache_head_stride);
+  strides3(out, false, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
+
+  RA_CHECK_ARG(k_new.has_value() == v_new.has_value(),
+               "k, v: new keys and values must be given together (k "
+                   << (k_new ? "set" : "None") << ", v " << (v_new ? "set" : "None") << ")");
+  if (k_new) {
+    k_new->expect_ndim(4, "[b, s_new, h_k, d]");
+    v_new->expect_ndim(4, "[b, s_new, h_k, d_v]");
+    const std::int64_t want_k[4] = {p.b, k_new->dim(1), p.h_k, p.d};
+    const std::int64_t want_v[4] = {p.b, k_new->dim(1), p.h_k, p.d_v};
+    for (int i = 0; i < 4; ++i) {
+      RA_CHECK_ARG(k_new->dim(i) == want_k[i], k_new->name << ": shape dim " << i << " is "
+                                                           << k_new->dim(i) << ", expected "
+                                                           << want_k[i] << " ([b, s_new, h_k, d])");
+      RA_CHECK_ARG(v_new->dim(i) == want_v[i],
+                   v_new->name << ": shape dim " << i << " is " << v_new->dim(i) << ", expected "
+                               << want_v[i] << " ([b, s_new, h_k, d_v])");
+    }
+    for (const TensorArg* t : {&*k_new, &*v_new}) {
+      RA_CHECK_ARG(t->type == q.type, t->name << ": dtype " << elem_type_name(t->type)
+                                              << " must equal q's " << elem_type_name(q.type));
+    }
+    p.s_new = static_cast<int>(k_new->dim(1));
+    p.k_new = k_new->data<const void>();
+    p.v_new = v_new->data<const void>();
+    strides3(*k_new, false, p.k_new_batch_stride, p.k_new_row_stride, p.k_new_head_stride);
+    strides3(*v_new, false, p.v_new_batch_stride, p.v_new_row_stride, p.v_new_head_stride);
+  }
+  if (lse) {
+    lse->expect_ndim(3, "[b, h, s_q]");
+    lse->expect_contiguous();
+    p.lse = lse->data<float>();
+  }
+
+  p.cache_seqlens = index_data(cache_seqlens, p.b, "[b]");
+  p.cache_batch_idx = index_data(cache_batch_idx, p.b, "[b]");
+  p.cache_leftpad = index_data(cache_leftpad, p.b, "[b]");
+  if (page_table) {
+    RA_CHECK_ARG(page_table->type == ElemType::kI32,
+                 page_table->name << ": expected int32, got " << elem_type_name(page_table->type));
+    page_table->expect_ndim(2, "[b, max_pages]");
+    page_table->expect_dim(0, p.b, "batch");
+    RA_CHECK_ARG(
+        page_table->stride(1) == 1 || page_table->dim(1) <= 1,
+        page_table->name << ": last dim must be contiguous, got stride " << page_table->stride(1));
+    p.page_table = page_table->data<const std::int32_t>();
+    p.page_table_batch_stride = page_table->stride(0);
+    p.max_pages = static_cast<int>(page_table->dim(1));
+    p.num_blocks = static_cast<int>(k_cache.dim(0));
+    p.page_size = static_cast<int>(k_cache.dim(1));
+  } else {
+    p.b_cache = static_cast<int>(k_cache.dim(0));
+    p.s_cache = static_cast<int>(k_cache.dim(1));
+  }
+
+  RA_CHECK_ARG(rotary_cos.has_value() == rotary_sin.has_value(),
+               "rotary_cos, rotary_sin: must be given together");
+  if (rotary_cos) {
+    for (const TensorArg* t : {&*rotary_cos, &*rotary_sin}) {
+      RA_CHECK_ARG(t->type == ElemType::kF32,
+                   t->name << ": expected fp32, got " << elem_type_name(t->type));
+      t->expect_ndim(2, "[s_rotary, rotary_dim / 2]");
+      t->expect_contiguous();
+    }
+    RA_CHECK_ARG(rotary_sin->shape == rotary_cos->shape,
+                 "rotary_sin: shape [" << rotary_sin->dim(0) << ", " << rotary_sin->dim(1)
+                                       << "] must equal rotary_cos's [" << rotary_cos->dim(0)
+                                       << ", " << rotary_cos->dim(1) << "]");
+    p.rotary_cos = rotary_cos->data<const float>();
+    p.rotary_sin = rotary_sin->data<const float>();
+    p.s_rotary = static_cast<int>(rotary_cos->dim(0));
+    p.rotary_dim = static_cast<int>(2 * rotary_cos->dim(1));
+    p.rotary_interleaved = rotary_interleaved;
+  }
+
+  p.mask = mask_params(scale, causal, window_left, window_right, softcap);
+  p.num_splits = num_splits;
+  SchedulerMetadata md;
+  auto eng = engine();
+  if (plan) {
+    const std::int32_t* splits = index_data(plan, p.b, "[b]");
+    md.b = p.b;
+    md.threads = eng->threads();
+    md.num_splits.assign(splits, splits + p.b);
+    p.plan = &md;
+  }
+  run_kernel([&] { eng->forward_kvcache(p); });
+}
+
+// Scheduler plan of a KV-cache call with these shapes (FA3 get_scheduler_metadata):
+// key splits per sequence, [b]. The plan reads only shapes and lengths; the params'
+// data pointers must be non-null to pass validation, so they point at a dummy byte
+// that is never dereferenced.
+std::vector<std::int32_t> plan_kvcache(int b, int s_q, int s_cache, int h, int h_k, int d, int d_v,
+                                       const std::string& dtype, const TensorArg& cache_seqlens,
+                                       const std::optional<TensorArg>& cache_leftpad, int s_new,
+                                       bool causal, int window_left, int window_right,
+                                       float softcap, int num_splits) {
+  static char dummy = 0;
+  KvCacheParams p;
+  p.dtype = parse_dtype(dtype, "qkv_dtype");
+  p.out_dtype = p.dtype;
+  p.b = b;
+  p.s_q = s_q;
+  p.h = h;
+  p.h_k = h_k;
+  p.d = d;
+  p.d_v = d_v;
+  p.s_new = s_new;
+  p.b_cache = b;
+  p.s_cache = s_cache;
+  // Contiguous strides, as the validation checks them like a real call's.
+  const auto contiguous = [](std::int64_t rows, std::int64_t heads, std::int64_t dim,
+                             std::int64_t& batch_stride, std::int64_t& row_stride,
+                             std::int64_t& head_stride) {
+    head_stride = dim;
+    row_stride = heads * dim;
+    batch_stride = rows * heads * dim;
+  };
+  contiguous(s_q, h, d, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  contiguous(s_q, h, d_v, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
+  contiguous(s_cache, h_k, d, p.k_cache_batch_stride, p.k_cache_row_stride, p.k_cache_head_stride);
+  contiguous(s_cache, h_k, d_v, p.v_cache_batch_stride, p.v_cache_row_stride,
+             p.v_cache_head_stride);
+  contiguous(s_new, h_k, d, p.k_new_batch_stride, p.k_new_row_stride, p.k_new_head_stride);
+  contiguous(s_new, h_k, d_v, p.v_new_batch_stride, p.v_new_row_stride, p.v_new_head_stride);
+  p.q = &dummy;
+  p.out = &dummy;
+  p.k_cache = &dummy;
+  p.v_cache = &dummy;
+  if (s_new > 0) {
+    p.k_new = &dummy;
+    p.v_new = &dummy;
+  }
+  RA_CHECK_ARG_GE(b, 1, "batch_size: must be >= 1");
+  p.cache_seqlens = index_data(cache_seqlens, b, "[b]");
+  p.cache_leftpad = index_data(cache_leftpad, b, "[b]");
+  p.mask = mask_params(0.0f, causal, window_left, window_right, softcap);
+  p.num_splits = num_splits;
+  auto eng = engine();
+  SchedulerMetadata md;
+  {
+    py::gil_scoped_release release;
+    md = eng->plan_kvcache(p);
+  }
+  return md.num_splits;
+}
+
+// Split combine (FA3 flash_attn_combine, docs/semantics.md section 5):
+//   out_partial [num_splits, b, s, h, d] fp32, lse_partial [num_splits, b, s, h] fp32
+//   (any strides, last dim of out_partial contiguous) -> out [b, s, h, d] (fp32, bf16
+//   or fp16, any strides with a contiguous last dim), lse [b, s, h] fp32 (any strides).
+// Each output row gathers its num_splits partial rows into a small per-thread buffer
+// and merges them with merge_states; the partials are never copied as a whole. Splits
+// whose LSE is -inf (or +inf) are empty; a row whose splits are all empty gives 0 / -inf.
+void combine(const TensorArg& out_partial, const TensorArg& lse_partial, const TensorArg& out,
+             const TensorArg& lse) {
+  out_partial.expect_ndim(5, "[num_splits, b, s, h, d]");
+  lse_partial.expect_ndim(4, "[num_splits, b, s, h]");
+  out.expect_ndim(4, "[b, s, h, d]");
+  lse.expect_ndim(3, "[b, s, h]");
+  for (const TensorArg* t : {&out_partial, &lse_partial, &lse}) {
+    RA_CHECK_ARG(t->type == ElemType::kF32,
+                 t->name << ": expected fp32, got " << elem_type_name(t->type));
+  }
+  const DType out_dtype = storage_dtype(out.type, out.name);
+  for (int i = 0; i < 4; ++i) {
+    RA_CHECK_ARG(lse_partial.dim(i) == out_partial.dim(i),
+                 "lse_partial: shape dim " << i << " is " << lse_partial.dim(i)
+                                           << ", out_partial's is " << out_partial.dim(i));
+  }
+  for (int i = 0; i < 4; ++i) {
+    RA_CHECK_ARG(out.dim(i) == out_partial.dim(i + 1),
+                 "out: shape dim " << i << " is " << out.dim(i) << ", expected "
+                                   << out_partial.dim(i + 1) << " (out_partial's dim " << i + 1
+                                   << ")");
+  }
+  for (int i = 0; i < 3; ++i) {
+    RA_CHECK_ARG(
+        lse.dim(i) == out_partial.dim(i + 1),
+        "lse: shape dim " << i << " is " << lse.dim(i) << ", expected " << out_partial.dim(i + 1));
+  }
+  for (const TensorArg* t : {&out_partial, &out}) {
+    RA_CHECK_ARG(t->dim(-1) <= 1 || t->stride(-1) == 1,
+                 t->name << ": last dim must be contiguous, got stride " << t->stride(-1));
+  }
+  const int splits = static_cast<int>(out_partial.dim(0));
+  const std::int64_t nb = out_partial.dim(1), ns = out_partial.dim(2), nh = out_partial.dim(3);
+  const int d = static_cast<int>(out_partial.dim(4));
+  const std::int64_t rows = nb * ns * nh;
+  const float* op = out_partial.data<const float>();
+  const float* lp = lse_partial.data<const float>();
+  float* lo = lse.data<float>();
+  char* ob = reinterpret_cast<char*>(out.ptr);
+  const std::size_t osize = dtype_size(out_dtype);
+  const std::vector<std::int64_t>& os = out_partial.strides;  // [split, b, s, h, d]
+  const std::vector<std::int64_t>& ls = lse_partial.strides;  // [split, b, s, h]
+  const std::vector<std::int64_t>& ds = out.strides;          // [b, s, h, d]
+  const std::vector<std::int64_t>& es = lse.strides;          // [b, s, h]
+  const int threads = engine()->threads();
+  run_kernel([&] {
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> parts(static_cast<std::size_t>(splits) * static_cast<std::size_t>(d));
+      std::vector<float> lses(static_cast<std::size_t>(splits));
+      std::vector<float> row(static_cast<std::size_t>(d));
+#pragma omp for schedule(static)
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t hi = r % nh, si = (r / nh) % ns, bi = r / (nh * ns);
+        for (int sp = 0; sp < splits; ++sp) {
+          const float* src = op + sp * os[0] + bi * os[1] + si * os[2] + hi * os[3];
+          std::copy(src, src + d, parts.data() + static_cast<std::size_t>(sp) * d);
+          lses[static_cast<std::size_t>(sp)] =
+              lp[sp * ls[0] + bi * ls[1] + si * ls[2] + hi * ls[3]];
+        }
+        float row_lse = 0.0f;
+        merge_states(parts.data(), lses.data(), row.data(), &row_lse, 1, splits, d);
+        lo[bi * es[0] + si * es[1] + hi * es[2]] = row_lse;
+        void* dst = ob + static_cast<std::size_t>(bi * ds[0] + si * ds[1] + hi * ds[2]) * osize;
+        for (int c = 0; c < d; ++c)
+          store_from_f32(dst, c, out_dtype, row[static_cast<std::size_t>(c)]);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -121,9 +411,21 @@ void fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const Tenso
 void register_attention(py::module_& m) {
   m.def("fwd", &fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_q"),
-        py::arg("seqused_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
+        py::arg("seqused_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"),
+        py::arg("causal"), py::arg("window_left"), py::arg("window_right"), py::arg("softcap"),
+        py::arg("num_splits"));
+  m.def("fwd_kvcache", &fwd_kvcache, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cache_seqlens"),
+        py::arg("cache_batch_idx"), py::arg("cache_leftpad"), py::arg("page_table"),
+        py::arg("rotary_cos"), py::arg("rotary_sin"), py::arg("rotary_interleaved"),
         py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
-        py::arg("softcap"), py::arg("num_splits"));
+        py::arg("softcap"), py::arg("num_splits"), py::arg("plan"));
+  m.def("plan_kvcache", &plan_kvcache, py::arg("b"), py::arg("s_q"), py::arg("s_cache"),
+        py::arg("h"), py::arg("h_k"), py::arg("d"), py::arg("d_v"), py::arg("dtype"),
+        py::arg("cache_seqlens"), py::arg("cache_leftpad"), py::arg("s_new"), py::arg("causal"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("softcap"), py::arg("num_splits"));
+  m.def("combine", &combine, py::arg("out_partial"), py::arg("lse_partial"), py::arg("out"),
+        py::arg("lse"));
 }
 
 }  // namespace ringattn::python

@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -63,6 +64,20 @@ void set_backend(const std::string& name);
 std::string backend_name();
 void set_num_threads(int n);
 int num_threads();
+
+// Runs `kernel` (a call into the engine or the ring) with the GIL released and records
+// its duration for last_kernel_seconds(): the Python overhead of a call is its wall
+// time minus this (launch/bench_python.py).
+void record_kernel_seconds(double seconds);
+double last_kernel_seconds();
+template <typename F>
+void run_kernel(F&& kernel) {
+  py::gil_scoped_release release;
+  const auto t0 = std::chrono::steady_clock::now();
+  kernel();
+  record_kernel_seconds(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+}
 
 // Registration of each group of bindings (one file each).
 void register_core(py::module_& m);       // module_core.cpp: exceptions, engine, merge

@@ -60,21 +60,21 @@ DType storage_dtype(ElemType t, const std::string& what) {
 }
 
 void TensorArg::expect_ndim(int n, const char* shape_text) const {
-  RA_CHECK_ARG(ndim() == n, name << ": expected " << n << " dims " << shape_text << ", got "
-                                 << ndim());
+  RA_CHECK_ARG(ndim() == n,
+               name << ": expected " << n << " dims " << shape_text << ", got " << ndim());
 }
 
 void TensorArg::expect_dim(int i, std::int64_t want, const char* what) const {
-  RA_CHECK_ARG(dim(i) == want, name << ": dim " << i << " (" << what << ") must be " << want
-                                    << ", got " << dim(i));
+  RA_CHECK_ARG(dim(i) == want,
+               name << ": dim " << i << " (" << what << ") must be " << want << ", got " << dim(i));
 }
 
 void TensorArg::expect_contiguous() const {
   std::int64_t want = 1;
   for (int i = ndim() - 1; i >= 0; --i) {
-    RA_CHECK_ARG(shape[i] == 1 || strides[i] == want,
-                 name << ": must be contiguous, got stride " << strides[i] << " in dim " << i
-                      << " where " << want << " was expected");
+    RA_CHECK_ARG(shape[i] == 1 || strides[i] == want, name << ": must be contiguous, got stride "
+                                                           << strides[i] << " in dim " << i
+                                                           << " where " << want << " was expected");
     want *= shape[i];
   }
 }
@@ -134,6 +134,15 @@ void set_num_threads(int n) {
 
 int num_threads() { return engine()->threads(); }
 
+// ---- timing ----
+
+namespace {
+thread_local double g_last_kernel_seconds = 0.0;
+}
+
+void record_kernel_seconds(double seconds) { g_last_kernel_seconds = seconds; }
+double last_kernel_seconds() { return g_last_kernel_seconds; }
+
 // ---- merge ----
 
 namespace {
@@ -143,31 +152,33 @@ namespace {
 void merge_state_binding(const TensorArg& v_a, const TensorArg& s_a, const TensorArg& v_b,
                          const TensorArg& s_b, const TensorArg& v_out, const TensorArg& s_out) {
   for (const TensorArg* t : {&v_a, &s_a, &v_b, &s_b, &v_out, &s_out}) {
-    RA_CHECK_ARG(t->type == ElemType::kF32, t->name << ": expected fp32, got "
-                                                    << elem_type_name(t->type));
+    RA_CHECK_ARG(t->type == ElemType::kF32,
+                 t->name << ": expected fp32, got " << elem_type_name(t->type));
     t->expect_contiguous();
   }
   const std::int64_t n = s_a.dim(0) * s_a.dim(1);
   const int d = static_cast<int>(v_a.dim(2));
-  py::gil_scoped_release release;
-  merge_state(v_a.data<const float>(), s_a.data<const float>(), v_b.data<const float>(),
-              s_b.data<const float>(), v_out.data<float>(), s_out.data<float>(), n, d);
+  run_kernel([&] {
+    merge_state(v_a.data<const float>(), s_a.data<const float>(), v_b.data<const float>(),
+                s_b.data<const float>(), v_out.data<float>(), s_out.data<float>(), n, d);
+  });
 }
 
 // merge_states over parts laid out [n, num_states, d] / [n, num_states] (contiguous).
 void merge_states_binding(const TensorArg& v, const TensorArg& s, const TensorArg& v_out,
                           const TensorArg& s_out) {
   for (const TensorArg* t : {&v, &s, &v_out, &s_out}) {
-    RA_CHECK_ARG(t->type == ElemType::kF32, t->name << ": expected fp32, got "
-                                                    << elem_type_name(t->type));
+    RA_CHECK_ARG(t->type == ElemType::kF32,
+                 t->name << ": expected fp32, got " << elem_type_name(t->type));
     t->expect_contiguous();
   }
   const std::int64_t n = v.dim(0);
   const int states = static_cast<int>(v.dim(1));
   const int d = static_cast<int>(v.dim(2));
-  py::gil_scoped_release release;
-  merge_states(v.data<const float>(), s.data<const float>(), v_out.data<float>(),
-               s_out.data<float>(), n, states, d);
+  run_kernel([&] {
+    merge_states(v.data<const float>(), s.data<const float>(), v_out.data<float>(),
+                 s_out.data<float>(), n, states, d);
+  });
 }
 
 }  // namespace
@@ -225,6 +236,8 @@ void register_core(py::module_& m) {
   m.def("get_num_threads", &num_threads);
   m.def("available_backends", &available_backends);
   m.def("cpu_features", &cpu_feature_summary);
+  m.def("last_kernel_seconds", &last_kernel_seconds,
+        "Seconds the calling thread's last kernel call spent in C++ with the GIL released.");
   m.def("merge_state", &merge_state_binding);
   m.def("merge_states", &merge_states_binding);
 }
