@@ -34,12 +34,28 @@ def _torch():
     return sys.modules.get("torch")
 
 
+_TORCH_TENSOR = None
+
+
 def is_torch(x):
-    t = _torch()
-    return t is not None and isinstance(x, t.Tensor)
+    global _TORCH_TENSOR
+    if _TORCH_TENSOR is None:
+        t = _torch()
+        if t is None:
+            return False
+        _TORCH_TENSOR = t.Tensor
+    return isinstance(x, _TORCH_TENSOR)
+
+
+_TORCH_TYPES = None
+_TORCH_OF_TYPE = None
 
 
 def _torch_types():
+    """torch dtype -> element type name (built once, after the caller imported torch)."""
+    global _TORCH_TYPES, _TORCH_OF_TYPE
+    if _TORCH_TYPES is not None:
+        return _TORCH_TYPES
     t = _torch()
     m = {
         t.float32: "fp32",
@@ -51,6 +67,8 @@ def _torch_types():
     }
     if hasattr(t, "float8_e4m3fn"):
         m[t.float8_e4m3fn] = "fp8"
+    _TORCH_OF_TYPE = {v: k for k, v in m.items()}
+    _TORCH_TYPES = m
     return m
 
 
@@ -72,10 +90,13 @@ def type_of(x, name):
 def arg(x, name, types=FLOAT_TYPES, ndim=None, shape_text=""):
     """TensorArg over `x` (no copy). Checks kind, device, dtype, rank and that the last
     dim is contiguous; raises TypeError / ValueError naming `name`."""
-    typ = type_of(x, name)
+    torch_in = is_torch(x)
+    typ = _torch_types().get(x.dtype) if torch_in else None
+    if typ is None:
+        typ = type_of(x, name)
     if typ not in types:
         raise TypeError(f"{name}: dtype {typ} not accepted here (expected one of {', '.join(types)})")
-    if is_torch(x):
+    if torch_in:
         if x.device.type != "cpu":
             raise ValueError(f"{name}: must be a CPU tensor, got device {x.device}")
         shape = tuple(x.shape)
@@ -119,15 +140,18 @@ def index_array(x, name, ndim=None, shape_text="", lo=None, hi=None):
     a = x.numpy() if is_torch(x) else x
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dims {shape_text}, got {a.ndim} (shape {list(a.shape)})")
-    if a.size:
-        mn, mx = int(a.min()), int(a.max())
-        if mn < -(2**31) or mx >= 2**31:
+    convert = a.dtype != np.int32 or not a.flags.c_contiguous
+    if a.size and (convert or lo is not None or hi is not None):
+        # One reduction per bound actually needed (this sits on the decode call path).
+        mn = int(a.min()) if (convert or lo is not None) else 0
+        mx = int(a.max()) if (convert or hi is not None) else 0
+        if convert and (mn < -(2**31) or mx >= 2**31):
             raise ValueError(f"{name}: values must fit in int32, got range [{mn}, {mx}]")
         if lo is not None and mn < lo:
             raise ValueError(f"{name}: values must be >= {lo}, got {mn}")
         if hi is not None and mx > hi:
             raise ValueError(f"{name}: values must be <= {hi}, got {mx}")
-    if a.dtype != np.int32 or not a.flags.c_contiguous:
+    if convert:
         a = np.ascontiguousarray(a, dtype=np.int32)
     return a, arg(a, name, types=("i32",))
 
@@ -136,8 +160,8 @@ def empty(ref, shape, typ):
     """Uninitialised tensor of the same kind as `ref` (torch or numpy) and element type `typ`."""
     if is_torch(ref):
         t = _torch()
-        dt = {v: k for k, v in _torch_types().items()}[typ]
-        return t.empty(tuple(shape), dtype=dt)
+        _torch_types()
+        return t.empty(tuple(shape), dtype=_TORCH_OF_TYPE[typ])
     if typ == "bf16":
         raise TypeError("numpy has no bfloat16: pass torch tensors for bf16")
     return np.empty(tuple(shape), dtype=_NUMPY_OF_TYPE[typ])
@@ -154,8 +178,8 @@ def to_type(x, typ):
     if type_of(x, "x") == typ:
         return x
     if is_torch(x):
-        dt = {v: k for k, v in _torch_types().items()}[typ]
-        return x.to(dt)
+        _torch_types()
+        return x.to(_TORCH_OF_TYPE[typ])
     return x.astype(_NUMPY_OF_TYPE[typ])
 
 
