@@ -1,4 +1,4 @@
-// KV-cache preparation shared by every backend (SPEC.md section 3, FA3
+// KV-cache preparation shared by every backend (docs/semantics.md section 3, FA3
 // flash_attn_with_kvcache semantics): where a cached token lives (dense or paged),
 // the in-place append of k_new / v_new (with rotary on k_new), and rotary on q.
 // Backends call kvcache_append() once, then read keys through kv_k_offset() /

@@ -1,4 +1,4 @@
-// Public softmax-state merge (SPEC.md section 5), written on top of SoftmaxState so
+// Public softmax-state merge (docs/semantics.md section 5), written on top of SoftmaxState so
 // that the kernels, split-KV reduction, the ring merge and the decode allreduce all
 // share one set of rules:
 //   lse = m + log(exp(lse_a - m) + exp(lse_b - m)),  m = max(lse_a, lse_b)

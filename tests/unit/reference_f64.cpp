@@ -36,7 +36,7 @@ struct Dims {
   int h, h_k, d, d_v;
 };
 
-// SPEC.md section 1 mask, literally: row i sees key j iff 0 <= j < s_k and
+// docs/semantics.md section 1 mask, literally: row i sees key j iff 0 <= j < s_k and
 // j <= i + shift + w_right (w_right >= 0) and j >= i + shift - w_left (w_left >= 0);
 // causal forces w_right = 0.
 bool visible(std::int64_t i, std::int64_t j, std::int64_t s_k, std::int64_t shift,
@@ -388,7 +388,7 @@ void reference_merge(const std::vector<double>& o_parts, const std::vector<doubl
   o.assign(static_cast<std::size_t>(n) * d_v, 0.0);
   lse.assign(static_cast<std::size_t>(n), -inf);
   for (std::int64_t r = 0; r < n; ++r) {
-    // SPEC.md section 5: lse = m + log(sum_s exp(lse_s - m)), m = max lse_s;
+    // docs/semantics.md section 5: lse = m + log(sum_s exp(lse_s - m)), m = max lse_s;
     // o = sum_s o_s exp(lse_s - lse). +inf and -inf both mean "empty".
     double m = -inf;
     for (int s = 0; s < num_states; ++s) {

@@ -1,12 +1,12 @@
 // Independent attention reference for the test grids, written literally from
-// SPEC.md sections 1-3 and 5 and the conventions in ringattn/attention_params.hpp.
+// docs/semantics.md sections 1-3 and 5 and the conventions in ringattn/attention_params.hpp.
 // It reads the same params structs the Engine takes (pointers, strides, dtypes),
 // so a test fills one struct and hands it to both.
 //
 // Two precisions:
 //   kF64  the reference: inputs upcast to double, every step in double, output not
 //         rounded.
-//   kF32  the "low-precision" reference of the pt rule (SPEC.md section 6): the same
+//   kF32  the "low-precision" reference of the pt rule (docs/semantics.md section 6): the same
 //         plain algorithm with fp32 accumulation, output rounded to out_dtype.
 // Rotary embedding (KV cache) produces new q / k tensors in the storage dtype, as in
 // FA: both precisions rotate in fp32 and round to p.dtype before attending.
@@ -32,10 +32,10 @@ struct RefResult {
   std::vector<double> lse;
 };
 
-// SPEC.md sections 1-2: dense (p.cu_seqlens_q == nullptr) or varlen forward.
+// docs/semantics.md sections 1-2: dense (p.cu_seqlens_q == nullptr) or varlen forward.
 RefResult reference_forward(const FwdParams& p, RefPrecision prec = RefPrecision::kF64);
 
-// SPEC.md section 3. Reads the caches only at positions [leftpad, cache_seqlens)
+// docs/semantics.md section 3. Reads the caches only at positions [leftpad, cache_seqlens)
 // and takes appended keys from k_new/v_new, so it gives the same answer before or
 // after the engine's in-place append. Does not modify the caches.
 RefResult reference_kvcache(const KvCacheParams& p, RefPrecision prec = RefPrecision::kF64);
@@ -54,7 +54,7 @@ template <typename T>
 void apply_rotary(T* x, const float* cos, const float* sin, int rotary_dim, bool interleaved,
                   std::int64_t pos);
 
-// SPEC.md section 5 in double: merge of n partial states per row.
+// docs/semantics.md section 5 in double: merge of n partial states per row.
 //   o_parts [n, num_states, d_v], lse_parts [n, num_states] -> o [n, d_v], lse [n]
 // +inf on input counts as empty; all-empty rows give o = 0, lse = -inf.
 void reference_merge(const std::vector<double>& o_parts, const std::vector<double>& lse_parts,

@@ -1,4 +1,4 @@
-// Dense forward (SPEC.md section 1) against the float64 reference, on every
+// Dense forward (docs/semantics.md section 1) against the float64 reference, on every
 // backend this machine runs. The grid is a set of sweeps rather than the full
 // cross product: seqlen pairs, head dims x dtypes, mask variants, memory layouts
 // (padded strides, out dtype, no LSE, mask_shift) and a few long problems.
@@ -81,7 +81,7 @@ DenseCase make_case(DType dt, int b, int s_q, int s_k, int hi, int d, int d_v, c
 
 std::vector<DenseCase> dense_cases() {
   std::vector<DenseCase> cases;
-  // Sweep 1: (s_q, s_k) pairs of SPEC.md section 6, each full and causal, with
+  // Sweep 1: (s_q, s_k) pairs of docs/semantics.md section 6, each full and causal, with
   // dtype / heads / head dim rotating across pairs.
   const int pairs[][2] = {{1, 1},   {1, 3},   {2, 1},     {64, 128},  {113, 203}, {128, 217},
                           {239, 1}, {799, 3}, {108, 256}, {384, 256}, {640, 128}, {256, 512}};
@@ -257,7 +257,7 @@ INSTANTIATE_TEST_SUITE_P(Grid, DenseForward,
 
 // Mask geometry checked exactly: with q = 0 every visible score is 0, so
 // lse = log(number of visible keys) and empty rows give -inf. Row patterns are
-// the SPEC.md section 1 examples and hand-counted windows; the float64 reference
+// the docs/semantics.md section 1 examples and hand-counted windows; the float64 reference
 // is checked against the same table.
 struct MaskCountCase {
   const char* name;

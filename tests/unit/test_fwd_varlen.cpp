@@ -1,4 +1,4 @@
-// Varlen forward (SPEC.md section 2) against the float64 reference on every
+// Varlen forward (docs/semantics.md section 2) against the float64 reference on every
 // backend: packed segments of different lengths, segments with s_k = 0 (and
 // s_q = 0), seqused_q / seqused_k, all mask variants, GQA/MQA, padded strides.
 #include <gtest/gtest.h>

@@ -1,4 +1,4 @@
-// KV-cache forward (SPEC.md section 3) against the float64 reference on every
+// KV-cache forward (docs/semantics.md section 3) against the float64 reference on every
 // backend: dense and paged caches (page_size 1, 4, 64, 128), cache_batch_idx,
 // leftpad, in-place append of k_new/v_new, rotary embedding (interleaved and
 // half-split), mask variants and empty sequences. Unused cache slots hold NaN.

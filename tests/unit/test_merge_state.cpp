@@ -1,4 +1,4 @@
-// Public softmax-state merge (SPEC.md section 5, ringattn/merge_state.hpp) against
+// Public softmax-state merge (docs/semantics.md section 5, ringattn/merge_state.hpp) against
 // the float64 reference merge: empty states (-inf, and +inf on input) act as the
 // identity and never produce NaN, the merge is commutative and associative to
 // rounding, and the N-state merge equals a chain of two-state merges.

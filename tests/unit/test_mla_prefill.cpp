@@ -260,7 +260,7 @@ TEST(MlaSparsePrefill, BadInput) {
 }
 
 // Un-absorbed MLA prefill is ordinary dense causal attention with d_qk = 192 and
-// d_v = 128 (SPEC.md section 4), run by the dense kernel of each backend.
+// d_v = 128 (docs/semantics.md section 4), run by the dense kernel of each backend.
 TEST(MlaUnabsorbedPrefill, DenseKernelD192V128) {
   const int b = 1, s = 77, h = 4, d = 192, dv = 128;
   std::mt19937_64 rng(prefill_seed() ^ 6);

@@ -4,7 +4,7 @@
 //  - fully masked rows (causal s_q > s_k, windows, mask_shift), empty sequences
 //    (s_k = 0 dense, varlen and KV cache): output 0 and LSE -inf;
 //  - NaN in unused KV-cache / MLA cache slots is never read;
-//  - merging +inf / -inf states follows SPEC.md section 5;
+//  - merging +inf / -inf states follows docs/semantics.md section 5;
 //  - determinism: the same inputs, backend and threads give bit-identical output and
 //    LSE across repeated calls; with a fixed split count also across thread counts;
 //  - 64-bit indexing: a paged KV cache and a dense K tensor spanning more than 2^31
@@ -429,7 +429,7 @@ TEST_P(Numerics, NanInUnusedMlaCacheSlotsIsNeverRead) {
     ASSERT_EQ(lse[i], lse_clean[i]) << "lse[" << i << "]";
 }
 
-// ---- merge of +inf / -inf states (SPEC.md section 5) ----
+// ---- merge of +inf / -inf states (docs/semantics.md section 5) ----
 
 TEST(NumericsMerge, InfiniteStatesFollowSpec) {
   const int d_v = 3;

@@ -1,4 +1,4 @@
-// SoftmaxState merge rules (SPEC.md section 5) and scalar dtype conversions.
+// SoftmaxState merge rules (docs/semantics.md section 5) and scalar dtype conversions.
 #include <gtest/gtest.h>
 
 #include <cmath>

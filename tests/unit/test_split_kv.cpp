@@ -1,4 +1,4 @@
-// Split-KV (SPEC.md section 3): the number of key splits, and a plan from
+// Split-KV (docs/semantics.md section 3): the number of key splits, and a plan from
 // Engine::plan_kvcache, change speed only. Every split count must match the
 // float64 reference (pt rule) and the unsplit call to rounding, on every backend,
 // including more splits than keys and sequences with no keys at all.

@@ -1,6 +1,6 @@
 // Helpers shared by the kernel test grids: strided host tensors in any storage
 // dtype, random fills, NaN poisoning, reading results back as double, and the
-// tolerance check of SPEC.md section 6 (the "pt" rule).
+// tolerance check of docs/semantics.md section 6 (the "pt" rule).
 //
 // Random inputs are fresh on every run: the base seed comes from the environment
 // variable RINGATTN_TEST_SEED when set, otherwise from std::random_device, and
@@ -172,7 +172,7 @@ inline double output_atol(DType out_dtype, double ref_max) {
   }
 }
 
-// SPEC.md section 6, pt rule: max|got - ref| <= 2 * max|lowprec - ref| + atol.
+// docs/semantics.md section 6, pt rule: max|got - ref| <= 2 * max|lowprec - ref| + atol.
 // Elements whose reference is NaN are "don't care" (e.g. rows past seqused_q) and
 // skipped; any other NaN in `got` (an unwritten, poisoned element) fails. On
 // failure the message names the worst element and its index in `dims`.
@@ -278,7 +278,7 @@ inline ::testing::AssertionResult check_same_to_rounding(const std::string& what
   return ::testing::AssertionSuccess();
 }
 
-// ---- KV-cache problems (SPEC.md section 3), shared by test_kvcache / test_split_kv ----
+// ---- KV-cache problems (docs/semantics.md section 3), shared by test_kvcache / test_split_kv ----
 
 struct KvCase {
   std::string name;

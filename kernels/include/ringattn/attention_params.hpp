@@ -1,4 +1,4 @@
-// Params structs for the attention problem families (SPEC.md sections 1-3).
+// Params structs for the attention problem families (docs/semantics.md sections 1-3).
 // One plain struct per family, filled by the caller; strides are in ELEMENTS,
 // never bytes, and the last dim of every tensor is contiguous. Engine::forward*
 // validates a struct before any backend sees it (kernels/src/validate_params.cpp).
@@ -7,7 +7,7 @@
 //  - LSE is the natural-log sum-exp of the (scaled, soft-capped) scores over the
 //    visible keys, fp32.
 //  - A query row that sees no key gets output 0 and LSE -inf.
-//  - Mask (SPEC.md section 1), anchored bottom-right unless `mask_shift` says
+//  - Mask (docs/semantics.md section 1), anchored bottom-right unless `mask_shift` says
 //    otherwise: with shift = s_k - s_q (per batch element),
 //      row i sees key j  iff  0 <= j < s_k
 //                        and (w_right < 0 or j <= i + shift + w_right)

@@ -53,10 +53,10 @@ class Engine {
   // fp32 decode order in use: "key-major" or "head-major" ("none" for reference).
   const std::string& decode_order() const { return decode_order_; }
 
-  // Dense or varlen forward (SPEC.md sections 1-2). Writes p.out and p.lse.
+  // Dense or varlen forward (docs/semantics.md sections 1-2). Writes p.out and p.lse.
   void forward(const FwdParams& p) const;
 
-  // KV-cache forward (SPEC.md section 3). Appends k_new/v_new into the caches in
+  // KV-cache forward (docs/semantics.md section 3). Appends k_new/v_new into the caches in
   // place, then writes p.out and p.lse.
   void forward_kvcache(const KvCacheParams& p) const;
 
@@ -64,14 +64,14 @@ class Engine {
   // Pass it back through p.plan; it changes speed only.
   SchedulerMetadata plan_kvcache(const KvCacheParams& p) const;
 
-  // DeepSeek MLA decode (SPEC.md section 4).
+  // DeepSeek MLA decode (docs/semantics.md section 4).
   void mla_decode(const MlaDecodeParams& p) const;
 
   // Split-KV plan for an MLA decode with these shapes (FlashMLA get_mla_metadata).
   // Pass it back through p.plan; it changes speed only.
   SchedulerMetadata plan_mla_decode(const MlaDecodeParams& p) const;
 
-  // Sparse MLA prefill (SPEC.md section 4); picks its path by the rule documented
+  // Sparse MLA prefill (docs/semantics.md section 4); picks its path by the rule documented
   // in mla_params.hpp unless p.path says otherwise.
   void mla_sparse_prefill(const MlaSparsePrefillParams& p) const;
 

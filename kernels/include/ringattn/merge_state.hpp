@@ -1,4 +1,4 @@
-// Public softmax-state merge (SPEC.md section 5), FlashInfer cascade semantics.
+// Public softmax-state merge (docs/semantics.md section 5), FlashInfer cascade semantics.
 // All LSE values are natural log; -inf (or +inf on input) marks an empty state,
 // which merges as the identity and never produces NaN.
 #pragma once

@@ -1,4 +1,4 @@
-// DeepSeek MLA params (SPEC.md section 4): absorbed-form decode on a paged latent
+// DeepSeek MLA params (docs/semantics.md section 4): absorbed-form decode on a paged latent
 // cache (dense or sparse) and sparse MLA prefill.
 //
 // Absorbed MLA is MQA with ONE latent KV head: per token the cache holds 576 values,
@@ -55,9 +55,25 @@ inline constexpr const char* mla_cache_layout_name(MlaCacheLayout l) {
 //   out         [b, s_q, h_q, 512]      out_dtype fp32 or == q_dtype
 //   lse         [b, h_q, s_q] fp32, natural log, nullable
 //
+//   topk_length [b] int32, optional (sparse only): sequence i uses only the first
+//               topk_length[i] entries of each of its index rows, in [0, topk]
+//   sinks       [h_q] fp32, optional: one attention-sink logit per query head
+//   max_logits  [b, s_q, h_q] fp32, nullable: max over the row's visible keys of the
+//               scaled score (-inf for a row that sees no key)
+//
 // Dense decode with causal: query token s of sequence i (cache length L) sees cache
-// positions j <= L - s_q + s (bottom-right rule, SPEC.md section 1); requires L >= s_q.
+// positions j <= L - s_q + s (bottom-right rule, docs/semantics.md section 1); when
+// L < s_q the first s_q - L query tokens see no key (output 0, LSE -inf).
 // Without causal every query token sees all L tokens.
+//
+// Sparse indices: by default an entry outside [-1, num_blocks * page_size) is an
+// error. With invalid_indices_as_padding every entry outside [0, num_blocks *
+// page_size) is skipped like -1 and never read (FlashMLA's rule: "-1 or >= s_kv").
+//
+// Sinks (docs/semantics.md section 7): after the split-KV merge, each output row of
+// head h is multiplied by exp(lse) / (exp(lse) + exp(sinks[h])) exactly once; the
+// returned LSE excludes the sink. sinks[h] = +inf gives output 0, -inf changes
+// nothing, and a row that sees no key stays 0 / -inf. NaN is an error.
 //
 // Scaling (FlashInfer semantics):
 //   score = bmm1_scale * (q . k_stored)   when bmm1_scale > 0 (it includes the softmax
@@ -85,6 +101,11 @@ struct MlaDecodeParams {
 
   const std::int32_t* indices = nullptr;  // [b, s_q, topk], nullable (dense)
   int topk = 0;
+  const std::int32_t* topk_length = nullptr;  // [b], nullable: used entries per index row
+  bool invalid_indices_as_padding = false;    // true: out-of-range indices act as -1
+
+  const float* sinks = nullptr;  // [h_q] fp32, nullable: attention-sink logit per head
+  float* max_logits = nullptr;   // [b, s_q, h_q] fp32, nullable: max scaled score per row
 
   float scale = 0.0f;  // softmax scale; 0 = 1/sqrt(576)
   bool causal = false;
@@ -98,6 +119,13 @@ struct MlaDecodeParams {
 
   bool is_sparse() const { return indices != nullptr; }
 };
+
+// Global-index sparse prefill (FlashMLA flash_mla_sparse_fwd) is a sparse decode:
+//   q [s_q, h_q, 576], kv [s_kv, 576], indices [s_q, topk] over [0, s_kv)
+// run as MlaDecodeParams with b = s_q, s_q = 1, the kv as ONE block of page_size
+// s_kv (num_blocks = 1, a global index is then the slot itself), topk_length [s_q],
+// lse [s_q, h_q] (= [b, h_q, 1]) and max_logits [s_q, h_q]. The split plan runs one
+// problem per query token, and every head of the token shares each key read.
 
 // Which algorithm sparse MLA prefill runs (all give the same result to rounding).
 enum class MlaPrefillPath : std::uint8_t {

@@ -1,6 +1,6 @@
 // The online-softmax state, shared by every place that combines partial attention
 // results: the kernels' inner loop over key tiles, split-KV reduction, the ring
-// merge across MPI ranks and the distributed-decode allreduce (SPEC.md section 5).
+// merge across MPI ranks and the distributed-decode allreduce (docs/semantics.md section 5).
 //
 // All LSE values crossing an API are NATURAL-log sums: lse = log(sum_j exp(score_j)).
 // An empty state (no visible key) has lse = -inf and output 0. +inf on input is

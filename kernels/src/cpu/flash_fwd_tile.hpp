@@ -97,7 +97,7 @@ class AlignedBuf {
 };
 using AlignedFloats = AlignedBuf<float>;
 
-// Visible key range [lo, hi) of query row i (SPEC.md section 1); empty when lo >= hi.
+// Visible key range [lo, hi) of query row i (docs/semantics.md section 1); empty when lo >= hi.
 struct RowRange {
   std::int64_t lo, hi;
 };
@@ -976,7 +976,7 @@ struct FlashFwd {
         if (sc.progress) sc.progress->poll();
       }
 
-      // Split-KV reduction: merge the splits' states row by row (SPEC.md section 5).
+      // Split-KV reduction: merge the splits' states row by row (docs/semantics.md section 5).
       float* acc = sc.vp.get();  // free between tasks: the merge's accumulator row
 #pragma omp for schedule(dynamic, 1)
       for (std::size_t mi = 0; mi < merges.size(); ++mi) {

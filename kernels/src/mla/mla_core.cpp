@@ -57,7 +57,7 @@ float decode_score_scale(const MlaDecodeParams& p) {
 // So all heads of all query tokens of a unit share one read of every cache line,
 // the point of MLA's single latent KV head.
 void run_unit(const Ops& ops, const TokenSource& src, const KeyList& keys, const UnitSpec& u,
-              Workspace& ws, float* o, float* lse) {
+              Workspace& ws, float* o, float* lse, float* max_logit) {
   const int R = u.ntok * u.h_q;
   ws.m.assign(R, kNegInf);
   ws.d.assign(R, 0.0f);
@@ -113,6 +113,8 @@ void run_unit(const Ops& ops, const TokenSource& src, const KeyList& keys, const
     float* dst = o + static_cast<std::int64_t>(r) * kMlaValueDim;
     for (int c = 0; c < kMlaValueDim; ++c) dst[c] = a[c] * inv;
     lse[r] = st.lse();
+    // The online softmax's running max is exactly the largest scaled score seen.
+    if (max_logit != nullptr) max_logit[r] = ws.m[r];
   }
 }
 

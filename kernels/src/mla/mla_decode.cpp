@@ -29,7 +29,9 @@ constexpr int kUnitRows = 256;
 
 // One decode problem: the query rows that share one key list.
 //   dense:  sequence i, all s_q tokens, keys = its cache [0, L)
-//   sparse: (sequence i, token s), keys = its valid indices (compacted)
+//   sparse: (sequence i, token s), keys = its valid indices (compacted): the first
+//           topk_length[i] entries of the row (all topk without topk_length), minus
+//           -1 padding and, with invalid_indices_as_padding, any slot out of range
 struct Problem {
   int batch = 0;
   int tok0 = 0, ntok = 0;  // query tokens [tok0, tok0 + ntok) of the sequence
@@ -48,18 +50,22 @@ std::vector<Problem> make_problems(const MlaDecodeParams& p) {
     }
     return probs;
   }
+  const std::int64_t slots = static_cast<std::int64_t>(p.num_blocks) * p.page_size;
   probs.resize(static_cast<std::size_t>(p.b) * p.s_q);
-  for (int i = 0; i < p.b; ++i)
+  for (int i = 0; i < p.b; ++i) {
+    const int used = p.topk_length != nullptr ? p.topk_length[i] : p.topk;
     for (int s = 0; s < p.s_q; ++s) {
       Problem& pr = probs[static_cast<std::size_t>(i) * p.s_q + s];
       pr.batch = i;
       pr.tok0 = s;
       pr.ntok = 1;
       const std::int32_t* idx = p.indices + (static_cast<std::int64_t>(i) * p.s_q + s) * p.topk;
-      for (int k = 0; k < p.topk; ++k)
-        if (idx[k] >= 0) pr.list.push_back(idx[k]);
+      pr.list.reserve(used);
+      for (int k = 0; k < used; ++k)
+        if (idx[k] >= 0 && idx[k] < slots) pr.list.push_back(idx[k]);
       pr.nkeys = static_cast<std::int64_t>(pr.list.size());
     }
+  }
   return probs;
 }
 
@@ -142,22 +148,33 @@ void mla_decode_cpu(const MlaDecodeParams& p, CpuIsa isa, int threads) {
   }
   std::vector<float> parts_o(static_cast<std::size_t>(part_rows) * kMlaValueDim);
   std::vector<float> parts_lse(static_cast<std::size_t>(part_rows));
+  // Running maxima of the splits, only when the caller asked for max_logits.
+  std::vector<float> parts_max(p.max_logits != nullptr ? static_cast<std::size_t>(part_rows) : 0);
 
   const float sc = mla::decode_score_scale(p);
   const float out_mul = p.bmm2_scale > 0.0f ? p.bmm2_scale : 1.0f;
 
-  // Writes the final (o, lse) of `rows` consecutive rows of problem k, starting at
-  // its row r0 (row r = token * h_q + head).
-  auto write_final = [&](int k, int r0, int rows, const float* o, const float* lse) {
+  // Writes the final (o, lse, max) of `rows` consecutive rows of problem k, starting
+  // at its row r0 (row r = token * h_q + head). This runs once per output row, after
+  // any split merge, so the sink factor exp(lse) / (exp(lse) + exp(sink))
+  // = 1 / (1 + exp(sink - lse)) is applied exactly once (docs/semantics.md section 7).
+  // A row with LSE -inf has output 0 already and stays so.
+  auto write_final = [&](int k, int r0, int rows, const float* o, const float* lse,
+                         const float* mx) {
     const Problem& pr = probs[k];
     for (int r = r0; r < r0 + rows; ++r) {
       const int s = pr.tok0 + r / p.h_q, h = r % p.h_q;
       const std::int64_t orow = (static_cast<std::int64_t>(pr.batch) * p.s_q + s) * p.h_q + h;
       const float* src_o = o + static_cast<std::int64_t>(r - r0) * kMlaValueDim;
+      const float row_lse = lse[r - r0];
+      float mul = out_mul;
+      if (p.sinks != nullptr && row_lse != kNegInf)
+        mul *= 1.0f / (1.0f + std::exp(p.sinks[h] - row_lse));
       for (int c = 0; c < kMlaValueDim; ++c)
-        store_from_f32(p.out, orow * kMlaValueDim + c, p.out_dtype, src_o[c] * out_mul);
+        store_from_f32(p.out, orow * kMlaValueDim + c, p.out_dtype, src_o[c] * mul);
       if (p.lse != nullptr)
-        p.lse[(static_cast<std::int64_t>(pr.batch) * p.h_q + h) * p.s_q + s] = lse[r - r0];
+        p.lse[(static_cast<std::int64_t>(pr.batch) * p.h_q + h) * p.s_q + s] = row_lse;
+      if (p.max_logits != nullptr) p.max_logits[orow] = mx[r - r0];
     }
   };
 
@@ -165,7 +182,7 @@ void mla_decode_cpu(const MlaDecodeParams& p, CpuIsa isa, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     Workspace ws;
-    std::vector<float> o, lse;
+    std::vector<float> o, lse, mx;
     std::vector<std::int64_t> limit;
 #pragma omp for schedule(dynamic, 1)
     for (int ti = 0; ti < nt; ++ti) {
@@ -204,11 +221,13 @@ void mla_decode_cpu(const MlaDecodeParams& p, CpuIsa isa, int threads) {
       }
       o.resize(static_cast<std::size_t>(R) * kMlaValueDim);
       lse.resize(R);
-      mla::run_unit(ops, src, keys, u, ws, o.data(), lse.data());
+      mx.resize(R);
+      mla::run_unit(ops, src, keys, u, ws, o.data(), lse.data(),
+                    p.max_logits != nullptr ? mx.data() : nullptr);
 
       const int r0 = task.tok0 * p.h_q;
       if (part_off[task.prob] < 0) {
-        write_final(task.prob, r0, R, o.data(), lse.data());
+        write_final(task.prob, r0, R, o.data(), lse.data(), mx.data());
       } else {
         const int ns = splits[task.prob];
         for (int r = 0; r < R; ++r) {
@@ -217,11 +236,12 @@ void mla_decode_cpu(const MlaDecodeParams& p, CpuIsa isa, int threads) {
           std::copy_n(o.data() + static_cast<std::int64_t>(r) * kMlaValueDim, kMlaValueDim,
                       parts_o.data() + pi * kMlaValueDim);
           parts_lse[pi] = lse[r];
+          if (p.max_logits != nullptr) parts_max[pi] = mx[r];
         }
       }
     }
 
-    // Split-KV reduction with the one public merge (SPEC.md section 5).
+    // Split-KV reduction with the one public merge (docs/semantics.md section 5).
     std::vector<float> mo(static_cast<std::size_t>(kMlaValueDim));
     float ml = 0.0f;
 #pragma omp for schedule(dynamic, 4)
@@ -232,7 +252,10 @@ void mla_decode_cpu(const MlaDecodeParams& p, CpuIsa isa, int threads) {
         const std::int64_t pi = part_off[k] + static_cast<std::int64_t>(r) * splits[k];
         merge_states(parts_o.data() + pi * kMlaValueDim, parts_lse.data() + pi, mo.data(), &ml, 1,
                      splits[k], kMlaValueDim);
-        write_final(k, r, 1, mo.data(), &ml);
+        float mxv = kNegInf;
+        if (p.max_logits != nullptr)
+          for (int sp = 0; sp < splits[k]; ++sp) mxv = std::max(mxv, parts_max[pi + sp]);
+        write_final(k, r, 1, mo.data(), &ml, &mxv);
       }
     }
   }

@@ -1,4 +1,5 @@
 // Reference MLA decode: plain loops, fp64 accumulation, no tiling or splits.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -45,10 +46,14 @@ void mla_decode_reference(const MlaDecodeParams& p, int threads) {
     // Keys of this query token, as cache slots.
     std::vector<std::int64_t> slots;
     if (p.is_sparse()) {
+      // The first topk_length[i] entries; -1 and (when allowed) out-of-range slots skipped.
+      const std::int64_t n_slots = static_cast<std::int64_t>(p.num_blocks) * p.page_size;
+      const int used = p.topk_length != nullptr ? p.topk_length[i] : p.topk;
       const std::int32_t* idx = p.indices + static_cast<std::int64_t>(row) * p.topk;
-      for (int k = 0; k < p.topk; ++k)
-        if (idx[k] >= 0) slots.push_back(idx[k]);
+      for (int k = 0; k < used; ++k)
+        if (idx[k] >= 0 && idx[k] < n_slots) slots.push_back(idx[k]);
     } else {
+      // Bottom-right causal limit; <= 0 (L < s_q) leaves the row without keys.
       const std::int64_t L = p.cache_seqlens[i];
       const std::int64_t n = p.causal ? L - p.s_q + s + 1 : L;
       for (std::int64_t j = 0; j < n; ++j)
@@ -80,14 +85,17 @@ void mla_decode_reference(const MlaDecodeParams& p, int threads) {
         sum += e;
         for (int c = 0; c < kMlaValueDim; ++c) acc[c] += e * kv[j * kMlaHeadDim + c];
       }
+      const double lse = n == 0 ? -std::numeric_limits<double>::infinity() : mx + std::log(sum);
+      // Sink (docs/semantics.md section 7): exp(lse) / (exp(lse) + exp(sink)).
+      double sink_mul = 1.0;
+      if (p.sinks != nullptr && n != 0) sink_mul = 1.0 / (1.0 + std::exp(p.sinks[h] - lse));
       for (int c = 0; c < kMlaValueDim; ++c) {
-        const double v = n == 0 ? 0.0 : acc[c] / sum * out_mul;
+        const double v = n == 0 ? 0.0 : acc[c] / sum * out_mul * sink_mul;
         store_from_f32(p.out, qrow * kMlaValueDim + c, p.out_dtype, static_cast<float>(v));
       }
       if (p.lse != nullptr)
-        p.lse[(static_cast<std::int64_t>(i) * p.h_q + h) * p.s_q + s] =
-            n == 0 ? -std::numeric_limits<float>::infinity()
-                   : static_cast<float>(mx + std::log(sum));
+        p.lse[(static_cast<std::int64_t>(i) * p.h_q + h) * p.s_q + s] = static_cast<float>(lse);
+      if (p.max_logits != nullptr) p.max_logits[qrow] = static_cast<float>(mx);
     }
   }
 }

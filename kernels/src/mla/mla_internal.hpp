@@ -99,9 +99,10 @@ struct Workspace {
 };
 
 // Runs one unit: o [R, 512] normalised (0 for rows that saw nothing), lse [R]
-// natural log (-inf for those rows).
+// natural log (-inf for those rows), and when max_logit is non-null the row's largest
+// scaled score [R] (-inf for those rows).
 void run_unit(const Ops& ops, const TokenSource& src, const KeyList& keys, const UnitSpec& u,
-              Workspace& ws, float* o, float* lse);
+              Workspace& ws, float* o, float* lse, float* max_logit = nullptr);
 
 // Converts n values of q (fp32 or bf16) to fp32.
 void convert_to_f32(const void* src, DType t, std::int64_t offset, std::int64_t n, float* dst);

@@ -58,18 +58,39 @@ void validate(const MlaDecodeParams& p) {
   RA_CHECK_ARG_GE(p.num_splits, 0, "num_splits: 0 = auto");
   const std::int64_t slots = static_cast<std::int64_t>(p.num_blocks) * p.page_size;
 
+  if (p.sinks != nullptr) {
+    for (int h = 0; h < p.h_q; ++h)
+      RA_CHECK_ARG(!std::isnan(p.sinks[h]),
+                   "sinks[" << h << "]: NaN (use -inf for a head without a sink)");
+  }
   if (p.is_sparse()) {
     RA_CHECK_ARG_GE(p.topk, 1, "topk: indices per query token");
     RA_CHECK_ARG(!p.causal, "causal: not used with sparse indices (the indices select the keys)");
-    const std::int64_t n = static_cast<std::int64_t>(p.b) * p.s_q * p.topk;
-    for (std::int64_t k = 0; k < n; ++k) {
-      const std::int64_t v = p.indices[k];
-      RA_CHECK_ARG(v >= -1 && v < slots,
-                   "indices: entry " << k << " (batch "
-                                     << k / (static_cast<std::int64_t>(p.s_q) * p.topk) << ") is "
-                                     << v << ", expected -1 or a slot in [0, " << slots << ")");
+    if (p.topk_length != nullptr) {
+      for (int i = 0; i < p.b; ++i)
+        RA_CHECK_ARG(p.topk_length[i] >= 0 && p.topk_length[i] <= p.topk,
+                     "topk_length[" << i << "]: " << p.topk_length[i]
+                                    << " outside [0, topk = " << p.topk << "]");
+    }
+    // Strict mode: every entry a row uses must be -1 or a slot (entries past the row's
+    // topk_length are never read, so they are not checked).
+    if (!p.invalid_indices_as_padding) {
+      for (int i = 0; i < p.b; ++i) {
+        const int used = p.topk_length != nullptr ? p.topk_length[i] : p.topk;
+        for (int s = 0; s < p.s_q; ++s) {
+          const std::int32_t* row = p.indices + (static_cast<std::int64_t>(i) * p.s_q + s) * p.topk;
+          for (int k = 0; k < used; ++k) {
+            const std::int64_t v = row[k];
+            RA_CHECK_ARG(v >= -1 && v < slots,
+                         "indices[" << i << ", " << s << ", " << k << "]: " << v
+                                    << ", expected -1 or a slot in [0, " << slots << ")");
+          }
+        }
+      }
     }
   } else {
+    RA_CHECK_ARG(p.topk_length == nullptr,
+                 "topk_length: only used with sparse indices (indices is null)");
     RA_CHECK_ARG(p.block_table != nullptr, "block_table: null pointer (dense decode)");
     RA_CHECK_ARG(p.cache_seqlens != nullptr, "cache_seqlens: null pointer (dense decode)");
     RA_CHECK_ARG_GE(p.max_blocks, 1, "max_blocks: block_table columns");
@@ -79,9 +100,6 @@ void validate(const MlaDecodeParams& p) {
       RA_CHECK_ARG(L >= 0 && L <= cap,
                    "cache_seqlens[" << i << "]: " << L
                                     << " outside [0, max_blocks * page_size = " << cap << "]");
-      if (p.causal)
-        RA_CHECK_ARG(L >= p.s_q, "cache_seqlens[" << i << "]: causal decode needs at least s_q = "
-                                                  << p.s_q << " cached tokens, got " << L);
       const std::int64_t pages = (L + p.page_size - 1) / p.page_size;
       for (std::int64_t pg = 0; pg < pages; ++pg) {
         const std::int32_t blk = p.block_table[i * static_cast<std::int64_t>(p.max_blocks) + pg];

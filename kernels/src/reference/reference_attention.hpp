@@ -1,4 +1,4 @@
-// Building blocks of the reference backend: the mask rule of SPEC.md section 1
+// Building blocks of the reference backend: the mask rule of docs/semantics.md section 1
 // written down literally, and one query row attending to a range of keys with
 // plain loops (fp32 accumulation, two passes: scores and max, then the weighted sum).
 // Everything here favours being obviously correct over being fast.
@@ -15,7 +15,7 @@
 
 namespace ringattn::detail {
 
-// Mask of one batch element (SPEC.md section 1, attention_params.hpp):
+// Mask of one batch element (docs/semantics.md section 1, attention_params.hpp):
 //   row i sees key j  iff  0 <= j < s_k
 //                     and (w_right < 0 or j <= i + shift + w_right)
 //                     and (w_left  < 0 or j >= i + shift - w_left)

@@ -1,4 +1,4 @@
-// Reference dense and varlen forward (SPEC.md sections 1-2), plain loops.
+// Reference dense and varlen forward (docs/semantics.md sections 1-2), plain loops.
 #include <omp.h>
 
 #include <algorithm>

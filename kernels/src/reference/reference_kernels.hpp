@@ -6,10 +6,10 @@
 
 namespace ringattn::detail {
 
-// Dense or varlen forward (SPEC.md sections 1-2). Writes p.out and p.lse.
+// Dense or varlen forward (docs/semantics.md sections 1-2). Writes p.out and p.lse.
 void reference_forward(const FwdParams& p, int threads);
 
-// KV-cache forward (SPEC.md section 3): appends k_new/v_new in place (with rotary),
+// KV-cache forward (docs/semantics.md section 3): appends k_new/v_new in place (with rotary),
 // then attends. Honours p.plan / p.num_splits by computing the splits literally.
 void reference_forward_kvcache(const KvCacheParams& p, int threads);
 

@@ -1,4 +1,4 @@
-// Reference KV-cache forward (SPEC.md section 3) and its split plan, plain loops.
+// Reference KV-cache forward (docs/semantics.md section 3) and its split plan, plain loops.
 #include <omp.h>
 
 #include <algorithm>
