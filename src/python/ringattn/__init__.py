@@ -78,6 +78,13 @@ def get_num_threads():
     return _C.get_num_threads()
 
 
+def _float_type(x, name):
+    typ = _tensor.type_of(x, name)
+    if typ in _tensor.INDEX_TYPES or typ == "u8":
+        raise TypeError(f"{name}: expected a floating-point tensor, got {typ}")
+    return typ
+
+
 def _fp32_contiguous(x, name):
     _tensor.type_of(x, name)
     x = _tensor.to_type(x, "fp32")
@@ -105,7 +112,17 @@ def merge_state(v_a, s_a, v_b, s_b):
     for name, s in (("s_a", s_a), ("s_b", s_b)):
         if tuple(s.shape) != tuple(v_a.shape[:2]):
             raise ValueError(f"{name}: shape {list(s.shape)} must be [seq, h] = {list(v_a.shape[:2])}")
+    for name, x in (("v_a", v_a), ("s_a", s_a), ("v_b", v_b), ("s_b", s_b)):
+        _float_type(x, name)
     typ = _tensor.type_of(v_a, "v_a")
+    seq, h, d = (int(x) for x in v_a.shape)
+    if seq * h == 0:  # no rows: nothing to merge (the kernel takes non-empty tensors)
+        return _tensor.empty(v_a, (seq, h, d), typ), _tensor.empty(v_a, (seq, h), "fp32")
+    if d == 0:
+        # The LSEs still merge: run the merge on one zero column and drop it.
+        z = _tensor.full(v_a, (seq, h, 1), "fp32", 0.0)
+        _, s = merge_state(z, s_a, z, s_b)
+        return _tensor.empty(v_a, (seq, h, 0), typ), s
     va, sa = _fp32_contiguous(v_a, "v_a"), _fp32_contiguous(s_a, "s_a")
     vb, sb = _fp32_contiguous(v_b, "v_b"), _fp32_contiguous(s_b, "s_b")
     v = _tensor.empty(v_a, v_a.shape, "fp32")
@@ -129,8 +146,16 @@ def merge_states(v, s):
         raise ValueError(f"v: expected 4 dims [seq, num_states, h, d], got shape {list(v.shape)}")
     if tuple(s.shape) != tuple(v.shape[:3]):
         raise ValueError(f"s: shape {list(s.shape)} must be [seq, num_states, h] = {list(v.shape[:3])}")
-    typ = _tensor.type_of(v, "v")
+    typ = _float_type(v, "v")
+    _float_type(s, "s")
     seq, n, h, d = (int(x) for x in v.shape)
+    if seq * h == 0:  # no rows
+        return _tensor.empty(v, (seq, h, d), typ), _tensor.empty(v, (seq, h), "fp32")
+    if n == 0:  # no states: every row is empty (0, -inf)
+        return _tensor.full(v, (seq, h, d), typ, 0.0), _tensor.full(v, (seq, h), "fp32", -np.inf)
+    if d == 0:  # the LSEs still merge: run on one zero column and drop it
+        _, so = merge_states(_tensor.full(v, (seq, n, h, 1), "fp32", 0.0), s)
+        return _tensor.empty(v, (seq, h, 0), typ), so
     # [seq, states, h, d] -> rows (seq, h) with their states side by side.
     vp = _fp32_contiguous(v.transpose(0, 2, 1, 3) if not _tensor.is_torch(v) else v.permute(0, 2, 1, 3), "v")
     sp = _fp32_contiguous(s.transpose(0, 2, 1) if not _tensor.is_torch(s) else s.permute(0, 2, 1), "s")
