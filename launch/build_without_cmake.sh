@@ -5,9 +5,12 @@
 set -euo pipefail
 out=${1:-build-plain}
 mkdir -p "$out/obj" "$out/bin"
-inc="-Ikernels/include -Ikernels/src -Icomm/include -Isrc/include -Isrc"
+# ringattn::version() comes from project(VERSION) in CMakeLists.txt (src/version.cpp).
+version=$(sed -n 's/^project(ringattn VERSION \([0-9.]*\).*/\1/p' CMakeLists.txt)
+[[ -n $version ]] || { echo "build_without_cmake.sh: no project(ringattn VERSION ...) in CMakeLists.txt" >&2; exit 1; }
+inc="-DRINGATTN_VERSION_STRING=\"$version\" -Ikernels/include -Ikernels/src -Icomm/include -Isrc/include -Isrc"
 objs=()
-for f in $(find kernels/src comm/src src -name '*.cpp' ! -path 'src/cli/*'); do
+for f in $(find kernels/src comm/src src -name '*.cpp' ! -path 'src/cli/*' ! -path 'src/python/*'); do
   o=$out/obj/$(echo "$f" | tr / _).o
   isa=""
   [[ $f == *_avx512.cpp ]] && isa="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c"

@@ -2,9 +2,12 @@
 # any is missing (needs root or sudo), and sets the Open MPI environment that lets
 # mpirun start as root and oversubscribe small machines.
 
+# The last line is the Python package (pybind11 extension, its tests and the
+# torch / mpi4py interop) and nlohmann-json for the CLI's --json output.
 RINGATTN_PACKAGES=(build-essential cmake ninja-build pkg-config
   libopenmpi-dev openmpi-bin libboost-program-options-dev libgtest-dev
-  python3 python3-numpy)
+  python3 python3-numpy
+  pybind11-dev python3-dev python3-pytest python3-torch python3-mpi4py nlohmann-json3-dev)
 
 ringattn_install_deps() {
   local missing=()
@@ -26,3 +29,12 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
 
 ringattn_jobs() { nproc 2>/dev/null || echo 2; }
+
+# Runs "$@" as root: directly when root already, else through sudo.
+ringattn_as_root() {
+  if [[ $(id -u) -eq 0 ]]; then
+    "$@"
+  else
+    sudo "$@"
+  fi
+}

@@ -4,9 +4,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iomanip>
 #include <iostream>
+#include <nlohmann/json.hpp>
 
 #include "ringattn/error.hpp"
 
@@ -222,114 +224,28 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-// ---- JsonWriter ----
+// ---- JSON ----
 
-void JsonWriter::before_value() {
-  if (after_key_) {
-    after_key_ = false;
-    return;
-  }
-  if (!first_.empty()) {
-    if (!first_.back()) out_ << ',';
-    first_.back() = false;
-  }
+Json json_number(double x) {
+  if (!std::isfinite(x)) return nullptr;
+  // Round to 9 significant digits through the decimal text: the shortest decimal that
+  // reads back as the rounded double has at most 9 digits, so dump() prints it as is.
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.9g", x);
+  const double r = std::strtod(buf, nullptr);
+  // Integral values below 2^53 are exactly representable as int64.
+  if (std::fabs(r) < 9007199254740992.0 && r == std::trunc(r)) return static_cast<std::int64_t>(r);
+  return r;
 }
 
-JsonWriter& JsonWriter::begin_object() {
-  before_value();
-  out_ << '{';
-  first_.push_back(true);
-  return *this;
+std::string json_dump(const Json& j) {
+  return j.dump(-1, ' ', false, Json::error_handler_t::replace);
 }
 
-JsonWriter& JsonWriter::end_object() {
-  first_.pop_back();
-  out_ << '}';
-  return *this;
-}
-
-JsonWriter& JsonWriter::begin_array() {
-  before_value();
-  out_ << '[';
-  first_.push_back(true);
-  return *this;
-}
-
-JsonWriter& JsonWriter::end_array() {
-  first_.pop_back();
-  out_ << ']';
-  return *this;
-}
-
-JsonWriter& JsonWriter::key(const std::string& k) {
-  value(k);
-  out_ << ':';
-  after_key_ = true;
-  return *this;
-}
-
-JsonWriter& JsonWriter::value(const std::string& s) {
-  before_value();
-  out_ << '"';
-  for (const char c : s) {
-    switch (c) {
-      case '"':
-        out_ << "\\\"";
-        break;
-      case '\\':
-        out_ << "\\\\";
-        break;
-      case '\n':
-        out_ << "\\n";
-        break;
-      case '\t':
-        out_ << "\\t";
-        break;
-      case '\r':
-        out_ << "\\r";
-        break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          char buf[8];
-          std::snprintf(buf, sizeof(buf), "\\u%04x", static_cast<unsigned>(c));
-          out_ << buf;
-        } else {
-          out_ << c;
-        }
-    }
-  }
-  out_ << '"';
-  return *this;
-}
-
-JsonWriter& JsonWriter::value(double x) {
-  before_value();
-  if (!std::isfinite(x)) {
-    out_ << "null";
-  } else {
-    char buf[32];
-    std::snprintf(buf, sizeof(buf), "%.9g", x);
-    out_ << buf;
-  }
-  return *this;
-}
-
-JsonWriter& JsonWriter::value(std::int64_t x) {
-  before_value();
-  out_ << x;
-  return *this;
-}
-
-JsonWriter& JsonWriter::value(bool b) {
-  before_value();
-  out_ << (b ? "true" : "false");
-  return *this;
-}
-
-void JsonWriter::write_file(const std::string& path) const {
+void write_json_file(const std::string& path, const Json& j) {
   std::FILE* f = std::fopen(path.c_str(), "w");
   if (!f) RA_THROW(IoError, path << ": cannot open for writing: " << std::strerror(errno));
-  const std::string s = str() + "\n";
+  const std::string s = json_dump(j) + "\n";
   const bool ok = std::fwrite(s.data(), 1, s.size(), f) == s.size();
   const bool closed = std::fclose(f) == 0;
   RA_CHECK(ok && closed, IoError, path << ": write failed");

@@ -1,7 +1,7 @@
 // Helpers shared by the subcommands of the `ringattn` tool: option groups declared
 // once (name, default, help), argument parsing with --help, .npy tensor loading with
 // shape checks whose messages name the option and both shapes, conversion to the
-// kernel storage dtype, output writing, timing and a small JSON writer.
+// kernel storage dtype, output writing, timing and JSON output helpers.
 //
 // Error policy (see commands.hpp): bad options, shapes or values throw
 // InvalidArgument (exit 2); unreadable or malformed files throw IoError (exit 1);
@@ -11,6 +11,7 @@
 #include <boost/program_options.hpp>
 #include <cstddef>
 #include <cstdint>
+#include <nlohmann/json_fwd.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -101,30 +102,20 @@ void write_f32(const std::string& opt, const std::string& path,
 double now_seconds();  // monotonic clock
 double median(std::vector<double> v);
 
-// Minimal JSON writer (objects, arrays, strings, numbers, booleans), e.g.
-//   JsonWriter j; j.begin_object(); j.key("x").value(1.5); j.end_object(); j.str();
-class JsonWriter {
- public:
-  JsonWriter& begin_object();
-  JsonWriter& end_object();
-  JsonWriter& begin_array();
-  JsonWriter& end_array();
-  JsonWriter& key(const std::string& k);
-  JsonWriter& value(const std::string& s);
-  JsonWriter& value(const char* s) { return value(std::string(s)); }
-  JsonWriter& value(double x);  // non-finite numbers are written as null
-  JsonWriter& value(std::int64_t x);
-  JsonWriter& value(int x) { return value(static_cast<std::int64_t>(x)); }
-  JsonWriter& value(bool b);
-  std::string str() const { return out_.str(); }
-  // Writes str() and a newline to `path`; IoError on failure.
-  void write_file(const std::string& path) const;
+// JSON output (--json) is built with nlohmann::ordered_json, which keeps the fields in
+// the order they are set. Measured values go through json_number().
+using Json = nlohmann::ordered_json;
 
- private:
-  void before_value();
-  std::ostringstream out_;
-  std::vector<bool> first_;  // per open container: no element written yet
-  bool after_key_ = false;
-};
+// A measured value as a JSON number: rounded to 9 significant digits, written without
+// a fraction when the rounded value is integral ("3", not "3.0"), and null when not
+// finite (NaN, +-inf), e.g. json_number(0.1 + 0.2) == 0.3, json_number(NAN) == null.
+Json json_number(double x);
+
+// j as compact JSON text; bytes that are not valid UTF-8 in strings become U+FFFD
+// (the text is always valid JSON, the output never throws).
+std::string json_dump(const Json& j);
+
+// Writes json_dump(j) and a newline to `path`; IoError on failure.
+void write_json_file(const std::string& path, const Json& j);
 
 }  // namespace ringattn::cli

@@ -1,4 +1,4 @@
-// `ringattn attn`: dense or varlen attention on .npy inputs (SPEC.md sections 1-2).
+// `ringattn attn`: dense or varlen attention on .npy inputs (docs/semantics.md sections 1-2).
 //   dense:  --q [b, s_q, h, d]  --k [b, s_k, h_k, d]  --v [b, s_k, h_k, d_v]
 //           -> --out [b, s_q, h, d_v] fp32, --lse [b, h, s_q] fp32 (natural log)
 //   varlen: --q [total_q, h, d] --k [total_k, h_k, d] --v [total_k, h_k, d_v]

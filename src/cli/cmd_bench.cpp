@@ -11,7 +11,9 @@
 
 #include <cstdio>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cli/cli_common.hpp"
@@ -176,38 +178,31 @@ int cmd_bench(int argc, char** argv) {
   }
 
   if (!json_path.empty()) {
-    JsonWriter j;
-    j.begin_object();
-    j.key("cpu_features").value(cpu_feature_summary());
-    j.key("fma_isa").value(fma_isa);
-    j.key("backend").value(backend_name);
-    j.key("quick").value(quick);
-    j.key("repeats").value(repeats);
-    j.key("peaks").begin_array();
-    for (const Peak& pk : peaks) {
-      j.begin_object();
-      j.key("threads").value(pk.threads);
-      j.key("fma_gflops").value(pk.gflops);
-      j.key("read_gbs").value(pk.gbs);
-      j.end_object();
-    }
-    j.end_array();
-    j.key("results").begin_array();
+    Json j;
+    j["cpu_features"] = cpu_feature_summary();
+    j["fma_isa"] = fma_isa;
+    j["backend"] = backend_name;
+    j["quick"] = quick;
+    j["repeats"] = repeats;
+    j["peaks"] = Json::array();
+    for (const Peak& pk : peaks)
+      j["peaks"].push_back(Json{{"threads", pk.threads},
+                                {"fma_gflops", json_number(pk.gflops)},
+                                {"read_gbs", json_number(pk.gbs)}});
+    j["results"] = Json::array();
     for (const Row& r : rows) {
-      j.begin_object();
-      j.key("case").value(r.name);
-      j.key("threads").value(r.threads);
-      j.key("median_s").value(r.median_s);
-      j.key("value").value(r.value);
-      j.key("unit").value(r.unit);
-      j.key("ratio_to_peak").value(r.ratio);
-      if (r.unit == "GB/s") j.key("read_gbs_between_runs").value(r.read_gbs);
-      j.key("note").value(r.note);
-      j.end_object();
+      Json row;
+      row["case"] = r.name;
+      row["threads"] = r.threads;
+      row["median_s"] = json_number(r.median_s);
+      row["value"] = json_number(r.value);
+      row["unit"] = r.unit;
+      row["ratio_to_peak"] = json_number(r.ratio);
+      if (r.unit == "GB/s") row["read_gbs_between_runs"] = json_number(r.read_gbs);
+      row["note"] = r.note;
+      j["results"].push_back(std::move(row));
     }
-    j.end_array();
-    j.end_object();
-    j.write_file(json_path);
+    write_json_file(json_path, j);
   }
   return 0;
 }

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -216,21 +217,28 @@ int cmd_decode(int argc, char** argv) {
   const double t_med = median(times);
   const double bytes = static_cast<double>(b) * s * (kr + vr) * static_cast<double>(es);
   if (json) {
-    JsonWriter j;
-    j.begin_object().key("command").value("decode").key("version").value(version());
-    j.key("ranks").value(P).key("threads").value(engine->threads());
-    j.key("backend").value(engine->backend_name()).key("dtype").value(dtype_name(p.dtype));
-    j.key("batch").value(b).key("q_len").value(s_q).key("cache_len").value(s);
-    j.key("heads").value(h).key("kv_heads").value(h_k).key("dim").value(d).key("dim_v").value(d_v);
-    j.key("iters")
-        .value(iters)
-        .key("time_s")
-        .value(t_med)
-        .key("cache_gbps")
-        .value(bytes / t_med / 1e9);
-    if (check) j.key("max_abs_err").value(max_err).key("max_lse_rel_err").value(max_lse_err);
-    j.end_object();
-    std::printf("%s\n", j.str().c_str());
+    Json j;
+    j["command"] = "decode";
+    j["version"] = version();
+    j["ranks"] = P;
+    j["threads"] = engine->threads();
+    j["backend"] = engine->backend_name();
+    j["dtype"] = dtype_name(p.dtype);
+    j["batch"] = b;
+    j["q_len"] = s_q;
+    j["cache_len"] = s;
+    j["heads"] = h;
+    j["kv_heads"] = h_k;
+    j["dim"] = d;
+    j["dim_v"] = d_v;
+    j["iters"] = iters;
+    j["time_s"] = json_number(t_med);
+    j["cache_gbps"] = json_number(bytes / t_med / 1e9);
+    if (check) {
+      j["max_abs_err"] = json_number(max_err);
+      j["max_lse_rel_err"] = json_number(max_lse_err);
+    }
+    std::printf("%s\n", json_dump(j).c_str());
   } else {
     std::printf(
         "decode: ranks=%d threads=%d backend=%s dtype=%s b=%d q_len=%d cache=%lld h=%d h_k=%d "

@@ -1,5 +1,5 @@
 // `ringattn kvcache`: attention against a dense or paged KV cache with optional
-// in-place append of new keys/values (SPEC.md section 3, FA3 flash_attn_with_kvcache).
+// in-place append of new keys/values (docs/semantics.md section 3, FA3 flash_attn_with_kvcache).
 //   --q            [b, s_q, h, d]
 //   --k-cache      dense [b_cache, s_cache, h_k, d]    paged [num_blocks, page_size, h_k, d]
 //   --v-cache      dense [b_cache, s_cache, h_k, d_v]  paged [num_blocks, page_size, h_k, d_v]

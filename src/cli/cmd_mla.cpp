@@ -1,5 +1,5 @@
 // `ringattn mla`: DeepSeek MLA decode (absorbed form) on a paged latent cache,
-// dense or sparse (DESIGN.md, SPEC.md section 4).
+// dense or sparse (docs/cli.md, docs/semantics.md section 4).
 //
 //   --q             [b, s_q, h, 576]  <f4/<f2 (stored as --dtype fp32|bf16)
 //   --kv-cache      [blocks, page, 576] real values <f4/<f2, stored as --kv-dtype:

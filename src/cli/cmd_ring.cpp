@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -428,26 +429,41 @@ int cmd_ring(int argc, char** argv) {
     }
     const double tflops = flops / t_med / 1e12;
     if (json) {
-      JsonWriter j;
-      j.begin_object();
-      j.key("command").value("ring").key("version").value(version());
-      j.key("ranks").value(P).key("threads").value(engine.threads());
-      j.key("backend").value(engine.backend_name()).key("layout").value(layout_name(layout));
-      j.key("mode").value(ring_mode_name(mode));
-      j.key("dtype").value(dtype_name(dtype)).key("causal").value(mask_params.causal);
-      j.key("window_left").value(mask_params.window_left);
-      j.key("window_right").value(mask_params.window_right);
-      j.key("batch").value(pr.b).key("seqlen").value(pr.s).key("total_tokens").value(pr.total());
-      j.key("heads").value(pr.h).key("kv_heads").value(pr.h_k).key("dim").value(pr.d);
-      j.key("dim_v").value(pr.d_v).key("progress").value(!no_progress);
-      j.key("iters").value(iters).key("time_s").value(t_med).key("tflops").value(tflops);
-      j.key("step_compute_s").value(compute_step).key("step_wait_s").value(wait_step);
-      j.key("max_rank_wait_s").value(wait_max).key("step_bytes").value(bytes_step);
-      j.key("max_rank_compute_s").value(compute_max).key("min_rank_compute_s").value(compute_min);
-      j.key("kernel_calls_per_rank").value(calls_per_rank);
-      if (check) j.key("max_abs_err").value(max_err).key("max_lse_rel_err").value(max_lse_err);
-      j.end_object();
-      std::printf("%s\n", j.str().c_str());
+      Json j;
+      j["command"] = "ring";
+      j["version"] = version();
+      j["ranks"] = P;
+      j["threads"] = engine.threads();
+      j["backend"] = engine.backend_name();
+      j["layout"] = layout_name(layout);
+      j["mode"] = ring_mode_name(mode);
+      j["dtype"] = dtype_name(dtype);
+      j["causal"] = mask_params.causal;
+      j["window_left"] = mask_params.window_left;
+      j["window_right"] = mask_params.window_right;
+      j["batch"] = pr.b;
+      j["seqlen"] = pr.s;
+      j["total_tokens"] = pr.total();
+      j["heads"] = pr.h;
+      j["kv_heads"] = pr.h_k;
+      j["dim"] = pr.d;
+      j["dim_v"] = pr.d_v;
+      j["progress"] = !no_progress;
+      j["iters"] = iters;
+      j["time_s"] = json_number(t_med);
+      j["tflops"] = json_number(tflops);
+      j["step_compute_s"] = json_number(compute_step);
+      j["step_wait_s"] = json_number(wait_step);
+      j["max_rank_wait_s"] = json_number(wait_max);
+      j["step_bytes"] = json_number(bytes_step);
+      j["max_rank_compute_s"] = json_number(compute_max);
+      j["min_rank_compute_s"] = json_number(compute_min);
+      j["kernel_calls_per_rank"] = json_number(calls_per_rank);
+      if (check) {
+        j["max_abs_err"] = json_number(max_err);
+        j["max_lse_rel_err"] = json_number(max_lse_err);
+      }
+      std::printf("%s\n", json_dump(j).c_str());
     } else {
       std::printf(
           "ring: ranks=%d threads=%d backend=%s mode=%s layout=%s dtype=%s causal=%d b=%d "

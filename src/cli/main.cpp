@@ -1,4 +1,4 @@
-// ringattn: command-line entry point. Dispatches to one subcommand; see DESIGN.md
+// ringattn: command-line entry point. Dispatches to one subcommand; see docs/cli.md
 // for the contract of each.
 #include <boost/program_options/errors.hpp>
 #include <cstdio>

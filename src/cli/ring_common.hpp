@@ -29,7 +29,7 @@ void fill_synthetic(std::uint64_t seed, int tensor, std::int64_t first, std::int
                     void* dst);
 
 // float64 reference for one query row against keys [0, s_k) of one sequence
-// (SPEC.md section 1 with an explicit diagonal shift: key j visible iff
+// (docs/semantics.md section 1 with an explicit diagonal shift: key j visible iff
 // j <= i + shift + wr and j >= i + shift - wl; causal => wr = 0).
 //   q_at(head, c), k_at(j, kv_head, c), v_at(j, kv_head, c) give element values.
 //   out [h, d_v] and lse [h] (natural log, -inf for an empty row).

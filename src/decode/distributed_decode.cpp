@@ -19,7 +19,7 @@ namespace ringattn {
 namespace {
 
 // MPI reduction op: each element is one row's record [o (d_v floats), lse]; merges
-// `in` into `inout` with the one merge of SPEC.md section 5.
+// `in` into `inout` with the one merge of docs/semantics.md section 5.
 void merge_records(void* in, void* inout, int* len, MPI_Datatype* type) {
   int bytes = 0;
   MPI_Type_size(*type, &bytes);

@@ -341,7 +341,7 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
   // to back) goes to ONE kernel call when one kernel mask describes it exactly
   // (combine_mask), else each chunk gets its own call (fully visible: unmasked; else
   // the kernel's mask shifted onto the block diagonal). Every partial (o, lse) is
-  // merged into the accumulators with merge_state_inplace (SPEC.md section 5);
+  // merged into the accumulators with merge_state_inplace (docs/semantics.md section 5);
   // `progress` runs before the first and after every call, and inside the kernel
   // (ProgressHook: between key tiles, at most every 100 us), so a transfer in flight
   // keeps moving even where Open MPI has no single-copy path and moves a large message

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """End-to-end tests of the `ringattn` tool: random .npy inputs, one run of the binary,
-comparison with a float64 NumPy reference that follows SPEC.md literally.
+comparison with a float64 NumPy reference that follows docs/semantics.md literally.
 
 usage: cli_tests.py RINGATTN_BINARY CASE     (CASE = one of the functions named case_*)
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -341,6 +342,16 @@ def case_bench_quick():
                "--json", js]).stdout
     print(out)
     data = json.load(open(js))
+    # Field names and order of the --json file (docs/cli.md); read_gbs_between_runs only
+    # for GB/s cases.
+    ordered = json.load(open(js), object_pairs_hook=lambda kv: [k for k, _ in kv])
+    assert ordered == ["cpu_features", "fma_isa", "backend", "quick", "repeats", "peaks", "results"], ordered
+    assert data["quick"] is True and data["repeats"] == 1, data
+    assert [list(p) for p in data["peaks"]] == [["threads", "fma_gflops", "read_gbs"]], data["peaks"]
+    for x in data["results"]:
+        keys = ["case", "threads", "median_s", "value", "unit", "ratio_to_peak"]
+        keys += ["read_gbs_between_runs"] if x["unit"] == "GB/s" else []
+        assert list(x) == keys + ["note"], list(x)
     assert data["peaks"][0]["fma_gflops"] > 0 and data["peaks"][0]["read_gbs"] > 0, data
     names = sorted(x["case"] for x in data["results"])
     assert names == ["decode_bf16", "prefill_fp32"], names
@@ -351,6 +362,17 @@ def case_bench_quick():
     bad = run(["bench", "--case", "no_such_case"], expect_rc=2)
     assert "--case" in bad.stderr, bad.stderr
     print("ok bench")
+
+
+# ---------------------------------------------------------------- version
+def case_version():
+    """`ringattn --version` prints project(VERSION) of the top-level CMakeLists.txt."""
+    top = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "CMakeLists.txt")
+    m = re.search(r"^project\(ringattn VERSION ([0-9.]+)", open(top).read(), re.M)
+    assert m, f"no project(ringattn VERSION ...) in {top}"
+    out = run(["--version"]).stdout.strip()
+    assert out == f"ringattn {m.group(1)}", f"--version printed {out!r}, CMakeLists.txt has {m.group(1)}"
+    print("ok", out)
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -640,7 +640,7 @@ void fuzz_mla(FuzzBytes& in) {
   compare(a, collect(out, lse, rows, kMlaValueDim), out_tolerance(p.out_dtype));
 }
 
-// ---- softmax-state merge (SPEC.md section 5) ----
+// ---- softmax-state merge (docs/semantics.md section 5) ----
 
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() &&

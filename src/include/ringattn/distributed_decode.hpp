@@ -1,11 +1,12 @@
 // Distributed decode (tree attention): each rank holds a contiguous shard of every
 // sequence's KV cache, the new query rows are the same on every rank; each rank
 // computes a partial (out, lse) over its keys, and an allreduce (or a reduce to one
-// rank) whose operation is the SPEC.md section 5 merge gives the exact result in
+// rank) whose operation is the docs/semantics.md section 5 merge gives the exact result in
 // log(P) combining steps.
 //
-// Mask: SPEC.md section 1 over the whole cache (bottom-right: query row i sits at
-// position s_cache - s_q + i). Rows that see no key: out 0, LSE -inf (natural log).
+// Mask: docs/semantics.md section 1 over the whole cache (bottom-right: query row i sits
+// at position s_cache - s_q + i; section 8.4). Rows that see no key: out 0, LSE -inf
+// (natural log).
 #pragma once
 
 #include <cstdint>

@@ -1,14 +1,14 @@
 // Ring attention (pass-KV) across the ranks of a communicator: each rank holds a
 // shard of Q, K and V (positions given by a ShardLayout), K/V shards travel around
 // the ring, and each rank merges the partial (out, lse) of every block into its
-// output with the SPEC.md section 5 merge. Result: for every local query token,
+// output with the docs/semantics.md section 5 merge. Result: for every local query token,
 // exactly what single-process attention over the whole sequence gives. The pass-Q
 // ring (ring_attention_forward_pass_q) computes the same with the queries travelling.
 //
-// Self-attention over the global sequence (s_q == s_k per sequence): the mask is the
-// SPEC.md section 1 rule with shift 0: row i sees key j iff j <= i + w_right and
-// j >= i - w_left (causal: w_right = 0). Fully masked rows give out 0, LSE -inf.
-// LSE is natural log.
+// Self-attention over the global sequence (s_q == s_k per sequence; docs/semantics.md
+// section 8): the mask is the section 1 rule with shift 0: row i sees key j iff
+// j <= i + w_right and j >= i - w_left (causal: w_right = 0). Fully masked rows give
+// out 0, LSE -inf. LSE is natural log.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// How a sequence of L tokens is split across P ranks (DESIGN.md, "Layouts").
+// How a sequence of L tokens is split across P ranks (docs/semantics.md section 8.2).
 //
 //   contiguous  rank r owns [r*L/P, (r+1)*L/P)                       1 chunk
 //   zigzag      L cut in 2P chunks c = [c*L/(2P), (c+1)*L/(2P)); rank r owns
