@@ -15,7 +15,7 @@ mkdir -p "$ROOT"
 for d in "$DEBS"/*.deb; do dpkg -x "$d" "$ROOT"; done
 echo "== host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $(nproc) cpus; python $PY"
 t0=$(date +%s)
-cmake -S . -B build-py -G Ninja -DCMAKE_BUILD_TYPE=Release -DRINGATTN_BUILD_TESTS=ON \
+cmake -S . -B build-py -G Ninja -DCMAKE_BUILD_TYPE=Release -DRINGATTN_BUILD_TESTS=OFF \
   -DRINGATTN_BUILD_EXAMPLES=OFF -DRINGATTN_PYTHON=ON -DRINGATTN_PYTHON_EXECUTABLE="$PY" \
   -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" -DBoost_ROOT="$ROOT/usr" \
   -DBoost_NO_SYSTEM_PATHS=ON -DCMAKE_PREFIX_PATH="$ROOT/usr" >"$OUT_DIR/cmake.log" 2>&1 ||
