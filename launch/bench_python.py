@@ -53,9 +53,13 @@ def main():
     cases = set(args.case.split(","))
 
     def timed(fn):
+        # The result stays alive until the clock has stopped: freeing a large output
+        # (unmapping its pages) is not part of the call.
         t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+        result = fn()
+        t = time.perf_counter() - t0
+        del result
+        return t
 
     if "prefill" in cases:
         s = args.seq

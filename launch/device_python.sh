@@ -24,6 +24,9 @@ ninja -C build-py ringattn_python ringattn_cli >"$OUT_DIR/build.log" 2>&1 || { t
 echo "== built in $(($(date +%s) - t0)) s"
 export PYTHONPATH=$PWD/build-py/python PYTHONUNBUFFERED=1
 echo "== python tests (single process)"
-OMP_NUM_THREADS=4 "$PY" -m pytest -q -p no:cacheprovider tests/python/test_*.py 2>&1 | tail -15
+for t in tests/python/test_*.py; do
+  OMP_NUM_THREADS=4 "$PY" -X faulthandler -m pytest -q -p no:cacheprovider "$t" >"$OUT_DIR/$(basename "$t" .py).log" 2>&1
+  echo "$t: exit $? $(tail -1 "$OUT_DIR/$(basename "$t" .py).log")"
+done
 echo "== bench_python, $THREADS threads"
 "$PY" launch/bench_python.py --threads "$THREADS" --repeats 5 2>&1 | tee "$OUT_DIR/bench_python_${THREADS}t.txt"

@@ -56,6 +56,13 @@ struct TensorArg {
   void expect_contiguous() const;
 };
 
+// TensorArg over a torch.Tensor or numpy.ndarray `x` without copying (tensor_arg.cpp):
+// checks the kind, CPU device, element type (one of `types`, names as elem_type_name),
+// rank (`ndim` >= 0), contiguous last dim and non-negative strides. Throws TypeError /
+// ValueError naming `name`.
+TensorArg tensor_arg(py::handle x, const std::string& name, const py::tuple& types, int ndim,
+                     const std::string& shape_text);
+
 // The process-wide engine of the Python package: backend chosen once (set_backend
 // replaces it), thread count from set_num_threads. Readers take a shared_ptr copy, so
 // a call in flight keeps its engine even if another thread switches backends.

@@ -229,6 +229,8 @@ void register_core(py::module_& m) {
       .def_readonly("strides", &TensorArg::strides)
       .def_property_readonly("type", [](const TensorArg& t) { return elem_type_name(t.type); });
 
+  m.def("tensor_arg", &tensor_arg, py::arg("x"), py::arg("name"), py::arg("types"), py::arg("ndim"),
+        py::arg("shape_text"));
   m.def("version", &version, "Library version, the same string as `ringattn --version`.");
   m.def("set_backend", &set_backend, py::arg("name"));
   m.def("backend", &backend_name);

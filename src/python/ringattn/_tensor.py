@@ -88,35 +88,17 @@ def type_of(x, name):
 
 
 def arg(x, name, types=FLOAT_TYPES, ndim=None, shape_text=""):
-    """TensorArg over `x` (no copy). Checks kind, device, dtype, rank and that the last
-    dim is contiguous; raises TypeError / ValueError naming `name`."""
-    torch_in = is_torch(x)
-    typ = _torch_types().get(x.dtype) if torch_in else None
-    if typ is None:
-        typ = type_of(x, name)
-    if typ not in types:
-        raise TypeError(f"{name}: dtype {typ} not accepted here (expected one of {', '.join(types)})")
-    if torch_in:
-        if x.device.type != "cpu":
-            raise ValueError(f"{name}: must be a CPU tensor, got device {x.device}")
-        shape = tuple(x.shape)
-        strides = tuple(x.stride())
-        ptr = x.data_ptr()
-    else:
-        shape = x.shape
-        item = x.itemsize
-        if any(s % item for s in x.strides):
-            raise ValueError(f"{name}: strides {x.strides} are not a multiple of the item size {item}")
-        strides = tuple(s // item for s in x.strides)
-        ptr = x.ctypes.data
-    if ndim is not None and len(shape) not in ((ndim,) if isinstance(ndim, int) else ndim):
-        want = ndim if isinstance(ndim, int) else " or ".join(map(str, ndim))
-        raise ValueError(f"{name}: expected {want} dims {shape_text}, got {len(shape)} (shape {list(shape)})")
-    if len(shape) and shape[-1] > 1 and strides[-1] != 1:
-        raise ValueError(f"{name}: last dim must be contiguous (stride 1), got stride {strides[-1]}")
-    if any(s < 0 for s in strides):
-        raise ValueError(f"{name}: negative strides {list(strides)} are not supported")
-    return _C.TensorArg(name, ptr, typ, list(shape), list(strides))
+    """TensorArg over `x` (no copy). Checks kind, device, dtype (one of `types`), rank (an
+    int or a tuple of accepted ranks) and that the last dim is contiguous; raises TypeError
+    / ValueError naming `name`. The checks run in C++ (_C.tensor_arg): this is on every
+    call's path."""
+    if ndim is None or isinstance(ndim, int):
+        return _C.tensor_arg(x, name, tuple(types), -1 if ndim is None else ndim, shape_text)
+    t = _C.tensor_arg(x, name, tuple(types), -1, shape_text)
+    if len(t.shape) not in ndim:
+        raise ValueError(f"{name}: expected {' or '.join(map(str, ndim))} dims {shape_text}, got "
+                         f"{len(t.shape)} (shape {list(t.shape)})")
+    return t
 
 
 def opt_arg(x, name, **kw):

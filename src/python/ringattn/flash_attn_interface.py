@@ -62,17 +62,18 @@ def _float_arg(x, name, ndim, shape_text):
     """TensorArg of an attention operand (fp32 / bf16 / fp16), read in place."""
     if x is None:
         raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got None")
-    if _tensor.type_of(x, name) == "fp8":
+    t = _tensor.arg(x, name, types=_tensor.FLOAT_TYPES + ("fp8",), ndim=ndim, shape_text=shape_text)
+    if t.type == "fp8":
         raise ValueError(f"{name}: fp8 inputs (with q/k/v_descale) are not supported yet; pass fp32, bf16 or fp16")
-    return _tensor.arg(x, name, types=_tensor.FLOAT_TYPES, ndim=ndim, shape_text=shape_text)
+    return t
 
 
-def _same_dtype(q, others):
-    """TypeError unless every tensor in `others` (name -> tensor or None) has q's dtype."""
-    want = _tensor.type_of(q, "q")
-    for name, x in others.items():
-        if x is not None and _tensor.type_of(x, name) != want:
-            raise TypeError(f"{name}: dtype {_tensor.type_of(x, name)} must equal q's {want}")
+def _same_dtype(qa, others):
+    """TypeError unless every TensorArg in `others` (name -> TensorArg or None) has q's dtype."""
+    want = qa.type
+    for name, t in others.items():
+        if t is not None and t.type != want:
+            raise TypeError(f"{name}: dtype {t.type} must equal q's {want}")
 
 
 def _check_head_dims(d, d_v, qname, vname):
@@ -84,7 +85,7 @@ def _check_head_dims(d, d_v, qname, vname):
 
 def _lse_arg(lse, name="softmax_lse"):
     """TensorArg of a freshly allocated LSE, or None when it has no element to write."""
-    return _tensor.arg(lse, name, types=("fp32",)) if int(np.prod(lse.shape)) else None
+    return _tensor.arg(lse, name, types=("fp32",)) if math.prod(lse.shape) else None
 
 
 def _scale(softmax_scale):
@@ -222,11 +223,11 @@ def flash_attn_func(
     qa = _float_arg(q, "q", 4, "[b, s_q, h, d]")
     ka = _float_arg(k, "k", 4, "[b, s_k, h_k, d]")
     va = _float_arg(v, "v", 4, "[b, s_k, h_k, d_v]")
-    _same_dtype(q, {"k": k, "v": v})
+    _same_dtype(qa, {"k": ka, "v": va})
     b, s_q, h, d = (int(x) for x in q.shape)
     d_v = int(v.shape[-1])
     _check_head_dims(d, d_v, "q", "v")
-    typ = _tensor.type_of(q, "q")
+    typ = qa.type
     out = _tensor.empty(q, (b, s_q, h, d_v), typ)
     lse = _tensor.empty(q, (b, h, s_q), "fp32")
     wl, wr = _tensor.window_pair(window_size)
@@ -283,7 +284,7 @@ def flash_attn_varlen_func(
     qa = _float_arg(q, "q", 3, "[total_q, h, d]")
     ka = _float_arg(k, "k", 3, "[total_k, h_k, d]")
     va = _float_arg(v, "v", 3, "[total_k, h_k, d_v]")
-    _same_dtype(q, {"k": k, "v": v})
+    _same_dtype(qa, {"k": ka, "v": va})
     total_q, h, d = (int(x) for x in q.shape)
     total_k = int(k.shape[0])
     d_v = int(v.shape[-1])
@@ -312,7 +313,7 @@ def flash_attn_varlen_func(
     for name, arr in (("seqused_q", sq), ("seqused_k", sk)):
         if arr is not None and arr.shape[0] != b:
             raise ValueError(f"{name}: expected {b} entries (one per sequence), got {arr.shape[0]}")
-    typ = _tensor.type_of(q, "q")
+    typ = qa.type
     out = _tensor.empty(q, (total_q, h, d_v), typ)
     lse = _tensor.empty(q, (h, total_q), "fp32")
     # The kernel writes rows [0, cu_seqlens_q[-1]) and lays the LSE out as [h, that].
@@ -450,7 +451,7 @@ def flash_attn_with_kvcache(
     vca = _float_arg(v_cache, "v_cache", 4, "[b_cache, s_cache, h_k, d_v] or [num_blocks, page_size, h_k, d_v]")
     ka = None if k is None else _float_arg(k, "k", 4, "[b, s_new, h_k, d]")
     va = None if v is None else _float_arg(v, "v", 4, "[b, s_new, h_k, d_v]")
-    _same_dtype(q, {"k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v})
+    _same_dtype(qa, {"k_cache": kca, "v_cache": vca, "k": ka, "v": va})
     if k is not None:
         for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
             if isinstance(x, np.ndarray) and not x.flags.writeable:
@@ -474,7 +475,7 @@ def flash_attn_with_kvcache(
     cos = sin = None
     if rotary_cos is not None:
         cos, sin = _fp32_table(rotary_cos, "rotary_cos"), _fp32_table(rotary_sin, "rotary_sin")
-    typ = _tensor.type_of(q, "q")
+    typ = qa.type
     out = _tensor.empty(q, (b, s_q, h, d_v), typ)
     lse = _tensor.empty(q, (b, h, s_q), "fp32")
     wl, wr = _tensor.window_pair(window_size)
