@@ -56,16 +56,6 @@ void strides3(const TensorArg& t, bool varlen, std::int64_t& batch, std::int64_t
   head = t.stride(-2);
 }
 
-MaskParams mask_params(float scale, bool causal, int window_left, int window_right, float softcap) {
-  MaskParams m;
-  m.scale = scale;
-  m.causal = causal;
-  m.window_left = window_left;
-  m.window_right = window_right;
-  m.softcap = softcap;
-  return m;
-}
-
 // Dense: q [b, s_q, h, d], k [b, s_k, h_k, d], v [b, s_k, h_k, d_v] -> out
 // [b, s_q, h, d_v], lse [b, h, s_q] (contiguous fp32). Varlen (cu_seqlens_q set):
 // q [total_q, h, d], k/v [total_k, h_k, *], out [total_q, h, d_v], lse [h, total_q].

@@ -63,6 +63,9 @@ struct TensorArg {
 TensorArg tensor_arg(py::handle x, const std::string& name, const py::tuple& types, int ndim,
                      const std::string& shape_text);
 
+// Mask / score options of every attention binding (docs/semantics.md section 1).
+MaskParams mask_params(float scale, bool causal, int window_left, int window_right, float softcap);
+
 // The process-wide engine of the Python package: backend chosen once (set_backend
 // replaces it), thread count from set_num_threads. Readers take a shared_ptr copy, so
 // a call in flight keeps its engine even if another thread switches backends.

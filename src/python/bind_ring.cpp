@@ -42,16 +42,6 @@ void expect_type(const TensorArg& t, ElemType want) {
                                       << elem_type_name(want));
 }
 
-MaskParams ring_mask(float scale, bool causal, int window_left, int window_right, float softcap) {
-  MaskParams m;
-  m.scale = scale;
-  m.causal = causal;
-  m.window_left = window_left;
-  m.window_right = window_right;
-  m.softcap = softcap;
-  return m;
-}
-
 // Fills the ring params from this rank's tensors and checks them against the layout:
 //   dense  (cu_seqlens absent): q [b, n_r, h, d], k [b, n_r, h_k, d], v [b, n_r, h_k, d_v],
 //          out [b, n_r, h, d_v] fp32, lse [b, h, n_r] fp32, with n_r = shard_length(s).
@@ -145,7 +135,7 @@ void ring_forward(std::int64_t comm_handle, const TensorArg& q, const TensorArg&
                   const std::string& layout, const std::string& mode, float scale, bool causal,
                   int window_left, int window_right, float softcap, int piece_rows) {
   auto eng = engine();
-  const MaskParams mask = ring_mask(scale, causal, window_left, window_right, softcap);
+  const MaskParams mask = mask_params(scale, causal, window_left, window_right, softcap);
   run_kernel([&] {
     comm::Communicator comm(comm_from_handle(comm_handle));
     RingAttentionParams p;
@@ -223,7 +213,7 @@ void decode_forward(std::int64_t comm_handle, const TensorArg& q, const TensorAr
       p.q = q.data<const void>();
       p.k_cache = k_cache.data<const void>();
       p.v_cache = v_cache.data<const void>();
-      p.mask = ring_mask(scale, causal, window_left, window_right, softcap);
+      p.mask = mask_params(scale, causal, window_left, window_right, softcap);
     });
     distributed_decode(comm, *eng, p);
   });

@@ -79,6 +79,16 @@ void TensorArg::expect_contiguous() const {
   }
 }
 
+MaskParams mask_params(float scale, bool causal, int window_left, int window_right, float softcap) {
+  MaskParams m;
+  m.scale = scale;
+  m.causal = causal;
+  m.window_left = window_left;
+  m.window_right = window_right;
+  m.softcap = softcap;
+  return m;
+}
+
 // ---- the process-wide engine ----
 
 namespace {
