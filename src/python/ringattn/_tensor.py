@@ -109,6 +109,15 @@ def index_array(x, name, ndim=None, shape_text="", lo=None, hi=None):
     """Index tensor -> (contiguous int32 object to keep alive, TensorArg). Accepts int32 or
     int64 torch/numpy (and Python ints/lists, made into numpy); checks the values fit in
     int32 and, when given, lie in [lo, hi]."""
+    if lo is None and hi is None and (ndim is None or len(x.shape) == ndim):
+        # Fast path (decode calls): an int32 C-contiguous tensor is used as it is, with its
+        # values checked by the C++ layer, which names the entry.
+        torch_in = is_torch(x)
+        if torch_in or isinstance(x, np.ndarray):
+            typ = type_of(x, name)
+            if typ == "i32" and (x.is_contiguous() if torch_in else x.flags.c_contiguous):
+                a = x.numpy() if torch_in else x  # a view: the caller gets numpy either way
+                return a, arg(a, name, types=("i32",))
     if not (is_torch(x) or isinstance(x, np.ndarray)):
         x = np.asarray(x)
         if x.dtype.kind not in "iu":

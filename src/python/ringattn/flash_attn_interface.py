@@ -433,11 +433,15 @@ def flash_attn_with_kvcache(
     accumulators are empty fp32 tensors (the CPU kernel merges its splits internally).
     scheduler_metadata from get_scheduler_metadata is used as the split plan.
     """
-    _unsupported(qv=(qv, None), q_descale=(q_descale, None), k_descale=(k_descale, None),
-                 v_descale=(v_descale, None), attention_chunk=(attention_chunk, 0),
-                 cu_seqlens_q=(cu_seqlens_q, None), cu_seqlens_k_new=(cu_seqlens_k_new, None),
-                 max_seqlen_q=(max_seqlen_q, None), rotary_seqlens=(rotary_seqlens, None),
-                 sinks=(sinks, None), s_aux=(s_aux, None))
+    if not (qv is None and q_descale is None and k_descale is None and v_descale is None
+            and attention_chunk == 0 and cu_seqlens_q is None and cu_seqlens_k_new is None
+            and max_seqlen_q is None and rotary_seqlens is None and sinks is None
+            and s_aux is None):  # one test on the common path, the named error otherwise
+        _unsupported(qv=(qv, None), q_descale=(q_descale, None), k_descale=(k_descale, None),
+                     v_descale=(v_descale, None), attention_chunk=(attention_chunk, 0),
+                     cu_seqlens_q=(cu_seqlens_q, None), cu_seqlens_k_new=(cu_seqlens_k_new, None),
+                     max_seqlen_q=(max_seqlen_q, None), rotary_seqlens=(rotary_seqlens, None),
+                     sinks=(sinks, None), s_aux=(s_aux, None))
     _tensor.type_of(q, "q")
     _tensor.same_kind(q, {"k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v,
                           "rotary_cos": rotary_cos, "rotary_sin": rotary_sin})
@@ -468,9 +472,10 @@ def flash_attn_with_kvcache(
         cache_seqlens = cap
     if isinstance(cache_seqlens, (int, np.integer)) and not isinstance(cache_seqlens, bool):
         cache_seqlens = np.full((b,), int(cache_seqlens), dtype=np.int32)
-    cs, csa = _index(cache_seqlens, "cache_seqlens", lo=0)
-    cb, cba = _index(cache_batch_idx, "cache_batch_idx", lo=0)
-    lp, lpa = _index(cache_leftpad, "cache_leftpad", lo=0)
+    # Values are checked by the kernel layer (>= 0, within the cache), naming the entry.
+    cs, csa = _index(cache_seqlens, "cache_seqlens")
+    cb, cba = _index(cache_batch_idx, "cache_batch_idx")
+    lp, lpa = _index(cache_leftpad, "cache_leftpad")
     _, plana = _index(scheduler_metadata, "scheduler_metadata", lo=1)
     cos = sin = None
     if rotary_cos is not None:
