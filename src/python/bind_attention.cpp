@@ -4,6 +4,13 @@
 // argument kinds and allocates outputs; these functions check that the tensors agree
 // on shapes (naming both), fill the params struct from the tensors' own strides and
 // run the engine with the GIL released. The engine validates the rest.
+// Python.h (through pybind11) comes before every other header: Python's configuration sets
+// feature macros that the C and C++ standard headers read, and every translation unit of
+// the module must see the same ones.
+// clang-format off
+#include <pybind11/pybind11.h>
+// clang-format on
+
 #include <algorithm>
 #include <cstdint>
 #include <optional>

@@ -5,6 +5,13 @@
 // FlashMLA layouts to these and allocates outputs; this file checks that the tensors
 // agree on shapes (naming both), fills MlaDecodeParams and runs the engine with the
 // GIL released. The engine validates the rest.
+// Python.h (through pybind11) comes before every other header: Python's configuration sets
+// feature macros that the C and C++ standard headers read, and every translation unit of
+// the module must see the same ones.
+// clang-format off
+#include <pybind11/pybind11.h>
+// clang-format on
+
 #include <cstdint>
 #include <optional>
 #include <vector>

@@ -13,6 +13,13 @@
 // comm::run_collectively as well, so a rank whose tensors disagree with the others
 // (e.g. a shard of the wrong length) makes every rank throw instead of leaving the
 // others waiting in the ring. The GIL is released for the whole collective.
+// Python.h (through pybind11) comes before every other header: Python's configuration sets
+// feature macros that the C and C++ standard headers read, and every translation unit of
+// the module must see the same ones.
+// clang-format off
+#include <pybind11/pybind11.h>
+// clang-format on
+
 #include <mpi.h>
 #include <pybind11/numpy.h>
 

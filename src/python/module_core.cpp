@@ -1,6 +1,13 @@
 // ringattn._C: the extension module. This file holds the module itself, the error
 // translation (one Python exception per class of ringattn::Error), the process-wide
 // engine (backend and threads), TensorArg, and the softmax-state merge.
+// Python.h (through pybind11) comes before every other header: Python's configuration sets
+// feature macros that the C and C++ standard headers read, and every translation unit of
+// the module must see the same ones.
+// clang-format off
+#include <pybind11/pybind11.h>
+// clang-format on
+
 #include <omp.h>
 
 #include <mutex>

@@ -4,6 +4,13 @@
 // same checks in Python cost about 2 us per tensor, which a decode call pays 6 times.
 // Errors: TypeError for the kind or element type, ValueError for the rest, each naming
 // the argument.
+// Python.h (through pybind11) comes before every other header: Python's configuration sets
+// feature macros that the C and C++ standard headers read, and every translation unit of
+// the module must see the same ones.
+// clang-format off
+#include <pybind11/pybind11.h>
+// clang-format on
+
 #include <pybind11/numpy.h>
 
 #include <sstream>
