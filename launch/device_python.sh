@@ -15,7 +15,12 @@ mkdir -p "$ROOT"
 for d in "$DEBS"/*.deb; do dpkg -x "$d" "$ROOT"; done
 echo "== host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $(nproc) cpus; python $PY"
 t0=$(date +%s)
-cmake -S . -B build-py -G Ninja -DCMAKE_BUILD_TYPE=Release -DRINGATTN_BUILD_TESTS=OFF \
+# The system g++ (the bench machine's default CXX links libstdc++ statically, which the
+# CMake build refuses for the Python module: see src/python/CMakeLists.txt).
+CXX_SYS=$(command -v /usr/bin/g++ || command -v g++)
+CC_SYS=$(command -v /usr/bin/gcc || command -v gcc)
+cmake -S . -B build-py -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER="$CXX_SYS" \
+  -DCMAKE_C_COMPILER="$CC_SYS" -DRINGATTN_BUILD_TESTS=OFF \
   -DRINGATTN_BUILD_EXAMPLES=OFF -DRINGATTN_PYTHON=ON -DRINGATTN_PYTHON_EXECUTABLE="$PY" \
   -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" -DBoost_ROOT="$ROOT/usr" \
   -DBoost_NO_SYSTEM_PATHS=ON -DCMAKE_PREFIX_PATH="$ROOT/usr" >"$OUT_DIR/cmake.log" 2>&1 ||

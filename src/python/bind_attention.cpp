@@ -12,6 +12,8 @@
 // clang-format on
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -403,6 +405,178 @@ void combine(const TensorArg& out_partial, const TensorArg& lse_partial, const T
   });
 }
 
+// ---- flash_attn_with_kvcache in one C++ call (the decode path) ----
+//
+// A decode step calls flash_attn_with_kvcache once per layer and token, so its Python
+// overhead matters: this entry takes the Python arguments as they are, checks and
+// converts them, allocates out / lse and runs fwd_kvcache, without the Python layer's
+// helpers. It covers the common arguments (torch or numpy tensors of one kind, int32
+// contiguous index tensors or an int cache_seqlens, no rotary tables). Anything else,
+// and any argument that fails a check here, returns None: the Python implementation
+// then runs and raises its own error, so both paths report bad input the same way.
+
+// int32 [n] (or [n, m] when ndim = 2) contiguous index tensor of `ref`'s kind, or nullopt
+// when `x` is None. Sets `ok` false for anything the fast path leaves to Python.
+std::optional<TensorArg> fast_index(py::handle x, py::handle ref, const char* name, int ndim,
+                                    bool& ok) {
+  if (!ok || x.is_none()) return std::nullopt;
+  if (!same_tensor_kind(x, ref)) {
+    ok = false;
+    return std::nullopt;
+  }
+  static const py::tuple& i32 = *new py::tuple(py::make_tuple(
+      "i32", "i64", "fp32", "bf16", "fp16", "u8", "fp8"));  // leaked: outlives teardown
+  TensorArg t = tensor_arg(x, name, i32, -1, "");
+  if (t.type != ElemType::kI32 || t.ndim() != ndim) {
+    ok = false;
+    return std::nullopt;
+  }
+  std::int64_t want = 1;
+  for (int i = t.ndim() - 1; i >= 0; --i) {
+    if (t.shape[i] != 1 && t.strides[i] != want) ok = false;
+    want *= t.shape[i];
+  }
+  return t;
+}
+
+py::object kvcache_fast(py::handle q, py::handle k_cache, py::handle v_cache, py::handle k,
+                        py::handle v, py::handle rotary_cos, py::handle rotary_sin,
+                        py::handle cache_seqlens, py::handle cache_batch_idx,
+                        py::handle cache_leftpad, py::handle page_table, py::handle softmax_scale,
+                        py::handle causal, py::handle window_size, py::handle softcap,
+                        py::handle scheduler_metadata, py::handle num_splits,
+                        py::handle return_softmax_lse) {
+  static const py::tuple& float_types = *new py::tuple(py::make_tuple(
+      "fp32", "bf16", "fp16", "fp8", "i32", "i64", "u8"));  // leaked: outlives teardown
+  const py::object fallback = py::none();
+  // Everything before fwd_kvcache only decides whether this path applies: a failed
+  // check hands the call to the Python implementation, which names the argument.
+  std::optional<TensorArg> qa, kca, vca, ka, va, cs, cb, lp, pt, plan;
+  std::vector<std::int32_t> seqlens_storage;
+  float scale = 0.0f, cap = 0.0f;
+  int wl = -1, wr = -1, splits = 0;
+  bool is_causal = false, want_lse = false;
+  try {
+    if (!rotary_cos.is_none() || !rotary_sin.is_none() || !is_tensor(q)) return fallback;
+    for (py::handle t : {k_cache, v_cache}) {
+      if (!same_tensor_kind(t, q)) return fallback;
+    }
+    if (k.is_none() != v.is_none()) return fallback;
+    if (!k.is_none() && (!same_tensor_kind(k, q) || !same_tensor_kind(v, q))) return fallback;
+    if (!k.is_none() && (is_readonly_array(k_cache) || is_readonly_array(v_cache))) return fallback;
+    qa = tensor_arg(q, "q", float_types, 4, "");
+    kca = tensor_arg(k_cache, "k_cache", float_types, 4, "");
+    vca = tensor_arg(v_cache, "v_cache", float_types, 4, "");
+    if (!k.is_none()) {
+      ka = tensor_arg(k, "k", float_types, 4, "");
+      va = tensor_arg(v, "v", float_types, 4, "");
+    }
+    if (qa->type != ElemType::kF32 && qa->type != ElemType::kBF16 && qa->type != ElemType::kF16)
+      return fallback;
+    for (const auto* t : {&kca, &vca, &ka, &va}) {
+      if (*t && (*t)->type != qa->type) return fallback;
+    }
+    const std::int64_t b = qa->dim(0), s_q = qa->dim(1), h = qa->dim(2), d = qa->dim(3);
+    const std::int64_t d_v = vca->dim(3);
+    for (std::int64_t n : {d, d_v}) {
+      if (n % 8 || n < 8 || n > 256) return fallback;
+    }
+    if (b == 0 || s_q == 0 || h == 0) return fallback;
+
+    bool ok = true;
+    if (PyLong_CheckExact(cache_seqlens.ptr())) {
+      const long long n = PyLong_AsLongLong(cache_seqlens.ptr());
+      if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return fallback;
+      }
+      if (n < INT32_MIN || n > INT32_MAX) return fallback;
+      seqlens_storage.assign(static_cast<std::size_t>(b), static_cast<std::int32_t>(n));
+      TensorArg t;
+      t.name = "cache_seqlens";
+      t.ptr = reinterpret_cast<std::uintptr_t>(seqlens_storage.data());
+      t.type = ElemType::kI32;
+      t.shape = {b};
+      t.strides = {1};
+      cs = std::move(t);
+    } else if (cache_seqlens.is_none()) {
+      return fallback;
+    } else {
+      cs = fast_index(cache_seqlens, q, "cache_seqlens", 1, ok);
+    }
+    cb = fast_index(cache_batch_idx, q, "cache_batch_idx", 1, ok);
+    lp = fast_index(cache_leftpad, q, "cache_leftpad", 1, ok);
+    pt = fast_index(page_table, q, "page_table", 2, ok);
+    plan = fast_index(scheduler_metadata, q, "scheduler_metadata", 1, ok);
+    if (!ok) return fallback;
+    if (plan) {  // the Python path's lo = 1 check
+      const auto* s = plan->data<const std::int32_t>();
+      for (std::int64_t i = 0; i < plan->dim(0); ++i) {
+        if (s[i] < 1) return fallback;
+      }
+    }
+
+    // Scalars, with the Python helpers' rules (_scale, _softcap, window_pair, _num_splits).
+    if (!softmax_scale.is_none()) {
+      if (!PyFloat_Check(softmax_scale.ptr()) && !PyLong_CheckExact(softmax_scale.ptr()))
+        return fallback;
+      const double sv = py::cast<double>(softmax_scale);
+      if (!std::isfinite(sv) || sv <= 0.0) return fallback;
+      scale = static_cast<float>(sv);
+    }
+    if (!PyFloat_Check(softcap.ptr()) && !PyLong_CheckExact(softcap.ptr())) return fallback;
+    const double cv = py::cast<double>(softcap);
+    if (!std::isfinite(cv) || cv < 0.0) return fallback;
+    cap = static_cast<float>(cv);
+    if (!PyTuple_Check(window_size.ptr()) || PyTuple_GET_SIZE(window_size.ptr()) != 2)
+      return fallback;
+    for (int i = 0; i < 2; ++i) {
+      py::handle w = PyTuple_GET_ITEM(window_size.ptr(), i);
+      if (!PyLong_CheckExact(w.ptr())) return fallback;
+      const long long wv = PyLong_AsLongLong(w.ptr());
+      if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return fallback;
+      }
+      if (wv < -1 || wv > INT32_MAX) return fallback;
+      (i == 0 ? wl : wr) = static_cast<int>(wv);
+    }
+    if (!PyLong_CheckExact(num_splits.ptr())) return fallback;
+    const long long ns = PyLong_AsLongLong(num_splits.ptr());
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      return fallback;
+    }
+    if (ns > INT32_MAX) return fallback;
+    splits = ns > 0 ? static_cast<int>(ns) : 0;
+    if (!PyBool_Check(causal.ptr()) || !PyBool_Check(return_softmax_lse.ptr())) return fallback;
+    is_causal = causal.ptr() == Py_True;
+    want_lse = return_softmax_lse.ptr() == Py_True;
+  } catch (const py::error_already_set&) {
+    return fallback;
+  } catch (const py::builtin_exception&) {
+    return fallback;
+  } catch (const Error&) {
+    return fallback;
+  }
+
+  const std::int64_t b = qa->dim(0), s_q = qa->dim(1), h = qa->dim(2), d_v = vca->dim(3);
+  py::object out = empty_tensor(q, {b, s_q, h, d_v}, qa->type);
+  py::object lse = empty_tensor(q, {b, h, s_q}, ElemType::kF32);
+  static const py::tuple& out_types =
+      *new py::tuple(py::make_tuple("fp32", "bf16", "fp16"));  // leaked: outlives teardown
+  static const py::tuple& lse_types =
+      *new py::tuple(py::make_tuple("fp32"));  // leaked: outlives teardown
+  const TensorArg out_arg = tensor_arg(out, "out", out_types, 4, "");
+  const TensorArg lse_arg = tensor_arg(lse, "softmax_lse", lse_types, 3, "");
+  fwd_kvcache(*qa, *kca, *vca, ka, va, out_arg, lse_arg, *cs, cb, lp, pt, std::nullopt,
+              std::nullopt, true, scale, is_causal, wl, wr, cap, splits, plan);
+  if (!want_lse) return out;
+  py::object none0 = empty_tensor(q, {0}, ElemType::kF32);
+  py::object none1 = empty_tensor(q, {0}, ElemType::kF32);
+  return py::make_tuple(out, lse, none0, none1);
+}
+
 }  // namespace
 
 void register_attention(py::module_& m) {
@@ -417,6 +591,13 @@ void register_attention(py::module_& m) {
         py::arg("rotary_cos"), py::arg("rotary_sin"), py::arg("rotary_interleaved"),
         py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
         py::arg("softcap"), py::arg("num_splits"), py::arg("plan"));
+  m.def("kvcache_fast", &kvcache_fast, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("k"), py::arg("v"), py::arg("rotary_cos"), py::arg("rotary_sin"),
+        py::arg("cache_seqlens"), py::arg("cache_batch_idx"), py::arg("cache_leftpad"),
+        py::arg("page_table"), py::arg("softmax_scale"), py::arg("causal"), py::arg("window_size"),
+        py::arg("softcap"), py::arg("scheduler_metadata"), py::arg("num_splits"),
+        py::arg("return_softmax_lse"),
+        "flash_attn_with_kvcache's common path in one call; None when the Python path must run.");
   m.def("plan_kvcache", &plan_kvcache, py::arg("b"), py::arg("s_q"), py::arg("s_cache"),
         py::arg("h"), py::arg("h_k"), py::arg("d"), py::arg("d_v"), py::arg("dtype"),
         py::arg("cache_seqlens"), py::arg("cache_leftpad"), py::arg("s_new"), py::arg("causal"),

@@ -63,6 +63,15 @@ struct TensorArg {
 TensorArg tensor_arg(py::handle x, const std::string& name, const py::tuple& types, int ndim,
                      const std::string& shape_text);
 
+// True for a torch.Tensor or numpy.ndarray; true when `a` and `b` are both torch tensors
+// or both numpy arrays.
+bool is_tensor(py::handle x);
+bool same_tensor_kind(py::handle a, py::handle b);
+// True for a numpy array that may not be written.
+bool is_readonly_array(py::handle x);
+// An uninitialised tensor of `ref`'s kind (torch or numpy), C-contiguous.
+py::object empty_tensor(py::handle ref, const std::vector<std::int64_t>& shape, ElemType type);
+
 // Mask / score options of every attention binding (docs/semantics.md section 1).
 MaskParams mask_params(float scale, bool causal, int window_left, int window_right, float softcap);
 

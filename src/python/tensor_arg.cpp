@@ -79,6 +79,58 @@ std::string list_text(const std::vector<std::int64_t>& v) {
 
 }  // namespace
 
+bool is_tensor(py::handle x) {
+  const TorchTypes* torch = torch_types();
+  return (torch && py::isinstance(x, torch->tensor_cls)) || py::isinstance<py::array>(x);
+}
+
+bool same_tensor_kind(py::handle a, py::handle b) {
+  const TorchTypes* torch = torch_types();
+  const bool ta = torch && py::isinstance(a, torch->tensor_cls);
+  const bool tb = torch && py::isinstance(b, torch->tensor_cls);
+  if (ta || tb) return ta && tb;
+  return py::isinstance<py::array>(a) && py::isinstance<py::array>(b);
+}
+
+bool is_readonly_array(py::handle x) {
+  return py::isinstance<py::array>(x) && !py::reinterpret_borrow<py::array>(x).writeable();
+}
+
+py::object empty_tensor(py::handle ref, const std::vector<std::int64_t>& shape, ElemType type) {
+  py::tuple dims(shape.size());
+  for (std::size_t i = 0; i < shape.size(); ++i) dims[i] = py::int_(shape[i]);
+  const TorchTypes* torch = torch_types();
+  if (torch && py::isinstance(ref, torch->tensor_cls)) {
+    static PyObject* empty = nullptr;  // torch.empty, kept alive for the process
+    if (!empty) {
+      py::object fn = py::module_::import("sys").attr("modules").attr("get")("torch").attr("empty");
+      empty = fn.release().ptr();
+    }
+    for (const auto& [obj, t] : torch->dtypes) {
+      if (t == type) {
+        return py::reinterpret_borrow<py::object>(empty)(dims, py::arg("dtype") = py::handle(obj));
+      }
+    }
+    throw py::type_error(std::string("torch has no dtype for ") + elem_type_name(type));
+  }
+  const char* np_name = nullptr;
+  switch (type) {
+    case ElemType::kF32:
+      np_name = "float32";
+      break;
+    case ElemType::kF16:
+      np_name = "float16";
+      break;
+    case ElemType::kI32:
+      np_name = "int32";
+      break;
+    default:
+      throw py::type_error(std::string("numpy has no dtype for ") + elem_type_name(type) +
+                           ": pass torch tensors");
+  }
+  return py::array(py::dtype(np_name), std::vector<py::ssize_t>(shape.begin(), shape.end()));
+}
+
 TensorArg tensor_arg(py::handle x, const std::string& name, const py::tuple& types, int ndim,
                      const std::string& shape_text) {
   TensorArg t;

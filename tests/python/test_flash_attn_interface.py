@@ -471,6 +471,47 @@ def test_kvcache_writes_into_strided_caches_in_place():
     assert np.array_equal(kvn[:, 5, 0], k_new_n[:, 0])
 
 
+@pytest.mark.parametrize("kind,typ", [("torch", "fp32"), ("torch", "bf16"), ("numpy", "fp16")])
+def test_kvcache_one_call_path_equals_python_path(kind, typ, monkeypatch):
+    # The common call runs in one C++ call (_C.kvcache_fast); with it disabled the Python
+    # path runs. Both must give bit-identical outputs, LSE and appended caches.
+    rng = rng_for("kv-fast", kind, typ)
+    b, s_q, s_new, h, h_k, d, d_v, page = 3, 2, 2, 8, 2, 64, 32, 16
+    conv = (lambda a: a) if kind == "numpy" else torch.from_numpy
+    page_table, num_blocks = paged_layout(rng, b, 64, page)
+    seqlens = rng.integers(0, 60, size=b).astype(np.int32)
+    plan = np.full(b, 2, dtype=np.int32)
+    q = make((b, s_q, h, d), typ, kind, rng)
+    k_new, v_new = make((b, s_new, h_k, d), typ, kind, rng), make((b, s_new, h_k, d_v), typ, kind, rng)
+    k0, v0 = make((num_blocks, page, h_k, d), typ, kind, rng), make((num_blocks, page, h_k, d_v), typ, kind, rng)
+    args = dict(cache_seqlens=conv(seqlens), page_table=conv(page_table), causal=True, window_size=(7, -1),
+                softcap=3.0, softmax_scale=0.2, scheduler_metadata=conv(plan), return_softmax_lse=True)
+    copy = (lambda x: x.copy()) if kind == "numpy" else (lambda x: x.clone())
+    kc, vc = copy(k0), copy(v0)
+    direct = ringattn._C.kvcache_fast(q, kc, vc, k_new, v_new, None, None, args["cache_seqlens"], None, None,
+                                      args["page_table"], 0.2, True, (7, -1), 3.0, args["scheduler_metadata"], 0,
+                                      True)
+    assert direct is not None, "the common call should take the one-call path"
+    kc, vc = copy(k0), copy(v0)
+    fast = fai.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, **args)
+    monkeypatch.setattr(ringattn._C, "kvcache_fast", lambda *a: None)
+    kc2, vc2 = copy(k0), copy(v0)
+    slow = fai.flash_attn_with_kvcache(q, kc2, vc2, k_new, v_new, **args)
+    for a, b_ in zip(fast[:2] + (kc, vc), slow[:2] + (kc2, vc2)):
+        assert type(a) is type(b_) and a.dtype == b_.dtype and tuple(a.shape) == tuple(b_.shape)
+        assert np.array_equal(f64(a), f64(b_), equal_nan=True)
+    assert tuple(fast[2].shape) == (0,) and tuple(fast[3].shape) == (0,)
+    assert fast[0].dtype == q.dtype
+    # An int cache_seqlens takes the one-call path too; rotary tables take the Python path.
+    assert ringattn._C.kvcache_fast is not None
+    monkeypatch.undo()
+    assert ringattn._C.kvcache_fast(q, kc, vc, None, None, None, None, 5, None, None, conv(page_table), None,
+                                    False, (-1, -1), 0.0, None, 0, False) is not None
+    cos = make((64, 8), "fp32", kind, rng)
+    assert ringattn._C.kvcache_fast(q, kc, vc, None, None, cos, cos, 5, None, None, conv(page_table), None,
+                                    False, (-1, -1), 0.0, None, 0, False) is None
+
+
 # ---- combine ----
 
 

@@ -442,6 +442,12 @@ def flash_attn_with_kvcache(
                      cu_seqlens_q=(cu_seqlens_q, None), cu_seqlens_k_new=(cu_seqlens_k_new, None),
                      max_seqlen_q=(max_seqlen_q, None), rotary_seqlens=(rotary_seqlens, None),
                      sinks=(sinks, None), s_aux=(s_aux, None))
+    # The common decode call runs in one C++ call (None: this Python path applies).
+    r = _C.kvcache_fast(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                        cache_batch_idx, cache_leftpad, page_table, softmax_scale, causal,
+                        window_size, softcap, scheduler_metadata, num_splits, return_softmax_lse)
+    if r is not None:
+        return r
     _tensor.type_of(q, "q")
     _tensor.same_kind(q, {"k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v,
                           "rotary_cos": rotary_cos, "rotary_sin": rotary_sin})
