@@ -47,6 +47,14 @@ Communicator::Communicator(MPI_Comm parent) {
   RA_MPI_CHECK(MPI_Comm_size(comm_, &size_));
 }
 
+Communicator::Communicator(const Communicator& parent, int color, int key) {
+  RA_CHECK_ARG(color >= 0, "comm split: color must be >= 0, got " << color);
+  RA_MPI_CHECK(MPI_Comm_split(parent.get(), color, key, &comm_));
+  MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+  RA_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+  RA_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+}
+
 Communicator::~Communicator() {
   int finalized = 0;
   MPI_Finalized(&finalized);

@@ -1,6 +1,8 @@
 // Ring attention under MPI (run with mpirun -np 1..4): for every layout, causal or
 // not, windows, GQA/MQA, uneven lengths, varlen and bf16, the output and LSE gathered
-// on rank 0 equal the single-process kernel result on the whole problem.
+// on rank 0 equal the single-process kernel result on the whole problem. The same
+// for Ulysses x ring grids (U = 2, 4 where U divides the ranks), K/V heads replicated
+// when U > h_k.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -16,6 +18,7 @@
 #include "ringattn/engine.hpp"
 #include "ringattn/merge_state.hpp"
 #include "ringattn/ring_attention.hpp"
+#include "ringattn/ulysses_attention.hpp"
 
 namespace ringattn {
 namespace {
@@ -34,7 +37,8 @@ struct Case {
   DType dtype = DType::kF32;
   bool varlen = false;
   RingMode mode = RingMode::kPassKV;
-  int piece = 16;  // RingOptions::piece_rows (0 = automatic)
+  int piece = 16;   // RingOptions::piece_rows (0 = automatic)
+  int ulysses = 0;  // > 0: hybrid_attention_forward with this U (skipped unless U | P)
 };
 
 std::vector<std::byte> random_tensor(std::mt19937& rng, std::int64_t n, DType t) {
@@ -104,14 +108,23 @@ void run_case(const Case& c) {
   p.cu_seqlens = c.varlen ? cu.data() : nullptr;
   p.mask = f.mask;
   p.layout = c.layout;
+  if (c.ulysses > 0 && P % c.ulysses != 0)
+    GTEST_SKIP() << "U=" << c.ulysses << " does not divide P=" << P;
   const auto spans_of = [&](int r) {
     comm::RowSpans s;
-    for (int i = 0; i < b; ++i)
+    for (int i = 0; i < b; ++i) {
+      if (c.ulysses > 0) {  // hybrid layout: one span per token
+        for (auto pos : hybrid_shard_positions(c.layout, cu[i + 1] - cu[i], P, c.ulysses, r))
+          s.push_back({cu[i] + pos, 1, 1});
+        continue;
+      }
       for (const auto& ch : shard_chunks(c.layout, cu[i + 1] - cu[i], P, r))
         s.push_back({cu[i] + ch.first, ch.count, ch.stride});
+    }
     return s;
   };
-  const std::int64_t rows = ring_local_rows(p, P, rank);
+  const std::int64_t rows =
+      c.ulysses > 0 ? comm::total_rows(spans_of(rank)) : ring_local_rows(p, P, rank);
   ASSERT_EQ(rows, comm::total_rows(spans_of(rank)));
   const std::size_t es = dtype_size(c.dtype);
   std::vector<std::byte> lq(static_cast<std::size_t>(rows * c.h * c.d) * es),
@@ -129,9 +142,19 @@ void run_case(const Case& c) {
   p.v = lv.data();
   p.out = lo.data();
   p.lse = ll.data();
-  RingStats stats;
-  ring_attention(comm, engine, c.mode, p, RingOptions{true, c.piece}, &stats);
-  ASSERT_EQ(static_cast<int>(stats.steps.size()), P);
+  if (c.ulysses > 0) {
+    HybridStats hs;
+    hybrid_attention_forward(comm, engine, p, c.ulysses, c.mode, RingOptions{true, c.piece}, &hs);
+    ASSERT_EQ(hs.ulysses * hs.ring, P);
+    ASSERT_EQ(static_cast<int>(hs.ring_stats.steps.size()), hs.ring);
+    if (c.ulysses > 1) {
+      ASSERT_GT(hs.alltoall_bytes, 0);
+    }
+  } else {
+    RingStats stats;
+    ring_attention(comm, engine, c.mode, p, RingOptions{true, c.piece}, &stats);
+    ASSERT_EQ(static_cast<int>(stats.steps.size()), P);
+  }
 
   // LSE to rows [rows, h] for the gather, then compare on rank 0.
   std::vector<float> lrows(ll.size());
@@ -206,6 +229,47 @@ std::vector<Case> cases() {
     if (i % 2 == 0) c.piece = 0;
     out.push_back(c);
   }
+  // Ulysses x ring (U = 1 is the plain ring through the hybrid entry point).
+  for (int u : {1, 2, 4}) {
+    for (ShardLayout l : {ShardLayout::kContiguous, ShardLayout::kZigzag, ShardLayout::kStriped}) {
+      const std::string pre = "ulysses" + std::to_string(u) + "_" + layout_name(l);
+      Case c{pre + "_causal_gqa", l, {67}, 2, 8, 2, 32, true};
+      c.ulysses = u;
+      out.push_back(c);
+      c = {pre + "_window_softcap", l, {45}, 1, 8, 4, 32, false, 6, 3, 12.0f};
+      c.ulysses = u;
+      out.push_back(c);
+      c = {pre + "_varlen", l,   {23, 1, 0, 40, 9}, 1, 8, 8, 32, true, -1, -1, 0.0f,
+           DType::kF32,     true};
+      c.ulysses = u;
+      out.push_back(c);
+    }
+    Case c{"ulysses" + std::to_string(u) + "_zigzag_bf16_mqa",
+           ShardLayout::kZigzag,
+           {50},
+           1,
+           4,
+           1,
+           32,
+           true,
+           -1,
+           -1,
+           0.0f,
+           DType::kBF16};
+    c.ulysses = u;
+    out.push_back(c);
+    c = {"ulysses" + std::to_string(u) + "_pass_q_zigzag",
+         ShardLayout::kZigzag,
+         {61},
+         1,
+         4,
+         2,
+         32,
+         true};
+    c.ulysses = u;
+    c.mode = RingMode::kPassQ;
+    out.push_back(c);
+  }
   return out;
 }
 
@@ -233,6 +297,49 @@ TEST(RingMpiErrors, MismatchedShapeOnOneRank) {
     EXPECT_NE(std::string(e.what()).find("ranks disagree on 'heads': rank 0 has 4, rank 1 has 8"),
               std::string::npos)
         << e.what();
+  }
+}
+
+// A Ulysses degree that differs on one rank, or does not divide P or h, stops every
+// rank with the same message naming the numbers.
+TEST(RingMpiErrors, UlyssesDegreeChecks) {
+  const comm::Communicator& comm = *g_comm;
+  RingAttentionParams p;
+  p.b = 1;
+  p.s = 16;
+  p.h = 4;
+  p.h_k = 4;
+  p.d = p.d_v = 32;
+  std::vector<float> buf(16 * 8 * 32);
+  p.q = p.k = p.v = buf.data();
+  p.out = buf.data();
+  Engine engine(EngineOptions{"reference", 1});
+  const int P = comm.size();
+  try {
+    hybrid_attention_forward(comm, engine, p, P + 1, RingMode::kPassKV);
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    const std::string want = "ulysses: degree U=" + std::to_string(P + 1) +
+                             " must divide the number of ranks P=" + std::to_string(P);
+    EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+  }
+  p.h = 6;
+  p.h_k = 6;
+  if (P == 4) {
+    EXPECT_THROW(hybrid_attention_forward(comm, engine, p, 4, RingMode::kPassKV), InvalidArgument);
+  }
+  if (P == 2) {
+    p.h = 4;
+    p.h_k = 4;
+    try {
+      hybrid_attention_forward(comm, engine, p, comm.rank() == 1 ? 2 : 1, RingMode::kPassKV);
+      FAIL() << "expected CommError";
+    } catch (const CommError& e) {
+      EXPECT_NE(
+          std::string(e.what()).find("ranks disagree on 'ulysses': rank 0 has 1, rank 1 has 2"),
+          std::string::npos)
+          << e.what();
+    }
   }
 }
 

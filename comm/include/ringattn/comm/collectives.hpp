@@ -69,6 +69,14 @@ void scatter_rows(const Communicator& comm, int root, const void* global, std::s
 void gather_rows(const Communicator& comm, int root, const void* local, std::size_t row_bytes,
                  const SpansOf& spans_of, void* global);
 
+// Collective all-to-all of byte blocks (MPI_Alltoallv): rank r sends send_bytes[j]
+// bytes to rank j, taken back to back from `send` in rank order, and receives
+// recv_bytes[i] bytes from rank i into `recv`, back to back in rank order. Every
+// block must fit in an int count (InvalidArgument naming the block otherwise).
+void alltoall_bytes(const Communicator& comm, const void* send,
+                    const std::vector<std::size_t>& send_bytes, void* recv,
+                    const std::vector<std::size_t>& recv_bytes);
+
 // Broadcast of `bytes` bytes (any size) from root.
 void broadcast_bytes(const Communicator& comm, int root, void* data, std::size_t bytes);
 

@@ -31,6 +31,10 @@ class MpiRuntime {
 class Communicator {
  public:
   explicit Communicator(MPI_Comm parent);
+  // Collective over `parent`: the sub-communicator of the ranks that pass the same
+  // `color` (MPI_Comm_split), ranked by `key` (ties by parent rank). Grids of ranks
+  // (ulysses_attention.hpp) are built from two of these.
+  Communicator(const Communicator& parent, int color, int key);
   ~Communicator();
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
