@@ -23,6 +23,7 @@
 #include "ringattn/comm/mpi_check.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/ring_attention.hpp"
+#include "ringattn/ulysses_attention.hpp"
 #include "ringattn/version.hpp"
 
 namespace ringattn::cli {
@@ -46,12 +47,32 @@ struct Problem {
   std::int64_t total() const { return cu.empty() ? b * s : cu.back(); }
 };
 
+// Token positions of sequence i that `rank` holds, in its local order (the ring layout
+// over all ranks, or with --ulysses U > 1 the hybrid layout of ulysses_attention.hpp).
+std::vector<std::int64_t> positions_for(const Problem& pr, ShardLayout layout, int ranks,
+                                        int ulysses, int rank, int i) {
+  if (ulysses > 1) return hybrid_shard_positions(layout, pr.len(i), ranks, ulysses, rank);
+  return shard_positions(layout, pr.len(i), ranks, rank);
+}
+
 // The rows of the global [total, ...] tensor that `rank` holds, in its local order.
-comm::RowSpans spans_for(const Problem& pr, ShardLayout layout, int ranks, int rank) {
+comm::RowSpans spans_for(const Problem& pr, ShardLayout layout, int ranks, int ulysses, int rank) {
   comm::RowSpans spans;
-  for (int i = 0; i < pr.b; ++i)
+  for (int i = 0; i < pr.b; ++i) {
+    if (ulysses > 1) {  // runs of consecutive positions become one span each
+      for (auto pos : positions_for(pr, layout, ranks, ulysses, rank, i)) {
+        if (!spans.empty() && spans.back().start + spans.back().count == pr.base(i) + pos &&
+            spans.back().stride == 1) {
+          ++spans.back().count;
+        } else {
+          spans.push_back({pr.base(i) + pos, 1, 1});
+        }
+      }
+      continue;
+    }
     for (const auto& c : shard_chunks(layout, pr.len(i), ranks, rank))
       spans.push_back({pr.base(i) + c.first, c.count, c.stride});
+  }
   return spans;
 }
 
@@ -92,6 +113,7 @@ int cmd_ring(int argc, char** argv) {
   std::uint64_t seed = 0;
   int iters = 1, check_rows = 4, piece_rows = 0;
   bool check = false, json = false, no_progress = false;
+  int ulysses = 1;
   MaskArgs mask_args;
   KernelArgs kernel_args;
 
@@ -119,7 +141,10 @@ int cmd_ring(int argc, char** argv) {
                     "contiguous | zigzag | striped")(
       "mode", po::value<std::string>(&mode_text)->default_value("pass-kv"),
       "pass-kv (K/V shards travel) | pass-q (query shards travel, K/V stay)")(
-      "iters", po::value<int>(&iters)->default_value(1), "timed repetitions (median reported)")(
+      "ulysses", po::value<int>(&ulysses)->default_value(1),
+      "Ulysses degree U: P = U x R ranks, all-to-all to h/U heads, the ring over R (1 = ring "
+      "only)")("iters", po::value<int>(&iters)->default_value(1),
+               "timed repetitions (median reported)")(
       "check", po::bool_switch(&check),
       "verify a sample of rows against a float64 single-process computation")(
       "check-rows", po::value<int>(&check_rows)->default_value(4),
@@ -227,6 +252,8 @@ int cmd_ring(int argc, char** argv) {
     comm::broadcast_bytes(comm, 0, pr.cu.data(), pr.cu.size() * sizeof(std::int32_t));
   }
 
+  comm::run_collectively(comm, [&] { check_ulysses_grid(P, ulysses, pr.h, pr.h_k); });
+
   RingAttentionParams p;
   p.dtype = dtype;
   p.b = pr.b;
@@ -238,7 +265,7 @@ int cmd_ring(int argc, char** argv) {
   p.cu_seqlens = pr.cu.empty() ? nullptr : pr.cu.data();
   p.mask = mask_params;
   p.layout = layout;
-  const std::int64_t rows = ring_local_rows(p, P, rank);
+  const std::int64_t rows = comm::total_rows(spans_for(pr, layout, P, ulysses, rank));
   const std::size_t es = dtype_size(dtype);
   const std::int64_t qr = std::int64_t{pr.h} * pr.d, kr = std::int64_t{pr.h_k} * pr.d,
                      vr = std::int64_t{pr.h_k} * pr.d_v, orow = std::int64_t{pr.h} * pr.d_v;
@@ -253,7 +280,7 @@ int cmd_ring(int argc, char** argv) {
     out.resize(static_cast<std::size_t>(rows * orow));
     lse.resize(static_cast<std::size_t>(rows * pr.h));
   });
-  const auto spans_of = [&](int r) { return spans_for(pr, layout, P, r); };
+  const auto spans_of = [&](int r) { return spans_for(pr, layout, P, ulysses, r); };
   if (files) {
     comm::scatter_rows(comm, 0, q_all.data(), static_cast<std::size_t>(qr) * es, spans_of,
                        q.data());
@@ -288,14 +315,18 @@ int cmd_ring(int argc, char** argv) {
   RingOptions options;
   options.progress = !no_progress;
   options.piece_rows = piece_rows;
-  RingStats stats;
+  HybridStats hstats;
+  const RingStats& stats = hstats.ring_stats;
   std::vector<double> times;
   for (int it = 0; it < iters; ++it) {
     comm.barrier();
     const double t0 = now_seconds();
-    ring_attention(comm, engine, mode, p, options, &stats);
+    hybrid_attention_forward(comm, engine, p, ulysses, mode, options, &hstats);
     times.push_back(allreduce_max(comm, now_seconds() - t0));
   }
+  const int R = P / ulysses;  // ring steps per rank
+  const double a2a_s = allreduce_max(comm, hstats.alltoall_s);
+  const double a2a_bytes = allreduce_sum(comm, static_cast<double>(hstats.alltoall_bytes)) / P;
   const double t_med = median(times);
 
   // Per-step figures, averaged over steps and ranks (and the max wait over ranks);
@@ -308,8 +339,8 @@ int cmd_ring(int argc, char** argv) {
     bytes += static_cast<double>(s.bytes);
     sending += s.bytes > 0 ? 1.0 : 0.0;
   }
-  const double compute_step = allreduce_sum(comm, compute) / (P * P);
-  const double wait_step = allreduce_sum(comm, wait) / (P * P);
+  const double compute_step = allreduce_sum(comm, compute) / (double(P) * R);
+  const double wait_step = allreduce_sum(comm, wait) / (double(P) * R);
   const double wait_max = allreduce_max(comm, wait);
   // The ring runs at the pace of its slowest rank: the spread of the per-rank compute
   // (last iteration, all steps) is the wait the others see.
@@ -358,7 +389,7 @@ int cmd_ring(int argc, char** argv) {
     if (!files) {
       std::vector<std::pair<int, std::int64_t>> mine;
       for (int i = 0; i < pr.b; ++i)
-        for (auto pos : shard_positions(layout, pr.len(i), P, rank)) mine.push_back({i, pos});
+        for (auto pos : positions_for(pr, layout, P, ulysses, rank, i)) mine.push_back({i, pos});
       const std::int64_t n = static_cast<std::int64_t>(mine.size());
       for (int c = 0; c < check_rows && n > 0; ++c) {
         const std::int64_t r = (c * (n - 1)) / std::max(1, check_rows - 1);
@@ -437,6 +468,10 @@ int cmd_ring(int argc, char** argv) {
       j["backend"] = engine.backend_name();
       j["layout"] = layout_name(layout);
       j["mode"] = ring_mode_name(mode);
+      j["ulysses"] = ulysses;
+      j["ring_degree"] = R;
+      j["alltoall_s"] = json_number(a2a_s);
+      j["alltoall_bytes"] = json_number(a2a_bytes);
       j["dtype"] = dtype_name(dtype);
       j["causal"] = mask_params.causal;
       j["window_left"] = mask_params.window_left;
@@ -474,6 +509,9 @@ int cmd_ring(int argc, char** argv) {
           layout_name(layout), dtype_name(dtype), mask_params.causal ? 1 : 0, pr.b,
           static_cast<long long>(pr.total()), pr.h, pr.h_k, pr.d, pr.d_v, t_med, iters, tflops,
           compute_step * 1e3, wait_step * 1e3, bytes_step / 1e6);
+      if (ulysses > 1)
+        std::printf(" | ulysses U=%d x ring R=%d: all-to-all %.2f ms, %.2f MB sent per rank",
+                    ulysses, R, a2a_s * 1e3, a2a_bytes / 1e6);
       if (check)
         std::printf(" | check: max abs err %.3g, max LSE rel err %.3g", max_err, max_lse_err);
       std::printf("\n");

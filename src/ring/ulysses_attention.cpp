@@ -69,17 +69,6 @@ HybridPlan make_plan(const RingAttentionParams& p, int ranks, int rank, int ulys
   return pl;
 }
 
-void check_grid(const RingAttentionParams& p, int ranks, int ulysses) {
-  RA_CHECK_ARG(ulysses >= 1, "ulysses: degree U must be >= 1, got " << ulysses);
-  RA_CHECK_ARG(ranks % ulysses == 0,
-               "ulysses: degree U=" << ulysses << " must divide the number of ranks P=" << ranks);
-  RA_CHECK_ARG(p.h % ulysses == 0,
-               "ulysses: degree U=" << ulysses << " must divide the query heads h=" << p.h);
-  RA_CHECK_ARG(p.h_k > 0 && (p.h_k % ulysses == 0 || ulysses % p.h_k == 0),
-               "ulysses: degree U=" << ulysses << " and the K/V heads h_k=" << p.h_k
-                                    << " must divide one another (U > h_k replicates K/V heads)");
-}
-
 // Copies `heads` heads of `width` elements starting at head `first` of row `row` of a
 // [rows, h_all, width] tensor to dst (esize bytes per element).
 inline std::byte* copy_heads(std::byte* dst, const void* src, std::int64_t row, int h_all,
@@ -92,6 +81,17 @@ inline std::byte* copy_heads(std::byte* dst, const void* src, std::int64_t row, 
 }
 
 }  // namespace
+
+void check_ulysses_grid(int ranks, int ulysses, int h, int h_k) {
+  RA_CHECK_ARG(ulysses >= 1, "ulysses: degree U must be >= 1, got " << ulysses);
+  RA_CHECK_ARG(ranks % ulysses == 0,
+               "ulysses: degree U=" << ulysses << " must divide the number of ranks P=" << ranks);
+  RA_CHECK_ARG(h % ulysses == 0,
+               "ulysses: degree U=" << ulysses << " must divide the query heads h=" << h);
+  RA_CHECK_ARG(h_k > 0 && (h_k % ulysses == 0 || ulysses % h_k == 0),
+               "ulysses: degree U=" << ulysses << " and the K/V heads h_k=" << h_k
+                                    << " must divide one another (U > h_k replicates K/V heads)");
+}
 
 std::int64_t hybrid_shard_length(ShardLayout layout, std::int64_t len, int ranks, int ulysses,
                                  int rank) {
@@ -112,7 +112,7 @@ void hybrid_attention_forward(const comm::Communicator& comm, const Engine& engi
                               const RingAttentionParams& p, int ulysses, RingMode mode,
                               const RingOptions& options, HybridStats* stats) {
   const int ranks = comm.size(), rank = comm.rank();
-  comm::run_collectively(comm, [&] { check_grid(p, ranks, ulysses); });
+  comm::run_collectively(comm, [&] { check_ulysses_grid(ranks, ulysses, p.h, p.h_k); });
   comm::check_consistent(comm, {{"ulysses", std::to_string(ulysses)}});
   detail::ring_validate(comm, p, ring_mode_name(mode));
   const double t_begin = detail::ring_now_s();

@@ -42,6 +42,10 @@ std::int64_t hybrid_shard_length(ShardLayout layout, std::int64_t len, int ranks
 std::vector<std::int64_t> hybrid_shard_positions(ShardLayout layout, std::int64_t len, int ranks,
                                                  int ulysses, int rank);
 
+// InvalidArgument naming the numbers unless U >= 1 divides the ranks and the query
+// heads h, and h_k and U divide one another.
+void check_ulysses_grid(int ranks, int ulysses, int h, int h_k);
+
 struct HybridStats {
   int ulysses = 1;                  // U
   int ring = 1;                     // R
