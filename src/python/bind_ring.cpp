@@ -35,6 +35,7 @@
 #include "ringattn/distributed_decode.hpp"
 #include "ringattn/ring_attention.hpp"
 #include "ringattn/shard_layout.hpp"
+#include "ringattn/ulysses_attention.hpp"
 
 namespace ringattn::python {
 
@@ -58,7 +59,8 @@ void expect_type(const TensorArg& t, ElemType want) {
 RingAttentionParams ring_params(const TensorArg& q, const TensorArg& k, const TensorArg& v,
                                 const TensorArg& out, const std::optional<TensorArg>& lse,
                                 const std::optional<TensorArg>& cu_seqlens, std::int64_t s,
-                                ShardLayout layout, const MaskParams& mask, int ranks, int rank) {
+                                ShardLayout layout, const MaskParams& mask, int ranks, int rank,
+                                int ulysses) {
   const bool varlen = cu_seqlens.has_value();
   const int lead = varlen ? 1 : 2;
   const char* shape_text = varlen ? "[t_local, h, d]" : "[b, s_local, h, d]";
@@ -79,6 +81,12 @@ RingAttentionParams ring_params(const TensorArg& q, const TensorArg& k, const Te
   p.d_v = static_cast<int>(v.dim(-1));
   RA_CHECK_ARG(k.dim(-1) == p.d, "k: head dim " << k.dim(-1) << " must equal q's " << p.d);
   RA_CHECK_ARG(v.dim(-2) == p.h_k, "v: heads " << v.dim(-2) << " must equal k's " << p.h_k);
+  check_ulysses_grid(ranks, ulysses, p.h, p.h_k);
+  // Tokens of a `len`-token sequence on this rank (ring layout, or the Ulysses x ring one).
+  const auto local_len = [&](std::int64_t len) {
+    return ulysses > 1 ? hybrid_shard_length(layout, len, ranks, ulysses, rank)
+                       : shard_length(layout, len, ranks, rank);
+  };
   std::int64_t rows = 0;  // tokens this rank must hold per sequence (dense) or in all
   if (varlen) {
     expect_type(*cu_seqlens, ElemType::kI32);
@@ -88,13 +96,12 @@ RingAttentionParams ring_params(const TensorArg& q, const TensorArg& k, const Te
     p.b = static_cast<int>(cu_seqlens->dim(0) - 1);
     p.cu_seqlens = cu_seqlens->data<const std::int32_t>();
     p.s = 0;
-    for (int i = 0; i < p.b; ++i)
-      rows += shard_length(layout, p.cu_seqlens[i + 1] - p.cu_seqlens[i], ranks, rank);
+    for (int i = 0; i < p.b; ++i) rows += local_len(p.cu_seqlens[i + 1] - p.cu_seqlens[i]);
   } else {
     p.b = static_cast<int>(q.dim(0));
     RA_CHECK_ARG(s >= 1 && s <= INT32_MAX, "seqlen: global length " << s << " out of range");
     p.s = static_cast<int>(s);
-    rows = shard_length(layout, s, ranks, rank);
+    rows = local_len(s);
   }
   const std::int64_t len_dim = varlen ? 0 : 1;
   RA_CHECK_ARG(q.dim(static_cast<int>(len_dim)) == rows,
@@ -140,7 +147,7 @@ void ring_forward(std::int64_t comm_handle, const TensorArg& q, const TensorArg&
                   const TensorArg& v, const TensorArg& out, const std::optional<TensorArg>& lse,
                   const std::optional<TensorArg>& cu_seqlens, std::int64_t s,
                   const std::string& layout, const std::string& mode, float scale, bool causal,
-                  int window_left, int window_right, float softcap, int piece_rows) {
+                  int window_left, int window_right, float softcap, int piece_rows, int ulysses) {
   auto eng = engine();
   const MaskParams mask = mask_params(scale, causal, window_left, window_right, softcap);
   run_kernel([&] {
@@ -153,9 +160,9 @@ void ring_forward(std::int64_t comm_handle, const TensorArg& q, const TensorArg&
       RA_CHECK_ARG_GE(piece_rows, 0, "piece_rows");
       options.piece_rows = piece_rows;
       p = ring_params(q, k, v, out, lse, cu_seqlens, s, parse_layout(layout), mask, comm.size(),
-                      comm.rank());
+                      comm.rank(), ulysses);
     });
-    ring_attention(comm, *eng, ring_mode, p, options);
+    hybrid_attention_forward(comm, *eng, p, ulysses, ring_mode, options);
   });
 }
 
@@ -227,22 +234,30 @@ void decode_forward(std::int64_t comm_handle, const TensorArg& q, const TensorAr
 }
 
 // Token positions rank `rank` of `ranks` holds in a `len`-token sequence, in local order.
+// With ulysses > 1: the Ulysses x ring layout (ulysses_attention.hpp).
 py::array_t<std::int64_t> shard_positions_binding(const std::string& layout, std::int64_t len,
-                                                  int ranks, int rank) {
+                                                  int ranks, int rank, int ulysses) {
   RA_CHECK_ARG(ranks >= 1 && rank >= 0 && rank < ranks,
                "rank " << rank << " must lie in [0, size) with size = " << ranks);
   RA_CHECK_ARG_GE(len, 0, "sequence length");
-  const std::vector<std::int64_t> pos = shard_positions(parse_layout(layout), len, ranks, rank);
+  RA_CHECK_ARG(ulysses >= 1 && ranks % ulysses == 0,
+               "ulysses_degree: " << ulysses << " must be >= 1 and divide the size " << ranks);
+  const std::vector<std::int64_t> pos =
+      ulysses > 1 ? hybrid_shard_positions(parse_layout(layout), len, ranks, ulysses, rank)
+                  : shard_positions(parse_layout(layout), len, ranks, rank);
   py::array_t<std::int64_t> a(static_cast<py::ssize_t>(pos.size()));
   std::copy(pos.begin(), pos.end(), a.mutable_data());
   return a;
 }
 
-std::int64_t shard_length_binding(const std::string& layout, std::int64_t len, int ranks,
-                                  int rank) {
+std::int64_t shard_length_binding(const std::string& layout, std::int64_t len, int ranks, int rank,
+                                  int ulysses) {
   RA_CHECK_ARG(ranks >= 1 && rank >= 0 && rank < ranks,
                "rank " << rank << " must lie in [0, size) with size = " << ranks);
   RA_CHECK_ARG_GE(len, 0, "sequence length");
+  RA_CHECK_ARG(ulysses >= 1 && ranks % ulysses == 0,
+               "ulysses_degree: " << ulysses << " must be >= 1 and divide the size " << ranks);
+  if (ulysses > 1) return hybrid_shard_length(parse_layout(layout), len, ranks, ulysses, rank);
   return shard_length(parse_layout(layout), len, ranks, rank);
 }
 
@@ -252,15 +267,17 @@ void register_ring(py::module_& m) {
   m.def("ring_forward", &ring_forward, py::arg("comm"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("cu_seqlens"), py::arg("s"), py::arg("layout"),
         py::arg("mode"), py::arg("scale"), py::arg("causal"), py::arg("window_left"),
-        py::arg("window_right"), py::arg("softcap"), py::arg("piece_rows"));
+        py::arg("window_right"), py::arg("softcap"), py::arg("piece_rows"), py::arg("ulysses") = 1);
   m.def("distributed_decode", &decode_forward, py::arg("comm"), py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("out"), py::arg("lse"), py::arg("s_cache"), py::arg("scale"),
         py::arg("causal"), py::arg("window_left"), py::arg("window_right"), py::arg("softcap"),
         py::arg("root"));
   m.def("shard_positions", &shard_positions_binding, py::arg("layout"), py::arg("len"),
-        py::arg("ranks"), py::arg("rank"));
+        py::arg("ranks"), py::arg("rank"), py::arg("ulysses") = 1);
   m.def("shard_length", &shard_length_binding, py::arg("layout"), py::arg("len"), py::arg("ranks"),
-        py::arg("rank"));
+        py::arg("rank"), py::arg("ulysses") = 1);
+  m.def("check_ulysses_grid", &check_ulysses_grid, py::arg("ranks"), py::arg("ulysses"),
+        py::arg("h"), py::arg("h_k"));
   m.def("decode_shard_length", &decode_shard_length, py::arg("s_cache"), py::arg("ranks"),
         py::arg("rank"));
 }

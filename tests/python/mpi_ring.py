@@ -374,10 +374,62 @@ def test_errors():
     check(max_err(out, ring.shard(ro, "zigzag", RANK, SIZE)) <= 2e-5, "ring after errors")
 
 
+def test_ulysses():
+    """ulysses_degree U (every U dividing the size): dense and varlen, every layout, GQA with
+    U > h_k (replicated K/V heads), shard/unshard round trip in the hybrid layout."""
+    degrees = [u for u in (1, 2, 4) if SIZE % u == 0]
+    h, h_k, d = 8, 2, 16
+    for n, (u, layout) in enumerate(itertools.product(degrees, RING_FUNCS)):
+        kind, dtype = ("torch", torch.float32) if n % 2 else ("numpy", np.float32)
+        mode = "pass-q" if n % 3 == 2 else "pass-kv"
+        b, s = 2, 19 + 3 * SIZE
+        q, k, v = randn((b, s, h, d), 61, dtype, kind), randn((b, s, h_k, d), 62, dtype, kind), \
+            randn((b, s, h_k, d), 63, dtype, kind)
+        what = f"ulysses U={u} {layout} {kind} {mode}"
+        ql, kl, vl = (ring.shard(x, layout, RANK, SIZE, ulysses_degree=u) for x in (q, k, v))
+        out, lse, _ = RING_FUNCS[layout](ql, kl, vl, causal=True, window_size=(7, -1), return_attn_probs=True,
+                                         mode=mode, ulysses_degree=u)
+        ro, rl = reference_batch(q, k, v, 1 / math.sqrt(d), True, (7, -1), 0.0)
+        e_o = max_err(out, ring.shard(ro, layout, RANK, SIZE, ulysses_degree=u))
+        e_l = max_err(lse, ring.shard(rl, layout, RANK, SIZE, dim=2, ulysses_degree=u))
+        check(e_o <= tol(dtype) and e_l <= 2e-4, f"{what}: out err {e_o:.3g} lse err {e_l:.3g}")
+        full = ring.unshard(COMM.allgather(out), layout, ulysses_degree=u)
+        check(max_err(full, ro) <= tol(dtype), f"{what}: unshard of the gathered outputs")
+        # varlen, with an empty and a short sequence
+        lens = [5, 0, 2 * SIZE + 7]
+        cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        total = int(cu[-1])
+        qv, kv, vv = randn((total, h, d), 64, dtype, kind), randn((total, h_k, d), 65, dtype, kind), \
+            randn((total, h_k, d), 66, dtype, kind)
+        ql, kl, vl = (ring.shard(x, layout, RANK, SIZE, dim=0, cu_seqlens=cu, ulysses_degree=u)
+                      for x in (qv, kv, vv))
+        cl = ring.shard_cu_seqlens(cu, layout, RANK, SIZE, ulysses_degree=u)
+        out = VARLEN_FUNCS[layout](ql, kl, vl, cl, max(1, int(np.diff(cl).max())), causal=True, mode=mode,
+                                   ulysses_degree=u)
+        ro = np.zeros((total, h, d))
+        for i in range(len(lens)):
+            a, e = int(cu[i]), int(cu[i + 1])
+            ro[a:e], _ = reference(as_f64(qv)[a:e], as_f64(kv)[a:e], as_f64(vv)[a:e], 1 / math.sqrt(d),
+                                   True, (-1, -1), 0.0)
+        e_o = max_err(out, ring.shard(ro, layout, RANK, SIZE, dim=0, cu_seqlens=cu, ulysses_degree=u))
+        check(e_o <= tol(dtype), f"varlen {what}: out err {e_o:.3g}")
+    if SIZE > 1:
+        q = randn((1, 4 * SIZE, 12, d), 67, torch.float32, "torch")
+        ql = ring.shard(q, "zigzag", RANK, SIZE, ulysses_degree=SIZE)
+        expect_all_raise("degree on one rank",
+                         lambda: ring.zigzag_ring_flash_attn_func(ql, ql, ql, ulysses_degree=SIZE if RANK == 0 else 1),
+                         ringattn.InvalidArgument, "ulysses_degree", None)
+        if 6 % SIZE:
+            q6 = ql[:, :, :6].contiguous()
+            expect_all_raise("degree not dividing the heads",
+                             lambda: ring.zigzag_ring_flash_attn_func(q6, q6, q6, ulysses_degree=SIZE),
+                             ValueError, f"must divide the query heads h=6", None)
+
+
 def main():
     ringattn.set_num_threads(1)
     tests = [test_divisible_matches_extract_local, test_shard_roundtrip, test_dense,
-             test_low_precision, test_varlen, test_decode, test_errors]
+             test_low_precision, test_varlen, test_decode, test_ulysses, test_errors]
     t0 = time.time()
     for t in tests:
         try:

@@ -13,6 +13,14 @@ with the same options and their own shards.
     decode(q, k_cache_shard, v_cache_shard, ...)  distributed decode over a sharded cache
     shard(x, layout, rank, size) / unshard(shards, layout)  cut / reassemble tensors
 
+Every forward takes ``ulysses_degree=U`` (keyword, default 1): the ranks form a U x R grid
+(yunchang's USP, ``ulysses_degree x ring_degree``): an all-to-all inside each group of U
+consecutive ranks turns sequence shards into shards of h / U heads, the ring runs over the
+R = size / U ranks of the other axis, and a second all-to-all brings the result back. U
+must divide size and h, and U and h_k must divide one another (K/V heads are replicated
+when U > h_k). Shards then follow the hybrid layout: cut them with
+``shard(x, layout, rank, size, ulysses_degree=U)``.
+
 Shard layouts (token t of a sequence of length L on P ranks; chunk boundaries at
 floor(c * L / parts), so any L >= P works; for L divisible by P (zigzag: 2P) this is
 exactly ring-flash-attention's ``extract_local``):
@@ -180,8 +188,24 @@ def _options(softmax_scale, d, causal, window_size, softcap, dropout_p, alibi_sl
     return _scale(softmax_scale, d), bool(causal), wl, wr, _softcap(softcap)
 
 
+def _ulysses(ulysses_degree, size, q, k):
+    """Checks of the Ulysses degree (local; the ranks agree on it afterwards)."""
+    u = _tensor.check_scalar_int(ulysses_degree, "ulysses_degree")
+    _C.check_ulysses_grid(size, u, int(q.shape[-2]), int(k.shape[-2]))
+    return u
+
+
+def _same_degree(infos, rank_of_u=-1):
+    """Every rank must pass the same ulysses_degree (raised on all ranks otherwise)."""
+    degrees = [info[rank_of_u] for info in infos]
+    for r, u in enumerate(degrees):
+        if u != degrees[0]:
+            _raise_all(InvalidArgument, r, f"ulysses_degree: ranks pass different degrees {degrees}")
+    return degrees[0]
+
+
 def _dense(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-           return_attn_probs, group, softcap, mode):
+           return_attn_probs, group, softcap, mode, ulysses_degree):
     comm = _comm(group)
     size, rank = comm.Get_size(), comm.Get_rank()
     layout = _layout(layout)
@@ -191,22 +215,24 @@ def _dense(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi
         typ = _check_qkv(q, k, v, 2, "[b, s_local, h, d]", "[b, s_local, h_k, d]")
         _options(softmax_scale, int(q.shape[-1]), causal, window_size, softcap,
                  dropout_p, alibi_slopes)
-        return typ, int(q.shape[1])
+        return typ, int(q.shape[1]), _ulysses(ulysses_degree, size, q, k)
 
     infos = _collective(comm, local)
     typ = infos[rank][0]
-    lengths = [n for _, n in infos]
+    u = _same_degree(infos)
+    lengths = [n for _, n, _ in infos]
     s = sum(lengths)
     # Every rank checks every rank's length against the layout: the same verdict everywhere.
     if s < size:
         _raise_all(InvalidArgument, 0, f"q: global length {s} (sum of the local lengths {lengths}) "
                    f"is smaller than the number of ranks {size} (every rank needs a token)")
     for r, n in enumerate(lengths):
-        want = _C.shard_length(layout, s, size, r)
+        want = _C.shard_length(layout, s, size, r, u)
         if n != want:
+            grid = f" with ulysses_degree {u}" if u > 1 else ""
             _raise_all(InvalidArgument, r, f"q: local length {n} is not the {layout} shard length "
-                       f"{want} of a {s}-token sequence on {size} ranks (local lengths {lengths}; "
-                       "cut shards with ringattn.ring.shard)")
+                       f"{want} of a {s}-token sequence on {size} ranks{grid} (local lengths "
+                       f"{lengths}; cut shards with ringattn.ring.shard)")
     scale, causal_b, wl, wr, cap = _options(softmax_scale, int(q.shape[-1]), causal, window_size,
                                             softcap, dropout_p, alibi_slopes)
     qc, kc, vc = _contiguous(q), _contiguous(k), _contiguous(v)
@@ -217,14 +243,15 @@ def _dense(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi
     arg = _tensor.arg
     _C.ring_forward(comm.py2f(), arg(qc, "q"), arg(kc, "k"), arg(vc, "v"), arg(out, "out", types=("fp32",)),
                     None if lse is None else arg(lse, "softmax_lse", types=("fp32",)), None, s,
-                    layout, mode, scale, causal_b, wl, wr, cap, 0)
+                    layout, mode, scale, causal_b, wl, wr, cap, 0, u)
     out = _tensor.to_type(out, typ)
     return (out, lse, None) if return_attn_probs else out
 
 
 def ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                          window_size=(-1, -1), alibi_slopes=None, deterministic=False,
-                         return_attn_probs=False, group=None, *, softcap=0.0, mode="pass-kv"):
+                         return_attn_probs=False, group=None, *, softcap=0.0, mode="pass-kv",
+                         ulysses_degree=1):
     """Ring attention over contiguous shards (ring-flash-attention's ``ring_flash_attn_func``).
 
     q [b, s_local, h, d], k [b, s_local, h_k, d], v [b, s_local, h_k, d_v]: this rank's
@@ -233,37 +260,40 @@ def ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fals
     numpy), or (out, softmax_lse [b, h, s_local] fp32 natural log, None) with
     return_attn_probs. causal / window_size=(left, right) / softcap apply to the global
     sequence (self-attention, docs/semantics.md section 1). mode "pass-kv" (K/V travel)
-    or "pass-q" (queries travel, K/V stay): same result. dropout_p must be 0 and
+    or "pass-q" (queries travel, K/V stay): same result. ulysses_degree=U > 1 runs the
+    Ulysses x ring grid (module docstring; shards from shard(..., ulysses_degree=U)).
+    dropout_p must be 0 and
     alibi_slopes None (ValueError otherwise); deterministic is accepted and ignored (the
     forward is deterministic).
     """
     return _dense("contiguous", q, k, v, dropout_p, softmax_scale, causal, window_size,
-                  alibi_slopes, return_attn_probs, group, softcap, mode)
+                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree)
 
 
 def zigzag_ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                                 window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                                 return_attn_probs=False, group=None, *, softcap=0.0,
-                                mode="pass-kv"):
+                                mode="pass-kv", ulysses_degree=1):
     """Ring attention over zigzag shards: the sequence cut in 2P chunks, rank r holding
     chunk r followed by chunk 2P-1-r (equal causal work per rank). Otherwise as
     ring_flash_attn_func."""
     return _dense("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size,
-                  alibi_slopes, return_attn_probs, group, softcap, mode)
+                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree)
 
 
 def stripe_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                            window_size=(-1, -1), alibi_slopes=None, deterministic=False,
-                           return_attn_probs=False, group=None, *, softcap=0.0, mode="pass-kv"):
+                           return_attn_probs=False, group=None, *, softcap=0.0, mode="pass-kv",
+                         ulysses_degree=1):
     """Ring attention over striped shards: rank r holds tokens r, r+P, r+2P, ... (the
     order of ring-flash-attention's stripe ``extract_local``). Unlike the original,
     causal=False and windows are supported too. Otherwise as ring_flash_attn_func."""
     return _dense("striped", q, k, v, dropout_p, softmax_scale, causal, window_size,
-                  alibi_slopes, return_attn_probs, group, softcap, mode)
+                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree)
 
 
 def _varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-            window_size, alibi_slopes, return_attn_probs, group, softcap, mode):
+            window_size, alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree):
     comm = _comm(group)
     size, rank = comm.Get_size(), comm.Get_rank()
     layout = _layout(layout)
@@ -288,11 +318,12 @@ def _varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, c
         if lens.size and m < int(lens.max()):
             raise ValueError(f"max_seqlen: {m} is smaller than the longest local sequence "
                              f"{int(lens.max())}")
-        return typ, lens.tolist()
+        return typ, lens.tolist(), _ulysses(ulysses_degree, size, q, k)
 
     infos = _collective(comm, local)
     typ = infos[rank][0]
-    local_lens = [l for _, l in infos]
+    u = _same_degree(infos)
+    local_lens = [l for _, l, _ in infos]
     nseq = {len(l) for l in local_lens}
     if len(nseq) != 1:
         counts = [len(l) for l in local_lens]
@@ -301,7 +332,7 @@ def _varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, c
     global_lens = np.sum(np.array(local_lens, dtype=np.int64).reshape(size, -1), axis=0)
     for r, lens in enumerate(local_lens):
         for i, (n, total) in enumerate(zip(lens, global_lens.tolist())):
-            want = _C.shard_length(layout, total, size, r)
+            want = _C.shard_length(layout, total, size, r, u)
             if n != want:
                 _raise_all(InvalidArgument, r,
                            f"cu_seqlens: sequence {i} has {n} local tokens, the {layout} shard of "
@@ -322,7 +353,7 @@ def _varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, c
     arg = _tensor.arg
     _C.ring_forward(comm.py2f(), arg(qc, "q"), arg(kc, "k"), arg(vc, "v"), arg(out, "out", types=("fp32",)),
                     None if lse is None else arg(lse, "softmax_lse", types=("fp32",)), cu_arg, 0,
-                    layout, mode, scale, causal_b, wl, wr, cap, 0)
+                    layout, mode, scale, causal_b, wl, wr, cap, 0, u)
     del cu_keep
     out = _tensor.to_type(out, typ)
     return (out, lse, None) if return_attn_probs else out
@@ -331,7 +362,7 @@ def _varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, c
 def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0,
                                 softmax_scale=None, causal=False, window_size=(-1, -1),
                                 alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                                group=None, *, softcap=0.0, mode="pass-kv"):
+                                group=None, *, softcap=0.0, mode="pass-kv", ulysses_degree=1):
     """Varlen ring attention (ring-flash-attention's ``ring_flash_attn_varlen_func``).
 
     Packed sequences; as in ring-flash-attention every rank holds its contiguous shard of
@@ -345,27 +376,30 @@ def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0,
     None) with return_attn_probs (the unpadded LSE layout of FlashAttention >= 2.6 / FA3).
     """
     return _varlen("contiguous", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                   causal, window_size, alibi_slopes, return_attn_probs, group, softcap, mode)
+                   causal, window_size, alibi_slopes, return_attn_probs, group, softcap, mode,
+                   ulysses_degree)
 
 
 def zigzag_ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0,
                                        softmax_scale=None, causal=False, window_size=(-1, -1),
                                        alibi_slopes=None, deterministic=False,
                                        return_attn_probs=False, group=None, *, softcap=0.0,
-                                       mode="pass-kv"):
+                                       mode="pass-kv", ulysses_degree=1):
     """As ring_flash_attn_varlen_func with each sequence cut in zigzag order."""
     return _varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                   causal, window_size, alibi_slopes, return_attn_probs, group, softcap, mode)
+                   causal, window_size, alibi_slopes, return_attn_probs, group, softcap, mode,
+                   ulysses_degree)
 
 
 def stripe_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0,
                                   softmax_scale=None, causal=False, window_size=(-1, -1),
                                   alibi_slopes=None, deterministic=False,
                                   return_attn_probs=False, group=None, *, softcap=0.0,
-                                  mode="pass-kv"):
+                                  mode="pass-kv", ulysses_degree=1):
     """As ring_flash_attn_varlen_func with each sequence striped over the ranks."""
     return _varlen("striped", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                   causal, window_size, alibi_slopes, return_attn_probs, group, softcap, mode)
+                   causal, window_size, alibi_slopes, return_attn_probs, group, softcap, mode,
+                   ulysses_degree)
 
 
 def decode(q, k_cache_shard, v_cache_shard, softmax_scale=None, causal=False,
@@ -452,8 +486,8 @@ def decode(q, k_cache_shard, v_cache_shard, softmax_scale=None, causal=False,
 # ---- shard / unshard ----
 
 
-def _positions(layout, length, size, rank):
-    return _C.shard_positions(layout, int(length), int(size), int(rank))
+def _positions(layout, length, size, rank, ulysses=1):
+    return _C.shard_positions(layout, int(length), int(size), int(rank), int(ulysses))
 
 
 def _take(x, index, dim):
@@ -493,21 +527,25 @@ def _cu_list(cu_seqlens):
     return cu
 
 
-def _global_index(layout, size, rank, length=None, cu=None):
+def _global_index(layout, size, rank, length=None, cu=None, ulysses=1):
     """Global token indices of rank `rank`'s shard, in its local order."""
     if cu is None:
-        return _positions(layout, length, size, rank)
-    parts = [cu[i] + _positions(layout, cu[i + 1] - cu[i], size, rank) for i in range(cu.size - 1)]
+        return _positions(layout, length, size, rank, ulysses)
+    parts = [cu[i] + _positions(layout, cu[i + 1] - cu[i], size, rank, ulysses)
+             for i in range(cu.size - 1)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def shard(x, layout, rank, size, dim=1, cu_seqlens=None):
+def shard(x, layout, rank, size, dim=1, cu_seqlens=None, ulysses_degree=1):
     """Rank `rank`'s shard (of `size` ranks) of the full tensor `x` along `dim`, in the
     layout's local token order ("contiguous"/"ring", "zigzag", "striped"/"stripe"); a copy,
     same kind (torch/numpy) and dtype. With cu_seqlens [b + 1] (global offsets), `x` is a
     packed varlen tensor (tokens along `dim`, usually 0) and every sequence is cut
     separately, the rank's pieces packed back to back (local offsets: shard_cu_seqlens).
-    Use dim=2 for an LSE [b, h, s] and dim=-1 for a varlen LSE [h, total]."""
+    Use dim=2 for an LSE [b, h, s] and dim=-1 for a varlen LSE [h, total]. With
+    ulysses_degree U > 1: the Ulysses x ring layout of the ring functions' ulysses_degree
+    (ring shard g = rank // U of the layout over size / U ranks, cut into U contiguous
+    pieces, piece rank % U)."""
     layout = _layout(layout)
     rank, size = _check_rank(rank, size)
     dim = _dim(x, dim)
@@ -515,22 +553,24 @@ def shard(x, layout, rank, size, dim=1, cu_seqlens=None):
     if cu is not None and int(cu[-1]) != int(x.shape[dim]):
         raise ValueError(f"cu_seqlens: last entry {int(cu[-1])} must equal x's length "
                          f"{int(x.shape[dim])} along dim {dim}")
-    return _take(x, _global_index(layout, size, rank, int(x.shape[dim]), cu), dim)
+    u = _tensor.check_scalar_int(ulysses_degree, "ulysses_degree")
+    return _take(x, _global_index(layout, size, rank, int(x.shape[dim]), cu, u), dim)
 
 
-def shard_cu_seqlens(cu_seqlens, layout, rank, size):
+def shard_cu_seqlens(cu_seqlens, layout, rank, size, ulysses_degree=1):
     """Local cu_seqlens (int32 numpy [b + 1]) of rank `rank` for packed sequences with global
     offsets `cu_seqlens`: what ring_flash_attn_varlen_func and friends take."""
     layout = _layout(layout)
     rank, size = _check_rank(rank, size)
     cu = _cu_list(cu_seqlens)
-    lens = [_C.shard_length(layout, int(cu[i + 1] - cu[i]), size, rank) for i in range(cu.size - 1)]
+    u = _tensor.check_scalar_int(ulysses_degree, "ulysses_degree")
+    lens = [_C.shard_length(layout, int(cu[i + 1] - cu[i]), size, rank, u) for i in range(cu.size - 1)]
     out = np.zeros(cu.size, dtype=np.int32)
     np.cumsum(lens, out=out[1:])
     return out
 
 
-def unshard(shards, layout, dim=1, cu_seqlens=None):
+def unshard(shards, layout, dim=1, cu_seqlens=None, ulysses_degree=1):
     """Inverse of shard: `shards` lists every rank's shard (rank order, e.g. from
     comm.allgather); returns the full tensor in token order. With cu_seqlens [b + 1]
     (GLOBAL offsets), the shards are packed varlen shards."""
@@ -548,7 +588,8 @@ def unshard(shards, layout, dim=1, cu_seqlens=None):
     if cu is not None and int(cu[-1]) != total:
         raise ValueError(f"cu_seqlens: last entry {int(cu[-1])} must equal the shards' total "
                          f"length {total}")
-    index = [_global_index(layout, size, r, total, cu) for r in range(size)]
+    u = _tensor.check_scalar_int(ulysses_degree, "ulysses_degree")
+    index = [_global_index(layout, size, r, total, cu, u) for r in range(size)]
     for r, (s, ix) in enumerate(zip(shards, index)):
         if int(s.shape[dim]) != ix.size:
             raise ValueError(f"shards[{r}]: length {int(s.shape[dim])} along dim {dim} is not the "
