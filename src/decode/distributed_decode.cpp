@@ -35,6 +35,19 @@ void merge_records(void* in, void* inout, int* len, MPI_Datatype* type) {
 
 }  // namespace
 
+void merge_across_ranks(const comm::Communicator& comm, float* records, std::int64_t rows, int d_v,
+                        int root) {
+  // Tree reduction with the merge as MPI operation (allreduce or reduce to root).
+  const comm::UserOp op(&merge_records, true);
+  const comm::FloatRecordType type(d_v + 1);
+  RA_CHECK_ARG_LE(rows, std::int64_t{INT32_MAX}, "merge across ranks: rows");
+  if (root < 0) {
+    comm::allreduce(comm, records, static_cast<int>(rows), type.get(), op.get());
+  } else {
+    comm::reduce(comm, root, records, static_cast<int>(rows), type.get(), op.get());
+  }
+}
+
 std::int64_t decode_shard_first(std::int64_t s_cache, int ranks, int rank) {
   return rank * s_cache / ranks;
 }
@@ -140,16 +153,8 @@ void distributed_decode(const comm::Communicator& comm, const Engine& engine,
         recs[r * rec + p.d_v] = l[(std::int64_t{bi} * p.h + hh) * p.s_q + i];
       }
 
-  // Tree reduction with the merge as MPI operation (allreduce or reduce to root).
-  const comm::UserOp op(&merge_records, true);
-  const comm::FloatRecordType type(rec);
-  RA_CHECK_ARG_LE(rows, std::int64_t{INT32_MAX}, "decode: rows b * s_q * h");
-  if (p.root < 0) {
-    comm::allreduce(comm, recs.data(), static_cast<int>(rows), type.get(), op.get());
-  } else {
-    comm::reduce(comm, p.root, recs.data(), static_cast<int>(rows), type.get(), op.get());
-    if (rank != p.root) return;
-  }
+  merge_across_ranks(comm, recs.data(), rows, p.d_v, p.root);
+  if (p.root >= 0 && rank != p.root) return;
   for (int bi = 0; bi < p.b; ++bi)
     for (int i = 0; i < p.s_q; ++i)
       for (int hh = 0; hh < p.h; ++hh) {

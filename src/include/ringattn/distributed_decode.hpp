@@ -36,6 +36,12 @@ struct DecodeParams {
   int root = -1;             // -1: allreduce (result everywhere); else reduce to this rank
 };
 
+// Collective: merges per-row partial softmax states across the ranks (docs/semantics.md
+// section 5) with a tree reduction whose operation is the merge. records [rows][d_v + 1]
+// fp32 (o then natural-log lse), in place: on every rank (root < 0) or on root only.
+void merge_across_ranks(const comm::Communicator& comm, float* records, std::int64_t rows, int d_v,
+                        int root);
+
 std::int64_t decode_shard_first(std::int64_t s_cache, int ranks, int rank);
 std::int64_t decode_shard_length(std::int64_t s_cache, int ranks, int rank);
 

@@ -1,0 +1,648 @@
+// Prefill, decode steps and extend over the sharded KV cache (kv_session.hpp).
+#include "ringattn/kv_session.hpp"
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <sstream>
+
+#include "ringattn/comm/collectives.hpp"
+#include "ringattn/comm/mpi_check.hpp"
+#include "ringattn/comm/ring_exchange.hpp"
+#include "ringattn/distributed_decode.hpp"
+#include "ringattn/error.hpp"
+#include "ringattn/merge_state.hpp"
+#include "ringattn/ring_attention.hpp"
+#include "ringattn/softmax_state.hpp"
+#include "ringattn/version.hpp"
+
+namespace ringattn {
+
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+double max_over_ranks(const comm::Communicator& comm, double x) {
+  double y = x;
+  MPI_Allreduce(&x, &y, 1, MPI_DOUBLE, MPI_MAX, comm.get());
+  return y;
+}
+
+// Records [rows][d_v + 1] from a kernel's out [rows, d_v] and lse, where the lse of
+// record r sits at lse[lse_index(r)].
+template <class LseIndex>
+void to_records(const float* out, const float* lse, std::int64_t rows, int d_v, LseIndex lse_index,
+                float* records) {
+  for (std::int64_t r = 0; r < rows; ++r) {
+    std::memcpy(records + r * (d_v + 1), out + r * d_v,
+                sizeof(float) * static_cast<std::size_t>(d_v));
+    records[r * (d_v + 1) + d_v] = lse[lse_index(r)];
+  }
+}
+
+// Empty states (o = 0, lse = -inf), the identity of the merge.
+void clear_records(std::vector<float>& records, int d_v) {
+  const std::size_t rec = static_cast<std::size_t>(d_v) + 1;
+  for (std::size_t i = 0; i < records.size(); ++i)
+    records[i] = (i % rec == static_cast<std::size_t>(d_v)) ? kNegInf : 0.0f;
+}
+
+// Merges records b into a (same shape) row by row.
+void merge_records_into(std::vector<float>& a, const std::vector<float>& b, int d_v) {
+  const std::int64_t rows = static_cast<std::int64_t>(a.size()) / (d_v + 1);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    float* ra = a.data() + r * (d_v + 1);
+    const float* rb = b.data() + r * (d_v + 1);
+    merge_state_inplace(ra, ra + d_v, rb, rb + d_v, 1, d_v);
+  }
+}
+
+// Records [b, t, h][d_v + 1] -> out [b, t, h, d_v] and lse [b, h, t].
+void from_records(const std::vector<float>& records, int b, int t, int h, int d_v, float* out,
+                  float* lse) {
+  for (int s = 0; s < b; ++s)
+    for (int i = 0; i < t; ++i)
+      for (int hh = 0; hh < h; ++hh) {
+        const std::int64_t r = (std::int64_t{s} * t + i) * h + hh;
+        std::memcpy(out + r * d_v, records.data() + r * (d_v + 1),
+                    sizeof(float) * static_cast<std::size_t>(d_v));
+        if (lse)
+          lse[(std::int64_t{s} * h + hh) * t + i] =
+              records[static_cast<std::size_t>(r * (d_v + 1) + d_v)];
+      }
+}
+
+std::string str(double x) {
+  std::ostringstream os;
+  os << x;
+  return os.str();
+}
+
+}  // namespace
+
+const char* extend_mode_name(ExtendMode mode) {
+  switch (mode) {
+    case ExtendMode::kPassQ:
+      return "pass-q";
+    case ExtendMode::kPassKV:
+      return "pass-kv";
+    default:
+      return "auto";
+  }
+}
+
+ExtendMode parse_extend_mode(std::string_view name) {
+  if (name == "auto") return ExtendMode::kAuto;
+  if (name == "pass-q") return ExtendMode::kPassQ;
+  if (name == "pass-kv") return ExtendMode::kPassKV;
+  RA_THROW(InvalidArgument,
+           "extend mode: unknown mode '" << name << "' (expected auto, pass-q or pass-kv)");
+}
+
+// Cost model of one extend, per rank. Compute of `rows` query rows per sequence against
+// `keys` cached keys: the larger of its FLOPs at the kernel rate and the read of those
+// keys from memory (few rows make a call memory-bound):
+//   compute(rows, keys) = max(2 b rows keys h (d + d_v) / flops_per_s,
+//                             b keys h_k (d + d_v) e / memory_bytes_per_s)
+//   pass-Q   compute(S1, C / P), then a tree merge of the records [b, S1, h][d_v + 1]
+//            fp32: 2 log2(P) messages of that size (reduce and broadcast phases).
+//   pass-KV  P steps of compute(S1 / P, C / P), each overlapped with the transfer of the
+//            next context shard (b C / P h_k (d + d_v) e bytes): max of the two per step;
+//            then one allgather of the finished, disjoint record slices.
+// The faster prediction runs; `why` prints both.
+ExtendPlan plan_extend(const SessionConfig& c, int ranks, std::int64_t context, std::int64_t s1,
+                       ExtendMode requested, const CostConstants& k) {
+  ExtendPlan plan;
+  const double P = ranks, e = static_cast<double>(dtype_size(c.dtype));
+  const double rounds = ranks > 1 ? 2.0 * std::ceil(std::log2(P)) : 0.0;
+  const double records = double(c.b) * s1 * c.h * (c.d_v + 1) * 4.0;
+  const double keys = std::ceil(context / P);
+  const double shard = double(c.b) * keys * c.h_k * (c.d + c.d_v) * e;
+  const auto compute = [&](double rows) {
+    return std::max(2.0 * c.b * rows * keys * c.h * (c.d + c.d_v) / k.flops_per_s,
+                    shard / k.memory_bytes_per_s);
+  };
+  const double transfer = shard / k.bytes_per_s + k.latency_s;
+  const double gather = records * (P - 1) / P;
+  plan.pass_q_bytes = rounds * records;
+  plan.pass_kv_bytes = (P - 1) * shard + gather;
+  plan.pass_q_s = compute(double(s1)) + rounds * (records / k.bytes_per_s + k.latency_s);
+  const double step = compute(std::ceil(s1 / P));
+  plan.pass_kv_s = step + (P - 1) * std::max(step, transfer) + gather / k.bytes_per_s +
+                   (ranks > 1 ? (P - 1) * k.latency_s : 0.0);
+  std::ostringstream why;
+  why << "predicted: pass-q " << plan.pass_q_s * 1e3 << " ms (" << plan.pass_q_bytes / 1e6
+      << " MB sent), pass-kv " << plan.pass_kv_s * 1e3 << " ms (" << plan.pass_kv_bytes / 1e6
+      << " MB sent, " << step * 1e3 << " ms compute vs " << transfer * 1e3
+      << " ms transfer per step)";
+  if (requested == ExtendMode::kAuto) {
+    plan.mode = plan.pass_kv_s < plan.pass_q_s ? ExtendMode::kPassKV : ExtendMode::kPassQ;
+    why << "; auto picks " << extend_mode_name(plan.mode);
+  } else {
+    plan.mode = requested;
+    why << "; " << extend_mode_name(requested) << " forced";
+  }
+  plan.why = why.str();
+  return plan;
+}
+
+namespace {
+
+// Collective checks of a session's config; returns it.
+const SessionConfig& validated(const comm::Communicator& comm, const SessionConfig& c) {
+  comm::run_collectively(comm, [&] {
+    RA_CHECK_ARG_GT(c.b, 0, "session: batch size b");
+    RA_CHECK_ARG(c.h > 0 && c.h_k > 0 && c.h % c.h_k == 0,
+                 "session: heads h = " << c.h << " must be a positive multiple of h_k = " << c.h_k);
+    RA_CHECK_ARG(c.d > 0 && c.d <= kMaxHeadDim && c.d_v > 0 && c.d_v <= kMaxHeadDim,
+                 "session: head dims d = " << c.d << ", d_v = " << c.d_v << " must be in [1, "
+                                           << kMaxHeadDim << "]");
+    RA_CHECK(c.dtype == DType::kF32 || c.dtype == DType::kBF16 || c.dtype == DType::kF16,
+             UnsupportedError,
+             "session: dtype " << dtype_name(c.dtype) << " not supported (fp32, bf16, fp16)");
+    RA_CHECK_ARG_GE(c.page_size, 1, "session: page_size");
+    RA_CHECK_ARG_GE(c.capacity, 1, "session: capacity");
+    RA_CHECK_ARG(c.mask.window_left >= -1,
+                 "session: window left " << c.mask.window_left << " must be >= -1");
+    RA_CHECK_ARG(c.mask.window_right == -1 || c.mask.window_right == 0,
+                 "session: window right must be 0 or -1 (the session is causal), got "
+                     << c.mask.window_right);
+    RA_CHECK(c.mask.mask_shift == nullptr, UnsupportedError,
+             "session: mask.mask_shift must be nullptr");
+  });
+  comm::check_consistent(comm, {{"version", version()},
+                                {"dtype", dtype_name(c.dtype)},
+                                {"batch", str(c.b)},
+                                {"heads", str(c.h) + "/" + str(c.h_k)},
+                                {"head dims", str(c.d) + "/" + str(c.d_v)},
+                                {"page size", str(c.page_size)},
+                                {"capacity", str(double(c.capacity))},
+                                {"cache layout", cache_layout_name(c.layout)},
+                                {"prefill layout", layout_name(c.prefill_layout)},
+                                {"mask", str(c.mask.scale) + "," + str(c.mask.softcap) + "," +
+                                             str(c.mask.window_left)}});
+  return c;
+}
+
+}  // namespace
+
+KvSession::KvSession(const comm::Communicator& comm, const Engine& engine,
+                     const SessionConfig& config)
+    : comm_(comm), engine_(engine), cache_(validated(comm, config), comm.size(), comm.rank()) {}
+
+std::vector<std::int64_t> KvSession::prefill_positions(std::int64_t len) const {
+  return shard_positions(cache_.config().prefill_layout, len, comm_.size(), comm_.rank());
+}
+
+StepStats KvSession::prefill(const std::vector<std::int64_t>& prompt_lens, const void* q,
+                             const void* k, const void* v, float* out, float* lse) {
+  const SessionConfig& c = cache_.config();
+  const double t0 = now_s();
+  comm::run_collectively(comm_, [&] {
+    RA_CHECK_ARG_EQ(static_cast<int>(prompt_lens.size()), c.b, "session prefill: prompt lengths");
+    for (int s = 0; s < c.b; ++s) {
+      RA_CHECK_ARG_GE(prompt_lens[static_cast<std::size_t>(s)], 0,
+                      "session prefill: prompt length");
+      cache_.check_room(s, prompt_lens[static_cast<std::size_t>(s)]);
+    }
+  });
+  std::string lens_joined;
+  for (auto l : prompt_lens) lens_joined += std::to_string(l) + ",";
+  comm::check_consistent(comm_, {{"prompt lengths", lens_joined}});
+
+  const std::size_t es = dtype_size(c.dtype);
+  const std::int64_t qr = std::int64_t{c.h} * c.d, kr = std::int64_t{c.h_k} * c.d,
+                     vr = std::int64_t{c.h_k} * c.d_v;
+  std::int64_t t_r = 0;
+  for (int s = 0; s < c.b; ++s)
+    t_r += shard_length(c.prefill_layout, prompt_lens[static_cast<std::size_t>(s)], comm_.size(),
+                        comm_.rank());
+  StepStats st;
+  std::int64_t row = 0;
+  std::vector<float> lse_s;
+  for (int s = 0; s < c.b; ++s) {
+    const std::int64_t len = prompt_lens[static_cast<std::size_t>(s)];
+    cache_.begin(s, len);
+    const std::int64_t n = cache_.local_count(s, len);
+    // This rank's K/V rows go straight into its cache; the ring reads them there.
+    std::memcpy(cache_.k_row(s, 0), static_cast<const std::byte*>(k) + row * kr * es,
+                static_cast<std::size_t>(n * kr) * es);
+    std::memcpy(cache_.v_row(s, 0), static_cast<const std::byte*>(v) + row * vr * es,
+                static_cast<std::size_t>(n * vr) * es);
+    if (len > 0) {
+      const std::int32_t cu[2] = {0, static_cast<std::int32_t>(len)};
+      RingAttentionParams p;
+      p.dtype = c.dtype;
+      p.q = static_cast<const std::byte*>(q) + row * qr * es;
+      p.k = cache_.k_row(s, 0);
+      p.v = cache_.v_row(s, 0);
+      p.out = out + row * std::int64_t{c.h} * c.d_v;
+      lse_s.assign(static_cast<std::size_t>(n * c.h), 0.0f);
+      p.lse = lse_s.data();
+      p.b = 1;
+      p.h = c.h;
+      p.h_k = c.h_k;
+      p.d = c.d;
+      p.d_v = c.d_v;
+      p.cu_seqlens = cu;
+      p.mask = c.mask;
+      p.mask.causal = true;
+      p.mask.window_right = 0;
+      p.layout = c.prefill_layout;
+      RingStats rs;
+      ring_attention_forward(comm_, engine_, p, {}, &rs);
+      for (const auto& step : rs.steps) {
+        st.compute_s += step.compute_s;
+        st.merge_s += step.wait_s;
+        st.bytes += static_cast<double>(step.bytes);
+      }
+      if (lse)  // [h, n] of this sequence -> [h, t_r] at column `row`
+        for (int hh = 0; hh < c.h; ++hh)
+          std::memcpy(lse + hh * t_r + row, lse_s.data() + hh * n,
+                      sizeof(float) * static_cast<std::size_t>(n));
+    }
+    row += n;
+  }
+  st.total_s = max_over_ranks(comm_, now_s() - t0);
+  return st;
+}
+
+void KvSession::attend_local(int t, const void* q, const std::vector<std::int32_t>& to,
+                             const std::vector<std::int32_t>& from, std::vector<float>& records) {
+  // One kernel call over the paged cache. Each "sequence" j of the call is either a
+  // whole sequence's t rows (to/from have b entries: every row sees the same keys) or a
+  // single row (b * t entries: per-row key ranges).
+  const SessionConfig& c = cache_.config();
+  const bool per_row = static_cast<int>(to.size()) != c.b;
+  const int nb = static_cast<int>(to.size());
+  const int s_q = per_row ? 1 : t;
+  const int pages = cache_.pages_per_seq();
+  std::vector<std::int32_t> table(static_cast<std::size_t>(nb) * pages);
+  for (int j = 0; j < nb; ++j) {
+    const int s = per_row ? j / t : j;
+    std::copy_n(cache_.page_table().begin() + std::int64_t{s} * pages, pages,
+                table.begin() + std::int64_t{j} * pages);
+  }
+  std::vector<float> out(static_cast<std::size_t>(nb) * s_q * c.h * c.d_v);
+  std::vector<float> lse(static_cast<std::size_t>(nb) * c.h * s_q);
+  KvCacheParams p;
+  p.dtype = c.dtype;
+  p.out_dtype = DType::kF32;
+  p.q = q;
+  p.k_cache = cache_.k_cache();
+  p.v_cache = cache_.v_cache();
+  p.out = out.data();
+  p.lse = lse.data();
+  p.q_head_stride = c.d;
+  p.q_row_stride = std::int64_t{c.h} * c.d;
+  p.q_batch_stride = s_q * p.q_row_stride;
+  p.k_cache_head_stride = c.d;
+  p.k_cache_row_stride = std::int64_t{c.h_k} * c.d;
+  p.k_cache_batch_stride = std::int64_t{cache_.page_size()} * p.k_cache_row_stride;
+  p.v_cache_head_stride = c.d_v;
+  p.v_cache_row_stride = std::int64_t{c.h_k} * c.d_v;
+  p.v_cache_batch_stride = std::int64_t{cache_.page_size()} * p.v_cache_row_stride;
+  p.out_head_stride = c.d_v;
+  p.out_row_stride = std::int64_t{c.h} * c.d_v;
+  p.out_batch_stride = s_q * p.out_row_stride;
+  p.b = nb;
+  p.s_q = s_q;
+  p.h = c.h;
+  p.h_k = c.h_k;
+  p.d = c.d;
+  p.d_v = c.d_v;
+  p.page_table = table.data();
+  p.page_table_batch_stride = pages;
+  p.num_blocks = c.b * pages;
+  p.page_size = cache_.page_size();
+  p.max_pages = pages;
+  p.cache_seqlens = to.data();
+  p.cache_leftpad = from.data();
+  p.mask.scale = c.mask.scale;
+  p.mask.softcap = c.mask.softcap;
+  engine_.forward_kvcache(p);
+  // out [nb, s_q, h, d_v] is already [b, t, h] row order; lse [nb, h, s_q].
+  records.resize(static_cast<std::size_t>(c.b) * t * c.h * (c.d_v + 1));
+  to_records(
+      out.data(), lse.data(), std::int64_t{c.b} * t * c.h, c.d_v,
+      [&](std::int64_t r) {
+        const std::int64_t hh = r % c.h, row = r / c.h;  // row = j * s_q + i
+        const std::int64_t j = row / s_q, i = row % s_q;
+        return (j * c.h + hh) * s_q + i;
+      },
+      records.data());
+}
+
+void KvSession::append(int t, const void* k, const void* v) {
+  const SessionConfig& c = cache_.config();
+  const std::size_t es = dtype_size(c.dtype);
+  const std::int64_t kr = std::int64_t{c.h_k} * c.d, vr = std::int64_t{c.h_k} * c.d_v;
+  for (int s = 0; s < c.b; ++s) {
+    const std::int64_t base = cache_.length(s);
+    cache_.grow(s, t);
+    for (int i = 0; i < t; ++i) {
+      const std::int64_t pos = base + i;
+      if (cache_.owner(s, pos) != comm_.rank()) continue;
+      const std::int64_t slot = cache_.local_count(s, pos);
+      const std::int64_t src = std::int64_t{s} * t + i;
+      std::memcpy(cache_.k_row(s, slot), static_cast<const std::byte*>(k) + src * kr * es,
+                  static_cast<std::size_t>(kr) * es);
+      std::memcpy(cache_.v_row(s, slot), static_cast<const std::byte*>(v) + src * vr * es,
+                  static_cast<std::size_t>(vr) * es);
+    }
+  }
+}
+
+namespace {
+
+// Records [b, t, h][d_v + 1] of query rows [lo, hi) of t new tokens per sequence against
+// the new tokens' own keys [0, t), causal (query i sees new keys j <= i) and windowed,
+// computed from the replicated new q/k/v; other rows stay empty states.
+void attend_new(const Engine& engine, const SessionConfig& c, int t, int lo, int hi, const void* q,
+                const void* k, const void* v, std::vector<float>& records) {
+  records.resize(static_cast<std::size_t>(c.b) * t * c.h * (c.d_v + 1));
+  clear_records(records, c.d_v);
+  if (hi <= lo) return;
+  const int rows = hi - lo;
+  const std::size_t es = dtype_size(c.dtype);
+  std::vector<float> out(static_cast<std::size_t>(c.b) * rows * c.h * c.d_v);
+  std::vector<float> lse(static_cast<std::size_t>(c.b) * c.h * rows);
+  std::vector<std::int64_t> shift(static_cast<std::size_t>(c.b), lo);
+  FwdParams f;
+  f.dtype = c.dtype;
+  f.q = static_cast<const std::byte*>(q) + static_cast<std::size_t>(lo) * c.h * c.d * es;
+  f.k = k;
+  f.v = v;
+  f.out = out.data();
+  f.lse = lse.data();
+  f.b = c.b;
+  f.s_q = rows;
+  f.s_k = t;
+  f.h = c.h;
+  f.h_k = c.h_k;
+  f.d = c.d;
+  f.d_v = c.d_v;
+  f.q_head_stride = c.d;
+  f.q_row_stride = std::int64_t{c.h} * c.d;
+  f.q_batch_stride = std::int64_t{t} * f.q_row_stride;
+  f.k_head_stride = c.d;
+  f.k_row_stride = std::int64_t{c.h_k} * c.d;
+  f.k_batch_stride = std::int64_t{t} * f.k_row_stride;
+  f.v_head_stride = c.d_v;
+  f.v_row_stride = std::int64_t{c.h_k} * c.d_v;
+  f.v_batch_stride = std::int64_t{t} * f.v_row_stride;
+  f.out_head_stride = c.d_v;
+  f.out_row_stride = std::int64_t{c.h} * c.d_v;
+  f.out_batch_stride = std::int64_t{rows} * f.out_row_stride;
+  f.mask.scale = c.mask.scale;
+  f.mask.softcap = c.mask.softcap;
+  f.mask.causal = true;
+  f.mask.window_left = c.mask.window_left;
+  f.mask.mask_shift = shift.data();
+  engine.forward(f);
+  const int rec = c.d_v + 1;
+  for (int s = 0; s < c.b; ++s)
+    for (int i = 0; i < rows; ++i)
+      for (int hh = 0; hh < c.h; ++hh) {
+        const std::int64_t src = (std::int64_t{s} * rows + i) * c.h + hh;
+        const std::int64_t dst = (std::int64_t{s} * t + lo + i) * c.h + hh;
+        std::memcpy(&records[static_cast<std::size_t>(dst * rec)],
+                    &out[static_cast<std::size_t>(src * c.d_v)],
+                    sizeof(float) * static_cast<std::size_t>(c.d_v));
+        records[static_cast<std::size_t>(dst * rec + c.d_v)] =
+            lse[static_cast<std::size_t>((std::int64_t{s} * c.h + hh) * rows + i)];
+      }
+}
+
+}  // namespace
+
+StepStats KvSession::decode(int t, const void* q, const void* k, const void* v, float* out,
+                            float* lse, int root) {
+  const SessionConfig& c = cache_.config();
+  const double t0 = now_s();
+  comm::run_collectively(comm_, [&] {
+    RA_CHECK_ARG_GE(t, 1, "session decode: tokens per step t");
+    RA_CHECK_ARG(root >= -1 && root < comm_.size(),
+                 "session decode: root " << root << " outside [-1, " << comm_.size() << ")");
+    for (int s = 0; s < c.b; ++s) cache_.check_room(s, t);
+  });
+  StepStats st;
+  // History: row i of sequence s (position L_s + i) sees every cached key, from
+  // position L_s + i - w_left on with a window: one call with t rows per sequence, or
+  // per-row key ranges when a window makes them differ.
+  const bool per_row = c.mask.window_left >= 0 && t > 1;
+  std::vector<std::int32_t> to, from;
+  for (int s = 0; s < c.b; ++s) {
+    const std::int64_t L = cache_.length(s);
+    const std::int64_t n = cache_.local_count(s, L);
+    for (int i = 0; i < (per_row ? t : 1); ++i) {
+      to.push_back(static_cast<std::int32_t>(n));
+      const std::int64_t first =
+          c.mask.window_left >= 0 ? std::max<std::int64_t>(0, L + i - c.mask.window_left) : 0;
+      from.push_back(static_cast<std::int32_t>(cache_.local_count(s, first)));
+    }
+  }
+  double tc = now_s();
+  std::vector<float> records, fresh;
+  attend_local(t, q, to, from, records);
+  // The step's own tokens, causally: rank 0 adds them (they are tiny).
+  attend_new(engine_, c, t, 0, comm_.rank() == 0 ? t : 0, q, k, v, fresh);
+  merge_records_into(records, fresh, c.d_v);
+  st.compute_s = now_s() - tc;
+  append(t, k, v);
+  tc = now_s();
+  const std::int64_t rows = std::int64_t{c.b} * t * c.h;
+  merge_across_ranks(comm_, records.data(), rows, c.d_v, root);
+  st.merge_s = now_s() - tc;
+  st.bytes = static_cast<double>(rows) * (c.d_v + 1) * 4.0;
+  if (root < 0 || comm_.rank() == root) from_records(records, c.b, t, c.h, c.d_v, out, lse);
+  st.total_s = max_over_ranks(comm_, now_s() - t0);
+  return st;
+}
+
+StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v, float* out,
+                            float* lse, ExtendMode mode, ExtendPlan* plan_out, int root,
+                            const CostConstants& constants) {
+  const SessionConfig& c = cache_.config();
+  const int P = comm_.size(), rank = comm_.rank();
+  const double t0 = now_s();
+  comm::run_collectively(comm_, [&] {
+    RA_CHECK_ARG_GE(s1, 1, "session extend: new tokens S1");
+    RA_CHECK(
+        c.mask.window_left < 0, UnsupportedError,
+        "session extend: windows are not supported (window left " << c.mask.window_left << ")");
+    RA_CHECK_ARG(root >= -1 && root < P,
+                 "session extend: root " << root << " outside [-1, " << P << ")");
+    for (int s = 0; s < c.b; ++s) cache_.check_room(s, s1);
+  });
+  comm::check_consistent(comm_, {{"extend mode", extend_mode_name(mode)}});
+  std::int64_t context = 0;
+  for (int s = 0; s < c.b; ++s) context = std::max(context, cache_.length(s));
+  const ExtendPlan plan = plan_extend(c, P, context, s1, mode, constants);
+  if (plan_out) *plan_out = plan;
+  StepStats st;
+  // Query rows [lo, hi) of the new tokens are this rank's share of the causal part among
+  // themselves (and, in pass-KV, of the whole extend).
+  const int lo = static_cast<int>(std::int64_t{s1} * rank / P);
+  const int hi = static_cast<int>(std::int64_t{s1} * (rank + 1) / P);
+  std::vector<float> records, fresh;
+  double tc = now_s();
+  if (plan.mode == ExtendMode::kPassQ) {
+    // Every new query against this rank's cached keys (all visible: they precede it).
+    std::vector<std::int32_t> to, from(static_cast<std::size_t>(c.b), 0);
+    for (int s = 0; s < c.b; ++s)
+      to.push_back(static_cast<std::int32_t>(cache_.local_count(s, cache_.length(s))));
+    attend_local(s1, q, to, from, records);
+  } else {
+    // Pass-KV: this rank's queries [lo, hi) stay; the cached context travels. At step j
+    // rank r holds the context shard of rank (r - j) mod P (all b sequences, K then V,
+    // contiguous rows): its queries attend to all of it (it precedes them), partials
+    // merged into `records`. Bytes per step: the largest shard.
+    records.resize(static_cast<std::size_t>(c.b) * s1 * c.h * (c.d_v + 1));
+    clear_records(records, c.d_v);
+    const std::size_t es = dtype_size(c.dtype);
+    const std::int64_t kr = std::int64_t{c.h_k} * c.d, vr = std::int64_t{c.h_k} * c.d_v;
+    std::vector<std::vector<std::int64_t>> counts(static_cast<std::size_t>(P));
+    std::size_t max_bytes = 0;
+    for (int r = 0; r < P; ++r) {
+      std::size_t bytes = 0;
+      for (int s = 0; s < c.b; ++s) {
+        counts[static_cast<std::size_t>(r)].push_back(cache_.count(s, cache_.length(s), r));
+        bytes +=
+            static_cast<std::size_t>(counts[static_cast<std::size_t>(r)].back() * (kr + vr)) * es;
+      }
+      max_bytes = std::max(max_bytes, bytes);
+    }
+    comm::RingExchange ex(comm_, std::max<std::size_t>(max_bytes, 1));
+    std::byte* w = ex.current();
+    for (int s = 0; s < c.b; ++s) {
+      const std::int64_t n = counts[static_cast<std::size_t>(rank)][static_cast<std::size_t>(s)];
+      std::memcpy(w, cache_.k_row(s, 0), static_cast<std::size_t>(n * kr) * es);
+      w += static_cast<std::size_t>(n * kr) * es;
+      std::memcpy(w, cache_.v_row(s, 0), static_cast<std::size_t>(n * vr) * es);
+      w += static_cast<std::size_t>(n * vr) * es;
+    }
+    const int rows = hi - lo;
+    std::vector<float> o(static_cast<std::size_t>(rows) * c.h * c.d_v);
+    std::vector<float> l(static_cast<std::size_t>(c.h) * rows);
+    std::vector<float> part(records.size());
+    for (int j = 0; j < P; ++j) {
+      const int src = (rank - j + P) % P;
+      if (j < P - 1) ex.start();
+      const std::byte* base = ex.current();
+      for (int s = 0; s < c.b && rows > 0; ++s) {
+        const std::int64_t n = counts[static_cast<std::size_t>(src)][static_cast<std::size_t>(s)];
+        const std::byte* kp = base;
+        const std::byte* vp = kp + static_cast<std::size_t>(n * kr) * es;
+        base = vp + static_cast<std::size_t>(n * vr) * es;
+        if (n == 0) continue;
+        FwdParams f;
+        f.dtype = c.dtype;
+        f.q = static_cast<const std::byte*>(q) +
+              static_cast<std::size_t>((std::int64_t{s} * s1 + lo) * c.h * c.d) * es;
+        f.k = kp;
+        f.v = vp;
+        f.out = o.data();
+        f.lse = l.data();
+        f.b = 1;
+        f.s_q = rows;
+        f.s_k = static_cast<int>(n);
+        f.h = c.h;
+        f.h_k = c.h_k;
+        f.d = c.d;
+        f.d_v = c.d_v;
+        f.q_head_stride = c.d;
+        f.q_row_stride = std::int64_t{c.h} * c.d;
+        f.k_head_stride = c.d;
+        f.k_row_stride = kr;
+        f.v_head_stride = c.d_v;
+        f.v_row_stride = vr;
+        f.out_head_stride = c.d_v;
+        f.out_row_stride = std::int64_t{c.h} * c.d_v;
+        f.mask.scale = c.mask.scale;
+        f.mask.softcap = c.mask.softcap;
+        engine_.forward(f);
+        clear_records(part, c.d_v);
+        for (int i = 0; i < rows; ++i)
+          for (int hh = 0; hh < c.h; ++hh) {
+            const std::int64_t dst = (std::int64_t{s} * s1 + lo + i) * c.h + hh;
+            std::memcpy(&part[static_cast<std::size_t>(dst * (c.d_v + 1))],
+                        &o[static_cast<std::size_t>((std::int64_t{i} * c.h + hh) * c.d_v)],
+                        sizeof(float) * static_cast<std::size_t>(c.d_v));
+            part[static_cast<std::size_t>(dst * (c.d_v + 1) + c.d_v)] =
+                l[static_cast<std::size_t>(hh * rows + i)];
+          }
+        merge_records_into(records, part, c.d_v);
+      }
+      if (j < P - 1) {
+        const double tw = now_s();
+        ex.finish();
+        st.merge_s += now_s() - tw;
+        st.bytes += static_cast<double>(max_bytes);
+      }
+    }
+  }
+  attend_new(engine_, c, s1, lo, hi, q, k, v, fresh);
+  merge_records_into(records, fresh, c.d_v);
+  st.compute_s = now_s() - tc - st.merge_s;
+  append(s1, k, v);
+  tc = now_s();
+  const std::int64_t rows = std::int64_t{c.b} * s1 * c.h;
+  const int rec = c.d_v + 1;
+  if (plan.mode == ExtendMode::kPassQ) {
+    // Partials of every row on every rank: the merge reduction.
+    merge_across_ranks(comm_, records.data(), rows, c.d_v, root);
+    st.bytes += static_cast<double>(rows) * rec * 4.0;
+  } else {
+    // Each rank finished its own rows: an allgather (gather to root) of the slices.
+    std::vector<int> counts(static_cast<std::size_t>(P)), displs(static_cast<std::size_t>(P));
+    for (int r = 0; r < P; ++r) {
+      const std::int64_t n = std::int64_t{c.b} *
+                             ((std::int64_t{s1} * (r + 1) / P) - (std::int64_t{s1} * r / P)) * c.h *
+                             rec;
+      RA_CHECK(n <= INT32_MAX, UnsupportedError, "session extend: " << n << " floats per rank");
+      counts[static_cast<std::size_t>(r)] = static_cast<int>(n);
+      displs[static_cast<std::size_t>(r)] = r == 0 ? 0
+                                                   : displs[static_cast<std::size_t>(r - 1)] +
+                                                         counts[static_cast<std::size_t>(r - 1)];
+    }
+    std::vector<float> mine;
+    mine.reserve(static_cast<std::size_t>(counts[static_cast<std::size_t>(rank)]));
+    for (int s = 0; s < c.b; ++s) {
+      const auto first = records.begin() + (std::int64_t{s} * s1 + lo) * c.h * rec;
+      mine.insert(mine.end(), first, first + std::int64_t{hi - lo} * c.h * rec);
+    }
+    std::vector<float> all(records.size());
+    if (root < 0) {
+      RA_MPI_CHECK(MPI_Allgatherv(mine.data(), counts[static_cast<std::size_t>(rank)], MPI_FLOAT,
+                                  all.data(), counts.data(), displs.data(), MPI_FLOAT,
+                                  comm_.get()));
+    } else {
+      RA_MPI_CHECK(MPI_Gatherv(mine.data(), counts[static_cast<std::size_t>(rank)], MPI_FLOAT,
+                               all.data(), counts.data(), displs.data(), MPI_FLOAT, root,
+                               comm_.get()));
+    }
+    // Rank r's block holds rows [lo_r, hi_r) of every sequence.
+    const float* src = all.data();
+    for (int r = 0; r < P; ++r) {
+      const std::int64_t a = std::int64_t{s1} * r / P, e = std::int64_t{s1} * (r + 1) / P;
+      for (int s = 0; s < c.b; ++s) {
+        const std::int64_t n = (e - a) * c.h * rec;
+        std::copy(src, src + n, records.begin() + (std::int64_t{s} * s1 + a) * c.h * rec);
+        src += n;
+      }
+    }
+    st.bytes += static_cast<double>(mine.size()) * 4.0;
+  }
+  st.merge_s += now_s() - tc;
+  if (root < 0 || rank == root) from_records(records, c.b, s1, c.h, c.d_v, out, lse);
+  st.total_s = max_over_ranks(comm_, now_s() - t0);
+  return st;
+}
+
+}  // namespace ringattn
