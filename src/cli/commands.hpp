@@ -12,6 +12,7 @@ int cmd_kvcache(int argc, char** argv);  // cmd_kvcache.cpp
 int cmd_mla(int argc, char** argv);      // cmd_mla.cpp
 int cmd_ring(int argc, char** argv);     // cmd_ring.cpp    (under mpirun)
 int cmd_decode(int argc, char** argv);   // cmd_decode.cpp  (under mpirun)
+int cmd_session(int argc, char** argv);  // cmd_session.cpp (under mpirun)
 int cmd_bench(int argc, char** argv);    // cmd_bench.cpp
 
 }  // namespace ringattn::cli

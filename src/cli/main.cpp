@@ -25,6 +25,8 @@ constexpr Subcommand kSubcommands[] = {
     {"mla", ringattn::cli::cmd_mla, "DeepSeek MLA decode on a paged latent cache"},
     {"ring", ringattn::cli::cmd_ring, "ring attention across MPI ranks (run under mpirun)"},
     {"decode", ringattn::cli::cmd_decode, "distributed decode over a sharded KV cache (mpirun)"},
+    {"session", ringattn::cli::cmd_session,
+     "prefill, decode and extend over a KV cache sharded across ranks (mpirun)"},
     {"bench", ringattn::cli::cmd_bench, "kernel benchmarks against this machine's measured peak"},
 };
 
