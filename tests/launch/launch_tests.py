@@ -147,8 +147,37 @@ def case_sweep_dry_run():
     check(sum("U=2" in l for l in lines) == 2, "U=2 points described")
 
 
+def case_sweep_optional_fields():
+    # A stand-in binary: Ulysses runs report all-to-all fields, which become CSV columns and
+    # step_alltoall_ms; a run past the timeout is killed and recorded.
+    fake = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_ringattn.py")
+    with tempfile.TemporaryDirectory() as out:
+        sweep(["--bin", fake, "--ranks", "2", "--ulysses", "1,2", "--seqlen", "64,999",
+               "--baselines", "", "--timeout", "2", "--out", out])
+        rows = read_csv(out)
+        check("alltoall_bytes" in rows[0] and "ulysses" in rows[0], "optional JSON columns")
+        by = {(r["seqlen"], r["ulysses"], r["role"]): r for r in rows}
+        u2 = by[("64", "2", "point")]
+        check(u2["status"] == "ok" and u2["strategy"] == "ulysses", "U = ranks: pure Ulysses")
+        check(abs(float(u2["step_alltoall_ms"]) - 1e3 * float(u2["step_alltoall_s"])) < 1e-9,
+              "step_alltoall_ms from step_alltoall_s")
+        check(u2["alltoall_bytes"] == "4096", "all-to-all bytes")
+        check("--ulysses 2" in u2["command"], "--ulysses passed")
+        u1 = by[("64", "1", "point")]
+        check(u1["step_alltoall_ms"] == "" and "--ulysses" not in u1["command"], "U = 1: no flag")
+        slow = [r for r in rows if r["seqlen"] == "999"]
+        check(len(slow) == 2 and all(r["error"] == "timeout after 2 s" for r in slow),
+              "timeouts recorded")
+        for name in PLOTS:
+            with open(os.path.join(out, name), "rb") as f:
+                check(f.read(8) == PNG_MAGIC, f"{name} is a PNG")
+
+
 def run_dry(args):
-    p = subprocess.run([RUN, "--dry-run"] + args, capture_output=True, text=True, timeout=60)
+    # Outside any Slurm job (under one, the launcher takes the job's machines and cores).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    p = subprocess.run([RUN, "--dry-run"] + args, capture_output=True, text=True, timeout=60,
+                       env=env)
     check(p.returncode == 0, f"launch/run {' '.join(args)}: {p.stderr}")
     return p.stdout.strip()
 
@@ -161,17 +190,29 @@ def case_run_dry_run():
             "-x OMP_NUM_THREADS=4 -x OMP_PROC_BIND=close -x OMP_PLACES=cores "
             "--mca pml ob1 --mca btl tcp,self bin/ringattn ring --seqlen 65536 --threads 4")
     check(got == want, f"hybrid over hosts:\n got  {got}\n want {want}")
+    # Machines of 16 cores: as many 4-thread ranks per machine as fit (4).
+    got = run_dry(["-n", "8", "-t", "4", "--hosts", "n1:16,n2:16", "--cores", "16", "--no-root",
+                   "--", "b"])
+    want = ("mpirun -np 8 --host n1:16,n2:16 --map-by ppr:4:node:PE=4 --bind-to core "
+            "-x OMP_NUM_THREADS=4 -x OMP_PROC_BIND=close -x OMP_PLACES=cores b")
+    check(got == want, f"hosts with known cores:\n got  {got}\n want {want}")
     # One machine of 8 cores, 2 ranks x 4 threads.
     got = run_dry(["-n", "2", "-t", "4", "--cores", "8", "--root", "--", "a.out", "x y"])
     want = ("mpirun -np 2 --map-by slot:PE=4 --bind-to core --allow-run-as-root "
             "-x OMP_NUM_THREADS=4 -x OMP_PROC_BIND=close -x OMP_PLACES=cores a.out 'x y'")
     check(got == want, f"hybrid on one machine:\n got  {got}\n want {want}")
     # More ranks x threads than cores: oversubscribed, unbound, threads not pinned.
-    got = run_dry(["-n", "4", "-t", "2", "--cores", "2", "--no-root", "--hostfile", "hf",
-                   "--cores", "2", "--", "a.out"])
-    want = ("mpirun -np 4 --hostfile hf --map-by slot --bind-to none --oversubscribe "
-            "-x OMP_NUM_THREADS=2 a.out")
+    got = run_dry(["-n", "4", "-t", "2", "--cores", "2", "--no-root", "--", "a.out"])
+    want = ("mpirun -np 4 --map-by slot --bind-to none --oversubscribe -x OMP_NUM_THREADS=2 a.out")
     check(got == want, f"oversubscribed:\n got  {got}\n want {want}")
+    # A hostfile of 2 machines x 2 cores, 6 ranks: 3 per machine, more than their cores.
+    with tempfile.NamedTemporaryFile("w", suffix=".hosts") as hf:
+        hf.write("# two machines\nn1 slots=2\n\nn2 slots=2\n")
+        hf.flush()
+        got = run_dry(["-n", "6", "--cores", "2", "--no-root", "--hostfile", hf.name, "--", "a"])
+        want = (f"mpirun -np 6 --hostfile {hf.name} --map-by ppr:3:node --bind-to none "
+                "--oversubscribe -x OMP_NUM_THREADS=1 a")
+        check(got == want, f"hostfile, oversubscribed:\n got  {got}\n want {want}")
     # Explicit choices win.
     got = run_dry(["-n", "2", "--cores", "2", "--map-by", "numa", "--bind-to", "numa", "--proc-bind", "spread",
                    "--no-root", "--mca", "btl_tcp_if_include", "eth0", "-x", "FOO=1", "--", "b"])
