@@ -173,6 +173,24 @@ def case_sweep_optional_fields():
                 check(f.read(8) == PNG_MAGIC, f"{name} is a PNG")
 
 
+def case_sweep_bad_input():
+    # Exit 2 with a message naming the key or flag.
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = os.path.join(tmp, "bad.toml")
+        with open(cfg, "w") as f:
+            f.write("rankz = [1, 2]\n")
+        for args, needle in ((["--ranks", "1,x", "--dry-run"], "ranks: expected integers"),
+                             (["--causal", "maybe", "--dry-run"], "causal: expected true/false"),
+                             (["--scaling", "weak", "--dry-run"], "needs tokens_per_rank"),
+                             (["--cases", "zigzag", "--dry-run"], "cases: expected"),
+                             (["--config", cfg, "--dry-run"], "unknown key(s) rankz"),
+                             (["--bin", os.path.join(tmp, "nope"), "--out", tmp],
+                              "bin: no executable")):
+            p = subprocess.run([sys.executable, SWEEP] + args, capture_output=True, text=True,
+                               timeout=60)
+            check(p.returncode == 2 and needle in p.stderr, f"{args}: rc {p.returncode} {p.stderr}")
+
+
 def run_dry(args):
     # Outside any Slurm job (under one, the launcher takes the job's machines and cores).
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -214,7 +232,8 @@ def case_run_dry_run():
                 "--oversubscribe -x OMP_NUM_THREADS=1 a")
         check(got == want, f"hostfile, oversubscribed:\n got  {got}\n want {want}")
     # Explicit choices win.
-    got = run_dry(["-n", "2", "--cores", "2", "--map-by", "numa", "--bind-to", "numa", "--proc-bind", "spread",
+    got = run_dry(["-n", "2", "--cores", "2", "--map-by", "numa", "--bind-to", "numa",
+                   "--proc-bind", "spread",
                    "--no-root", "--mca", "btl_tcp_if_include", "eth0", "-x", "FOO=1", "--", "b"])
     want = ("mpirun -np 2 --map-by numa --bind-to numa -x OMP_NUM_THREADS=1 "
             "-x OMP_PROC_BIND=spread -x OMP_PLACES=cores --mca btl_tcp_if_include eth0 -x FOO=1 b")
