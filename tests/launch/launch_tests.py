@@ -127,6 +127,12 @@ def case_sweep_tiny():
         check(len(log_lines(out)) == n, "a finished sweep runs nothing again")
         check(f"{TINY_RUNS} of {TINY_RUNS} runs already" in p.stderr, "all runs skipped")
 
+        # The report again from the saved settings alone (as on another machine).
+        os.remove(os.path.join(out, "results.csv"))
+        sweep(["--out", out, "--report-only"])
+        check(len(read_csv(out)) == TINY_RUNS, "--report-only rewrites the CSV")
+        check(len(log_lines(out)) == n, "--report-only runs nothing")
+
 
 def case_sweep_dry_run():
     # The Ulysses axis: U = 1 passes no flag (works without Ulysses support), U > 1 passes
