@@ -2,12 +2,14 @@
 # any is missing (needs root or sudo), and sets the Open MPI environment that lets
 # mpirun start as root and oversubscribe small machines.
 
-# The last line is the Python package (pybind11 extension, its tests and the
-# torch / mpi4py interop) and nlohmann-json for the CLI's --json output.
+# The last lines are the Python package (pybind11 extension, its tests and the
+# torch / mpi4py interop), nlohmann-json for the CLI's --json output and matplotlib
+# for the plots of launch/sweep.
 RINGATTN_PACKAGES=(build-essential cmake ninja-build pkg-config
   libopenmpi-dev openmpi-bin libboost-program-options-dev libgtest-dev
   python3 python3-numpy
-  pybind11-dev python3-dev python3-pytest python3-torch python3-mpi4py nlohmann-json3-dev)
+  pybind11-dev python3-dev python3-pytest python3-torch python3-mpi4py nlohmann-json3-dev
+  python3-matplotlib)
 
 ringattn_install_deps() {
   local missing=()

@@ -15,7 +15,12 @@
 #   (e) 16-rank causal zigzag variants: pass-KV, pass-Q, two pieces per chunk,
 #       with the spread of per-rank compute (the ring runs at its slowest rank's pace),
 #   (f) `ringattn bench` decode and prefill cases on 2 pinned cores (a quiet machine
-#       for the kernel figures the shared development VM measures only noisily).
+#       for the kernel figures the shared development VM measures only noisily),
+#   (g) launch/sweep: every ranks x threads split of 16 cores and 1..16 ranks x 1 thread,
+#       causal zigzag, pass-KV and pass-Q (results.jsonl / results.csv in
+#       $OUT_DIR/sweep-split and $OUT_DIR/sweep-ranks;
+#       plots drawn there when matplotlib is installed, else afterwards with
+#       `launch/sweep ... --out DIR --report-only` on a machine that has it).
 # Results go to $OUT_DIR (log, CSV). PARTS (default "a b d e") picks parts.
 #   [PARTS="d e"] launch/device_scaling.sh [DEB_DIR] [OUT_DIR] [S]
 # DEB_DIR holds libboost1.74-dev, libboost-program-options1.74-dev and
@@ -96,6 +101,15 @@ if [[ $PARTS == *f* ]]; then
   for be in auto cpu-avx2; do
     OMP_PROC_BIND=close taskset -c 0,1 $BIN bench --threads 1,2 --backend $be --repeats 9 \
       --case '^decode_' --json "$OUT_DIR/bench_$be.json" | tee "$OUT_DIR/bench_$be.txt"
+  done
+fi
+if [[ $PARTS == *g* ]]; then
+  log "(g) launch/sweep, s=$S causal zigzag: ranks x threads splits of 16 cores, 1..16 ranks"
+  PY=$(command -v python3)
+  for grid in "split --cores 16" "ranks --ranks 1,2,4,8,16 --threads 1"; do
+    # shellcheck disable=SC2086
+    "$PY" launch/sweep --bin "$BIN" ${grid#* } --seqlen "$S" --cases zigzag:causal \
+      --mode pass-kv,pass-q --iters 2 --baseline-iters 1 --out "$OUT_DIR/sweep-${grid%% *}" || true
   done
 fi
 log "done in $(($(date +%s) - t0)) s"
