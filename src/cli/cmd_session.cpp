@@ -357,6 +357,7 @@ int cmd_session(int argc, char** argv) {
   std::vector<float> p_out(static_cast<std::size_t>(t_r * orow)),
       p_lse(static_cast<std::size_t>(t_r * sh.h));
   comm.barrier();
+  const double t_session = now_seconds();
   const StepStats pst =
       session.prefill(sh.prompt, q.data(), k.data(), v.data(), p_out.data(), p_lse.data());
 
@@ -418,6 +419,8 @@ int cmd_session(int argc, char** argv) {
     est = session.extend(sh.s1, eq.data(), ek.data(), ev.data(), e_out.data(), e_lse.data(),
                          extend_mode, &plan, 0);
   }
+
+  const double session_s = max_all(comm, now_seconds() - t_session);
 
   // ---- --check (synthetic): sampled rows against float64 ----
   double max_err = 0.0, max_lse_err = 0.0;
@@ -564,6 +567,7 @@ int cmd_session(int argc, char** argv) {
       j["page_size"] = page_size;
       j["cache_layout"] = cache_layout_name(cache_layout);
       j["prefill_layout"] = layout_name(prefill_layout);
+      j["time_s"] = json_number(session_s);
       j["ttft_s"] = json_number(ttft);
       j["prefill_bytes_per_rank"] = json_number(prefill_bytes);
       j["decode_steps"] = sh.steps;
