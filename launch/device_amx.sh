@@ -29,12 +29,29 @@ if [[ $FILTER != none ]]; then
     >"$OUT_DIR/unit.log" 2>&1
   echo "== unit tests ($FILTER): exit $? in $(($(date +%s) - t0)) s"
   grep -E '^\[  (FAILED|PASSED|SKIPPED) ' "$OUT_DIR/unit.log" | head -40
-  grep -B1 -A3 'Failure' "$OUT_DIR/unit.log" | head -60
+  grep -B1 -A3 "Failure" "$OUT_DIR/unit.log" | head -60
+  tail -3 "$OUT_DIR/unit.log"
 fi
 echo "== bench, $THREADS threads"
 for be in cpu-amx cpu-avx512; do
   OMP_PROC_BIND=close OMP_PLACES=cores "$CLI" bench --threads "$THREADS" --backend $be \
     --case '^prefill_bf16,^prefill_causal_bf16' --repeats ${REPEATS:-3} 2>&1
 done | tee "$OUT_DIR/bench_amx.txt"
+# VARIANTS="FLAGS1;FLAGS2": cpu-amx rebuilt with extra compile flags (tuning knobs such
+# as -DRINGATTN_AMX_KEY_TILE=64, or -DRINGATTN_AMX_PROFILE for the phase cycle counts).
+IFS=';' read -ra variants <<<"${VARIANTS:-}"
+for i in "${!variants[@]}"; do
+  v=${variants[$i]}
+  cmake -S . -B build-amx-v$i -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
+    -DCMAKE_C_COMPILER=/usr/bin/gcc -DBoost_ROOT="$ROOT/usr" -DBoost_NO_SYSTEM_PATHS=ON \
+    -DCMAKE_PREFIX_PATH="$ROOT/usr" -DRINGATTN_PYTHON=OFF -DRINGATTN_BUILD_TESTS=OFF \
+    -DCMAKE_CXX_FLAGS="$v" >"$OUT_DIR/cmake-v$i.log" 2>&1 && ninja -C build-amx-v$i ringattn_cli \
+    >"$OUT_DIR/build-v$i.log" 2>&1 || { echo "variant '$v' failed to build"; continue; }
+  for c in prefill_bf16 prefill_causal_bf16; do
+    echo "== variant: $v, $c"
+    OMP_PROC_BIND=close OMP_PLACES=cores build-amx-v$i/bin/ringattn bench --threads "$THREADS" \
+      --backend cpu-amx --case "^$c\$" --repeats ${REPEATS:-3} 2>&1 | grep -v '^$'
+  done
+done | tee -a "$OUT_DIR/bench_amx.txt"
 PYTHONUNBUFFERED=1 python3 launch/compare_torch.py --threads "$THREADS" --dtype bf16 \
   --prefill-only --repeats ${REPEATS:-3} 2>&1 | tee -a "$OUT_DIR/bench_amx.txt"

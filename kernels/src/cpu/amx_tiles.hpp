@@ -147,6 +147,25 @@ inline __m512 keep_or_neg_inf(__mmask16 keep, __m512 x) {
   return _mm512_mask_blend_ps(keep, _mm512_set1_ps(-__builtin_inff()), x);
 }
 
+// 2^t for t <= 0 (scores minus the row max, in log2 units), -inf included. t is
+// clamped at -200, where the result is exactly 0; 2^f on f = t - round(t) in
+// [-1/2, 1/2] by a degree-5 polynomial (least squares on Chebyshev nodes, relative
+// error 2.5e-7 evaluated in fp32), times 2^round(t) by vscalefps. 10 instructions
+// against about 20 of simd_exp (whose range reduction and special cases the softmax
+// does not need); P is rounded to bf16 (2^-8) afterwards anyway.
+inline __m512 exp2_nonpositive(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-200.0f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.3400432653725147e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.676037356257439e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550327152013779e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402210682630539e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471824645996e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  return _mm512_scalef_ps(p, n);
+}
+
 // 16 fp32 -> 16 bf16 (round to nearest even) stored at dst.
 inline void store_bf16(std::uint16_t* dst, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));

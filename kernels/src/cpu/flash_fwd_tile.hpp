@@ -127,6 +127,7 @@ struct PackItem {
 // the hooks marked "E hook"; the task loop, masks, splits and merges stay shared.
 struct VectorTiles {
   static constexpr bool kMatrix = false;
+  static constexpr int kKeyTile = cpu::kKeyTile;  // keys per prefill tile (NC)
   struct Scratch {};
 };
 
@@ -136,7 +137,7 @@ struct FlashFwd {
   static constexpr int L = S::kLanes;
   static constexpr int MR = S::kRows;
   static constexpr int NV = S::kVecs;
-  static constexpr int NC = kKeyTile;
+  static constexpr int NC = E::kKeyTile;
   static_assert(NC % (NV * L) == 0, "key tile must be a multiple of the micro-kernel width");
 
   const AttnProblem& p;
