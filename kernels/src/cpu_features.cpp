@@ -3,6 +3,13 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#endif
 
 namespace ringattn::detail {
 
@@ -14,6 +21,45 @@ namespace {
 bool has_f16c() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & bit_F16C) != 0;
+}
+
+// CPUID leaf 7: AMX-BF16 (EDX bit 22), AMX-TILE (EDX bit 24); sub-leaf 1:
+// AVX512_BF16 (EAX bit 5).
+bool cpuid7(unsigned sub, unsigned reg, unsigned bit) {
+  unsigned r[4] = {0, 0, 0, 0};
+  if (__get_cpuid_count(7, sub, &r[0], &r[1], &r[2], &r[3]) == 0) return false;
+  return (r[reg] >> bit) & 1u;
+}
+bool has_amx_tile() { return cpuid7(0, 3, 24); }
+bool has_amx_bf16() { return cpuid7(0, 3, 22); }
+bool has_avx512_bf16() { return cpuid7(1, 0, 5); }
+
+// The OS saves the tile state: XCR0 bits 17 (XTILECFG) and 18 (XTILEDATA), read with
+// xgetbv once CPUID reports OSXSAVE.
+bool os_enables_tiles() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(1, &a, &b, &c, &d) == 0 || (c & bit_OSXSAVE) == 0) return false;
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (lo & (3u << 17)) == (3u << 17);
+}
+
+// Linux (5.16+) hands the 8 KiB tile data state to a process only on request:
+// arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). The permission is process
+// wide; it is asked for once (a function-local static: thread-safe), and its outcome
+// kept. Empty string = granted, otherwise the reason.
+const std::string& amx_permission_error() {
+  static const std::string err = []() -> std::string {
+#if defined(__linux__) && defined(__x86_64__)
+    constexpr long kArchReqXcompPerm = 0x1023;
+    constexpr long kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0)
+      return std::string("amx-permission (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA failed: ") +
+             std::strerror(errno) + ")";
+#endif
+    return std::string();
+  }();
+  return err;
 }
 #endif
 
@@ -31,6 +77,8 @@ const char* isa_name(CpuIsa isa) {
       return "avx2";
     case CpuIsa::kAvx512:
       return "avx512";
+    case CpuIsa::kAmx:
+      return "amx";
   }
   return "?";
 }
@@ -45,10 +93,16 @@ bool cpu_supports(CpuIsa isa, std::string* missing) {
                             {"avx512bw", __builtin_cpu_supports("avx512bw") != 0},
                             {"avx512vl", __builtin_cpu_supports("avx512vl") != 0},
                             {"avx512dq", __builtin_cpu_supports("avx512dq") != 0}};
+  const bool tiles = has_amx_tile() && has_amx_bf16();
+  const Feature amx[] = {{"amx-tile", has_amx_tile()},
+                         {"amx-bf16", has_amx_bf16()},
+                         {"avx512bf16", has_avx512_bf16()},
+                         {"os-tile-state", !tiles || os_enables_tiles()}};
 #else
   const Feature avx2[] = {{"avx2", false}, {"fma", false}, {"f16c", false}};
   const Feature avx512[] = {
       {"avx512f", false}, {"avx512bw", false}, {"avx512vl", false}, {"avx512dq", false}};
+  const Feature amx[] = {{"amx-tile", false}, {"amx-bf16", false}, {"avx512bf16", false}};
 #endif
   std::string miss;
   auto add = [&](const Feature* f, int n) {
@@ -58,8 +112,15 @@ bool cpu_supports(CpuIsa isa, std::string* missing) {
         miss += f[i].name;
       }
   };
-  if (isa == CpuIsa::kAvx2 || isa == CpuIsa::kAvx512) add(avx2, 3);
-  if (isa == CpuIsa::kAvx512) add(avx512, 4);
+  if (isa != CpuIsa::kScalar) add(avx2, 3);
+  if (isa == CpuIsa::kAvx512 || isa == CpuIsa::kAmx) add(avx512, 4);
+  if (isa == CpuIsa::kAmx) {
+    add(amx, static_cast<int>(sizeof(amx) / sizeof(amx[0])));
+#if defined(__x86_64__) || defined(__i386__)
+    // Ask the OS only when the hardware is there (the request is process wide).
+    if (miss.empty() && !amx_permission_error().empty()) miss = amx_permission_error();
+#endif
+  }
   if (missing) *missing = miss;
   return miss.empty();
 }
@@ -76,6 +137,7 @@ bool cpu_prefers_key_major_decode() {
 }
 
 CpuIsa best_cpu_isa() {
+  if (cpu_supports(CpuIsa::kAmx)) return CpuIsa::kAmx;
   if (cpu_supports(CpuIsa::kAvx512)) return CpuIsa::kAvx512;
   if (cpu_supports(CpuIsa::kAvx2)) return CpuIsa::kAvx2;
   return CpuIsa::kScalar;
@@ -91,7 +153,9 @@ std::string cpu_feature_summary_impl() {
                          {"avx512f", __builtin_cpu_supports("avx512f") != 0},
                          {"avx512bw", __builtin_cpu_supports("avx512bw") != 0},
                          {"avx512vl", __builtin_cpu_supports("avx512vl") != 0},
-                         {"avx512dq", __builtin_cpu_supports("avx512dq") != 0}};
+                         {"avx512dq", __builtin_cpu_supports("avx512dq") != 0},
+                         {"amx-tile", has_amx_tile()},
+                         {"amx-bf16", has_amx_bf16()}};
   for (const auto& f : all)
     if (f.present) {
       if (!s.empty()) s += ' ';

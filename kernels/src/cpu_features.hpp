@@ -5,12 +5,18 @@
 
 namespace ringattn::detail {
 
-enum class CpuIsa { kScalar, kAvx2, kAvx512 };
+// kAmx: the AVX-512 tier plus the AMX tile engine (amx-tile, amx-bf16) and
+// avx512-bf16; bf16 prefill runs Q K^T and P V on tiles, everything else runs the
+// kAvx512 code (cpu_backend.cpp).
+enum class CpuIsa { kScalar, kAvx2, kAvx512, kAmx };
 
 const char* isa_name(CpuIsa isa);
 
 // True when this CPU (and OS) can run code built for `isa`; otherwise `missing`
-// receives the names of the absent features, e.g. "avx512f avx512bw".
+// receives the names of the absent features, e.g. "avx512f avx512bw". For kAmx this
+// includes the OS side: the tile state enabled in XCR0 and, on Linux, the process's
+// permission to use it (arch_prctl ARCH_REQ_XCOMP_PERM, requested once per process,
+// thread-safe); a refused request is reported as "amx-permission (...)".
 bool cpu_supports(CpuIsa isa, std::string* missing = nullptr);
 
 CpuIsa best_cpu_isa();

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_features.hpp"
 #include "ringattn/attention_params.hpp"
 #include "ringattn/engine.hpp"
 #include "ringattn/error.hpp"
@@ -281,6 +282,34 @@ TEST(ValidationBackend, MissingIsaIsUnsupportedError) {
   } catch (const std::exception& e) {
     ADD_FAILURE() << "expected UnsupportedError, got: " << e.what();
   }
+}
+
+// cpu-amx: where the CPU and OS allow tiles it is listed, selectable and auto's
+// choice (the backend grids then run it on every case); elsewhere asking for it is an
+// UnsupportedError naming the missing feature and auto falls back to another tier.
+TEST(ValidationBackend, CpuAmxSelectedOrNamedError) {
+  const auto names = available_backends();
+  const bool listed = std::find(names.begin(), names.end(), "cpu-amx") != names.end();
+  std::string missing;
+  const bool usable = detail::cpu_supports(detail::CpuIsa::kAmx, &missing);
+  EXPECT_EQ(listed, usable) << missing;
+  if (usable) {
+    EXPECT_EQ(Engine(EngineOptions{"cpu-amx", 0}).backend_name(), "cpu-amx");
+    EXPECT_EQ(Engine().backend_name(), "cpu-amx");
+    return;
+  }
+  ASSERT_FALSE(missing.empty());
+  try {
+    Engine e(EngineOptions{"cpu-amx", 0});
+    ADD_FAILURE() << "cpu-amx accepted on a CPU without it";
+  } catch (const UnsupportedError& e) {
+    EXPECT_NE(e.message().find(missing.substr(0, missing.find(' '))), std::string::npos)
+        << e.what();
+    EXPECT_NE(e.message().find("cpu-amx"), std::string::npos) << e.what();
+  }
+  EXPECT_NE(Engine().backend_name(), "cpu-amx");
+  GTEST_SKIP() << "cpu-amx not available here (missing: " << missing
+               << "); its kernel tests run on a CPU with AMX";
 }
 
 TEST(ValidationBackend, AvailableBackendsRun) {

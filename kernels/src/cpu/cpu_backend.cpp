@@ -30,8 +30,12 @@ using cpu::SeqDesc;
 
 using KernelFn = void (*)(const AttnProblem&, int);
 
+// The vector ISA of a tier: kAmx runs the AVX-512 code except where tiles apply.
+CpuIsa vector_isa(CpuIsa isa) { return isa == CpuIsa::kAmx ? CpuIsa::kAvx512 : isa; }
+
 KernelFn kernel_for(CpuIsa isa) {
   switch (isa) {
+    case CpuIsa::kAmx:
     case CpuIsa::kAvx512:
       return &cpu::flash_fwd_avx512;
     case CpuIsa::kAvx2:
@@ -47,7 +51,11 @@ KernelFn kernel_for(CpuIsa isa) {
 // cache line and that order measured 10-15 % slower on one thread of a Zen 5 and no
 // faster on a Xeon (docs/cpu-backend.md). Key-major fp32 decode, bf16 / fp16 decode
 // and all prefill keep AVX-512.
+// kAmx: bf16 storage runs flash_fwd_amx (tile prefill, AVX-512 decode); other dtypes
+// the AVX-512 kernels.
 KernelFn kernel_for_problem(CpuIsa isa, const AttnProblem& a) {
+  if (isa == CpuIsa::kAmx && a.dtype == DType::kBF16) return &cpu::flash_fwd_amx;
+  isa = vector_isa(isa);
   if (isa == CpuIsa::kAvx512 && a.dtype == DType::kF32 && !a.decode_key_major) {
     const int group = a.h / a.h_k;
     bool decode = true;
@@ -233,10 +241,10 @@ class CpuBackend final : public Backend {
   }
 
   void mla_sparse_prefill(const MlaSparsePrefillParams& p, int threads) override {
-    mla_sparse_prefill_cpu(p, isa_, threads);
+    mla_sparse_prefill_cpu(p, vector_isa(isa_), threads);
   }
   void mla_decode(const MlaDecodeParams& p, int threads) override {
-    mla_decode_cpu(p, isa_, threads);
+    mla_decode_cpu(p, vector_isa(isa_), threads);
   }
 
  private:

@@ -165,5 +165,7 @@ inline void take_scratch(BufferPool* pool, std::size_t bytes, BufferPool::Lease&
 void flash_fwd_scalar(const AttnProblem& p, int threads);
 void flash_fwd_avx2(const AttnProblem& p, int threads);
 void flash_fwd_avx512(const AttnProblem& p, int threads);
+// bf16 storage only (flash_fwd_cpu_amx.cpp): prefill tiles on AMX, decode on AVX-512.
+void flash_fwd_amx(const AttnProblem& p, int threads);
 
 }  // namespace ringattn::detail::cpu

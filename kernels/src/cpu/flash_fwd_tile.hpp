@@ -121,13 +121,23 @@ struct PackItem {
   float* dst;
 };
 
-template <class S, class T>
+// Matrix engine of the prefill tiles (template parameter E of FlashFwd). VectorTiles:
+// the vector micro-kernels below. Another engine (amx_prefill.hpp) sets kMatrix and
+// takes over the K/V packing and the prefill tile (S = Q K^T, softmax, O += P V) through
+// the hooks marked "E hook"; the task loop, masks, splits and merges stay shared.
+struct VectorTiles {
+  static constexpr bool kMatrix = false;
+  static constexpr int kKeyTile = cpu::kKeyTile;  // keys per prefill tile (NC)
+  struct Scratch {};
+};
+
+template <class S, class T, class E = VectorTiles>
 struct FlashFwd {
   using V = typename S::V;
   static constexpr int L = S::kLanes;
   static constexpr int MR = S::kRows;
   static constexpr int NV = S::kVecs;
-  static constexpr int NC = kKeyTile;
+  static constexpr int NC = E::kKeyTile;
   static_assert(NC % (NV * L) == 0, "key tile must be a multiple of the micro-kernel width");
 
   const AttnProblem& p;
@@ -141,10 +151,14 @@ struct FlashFwd {
     AlignedBuf<const T*> kptr, vrow_t, kbase, vbase;
     AlignedBuf<const T*> kpf, vpf, kpf_base, vpf_base;  // decode prefetch rows
     AlignedBuf<const float*> vrow_f;
+    typename E::Scratch mm;                // matrix engine buffers (E hook)
     ProgressThrottle* progress = nullptr;  // set on the calling thread only
   };
 
-  std::int64_t tile_floats() const { return std::int64_t{p.d} * NC + std::int64_t{NC} * dvp; }
+  std::int64_t tile_floats() const {
+    if constexpr (E::kMatrix) return E::tile_floats(*this);  // E hook
+    return std::int64_t{p.d} * NC + std::int64_t{NC} * dvp;
+  }
 
   explicit FlashFwd(const AttnProblem& prob) : p(prob) {
     group = p.h / p.h_k;
@@ -178,6 +192,7 @@ struct FlashFwd {
     sc.vpf.reset(NC);
     sc.kpf_base.reset(NC);
     sc.vpf_base.reset(NC);
+    if constexpr (E::kMatrix) E::init_scratch(*this, sc);  // E hook
   }
 
   const T* k_row(const SeqDesc& sd, std::int64_t t, int hk) const {
@@ -475,6 +490,8 @@ struct FlashFwd {
         convert_row(src, p.d, qmul, q + (g * nq + ii) * dq);
       }
     }
+    if constexpr (E::kMatrix)
+      if (!decode) E::begin_task(*this, t, sd, sc, M);  // E hook
     std::fill(o, o + static_cast<std::size_t>(M) * dvp, 0.0f);
     for (int r = 0; r < M; ++r) sc.st[r] = SoftmaxState{};
     std::int64_t jb = t.ke, je = t.kb;  // union of the rows' ranges within the split
@@ -533,6 +550,7 @@ struct FlashFwd {
   // zero) and vp [nc][dvp] = V in fp32 (padding columns zero). `staging` holds d floats.
   void pack_tile(const SeqDesc& sd, int hk, std::int64_t j0, int nc, float* kt, float* vp,
                  float* staging) const {
+    if constexpr (E::kMatrix) return E::pack_tile(*this, sd, hk, j0, nc, kt);  // E hook
     for (int j = 0; j < nc; ++j) {
       convert_row(k_row(sd, j0 + j, hk), p.d, 1.0f, staging);
       for (int c = 0; c < p.d; ++c) kt[c * NC + j] = staging[c];
@@ -546,6 +564,7 @@ struct FlashFwd {
   // the call pre-packed K/V (shared by every query block of the head), else nullptr.
   void prefill_tile(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq, std::int64_t j0,
                     int nc, bool full, const float* packed) const {
+    if constexpr (E::kMatrix) return E::prefill_tile(*this, sd, t, sc, M, nq, j0, nc, full, packed);
     const float* kt = packed;
     const float* vp = packed ? packed + p.d * NC : nullptr;
     if (!packed) {
