@@ -78,7 +78,7 @@ int cmd_session(int argc, char** argv) {
   std::int64_t prompt_len = 0;
   std::uint64_t seed = 0;
   int page_size = 256, check_rows = 2;
-  bool check = false, json = false, reduce_to_root = false;
+  bool check = false, json = false, reduce_to_root = false, skip_prefill = false;
   MaskArgs mask_args;
   KernelArgs kernel_args;
 
@@ -124,7 +124,10 @@ int cmd_session(int argc, char** argv) {
       "auto (cost model) | pass-q | pass-kv")(
       "reduce-to-root", po::bool_switch(&reduce_to_root),
       "decode: reduce the partials to rank 0 instead of an allreduce")(
-      "json", po::bool_switch(&json), "print the result as one JSON object");
+      "skip-prefill-attention", po::bool_switch(&skip_prefill),
+      "store the prompt's K/V without computing its attention (decode/extend benchmarks over "
+      "long contexts; no prefill outputs)")("json", po::bool_switch(&json),
+                                            "print the result as one JSON object");
   po::options_description mask("Mask (the session is causal)");
   add_mask_options(mask, &mask_args);
   po::options_description kern("Kernel (per rank)");
@@ -158,6 +161,8 @@ int cmd_session(int argc, char** argv) {
     extend_mode = parse_extend_mode(extend_mode_text);
     RA_CHECK_ARG_GE(page_size, 1, "--page-size");
     RA_CHECK_ARG_GE(check_rows, 1, "--check-rows");
+    RA_CHECK_ARG(!(skip_prefill && vm.count("out-dir")),
+                 "--skip-prefill-attention: no prefill outputs to write with --out-dir");
     if (!files) {
       RA_CHECK_ARG(!vm.count("out-dir") && !vm.count("decode-q") && !vm.count("extend-q"),
                    "--out-dir/--decode-*/--extend-*: only valid with --prompt-q/k/v (files mode)");
@@ -347,9 +352,13 @@ int cmd_session(int argc, char** argv) {
     comm::scatter_rows(comm, 0, pk.data(), static_cast<std::size_t>(kr) * es, spans_of, k.data());
     comm::scatter_rows(comm, 0, pv.data(), static_cast<std::size_t>(vr) * es, spans_of, v.data());
   } else {
+    // Rows are independent: generated on the engine's threads (long contexts have
+    // billions of values; the queries are not needed without the prefill's attention).
+#pragma omp parallel for num_threads(engine.threads()) schedule(static)
     for (std::int64_t r = 0; r < t_r; ++r) {
       const auto [s, pos] = mine[static_cast<std::size_t>(r)];
-      synth_rows(0, s, pos, 1, qr, q.data() + static_cast<std::size_t>(r * qr) * es);
+      if (!skip_prefill)
+        synth_rows(0, s, pos, 1, qr, q.data() + static_cast<std::size_t>(r * qr) * es);
       synth_rows(1, s, pos, 1, kr, k.data() + static_cast<std::size_t>(r * kr) * es);
       synth_rows(2, s, pos, 1, vr, v.data() + static_cast<std::size_t>(r * vr) * es);
     }
@@ -358,8 +367,8 @@ int cmd_session(int argc, char** argv) {
       p_lse(static_cast<std::size_t>(t_r * sh.h));
   comm.barrier();
   const double t_session = now_seconds();
-  const StepStats pst =
-      session.prefill(sh.prompt, q.data(), k.data(), v.data(), p_out.data(), p_lse.data());
+  const StepStats pst = session.prefill(sh.prompt, q.data(), k.data(), v.data(), p_out.data(),
+                                        p_lse.data(), !skip_prefill);
 
   // ---- decode steps ----
   const int root = reduce_to_root ? 0 : -1;
@@ -462,7 +471,7 @@ int cmd_session(int argc, char** argv) {
         max_lse_err = std::max(max_lse_err, std::isnan(err) ? 1e30 : err);
       }
     };
-    for (int c = 0; c < check_rows && t_r > 0; ++c) {
+    for (int c = 0; c < check_rows && t_r > 0 && !skip_prefill; ++c) {
       const std::int64_t r = (c * (t_r - 1)) / std::max(1, check_rows - 1);
       check_row(mine[static_cast<std::size_t>(r)].first, mine[static_cast<std::size_t>(r)].second,
                 p_out.data() + r * orow, p_lse.data() + r, t_r);
@@ -569,6 +578,7 @@ int cmd_session(int argc, char** argv) {
       j["prefill_layout"] = layout_name(prefill_layout);
       j["time_s"] = json_number(session_s);
       j["ttft_s"] = json_number(ttft);
+      j["prefill_attention"] = !skip_prefill;
       j["prefill_bytes_per_rank"] = json_number(prefill_bytes);
       j["decode_steps"] = sh.steps;
       j["decode_tokens_per_step"] = sh.t;

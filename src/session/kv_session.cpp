@@ -200,7 +200,7 @@ std::vector<std::int64_t> KvSession::prefill_positions(std::int64_t len) const {
 }
 
 StepStats KvSession::prefill(const std::vector<std::int64_t>& prompt_lens, const void* q,
-                             const void* k, const void* v, float* out, float* lse) {
+                             const void* k, const void* v, float* out, float* lse, bool attend) {
   const SessionConfig& c = cache_.config();
   const double t0 = now_s();
   comm::run_collectively(comm_, [&] {
@@ -234,7 +234,7 @@ StepStats KvSession::prefill(const std::vector<std::int64_t>& prompt_lens, const
                 static_cast<std::size_t>(n * kr) * es);
     std::memcpy(cache_.v_row(s, 0), static_cast<const std::byte*>(v) + row * vr * es,
                 static_cast<std::size_t>(n * vr) * es);
-    if (len > 0) {
+    if (len > 0 && attend) {
       const std::int32_t cu[2] = {0, static_cast<std::int32_t>(len)};
       RingAttentionParams p;
       p.dtype = c.dtype;

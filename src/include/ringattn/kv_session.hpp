@@ -155,8 +155,10 @@ class KvSession {
   // sequence after sequence in local order (prefill_positions):
   //   q [t_r, h, d], k [t_r, h_k, d], v [t_r, h_k, d_v] (dtype)
   //   out [t_r, h, d_v] fp32, lse [h, t_r] fp32 (nullable)
+  // attend = false only stores the prompt's K/V (no attention, out/lse untouched): decode
+  // and extend benchmarks over long contexts without the prefill's cost.
   StepStats prefill(const std::vector<std::int64_t>& prompt_lens, const void* q, const void* k,
-                    const void* v, float* out, float* lse);
+                    const void* v, float* out, float* lse, bool attend = true);
 
   // Collective. t new tokens per sequence, identical on every rank:
   //   q [b, t, h, d], k [b, t, h_k, d], v [b, t, h_k, d_v] (dtype)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Session, Ulysses and CLI front-door figures on the 16-core Xeon, one device call, after
+# launch/device_python.sh has built build-py (or with BIN pointing at another ringattn):
+#   launch/device_session.sh [OUT_DIR] [BIN]
+# Parts (PARTS="a b c d e", default all):
+#   a  machine read bandwidth (ringattn bench decode_bf16 at 16 threads: GB/s and % of it)
+#   b  decode over a 1M-token context, b = 1, GQA 32/8, d 128, bf16: 16 ranks x 1 thread
+#      against 1 rank x 16 threads (context filled without the prefill's attention)
+#   c  extend against a 64K context at 16 ranks: 128 and 16384 new tokens, pass-Q and pass-KV
+#   d  time to first token, 16 ranks x 1 thread, causal zigzag prefill of 32K and 128K tokens
+#   e  Ulysses x ring at 16 ranks, s = 32768, h 32/8, causal zigzag: U = 1, 2, 4, 8
+set -uo pipefail
+OUT=${1:-out/device_session}
+BIN=${2:-build-py/bin/ringattn}
+PARTS=${PARTS:-a b c d e}
+mkdir -p "$OUT"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+MPI="mpirun --oversubscribe --bind-to core --map-by core"
+G="--heads 32 --kv-heads 8 --dim 128 --dtype bf16"
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+run() { echo "\$ $*" | tee -a "$OUT/session.txt"; "$@" 2>&1 | tee -a "$OUT/session.txt"; }
+echo "== host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $(nproc) cpus" | tee "$OUT/session.txt"
+has a && run "$BIN" bench --threads 16 --case '^decode_bf16' --repeats 3
+if has b; then
+  run $MPI -np 16 "$BIN" session --prompt-len 1048576 --decode-steps 30 $G --threads 1 \
+    --skip-prefill-attention --json
+  run mpirun --bind-to none -np 1 "$BIN" session --prompt-len 1048576 --decode-steps 10 $G \
+    --threads 16 --skip-prefill-attention --json
+fi
+if has c; then
+  for s1 in 128 16384; do
+    for m in pass-q pass-kv; do
+      run $MPI -np 16 "$BIN" session --prompt-len 65536 --extend-len $s1 --extend-mode $m $G \
+        --threads 1 --skip-prefill-attention --json
+    done
+  done
+fi
+if has d; then
+  for s in 32768 131072; do
+    run $MPI -np 16 "$BIN" session --prompt-len $s --decode-steps 2 $G --threads 1 --json
+  done
+  # the same 32K causal attention in one process on all 16 cores
+  run mpirun --bind-to none -np 1 "$BIN" ring --seqlen 32768 $G --causal --threads 16 --json
+fi
+if has e; then
+  for u in 1 2 4 8; do
+    run $MPI -np 16 "$BIN" ring --ulysses $u --seqlen 32768 $G --causal --layout zigzag \
+      --threads 1 --iters 2 --json
+  done
+fi
