@@ -103,5 +103,6 @@ void register_core(py::module_& m);       // module_core.cpp: exceptions, engine
 void register_attention(py::module_& m);  // bind_attention.cpp: FA3 forward, KV cache
 void register_mla(py::module_& m);        // bind_mla.cpp: FlashMLA decode, sparse prefill
 void register_ring(py::module_& m);       // bind_ring.cpp: ring attention, distributed decode
+void register_session(py::module_& m);    // bind_session.cpp: sharded-KV-cache sessions
 
 }  // namespace ringattn::python

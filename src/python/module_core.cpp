@@ -270,4 +270,5 @@ PYBIND11_MODULE(_C, m) {
   rp::register_attention(m);
   rp::register_mla(m);
   rp::register_ring(m);
+  rp::register_session(m);
 }

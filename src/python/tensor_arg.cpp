@@ -13,6 +13,7 @@
 
 #include <pybind11/numpy.h>
 
+#include <algorithm>
 #include <sstream>
 
 #include "bind_common.hpp"
@@ -195,6 +196,15 @@ TensorArg tensor_arg(py::handle x, const std::string& name, const py::tuple& typ
     throw py::value_error(name + ": expected " + std::to_string(ndim) + " dims " + shape_text +
                           ", got " + std::to_string(t.ndim()) + " (shape " + list_text(t.shape) +
                           ")");
+  }
+  std::int64_t numel = 1;
+  for (std::int64_t n : t.shape) numel *= n;
+  if (numel == 0) {  // nothing is read or written: any strides (numpy gives 0s) are fine
+    std::int64_t want = 1;
+    for (int i = t.ndim() - 1; i >= 0; --i) {
+      t.strides[static_cast<std::size_t>(i)] = want;
+      want *= std::max<std::int64_t>(t.shape[static_cast<std::size_t>(i)], 1);
+    }
   }
   if (t.ndim() && t.shape.back() > 1 && t.strides.back() != 1) {
     throw py::value_error(name + ": last dim must be contiguous (stride 1), got stride " +

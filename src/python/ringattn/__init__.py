@@ -40,6 +40,7 @@ __all__ = [
     "flash_attn_interface",
     "flash_mla_interface",
     "ring",
+    "session",
     "Error",
     "InvalidArgument",
     "UnsupportedError",
@@ -171,6 +172,6 @@ def merge_states(v, s):
 
 def __getattr__(name):
     # Submodules load on first use: ringattn.ring imports mpi4py (which starts MPI).
-    if name in ("flash_attn_interface", "flash_mla_interface", "ring"):
+    if name in ("flash_attn_interface", "flash_mla_interface", "ring", "session"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ringattn' has no attribute {name!r}")
