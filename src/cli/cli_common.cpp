@@ -207,13 +207,26 @@ StoredTensor load_storage(const std::string& opt, const NpyFile& f, DType t, boo
       f.read(s.data_, 0, n);
       return s;
     }
-    // Chunks of 64K elements through a small staging buffer that stays in cache.
+    // Chunks of 64K elements converted in parallel, from the file's mapped pages (no
+    // copy in between), or through a small staging buffer when it cannot be mapped.
     constexpr std::size_t kChunk = std::size_t{1} << 16;
-    std::unique_ptr<std::byte[]> stage(new std::byte[kChunk * h.itemsize()]);
+    const std::int64_t chunks = static_cast<std::int64_t>((n + kChunk - 1) / kChunk);
+    const std::size_t in_item = h.itemsize(), out_item = dtype_size(t);
+    if (f.mappable()) {
+      const NpyMapping m = f.map(false);
+#pragma omp parallel for schedule(static)
+      for (std::int64_t c = 0; c < chunks; ++c) {
+        const std::size_t i = static_cast<std::size_t>(c) * kChunk;
+        convert_chunk(m.data() + i * in_item, h.dtype, s.buffer_.get() + i * out_item, t,
+                      std::min(kChunk, n - i), divisor);
+      }
+      return s;
+    }
+    std::unique_ptr<std::byte[]> stage(new std::byte[kChunk * in_item]);
     for (std::size_t i = 0; i < n; i += kChunk) {
       const std::size_t m = std::min(kChunk, n - i);
       f.read(stage.get(), i, m);
-      convert_chunk(stage.get(), h.dtype, s.buffer_.get() + i * dtype_size(t), t, m, divisor);
+      convert_chunk(stage.get(), h.dtype, s.buffer_.get() + i * out_item, t, m, divisor);
     }
     return s;
   } catch (const IoError& e) {
@@ -248,6 +261,40 @@ void OutputTensor::commit() {
   }
 }
 
+NpyOutput open_output(const std::string& opt, const std::string& path, const NpyHeader& like) {
+  try {
+    return NpyOutput(path, like.dtype, like.shape);
+  } catch (const IoError& e) {
+    throw IoError(opt + ": " + e.message(), __FILE__, __LINE__);
+  }
+}
+
+void commit_output(const std::string& opt, NpyOutput& file, const void* data, DType t,
+                   NpyDType file_dtype) {
+  const std::size_t item = npy_itemsize(file_dtype);
+  const std::int64_t n = static_cast<std::int64_t>(file.data_bytes() / item);
+  auto* dst = static_cast<std::byte*>(file.data());
+  if ((file_dtype == NpyDType::kF32 && t == DType::kF32) ||
+      (file_dtype == NpyDType::kF16 && t == DType::kF16)) {
+    if (n > 0) std::memcpy(dst, data, file.data_bytes());
+  } else {
+    for (std::int64_t i = 0; i < n; ++i) {
+      const float v = load_as_f32(data, i, t);
+      if (file_dtype == NpyDType::kF32) {
+        std::memcpy(dst + 4 * i, &v, 4);
+      } else {
+        const std::uint16_t h = f32_to_f16(v);
+        std::memcpy(dst + 2 * i, &h, 2);
+      }
+    }
+  }
+  try {
+    file.commit();
+  } catch (const IoError& e) {
+    throw IoError(opt + ": " + e.message(), __FILE__, __LINE__);
+  }
+}
+
 void check_dim(const std::string& opt_a, const NpyHeader& a, int dim_a, const std::string& opt_b,
                const NpyHeader& b, int dim_b, const char* meaning) {
   const std::int64_t va = a.shape.at(dim_a), vb = b.shape.at(dim_b);
@@ -276,34 +323,6 @@ std::vector<std::byte> to_storage(const NpyArray& a, DType t) {
   for (std::size_t i = 0; i < n; ++i)
     store_from_f32(out.data(), static_cast<std::int64_t>(i), t, f[i]);
   return out;
-}
-
-NpyArray from_storage(const void* data, DType t, const std::vector<std::int64_t>& shape,
-                      NpyDType file_dtype) {
-  NpyArray a;
-  a.dtype = file_dtype;
-  a.shape = shape;
-  const std::int64_t n = a.numel();
-  a.data.resize(static_cast<std::size_t>(n) * a.itemsize());
-  for (std::int64_t i = 0; i < n; ++i) {
-    const float v = load_as_f32(data, i, t);
-    if (file_dtype == NpyDType::kF32) {
-      std::memcpy(a.data.data() + 4 * i, &v, 4);
-    } else {
-      const std::uint16_t h =
-          t == DType::kF16 ? static_cast<const std::uint16_t*>(data)[i] : f32_to_f16(v);
-      std::memcpy(a.data.data() + 2 * i, &h, 2);
-    }
-  }
-  return a;
-}
-
-void write_array(const std::string& opt, const std::string& path, const NpyArray& a) {
-  try {
-    write_npy(path, a);
-  } catch (const IoError& e) {
-    throw IoError(opt + ": " + e.message(), __FILE__, __LINE__);
-  }
 }
 
 void write_f32(const std::string& opt, const std::string& path,

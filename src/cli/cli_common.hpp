@@ -120,6 +120,12 @@ class OutputTensor {
   float* data_ = nullptr;
 };
 
+// A .npy file with the dtype and shape of `like`, created now for option `opt`
+// (before computing); commit_output() fills it from storage-dtype values and closes it.
+NpyOutput open_output(const std::string& opt, const std::string& path, const NpyHeader& like);
+void commit_output(const std::string& opt, NpyOutput& file, const void* data, DType t,
+                   NpyDType file_dtype);
+
 // Throws InvalidArgument unless a.shape[dim_a] == b.shape[dim_b], naming both
 // options, the dimension meaning and both full shapes:
 //   "--k: dim 3 (head dim) = 64 must equal --q dim 3 (head dim) = 128
@@ -133,12 +139,7 @@ void check_shape(const std::string& opt, const NpyHeader& a,
 // Element values of a float tensor converted to storage dtype `t` (rounded to
 // nearest even; <f2 data kept bit-exact when t is fp16).
 std::vector<std::byte> to_storage(const NpyArray& a, DType t);
-// Storage-dtype values back to a float array of file dtype `file_dtype` (<f4 / <f2).
-NpyArray from_storage(const void* data, DType t, const std::vector<std::int64_t>& shape,
-                      NpyDType file_dtype);
 
-// Writes `a` to `path` (given for option `opt`); IoError messages name the option.
-void write_array(const std::string& opt, const std::string& path, const NpyArray& a);
 // Writes an fp32 array to `path` (given for option `opt`).
 void write_f32(const std::string& opt, const std::string& path,
                const std::vector<std::int64_t>& shape, const float* data);
