@@ -13,6 +13,7 @@
 
 #include "cli/cli_common.hpp"
 #include "cli/commands.hpp"
+#include "ringattn/contiguous_params.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/softmax_state.hpp"
 
@@ -207,19 +208,7 @@ int cmd_attn(int argc, char** argv) {
   p.v = vs.data();
   p.out = out.data();
   p.lse = !lse ? nullptr : varlen ? lse_varlen.get() : lse->data();
-  // Contiguous strides in elements; for varlen the row dim is the first one.
-  p.q_head_stride = d;
-  p.q_row_stride = h * d;
-  p.q_batch_stride = varlen ? 0 : q.shape[1] * h * d;
-  p.k_head_stride = d;
-  p.k_row_stride = h_k * d;
-  p.k_batch_stride = varlen ? 0 : k.shape[1] * h_k * d;
-  p.v_head_stride = d_v;
-  p.v_row_stride = h_k * d_v;
-  p.v_batch_stride = varlen ? 0 : v.shape[1] * h_k * d_v;
-  p.out_head_stride = d_v;
-  p.out_row_stride = h * d_v;
-  p.out_batch_stride = varlen ? 0 : q.shape[1] * h * d_v;
+  set_contiguous_strides(p);  // for varlen the row dim is the first one
 
   const double t0 = now_seconds();
   engine.forward(p);
