@@ -103,8 +103,9 @@ StoredTensor load_storage(const std::string& opt, const NpyFile& f, DType t, boo
 
 // An fp32 result tensor for option `opt`. With a path, the .npy file is created at
 // once (before any computing, so that an unwritable path fails in milliseconds) and
-// data() points into the file itself; commit() completes it, and an OutputTensor
-// destroyed without commit() removes the file. Without a path, data() is an
+// data() points into the file itself (written next to the path and renamed onto it
+// by commit(); an OutputTensor destroyed without commit() leaves the path as it
+// was, see NpyOutput). Without a path, data() is an
 // uninitialised buffer. Either way, every element must be written before commit().
 class OutputTensor {
  public:

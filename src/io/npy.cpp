@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -477,11 +478,30 @@ NpyOutput::NpyOutput(const std::string& path, NpyDType dtype,
   const std::string head = make_header(dtype, shape, path, &nbytes);
   header_bytes_ = head.size();
   data_bytes_ = static_cast<std::size_t>(nbytes);
-  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-  if (fd_ < 0) fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-  if (fd_ < 0) RA_THROW(IoError, path << ": cannot open for writing: " << std::strerror(errno));
+  // A regular file (or a new one) is written as a temporary file next to it and renamed
+  // over it by commit(): a file that is also an input (kvcache --k-cache-out onto
+  // --k-cache) stays intact while it is read, and a failed command leaves the old file.
+  // Anything else (/dev/null, a pipe) is written directly.
   struct stat st {};
-  const bool regular = ::fstat(fd_, &st) == 0 && S_ISREG(st.st_mode);
+  const bool exists = ::stat(path.c_str(), &st) == 0;
+  const bool regular = !exists || S_ISREG(st.st_mode);
+  if (regular) {
+    if (exists) {  // write through symlinks: rename onto the file they point to
+      char* real = ::realpath(path.c_str(), nullptr);
+      if (real) {
+        target_ = real;
+        std::free(real);
+      }
+    }
+    if (target_.empty()) target_ = path;
+    static int counter = 0;
+    temp_ = target_ + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(++counter);
+    fd_ = ::open(temp_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd_ >= 0 && exists) (void)::fchmod(fd_, st.st_mode & 07777);  // keep the old mode
+  } else {
+    fd_ = ::open(path.c_str(), O_WRONLY | O_TRUNC | O_CLOEXEC);
+  }
+  if (fd_ < 0) RA_THROW(IoError, path << ": cannot open for writing: " << std::strerror(errno));
   remove_on_error_ = regular;
   try {
     if (regular && data_bytes_ > 0) {
@@ -516,6 +536,8 @@ NpyOutput& NpyOutput::operator=(NpyOutput&& o) noexcept {
   if (this != &o) {
     release();
     path_ = std::move(o.path_);
+    target_ = std::move(o.target_);
+    temp_ = std::move(o.temp_);
     fd_ = std::exchange(o.fd_, -1);
     mapped_ = o.mapped_;
     remove_on_error_ = o.remove_on_error_;
@@ -540,11 +562,22 @@ void NpyOutput::commit() {
   }
   const int err = ok ? 0 : errno;
   const bool closed = ::close(fd_) == 0;
+  const int close_err = closed ? 0 : errno;
   fd_ = -1;
   buffer_.reset();
   data_ = nullptr;
+  if (ok && closed && remove_on_error_) {
+    if (::rename(temp_.c_str(), target_.c_str()) != 0) {
+      const int e = errno;
+      ::unlink(temp_.c_str());
+      RA_THROW(IoError,
+               path_ << ": cannot rename the written file into place: " << std::strerror(e));
+    }
+    return;
+  }
+  if (remove_on_error_) ::unlink(temp_.c_str());
   if (!ok) RA_THROW(IoError, path_ << ": write failed: " << std::strerror(err));
-  if (!closed) RA_THROW(IoError, path_ << ": close failed: " << std::strerror(errno));
+  if (!closed) RA_THROW(IoError, path_ << ": close failed: " << std::strerror(close_err));
 }
 
 void NpyOutput::release() noexcept {
@@ -552,7 +585,7 @@ void NpyOutput::release() noexcept {
   map_base_ = nullptr;
   if (fd_ >= 0) {
     ::close(fd_);
-    if (remove_on_error_) ::unlink(path_.c_str());
+    if (remove_on_error_) ::unlink(temp_.c_str());
   }
   fd_ = -1;
   buffer_.reset();

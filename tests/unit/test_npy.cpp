@@ -266,6 +266,32 @@ TEST_F(NpyTest, OutputWritesThroughTheFileAndRemovesItWithoutCommit) {
   const std::string p = path("abandoned.npy");
   { NpyOutput out(p, NpyDType::kF32, {4}); }
   EXPECT_FALSE(std::filesystem::exists(p));
+  // An existing file is left as it was by an abandoned output, and replaced on commit
+  // even while it is mapped as an input (the mapping keeps the old contents).
+  const float old_vals[2] = {1.0f, 2.0f};
+  write_npy(p, NpyDType::kF32, {2}, old_vals);
+  { NpyOutput out(p, NpyDType::kF32, {3}); }
+  EXPECT_EQ(read_npy(p).shape, std::vector<std::int64_t>{2});
+  {
+    const NpyFile in(p);
+    const NpyMapping m = in.map(false);
+    NpyOutput out(p, NpyDType::kF32, {2});
+    static_cast<float*>(out.data())[0] = 5.0f;
+    static_cast<float*>(out.data())[1] = 6.0f;
+    out.commit();
+    float seen[2];
+    std::memcpy(seen, m.data(), 8);
+    EXPECT_EQ(seen[0], 1.0f);
+    EXPECT_EQ(seen[1], 2.0f);
+  }
+  const NpyArray replaced = read_npy(p);
+  float now[2];
+  std::memcpy(now, replaced.data.data(), 8);
+  EXPECT_EQ(now[0], 5.0f);
+  EXPECT_EQ(now[1], 6.0f);
+  std::size_t files = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir_)) ++files;
+  EXPECT_EQ(files, 2u);  // o.npy and abandoned.npy: no temporary file left behind
   EXPECT_THROW(NpyOutput(path("no_such_dir/x.npy"), NpyDType::kF32, {1}), IoError);
   // A non-regular file gets a buffer written by commit().
   NpyOutput null_out("/dev/null", NpyDType::kF32, {2, 2});

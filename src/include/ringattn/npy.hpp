@@ -111,9 +111,12 @@ class NpyFile {
 // A .npy file being written: the header is written when it is opened, the data is
 // written by the caller straight into the file's pages (a shared mapping of the
 // file, its blocks reserved up front so that a full disk is an IoError here rather
-// than a fault later). Files that cannot be mapped (pipes, /dev/null) get a heap
-// buffer that commit() writes. Opening it before computing checks the path early.
-// Destroyed without commit() (an error on the way), it removes the file it created.
+// than a fault later). Opening it before computing checks the path early. A regular
+// file is written as "<path>.tmp-<pid>-<n>" in the same directory and renamed onto
+// <path> by commit(), so <path> may also be an input that is still being read, and
+// an NpyOutput destroyed without commit() (an error on the way) removes the
+// temporary file and leaves <path> as it was. Paths that are not regular files
+// (pipes, /dev/null) are written directly, from a heap buffer, by commit().
 class NpyOutput {
  public:
   NpyOutput() = default;
@@ -132,7 +135,7 @@ class NpyOutput {
 
  private:
   void release() noexcept;
-  std::string path_;
+  std::string path_, target_, temp_;  // as given; renamed onto; written
   int fd_ = -1;
   bool mapped_ = false, remove_on_error_ = false;
   void* map_base_ = nullptr;
