@@ -311,20 +311,6 @@ void check_shape(const std::string& opt, const NpyHeader& a,
                                         << shape_to_string(expected) << " (" << why << ")");
 }
 
-std::vector<std::byte> to_storage(const NpyArray& a, DType t) {
-  const std::size_t n = static_cast<std::size_t>(a.numel());
-  std::vector<std::byte> out(n * dtype_size(t));
-  if ((a.dtype == NpyDType::kF32 && t == DType::kF32) ||
-      (a.dtype == NpyDType::kF16 && t == DType::kF16)) {
-    if (n > 0) std::memcpy(out.data(), a.data.data(), out.size());
-    return out;
-  }
-  const std::vector<float> f = a.to_f32();
-  for (std::size_t i = 0; i < n; ++i)
-    store_from_f32(out.data(), static_cast<std::int64_t>(i), t, f[i]);
-  return out;
-}
-
 void write_f32(const std::string& opt, const std::string& path,
                const std::vector<std::int64_t>& shape, const float* data) {
   try {

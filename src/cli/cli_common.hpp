@@ -137,10 +137,6 @@ void check_dim(const std::string& opt_a, const NpyHeader& a, int dim_a, const st
 void check_shape(const std::string& opt, const NpyHeader& a,
                  const std::vector<std::int64_t>& expected, const std::string& why);
 
-// Element values of a float tensor converted to storage dtype `t` (rounded to
-// nearest even; <f2 data kept bit-exact when t is fp16).
-std::vector<std::byte> to_storage(const NpyArray& a, DType t);
-
 // Writes an fp32 array to `path` (given for option `opt`).
 void write_f32(const std::string& opt, const std::string& path,
                const std::vector<std::int64_t>& shape, const float* data);
