@@ -145,6 +145,20 @@ std::vector<std::int32_t> load_index(const std::string& opt, const std::string& 
   return a.to_i32(opt);
 }
 
+std::vector<std::byte> to_storage(const NpyArray& a, DType t) {
+  const std::size_t n = static_cast<std::size_t>(a.numel());
+  std::vector<std::byte> out(n * dtype_size(t));
+  if ((a.dtype == NpyDType::kF32 && t == DType::kF32) ||
+      (a.dtype == NpyDType::kF16 && t == DType::kF16)) {
+    if (n > 0) std::memcpy(out.data(), a.data.data(), out.size());
+    return out;
+  }
+  const std::vector<float> f = a.to_f32();
+  for (std::size_t i = 0; i < n; ++i)
+    store_from_f32(out.data(), static_cast<std::int64_t>(i), t, f[i]);
+  return out;
+}
+
 NpyFile open_tensor(const std::string& opt, const std::string& path, int ndim) {
   try {
     NpyFile f(path);

@@ -75,6 +75,11 @@ NpyArray load_tensor(const std::string& opt, const std::string& path, int ndim);
 std::vector<std::int32_t> load_index(const std::string& opt, const std::string& path,
                                      const std::vector<std::int64_t>& shape);
 
+// Element values of an in-memory float tensor converted to storage dtype `t` (rounded
+// to nearest even; <f2 data kept bit-exact when t is fp16). Large inputs go through
+// open_tensor + load_storage instead, which read the file straight into place.
+std::vector<std::byte> to_storage(const NpyArray& a, DType t);
+
 // The .npy file of a float tensor (<f4 or <f2) of rank `ndim` given for option `opt`:
 // header read and checked, the data left in the file for load_storage().
 NpyFile open_tensor(const std::string& opt, const std::string& path, int ndim);
