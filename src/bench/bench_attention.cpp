@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "ringattn/bench.hpp"
+#include "ringattn/contiguous_params.hpp"
 #include "ringattn/dtype.hpp"
 #include "ringattn/engine.hpp"
 
@@ -55,18 +56,7 @@ BenchMeasurement run_prefill(const BenchContext& ctx, DType t, bool causal, int 
   p.h_k = h_k;
   p.d = d;
   p.d_v = d;
-  p.q_head_stride = d;
-  p.q_row_stride = std::int64_t{h} * d;
-  p.q_batch_stride = std::int64_t{s} * h * d;
-  p.k_head_stride = d;
-  p.k_row_stride = std::int64_t{h_k} * d;
-  p.k_batch_stride = std::int64_t{s} * h_k * d;
-  p.v_head_stride = p.k_head_stride;
-  p.v_row_stride = p.k_row_stride;
-  p.v_batch_stride = p.k_batch_stride;
-  p.out_head_stride = d;
-  p.out_row_stride = std::int64_t{h} * d;
-  p.out_batch_stride = std::int64_t{s} * h * d;
+  set_contiguous_strides(p);
   p.mask.causal = causal;
   const Engine engine(EngineOptions{ctx.backend, ctx.threads});
   BenchMeasurement m;
@@ -102,18 +92,7 @@ BenchMeasurement run_decode(const BenchContext& ctx, DType t, int s_k) {
   p.b_cache = b;
   p.s_cache = s_k;
   p.cache_seqlens = seqlens.data();
-  p.q_head_stride = d;
-  p.q_row_stride = std::int64_t{h} * d;
-  p.q_batch_stride = std::int64_t{h} * d;
-  p.k_cache_head_stride = d;
-  p.k_cache_row_stride = std::int64_t{h_k} * d;
-  p.k_cache_batch_stride = std::int64_t{s_k} * h_k * d;
-  p.v_cache_head_stride = p.k_cache_head_stride;
-  p.v_cache_row_stride = p.k_cache_row_stride;
-  p.v_cache_batch_stride = p.k_cache_batch_stride;
-  p.out_head_stride = d;
-  p.out_row_stride = std::int64_t{h} * d;
-  p.out_batch_stride = std::int64_t{h} * d;
+  set_contiguous_strides(p);
   p.num_splits = 0;  // split-KV, engine-chosen
   const Engine engine(EngineOptions{ctx.backend, ctx.threads});
   const SchedulerMetadata plan = engine.plan_kvcache(p);

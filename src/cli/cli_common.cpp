@@ -145,22 +145,6 @@ std::vector<std::int32_t> load_index(const std::string& opt, const std::string& 
   return a.to_i32(opt);
 }
 
-void check_dim(const std::string& opt_a, const NpyArray& a, int dim_a, const std::string& opt_b,
-               const NpyArray& b, int dim_b, const char* meaning) {
-  const std::int64_t va = a.shape.at(dim_a), vb = b.shape.at(dim_b);
-  RA_CHECK_ARG(va == vb, opt_a << ": dim " << dim_a << " (" << meaning << ") = " << va
-                               << " must equal " << opt_b << " dim " << dim_b << " (" << meaning
-                               << ") = " << vb << " (" << opt_a << " shape "
-                               << shape_to_string(a.shape) << ", " << opt_b << " shape "
-                               << shape_to_string(b.shape) << ")");
-}
-
-void check_shape(const std::string& opt, const NpyArray& a,
-                 const std::vector<std::int64_t>& expected, const std::string& why) {
-  RA_CHECK_ARG(a.shape == expected, opt << ": shape " << shape_to_string(a.shape) << " must be "
-                                        << shape_to_string(expected) << " (" << why << ")");
-}
-
 std::vector<std::byte> to_storage(const NpyArray& a, DType t) {
   const std::size_t n = static_cast<std::size_t>(a.numel());
   std::vector<std::byte> out(n * dtype_size(t));
@@ -175,32 +159,170 @@ std::vector<std::byte> to_storage(const NpyArray& a, DType t) {
   return out;
 }
 
-NpyArray from_storage(const void* data, DType t, const std::vector<std::int64_t>& shape,
-                      NpyDType file_dtype) {
-  NpyArray a;
-  a.dtype = file_dtype;
-  a.shape = shape;
-  const std::int64_t n = a.numel();
-  a.data.resize(static_cast<std::size_t>(n) * a.itemsize());
-  for (std::int64_t i = 0; i < n; ++i) {
-    const float v = load_as_f32(data, i, t);
-    if (file_dtype == NpyDType::kF32) {
-      std::memcpy(a.data.data() + 4 * i, &v, 4);
-    } else {
-      const std::uint16_t h =
-          t == DType::kF16 ? static_cast<const std::uint16_t*>(data)[i] : f32_to_f16(v);
-      std::memcpy(a.data.data() + 2 * i, &h, 2);
-    }
-  }
-  return a;
-}
-
-void write_array(const std::string& opt, const std::string& path, const NpyArray& a) {
+NpyFile open_tensor(const std::string& opt, const std::string& path, int ndim) {
   try {
-    write_npy(path, a);
+    NpyFile f(path);
+    const NpyHeader& a = f.header();
+    RA_CHECK_ARG(a.is_float(), opt << ": " << path << ": expected a float tensor (<f4 or <f2), got "
+                                   << npy_descr(a.dtype));
+    RA_CHECK_ARG(a.ndim() == ndim, opt << ": " << path << ": expected a " << ndim
+                                       << "-d tensor, got shape " << shape_to_string(a.shape));
+    return f;
   } catch (const IoError& e) {
     throw IoError(opt + ": " + e.message(), __FILE__, __LINE__);
   }
+}
+
+namespace {
+
+// dst[i] = round(src[i] / divisor) for n file elements of `from` into storage `to`.
+// The common pairs get their own loops (the compiler vectorises them).
+void convert_chunk(const std::byte* src, NpyDType from, std::byte* dst, DType to, std::size_t n,
+                   float divisor) {
+  if (from == NpyDType::kF32 && to == DType::kBF16 && divisor == 1.0f) {
+    const auto* s = reinterpret_cast<const float*>(src);
+    auto* d = reinterpret_cast<std::uint16_t*>(dst);
+    for (std::size_t i = 0; i < n; ++i) d[i] = f32_to_bf16(s[i]);
+    return;
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    float v;
+    if (from == NpyDType::kF32) {
+      std::memcpy(&v, src + 4 * i, 4);
+    } else {
+      std::uint16_t h;
+      std::memcpy(&h, src + 2 * i, 2);
+      v = f16_to_f32(h);
+    }
+    store_from_f32(dst, static_cast<std::int64_t>(i), to, divisor == 1.0f ? v : v / divisor);
+  }
+}
+
+}  // namespace
+
+StoredTensor load_storage(const std::string& opt, const NpyFile& f, DType t, bool writable,
+                          float divisor) {
+  try {
+    const NpyHeader& h = f.header();
+    const std::size_t n = static_cast<std::size_t>(h.numel());
+    StoredTensor s;
+    s.bytes_ = n * dtype_size(t);
+    const bool same = (h.dtype == NpyDType::kF32 && t == DType::kF32) ||
+                      (h.dtype == NpyDType::kF16 && t == DType::kF16);
+    RA_CHECK_ARG(!same || divisor == 1.0f, opt << ": a divisor needs a dtype conversion");
+    if (same && f.mappable()) {
+      s.mapping_ = f.map(writable);
+      s.data_ = s.mapping_.data();
+      return s;
+    }
+    s.buffer_.reset(new std::byte[std::max<std::size_t>(s.bytes_, 1)]);  // uninitialised
+    s.data_ = s.buffer_.get();
+    if (same) {
+      f.read(s.data_, 0, n);
+      return s;
+    }
+    // Chunks of 64K elements converted in parallel, from the file's mapped pages (no
+    // copy in between), or through a small staging buffer when it cannot be mapped.
+    constexpr std::size_t kChunk = std::size_t{1} << 16;
+    const std::int64_t chunks = static_cast<std::int64_t>((n + kChunk - 1) / kChunk);
+    const std::size_t in_item = h.itemsize(), out_item = dtype_size(t);
+    if (f.mappable()) {
+      const NpyMapping m = f.map(false);
+#pragma omp parallel for schedule(static)
+      for (std::int64_t c = 0; c < chunks; ++c) {
+        const std::size_t i = static_cast<std::size_t>(c) * kChunk;
+        convert_chunk(m.data() + i * in_item, h.dtype, s.buffer_.get() + i * out_item, t,
+                      std::min(kChunk, n - i), divisor);
+      }
+      return s;
+    }
+    std::unique_ptr<std::byte[]> stage(new std::byte[kChunk * in_item]);
+    for (std::size_t i = 0; i < n; i += kChunk) {
+      const std::size_t m = std::min(kChunk, n - i);
+      f.read(stage.get(), i, m);
+      convert_chunk(stage.get(), h.dtype, s.buffer_.get() + i * out_item, t, m, divisor);
+    }
+    return s;
+  } catch (const IoError& e) {
+    throw IoError(opt + ": " + e.message(), __FILE__, __LINE__);
+  }
+}
+
+OutputTensor::OutputTensor(const std::string& opt, const std::string& path,
+                           const std::vector<std::int64_t>& shape)
+    : opt_(opt) {
+  if (path.empty()) {
+    std::size_t n = 1;
+    for (const auto d : shape) n *= static_cast<std::size_t>(d);
+    buffer_.reset(new float[std::max<std::size_t>(n, 1)]);  // uninitialised
+    data_ = buffer_.get();
+    return;
+  }
+  try {
+    file_ = NpyOutput(path, NpyDType::kF32, shape);
+  } catch (const IoError& e) {
+    throw IoError(opt + ": " + e.message(), __FILE__, __LINE__);
+  }
+  data_ = static_cast<float*>(file_.data());
+}
+
+void OutputTensor::commit() {
+  if (!file_.is_open()) return;
+  try {
+    file_.commit();
+  } catch (const IoError& e) {
+    throw IoError(opt_ + ": " + e.message(), __FILE__, __LINE__);
+  }
+}
+
+NpyOutput open_output(const std::string& opt, const std::string& path, const NpyHeader& like) {
+  try {
+    return NpyOutput(path, like.dtype, like.shape);
+  } catch (const IoError& e) {
+    throw IoError(opt + ": " + e.message(), __FILE__, __LINE__);
+  }
+}
+
+void commit_output(const std::string& opt, NpyOutput& file, const void* data, DType t,
+                   NpyDType file_dtype) {
+  const std::size_t item = npy_itemsize(file_dtype);
+  const std::int64_t n = static_cast<std::int64_t>(file.data_bytes() / item);
+  auto* dst = static_cast<std::byte*>(file.data());
+  if ((file_dtype == NpyDType::kF32 && t == DType::kF32) ||
+      (file_dtype == NpyDType::kF16 && t == DType::kF16)) {
+    if (n > 0) std::memcpy(dst, data, file.data_bytes());
+  } else {
+    for (std::int64_t i = 0; i < n; ++i) {
+      const float v = load_as_f32(data, i, t);
+      if (file_dtype == NpyDType::kF32) {
+        std::memcpy(dst + 4 * i, &v, 4);
+      } else {
+        const std::uint16_t h = f32_to_f16(v);
+        std::memcpy(dst + 2 * i, &h, 2);
+      }
+    }
+  }
+  try {
+    file.commit();
+  } catch (const IoError& e) {
+    throw IoError(opt + ": " + e.message(), __FILE__, __LINE__);
+  }
+}
+
+void check_dim(const std::string& opt_a, const NpyHeader& a, int dim_a, const std::string& opt_b,
+               const NpyHeader& b, int dim_b, const char* meaning) {
+  const std::int64_t va = a.shape.at(dim_a), vb = b.shape.at(dim_b);
+  RA_CHECK_ARG(va == vb, opt_a << ": dim " << dim_a << " (" << meaning << ") = " << va
+                               << " must equal " << opt_b << " dim " << dim_b << " (" << meaning
+                               << ") = " << vb << " (" << opt_a << " shape "
+                               << shape_to_string(a.shape) << ", " << opt_b << " shape "
+                               << shape_to_string(b.shape) << ")");
+}
+
+void check_shape(const std::string& opt, const NpyHeader& a,
+                 const std::vector<std::int64_t>& expected, const std::string& why) {
+  RA_CHECK_ARG(a.shape == expected, opt << ": shape " << shape_to_string(a.shape) << " must be "
+                                        << shape_to_string(expected) << " (" << why << ")");
 }
 
 void write_f32(const std::string& opt, const std::string& path,

@@ -11,6 +11,7 @@
 #include <boost/program_options.hpp>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <nlohmann/json_fwd.hpp>
 #include <sstream>
 #include <string>
@@ -74,25 +75,73 @@ NpyArray load_tensor(const std::string& opt, const std::string& path, int ndim);
 std::vector<std::int32_t> load_index(const std::string& opt, const std::string& path,
                                      const std::vector<std::int64_t>& shape);
 
+// Element values of an in-memory float tensor converted to storage dtype `t` (rounded
+// to nearest even; <f2 data kept bit-exact when t is fp16). Large inputs go through
+// open_tensor + load_storage instead, which read the file straight into place.
+std::vector<std::byte> to_storage(const NpyArray& a, DType t);
+
+// The .npy file of a float tensor (<f4 or <f2) of rank `ndim` given for option `opt`:
+// header read and checked, the data left in the file for load_storage().
+NpyFile open_tensor(const std::string& opt, const std::string& path, int ndim);
+
+// A tensor's elements in kernel storage dtype, in memory the kernel uses as is.
+// When the file holds the storage dtype, it is the file's data mapped (no copy, no
+// allocation; `writable` makes it a private copy-on-write mapping for tensors the
+// kernel updates in place, such as KV caches); otherwise an uninitialised buffer
+// filled by reading the file in chunks and converting (rounded to nearest even).
+class StoredTensor {
+ public:
+  void* data() const { return data_; }
+  std::size_t bytes() const { return bytes_; }
+
+ private:
+  friend StoredTensor load_storage(const std::string&, const NpyFile&, DType, bool, float);
+  NpyMapping mapping_;
+  std::unique_ptr<std::byte[]> buffer_;
+  void* data_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+// `divisor` (fp8 caches: value / kv_scale) divides each value before rounding; it is
+// only allowed where the storage dtype differs from the file's.
+StoredTensor load_storage(const std::string& opt, const NpyFile& f, DType t, bool writable = false,
+                          float divisor = 1.0f);
+
+// An fp32 result tensor for option `opt`. With a path, the .npy file is created at
+// once (before any computing, so that an unwritable path fails in milliseconds) and
+// data() points into the file itself (written next to the path and renamed onto it
+// by commit(); an OutputTensor destroyed without commit() leaves the path as it
+// was, see NpyOutput). Without a path, data() is an
+// uninitialised buffer. Either way, every element must be written before commit().
+class OutputTensor {
+ public:
+  OutputTensor(const std::string& opt, const std::string& path,
+               const std::vector<std::int64_t>& shape);
+  float* data() const { return data_; }
+  void commit();
+
+ private:
+  std::string opt_;
+  NpyOutput file_;
+  std::unique_ptr<float[]> buffer_;
+  float* data_ = nullptr;
+};
+
+// A .npy file with the dtype and shape of `like`, created now for option `opt`
+// (before computing); commit_output() fills it from storage-dtype values and closes it.
+NpyOutput open_output(const std::string& opt, const std::string& path, const NpyHeader& like);
+void commit_output(const std::string& opt, NpyOutput& file, const void* data, DType t,
+                   NpyDType file_dtype);
+
 // Throws InvalidArgument unless a.shape[dim_a] == b.shape[dim_b], naming both
 // options, the dimension meaning and both full shapes:
 //   "--k: dim 3 (head dim) = 64 must equal --q dim 3 (head dim) = 128
 //    (--k shape [2, 5, 2, 64], --q shape [2, 5, 6, 128])"
-void check_dim(const std::string& opt_a, const NpyArray& a, int dim_a, const std::string& opt_b,
-               const NpyArray& b, int dim_b, const char* meaning);
+void check_dim(const std::string& opt_a, const NpyHeader& a, int dim_a, const std::string& opt_b,
+               const NpyHeader& b, int dim_b, const char* meaning);
 // Throws InvalidArgument unless a.shape == expected.
-void check_shape(const std::string& opt, const NpyArray& a,
+void check_shape(const std::string& opt, const NpyHeader& a,
                  const std::vector<std::int64_t>& expected, const std::string& why);
 
-// Element values of a float tensor converted to storage dtype `t` (rounded to
-// nearest even; <f2 data kept bit-exact when t is fp16).
-std::vector<std::byte> to_storage(const NpyArray& a, DType t);
-// Storage-dtype values back to a float array of file dtype `file_dtype` (<f4 / <f2).
-NpyArray from_storage(const void* data, DType t, const std::vector<std::int64_t>& shape,
-                      NpyDType file_dtype);
-
-// Writes `a` to `path` (given for option `opt`); IoError messages name the option.
-void write_array(const std::string& opt, const std::string& path, const NpyArray& a);
 // Writes an fp32 array to `path` (given for option `opt`).
 void write_f32(const std::string& opt, const std::string& path,
                const std::vector<std::int64_t>& shape, const float* data);

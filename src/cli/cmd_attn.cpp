@@ -7,10 +7,13 @@
 // Rows that see no key get output 0 and LSE -inf.
 #include <algorithm>
 #include <cstdio>
-#include <limits>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
 
 #include "cli/cli_common.hpp"
 #include "cli/commands.hpp"
+#include "ringattn/contiguous_params.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/softmax_state.hpp"
 
@@ -46,6 +49,7 @@ int cmd_attn(int argc, char** argv) {
   std::string q_path, k_path, v_path, out_path, lse_path;
   std::string cu_q_path, cu_k_path, used_q_path, used_k_path;
   int max_seqlen_q = 0, max_seqlen_k = 0, num_splits = 0;
+  bool json = false;
   MaskArgs mask_args;
   KernelArgs kernel_args;
 
@@ -70,6 +74,8 @@ int cmd_attn(int argc, char** argv) {
       "varlen: longest key segment; 0 = from cu_seqlens");
   add("num-splits", po::value<int>(&num_splits)->default_value(0),
       "key splits: 0 = engine decides, 1 = none");
+  add("json", po::bool_switch(&json),
+      "print the result as one JSON object (kernel_s = seconds in the kernel call)");
   po::options_description mask("Mask");
   add_mask_options(mask, &mask_args);
   po::options_description kern("Kernel");
@@ -96,10 +102,12 @@ int cmd_attn(int argc, char** argv) {
   const MaskParams mask_params = to_mask_params(mask_args);
   const Engine engine = make_engine(kernel_args);
 
+  // Headers first: every shape is checked before any data is read.
   const int rank = varlen ? 3 : 4;
-  const NpyArray q = load_tensor("--q", q_path, rank);
-  const NpyArray k = load_tensor("--k", k_path, rank);
-  const NpyArray v = load_tensor("--v", v_path, rank);
+  const NpyFile q_file = open_tensor("--q", q_path, rank);
+  const NpyFile k_file = open_tensor("--k", k_path, rank);
+  const NpyFile v_file = open_tensor("--v", v_path, rank);
+  const NpyHeader &q = q_file.header(), &k = k_file.header(), &v = v_file.header();
   const int hd = rank - 2;  // index of the head dim in the shapes
   if (!varlen) {
     check_dim("--k", k, 0, "--q", q, 0, "batch");
@@ -180,33 +188,27 @@ int cmd_attn(int argc, char** argv) {
     lse_shape = {q.shape[0], h, q.shape[1]};
   }
 
-  const std::vector<std::byte> qs = to_storage(q, dtype), ks = to_storage(k, dtype),
-                               vs = to_storage(v, dtype);
-  // Poisoned with NaN so that a row the kernel fails to write cannot pass for a
-  // result; varlen rows outside every segment (or beyond seqused_q) are set to
-  // output 0, LSE -inf after the kernel.
-  std::vector<float> out(static_cast<std::size_t>(rows_q * h * d_v),
-                         std::numeric_limits<float>::quiet_NaN());
-  std::vector<float> lse(static_cast<std::size_t>(rows_q * h),
-                         std::numeric_limits<float>::quiet_NaN());
+  // Output files are created before anything is computed (a bad path fails at once)
+  // and the kernel writes into them directly. Dense: the kernel writes every element.
+  // Varlen: rows outside every segment (or beyond seqused_q) are set to output 0,
+  // LSE -inf after the kernel, and the LSE goes through a [h, cu_seqlens_q[b]] buffer.
+  OutputTensor out("--out", out_path, out_shape);
+  std::optional<OutputTensor> lse;
+  if (!lse_path.empty()) lse.emplace("--lse", lse_path, lse_shape);
+  std::unique_ptr<float[]> lse_varlen;
+  if (varlen && lse)
+    lse_varlen.reset(
+        new float[std::max<std::size_t>(static_cast<std::size_t>(cu_q.back() * h), 1)]);
+  // Inputs in storage dtype: the files themselves when they hold it (mapped).
+  const StoredTensor qs = load_storage("--q", q_file, dtype),
+                     ks = load_storage("--k", k_file, dtype),
+                     vs = load_storage("--v", v_file, dtype);
   p.q = qs.data();
   p.k = ks.data();
   p.v = vs.data();
   p.out = out.data();
-  p.lse = lse.data();
-  // Contiguous strides in elements; for varlen the row dim is the first one.
-  p.q_head_stride = d;
-  p.q_row_stride = h * d;
-  p.q_batch_stride = varlen ? 0 : q.shape[1] * h * d;
-  p.k_head_stride = d;
-  p.k_row_stride = h_k * d;
-  p.k_batch_stride = varlen ? 0 : k.shape[1] * h_k * d;
-  p.v_head_stride = d_v;
-  p.v_row_stride = h_k * d_v;
-  p.v_batch_stride = varlen ? 0 : v.shape[1] * h_k * d_v;
-  p.out_head_stride = d_v;
-  p.out_row_stride = h * d_v;
-  p.out_batch_stride = varlen ? 0 : q.shape[1] * h * d_v;
+  p.lse = !lse ? nullptr : varlen ? lse_varlen.get() : lse->data();
+  set_contiguous_strides(p);  // for varlen the row dim is the first one
 
   const double t0 = now_seconds();
   engine.forward(p);
@@ -215,22 +217,40 @@ int cmd_attn(int argc, char** argv) {
     // The kernel's varlen LSE is [h, cu_seqlens_q[b]]; the file's is [h, total_q]
     // (total_q = rows of --q, which may exceed cu_seqlens_q[b]).
     const std::int64_t seg_rows = cu_q.back();
-    std::vector<float> lse_file(static_cast<std::size_t>(rows_q * h), kNegInf);
     std::vector<bool> covered(static_cast<std::size_t>(rows_q), false);
     for (int i = 0; i < p.b; ++i) {
       const std::int32_t used = used_q.empty() ? cu_q[i + 1] - cu_q[i] : used_q[i];
-      for (std::int32_t r = cu_q[i]; r < cu_q[i] + used; ++r) {
-        covered[r] = true;
-        for (std::int64_t j = 0; j < h; ++j) lse_file[j * rows_q + r] = lse[j * seg_rows + r];
-      }
+      for (std::int32_t r = cu_q[i]; r < cu_q[i] + used; ++r) covered[r] = true;
     }
-    for (std::int64_t r = 0; r < rows_q; ++r)
-      if (!covered[r]) std::fill_n(out.begin() + r * h * d_v, h * d_v, 0.0f);
-    lse = std::move(lse_file);
+    for (std::int64_t r = 0; r < rows_q; ++r) {
+      if (!covered[r]) std::fill_n(out.data() + r * h * d_v, h * d_v, 0.0f);
+      if (!lse) continue;
+      for (std::int64_t j = 0; j < h; ++j)
+        lse->data()[j * rows_q + r] = covered[r] ? lse_varlen[j * seg_rows + r] : kNegInf;
+    }
   }
+  out.commit();
+  if (lse) lse->commit();
 
-  if (!out_path.empty()) write_f32("--out", out_path, out_shape, out.data());
-  if (!lse_path.empty()) write_f32("--lse", lse_path, lse_shape, lse.data());
+  if (json) {
+    Json j;
+    j["command"] = "attn";
+    j["layout"] = varlen ? "varlen" : "dense";
+    j["b"] = p.b;
+    j["s_q"] = p.s_q;
+    j["s_k"] = p.s_k;
+    j["h"] = p.h;
+    j["h_k"] = p.h_k;
+    j["d"] = p.d;
+    j["d_v"] = p.d_v;
+    j["causal"] = p.mask.causal;
+    j["dtype"] = dtype_name(dtype);
+    j["backend"] = engine.backend_name();
+    j["threads"] = engine.threads();
+    j["kernel_s"] = json_number(elapsed);
+    std::printf("%s\n", json_dump(j).c_str());
+    return 0;
+  }
   std::printf(
       "attn: %s b=%d s_q=%d s_k=%d h=%d h_k=%d d=%d d_v=%d dtype=%s backend=%s threads=%d: %.3f "
       "ms\n",

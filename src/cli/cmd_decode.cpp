@@ -10,8 +10,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -78,7 +80,8 @@ int cmd_decode(int argc, char** argv) {
   if (!parse_args_mpi(comm, argc, argv, all, kUsage, &vm)) return 0;
 
   const bool files = vm.count("q") || vm.count("k-cache") || vm.count("v-cache");
-  std::vector<std::byte> q_all, k_all, v_all;
+  StoredTensor q_all, k_all, v_all;
+  std::optional<OutputTensor> out_file, lse_file;  // rank 0, files mode
   std::unique_ptr<Engine> engine;
   comm::run_collectively(comm, [&] {
     p.dtype = tensor_dtype(kernel_args);
@@ -95,9 +98,11 @@ int cmd_decode(int argc, char** argv) {
     require(vm, "k-cache");
     require(vm, "v-cache");
     if (rank != 0) return;
-    const NpyArray q = load_tensor("--q", q_path, 4);
-    const NpyArray k = load_tensor("--k-cache", kc_path, 4);
-    const NpyArray v = load_tensor("--v-cache", vc_path, 4);
+    // Headers first: every shape is checked before any data is read.
+    const NpyFile q_file = open_tensor("--q", q_path, 4);
+    const NpyFile k_file = open_tensor("--k-cache", kc_path, 4);
+    const NpyFile v_file = open_tensor("--v-cache", vc_path, 4);
+    const NpyHeader &q = q_file.header(), &k = k_file.header(), &v = v_file.header();
     check_dim("--k-cache", k, 0, "--q", q, 0, "batch");
     check_dim("--v-cache", v, 0, "--q", q, 0, "batch");
     check_dim("--v-cache", v, 1, "--k-cache", k, 1, "cache length");
@@ -110,9 +115,14 @@ int cmd_decode(int argc, char** argv) {
     s = k.shape[1];
     h_k = static_cast<int>(k.shape[2]);
     d_v = static_cast<int>(v.shape[3]);
-    q_all = to_storage(q, p.dtype);
-    k_all = to_storage(k, p.dtype);
-    v_all = to_storage(v, p.dtype);
+    // Output files are created before anything is computed (a bad path fails at once).
+    if (!out_path.empty())
+      out_file.emplace("--out", out_path, std::vector<std::int64_t>{b, s_q, h, d_v});
+    if (!lse_path.empty())
+      lse_file.emplace("--lse", lse_path, std::vector<std::int64_t>{b, h, s_q});
+    q_all = load_storage("--q", q_file, p.dtype);
+    k_all = load_storage("--k-cache", k_file, p.dtype);
+    v_all = load_storage("--v-cache", v_file, p.dtype);
   });
   if (files) {
     std::int64_t hdr[7] = {b, s_q, h, h_k, d, d_v, s};
@@ -138,8 +148,11 @@ int cmd_decode(int argc, char** argv) {
   const std::int64_t k0 = s >= P ? decode_shard_first(s, P, rank) : 0;
   const std::int64_t qn = std::int64_t{b} * s_q * h * d, kr = std::int64_t{h_k} * d,
                      vr = std::int64_t{h_k} * d_v;
-  std::vector<std::byte> q(static_cast<std::size_t>(qn) * es),
-      kc(static_cast<std::size_t>(b * n * kr) * es), vc(static_cast<std::size_t>(b * n * vr) * es);
+  // Every element is filled below (broadcast, scatter or synthetic): no zero fill.
+  const std::size_t q_bytes = static_cast<std::size_t>(qn) * es;
+  const std::unique_ptr<std::byte[]> q(new std::byte[std::max<std::size_t>(q_bytes, 1)]),
+      kc(new std::byte[std::max<std::size_t>(static_cast<std::size_t>(b * n * kr) * es, 1)]),
+      vc(new std::byte[std::max<std::size_t>(static_cast<std::size_t>(b * n * vr) * es, 1)]);
   const auto spans_of = [&](int r) {
     comm::RowSpans sp;
     if (s < P) return sp;
@@ -148,28 +161,31 @@ int cmd_decode(int argc, char** argv) {
     return sp;
   };
   if (files) {
-    if (rank == 0) q = q_all;
-    comm::broadcast_bytes(comm, 0, q.data(), q.size());
+    if (rank == 0 && q_bytes > 0) std::memcpy(q.get(), q_all.data(), q_bytes);
+    comm::broadcast_bytes(comm, 0, q.get(), q_bytes);
     comm::scatter_rows(comm, 0, k_all.data(), static_cast<std::size_t>(kr) * es, spans_of,
-                       kc.data());
+                       kc.get());
     comm::scatter_rows(comm, 0, v_all.data(), static_cast<std::size_t>(vr) * es, spans_of,
-                       vc.data());
+                       vc.get());
   } else {
-    fill_synthetic(seed, 0, 0, qn, p.dtype, q.data());
+    fill_synthetic(seed, 0, 0, qn, p.dtype, q.get());
     for (int i = 0; i < b; ++i) {
       fill_synthetic(seed, 1, (i * s + k0) * kr, n * kr, p.dtype,
-                     kc.data() + static_cast<std::size_t>(i * n * kr) * es);
+                     kc.get() + static_cast<std::size_t>(i * n * kr) * es);
       fill_synthetic(seed, 2, (i * s + k0) * vr, n * vr, p.dtype,
-                     vc.data() + static_cast<std::size_t>(i * n * vr) * es);
+                     vc.get() + static_cast<std::size_t>(i * n * vr) * es);
     }
   }
-  std::vector<float> out(static_cast<std::size_t>(std::int64_t{b} * s_q * h * d_v));
-  std::vector<float> lse(static_cast<std::size_t>(std::int64_t{b} * s_q * h));
-  p.q = q.data();
-  p.k_cache = kc.data();
-  p.v_cache = vc.data();
-  p.out = out.data();
-  p.lse = lse.data();
+  // Rank 0 (files mode) writes into the output files; elsewhere uninitialised buffers.
+  if (!out_file) out_file.emplace("--out", "", std::vector<std::int64_t>{b, s_q, h, d_v});
+  if (!lse_file) lse_file.emplace("--lse", "", std::vector<std::int64_t>{b, h, s_q});
+  const float* out = out_file->data();
+  const float* lse = lse_file->data();
+  p.q = q.get();
+  p.k_cache = kc.get();
+  p.v_cache = vc.get();
+  p.out = out_file->data();
+  p.lse = lse_file->data();
   std::vector<double> times;
   for (int it = 0; it < iters; ++it) {
     comm.barrier();
@@ -184,7 +200,7 @@ int cmd_decode(int argc, char** argv) {
   double max_err = 0.0, max_lse_err = 0.0;
   if (check) {
     std::vector<double> ro(static_cast<std::size_t>(h * d_v)), rl(static_cast<std::size_t>(h));
-    const auto val = [&](int tensor, const std::vector<std::byte>& a, std::int64_t idx) {
+    const auto val = [&](int tensor, const StoredTensor& a, std::int64_t idx) {
       return files ? double(load_as_f32(a.data(), idx, p.dtype))
                    : double(synthetic_value(seed, tensor, idx, p.dtype));
     };
@@ -212,8 +228,8 @@ int cmd_decode(int argc, char** argv) {
         }
       }
   }
-  if (files && !out_path.empty()) write_f32("--out", out_path, {b, s_q, h, d_v}, out.data());
-  if (files && !lse_path.empty()) write_f32("--lse", lse_path, {b, h, s_q}, lse.data());
+  out_file->commit();
+  lse_file->commit();
   const double t_med = median(times);
   const double bytes = static_cast<double>(b) * s * (kr + vr) * static_cast<double>(es);
   if (json) {

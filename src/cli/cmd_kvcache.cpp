@@ -10,10 +10,11 @@
 // Writes --out [b, s_q, h, d_v] fp32, --lse [b, h, s_q] fp32 (natural log), and the
 // updated caches (--k-cache-out/--v-cache-out) in the dtype of the input cache files.
 #include <cstdio>
-#include <limits>
+#include <optional>
 
 #include "cli/cli_common.hpp"
 #include "cli/commands.hpp"
+#include "ringattn/contiguous_params.hpp"
 #include "ringattn/error.hpp"
 
 namespace ringattn::cli {
@@ -94,9 +95,11 @@ int cmd_kvcache(int argc, char** argv) {
   const MaskParams mask_params = to_mask_params(mask_args);
   const Engine engine = make_engine(kernel_args);
 
-  const NpyArray q = load_tensor("--q", q_path, 4);
-  const NpyArray kc = load_tensor("--k-cache", kc_path, 4);
-  const NpyArray vc = load_tensor("--v-cache", vc_path, 4);
+  // Headers first: every shape is checked before any data is read.
+  const NpyFile q_file = open_tensor("--q", q_path, 4);
+  const NpyFile kc_file = open_tensor("--k-cache", kc_path, 4);
+  const NpyFile vc_file = open_tensor("--v-cache", vc_path, 4);
+  const NpyHeader &q = q_file.header(), &kc = kc_file.header(), &vc = vc_file.header();
   check_dim("--v-cache", vc, 0, "--k-cache", kc, 0, paged ? "blocks" : "cache sequences");
   check_dim("--v-cache", vc, 1, "--k-cache", kc, 1, paged ? "page size" : "cache capacity");
   check_dim("--v-cache", vc, 2, "--k-cache", kc, 2, "kv heads");
@@ -133,7 +136,6 @@ int cmd_kvcache(int argc, char** argv) {
     page_table = pt.to_i32("--page-table");
     p.page_table = page_table.data();
     p.max_pages = static_cast<int>(pt.shape[1]);
-    p.page_table_batch_stride = pt.shape[1];
     p.num_blocks = static_cast<int>(kc.shape[0]);
     p.page_size = static_cast<int>(kc.shape[1]);
   } else {
@@ -149,10 +151,11 @@ int cmd_kvcache(int argc, char** argv) {
     p.cache_leftpad = leftpad.data();
   }
 
-  std::vector<std::byte> k_new_s, v_new_s;
+  StoredTensor k_new_s, v_new_s;
   if (vm.count("k-new")) {
-    const NpyArray kn = load_tensor("--k-new", k_new_path, 4);
-    const NpyArray vn = load_tensor("--v-new", v_new_path, 4);
+    const NpyFile kn_file = open_tensor("--k-new", k_new_path, 4);
+    const NpyFile vn_file = open_tensor("--v-new", v_new_path, 4);
+    const NpyHeader &kn = kn_file.header(), &vn = vn_file.header();
     check_dim("--k-new", kn, 0, "--q", q, 0, "batch");
     check_dim("--v-new", vn, 0, "--q", q, 0, "batch");
     check_dim("--v-new", vn, 1, "--k-new", kn, 1, "new tokens");
@@ -160,17 +163,11 @@ int cmd_kvcache(int argc, char** argv) {
     check_dim("--v-new", vn, 2, "--k-cache", kc, 2, "kv heads");
     check_dim("--k-new", kn, 3, "--k-cache", kc, 3, "head dim");
     check_dim("--v-new", vn, 3, "--v-cache", vc, 3, "value head dim");
-    k_new_s = to_storage(kn, dtype);
-    v_new_s = to_storage(vn, dtype);
+    k_new_s = load_storage("--k-new", kn_file, dtype);
+    v_new_s = load_storage("--v-new", vn_file, dtype);
     p.s_new = static_cast<int>(kn.shape[1]);
     p.k_new = k_new_s.data();
     p.v_new = v_new_s.data();
-    p.k_new_head_stride = d;
-    p.k_new_row_stride = h_k * d;
-    p.k_new_batch_stride = kn.shape[1] * h_k * d;
-    p.v_new_head_stride = d_v;
-    p.v_new_row_stride = h_k * d_v;
-    p.v_new_batch_stride = vn.shape[1] * h_k * d_v;
   }
 
   std::vector<float> rot_cos, rot_sin;
@@ -191,41 +188,34 @@ int cmd_kvcache(int argc, char** argv) {
     p.rotary_interleaved = rotary_interleaved;
   }
 
-  const std::vector<std::byte> qs = to_storage(q, dtype);
-  std::vector<std::byte> kcs = to_storage(kc, dtype), vcs = to_storage(vc, dtype);
-  // NaN poison: every element must be written by the kernel.
-  std::vector<float> out(static_cast<std::size_t>(b * s_q * h * d_v),
-                         std::numeric_limits<float>::quiet_NaN());
-  std::vector<float> lse(static_cast<std::size_t>(b * h * s_q),
-                         std::numeric_limits<float>::quiet_NaN());
+  // Output files are created before anything is computed (a bad path fails at once);
+  // the kernel writes out/lse into them directly (it writes every element).
+  OutputTensor out("--out", out_path, {b, s_q, h, d_v});
+  std::optional<OutputTensor> lse;
+  if (!lse_path.empty()) lse.emplace("--lse", lse_path, std::vector<std::int64_t>{b, h, s_q});
+  NpyOutput kc_out, vc_out;
+  if (!kc_out_path.empty()) kc_out = open_output("--k-cache-out", kc_out_path, kc);
+  if (!vc_out_path.empty()) vc_out = open_output("--v-cache-out", vc_out_path, vc);
+  // Inputs in storage dtype: the files themselves when they hold it (mapped; the
+  // caches copy-on-write, as the append writes into them and never into the files).
+  const StoredTensor qs = load_storage("--q", q_file, dtype);
+  const StoredTensor kcs = load_storage("--k-cache", kc_file, dtype, true),
+                     vcs = load_storage("--v-cache", vc_file, dtype, true);
   p.q = qs.data();
   p.k_cache = kcs.data();
   p.v_cache = vcs.data();
   p.out = out.data();
-  p.lse = lse.data();
-  p.q_head_stride = d;
-  p.q_row_stride = h * d;
-  p.q_batch_stride = s_q * h * d;
-  p.k_cache_head_stride = d;
-  p.k_cache_row_stride = h_k * d;
-  p.k_cache_batch_stride = kc.shape[1] * h_k * d;
-  p.v_cache_head_stride = d_v;
-  p.v_cache_row_stride = h_k * d_v;
-  p.v_cache_batch_stride = vc.shape[1] * h_k * d_v;
-  p.out_head_stride = d_v;
-  p.out_row_stride = h * d_v;
-  p.out_batch_stride = s_q * h * d_v;
+  p.lse = lse ? lse->data() : nullptr;
+  set_contiguous_strides(p);
 
   const double t0 = now_seconds();
   engine.forward_kvcache(p);
   const double elapsed = now_seconds() - t0;
 
-  if (!out_path.empty()) write_f32("--out", out_path, {b, s_q, h, d_v}, out.data());
-  if (!lse_path.empty()) write_f32("--lse", lse_path, {b, h, s_q}, lse.data());
-  if (!kc_out_path.empty())
-    write_array("--k-cache-out", kc_out_path, from_storage(kcs.data(), dtype, kc.shape, kc.dtype));
-  if (!vc_out_path.empty())
-    write_array("--v-cache-out", vc_out_path, from_storage(vcs.data(), dtype, vc.shape, vc.dtype));
+  out.commit();
+  if (lse) lse->commit();
+  if (kc_out.is_open()) commit_output("--k-cache-out", kc_out, kcs.data(), dtype, kc.dtype);
+  if (vc_out.is_open()) commit_output("--v-cache-out", vc_out, vcs.data(), dtype, vc.dtype);
   std::printf(
       "kvcache: %s b=%d s_q=%d h=%d h_k=%d d=%d d_v=%d s_new=%d dtype=%s backend=%s threads=%d: "
       "%.3f ms\n",

@@ -10,6 +10,7 @@
 //   --out           fp32 [b, s_q, h, 512]; --lse fp32 [b, h, s_q] (natural log)
 #include <cmath>
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -89,8 +90,10 @@ int cmd_mla(int argc, char** argv) {
   const DType q_dtype = tensor_dtype(kernel_args);
   const Engine engine = make_engine(kernel_args);
 
-  const NpyArray q = load_tensor("--q", q_path, 4);
-  const NpyArray cache = load_tensor("--kv-cache", cache_path, 3);
+  // Headers first: every shape is checked before any data is read.
+  const NpyFile q_file = open_tensor("--q", q_path, 4);
+  const NpyFile cache_file = open_tensor("--kv-cache", cache_path, 3);
+  const NpyHeader &q = q_file.header(), &cache = cache_file.header();
   RA_CHECK_ARG(q.shape[3] == kMlaHeadDim, "--q: last dim must be 576 (512 latent + 64 rope), got "
                                               << q.shape[3] << " (shape "
                                               << shape_to_string(q.shape) << ")");
@@ -143,29 +146,27 @@ int cmd_mla(int argc, char** argv) {
     p.topk = static_cast<int>(t.shape[2]);
   }
 
-  const std::vector<std::byte> q_store = to_storage(q, q_dtype);
-  std::vector<std::byte> cache_store;
-  if (kv_dtype == DType::kFP8E4M3) {
-    const std::vector<float> vals = cache.to_f32();
-    cache_store.resize(vals.size());
-    for (std::size_t i = 0; i < vals.size(); ++i)
-      cache_store[i] = static_cast<std::byte>(f32_to_fp8e4m3(vals[i] / kv_scale));
-  } else {
-    cache_store = to_storage(cache, kv_dtype);
-  }
+  // Output files are created before anything is computed (a bad path fails at once);
+  // the kernel writes into them directly (it writes every element).
+  OutputTensor out("--out", out_path, {b, s_q, h, kMlaValueDim});
+  std::optional<OutputTensor> lse;
+  if (!lse_path.empty()) lse.emplace("--lse", lse_path, std::vector<std::int64_t>{b, h, s_q});
+  // Inputs in storage dtype: the files themselves when they hold it (mapped); an fp8
+  // cache holds value / kv_scale.
+  const StoredTensor q_store = load_storage("--q", q_file, q_dtype);
+  const StoredTensor cache_store = load_storage("--kv-cache", cache_file, kv_dtype, false,
+                                                kv_dtype == DType::kFP8E4M3 ? kv_scale : 1.0f);
   p.q = q_store.data();
   p.kv_cache = cache_store.data();
-  std::vector<float> out(static_cast<std::size_t>(b * s_q * h) * kMlaValueDim);
-  std::vector<float> lse(static_cast<std::size_t>(b * h * s_q));
   p.out = out.data();
-  p.lse = lse.data();
+  p.lse = lse ? lse->data() : nullptr;
 
   const double t0 = now_seconds();
   engine.mla_decode(p);
   const double dt = now_seconds() - t0;
 
-  write_f32("--out", out_path, {b, s_q, h, kMlaValueDim}, out.data());
-  if (!lse_path.empty()) write_f32("--lse", lse_path, {b, h, s_q}, lse.data());
+  out.commit();
+  if (lse) lse->commit();
   std::printf("mla: b=%lld s_q=%lld h=%lld %s kv=%s backend=%s time %.3f ms\n",
               static_cast<long long>(b), static_cast<long long>(s_q), static_cast<long long>(h),
               sparse ? "sparse" : (causal ? "causal" : "dense"), dtype_name(kv_dtype),

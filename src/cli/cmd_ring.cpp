@@ -168,7 +168,7 @@ int cmd_ring(int argc, char** argv) {
   RingMode mode{};
   DType dtype{};
   MaskParams mask_params;
-  std::vector<std::byte> q_all, k_all, v_all;  // rank 0, files mode only
+  StoredTensor q_all, k_all, v_all;  // rank 0, files mode only
   comm::run_collectively(comm, [&] {
     layout = parse_layout(layout_text);
     mode = parse_ring_mode(mode_text);
@@ -186,9 +186,11 @@ int cmd_ring(int argc, char** argv) {
       if (rank != 0) return;
       const bool varlen = vm.count("cu-seqlens") > 0;
       const int nd = varlen ? 3 : 4, hd = nd - 2;
-      const NpyArray q = load_tensor("--q", q_path, nd);
-      const NpyArray k = load_tensor("--k", k_path, nd);
-      const NpyArray v = load_tensor("--v", v_path, nd);
+      // Headers first: every shape is checked before any data is read.
+      const NpyFile q_file = open_tensor("--q", q_path, nd);
+      const NpyFile k_file = open_tensor("--k", k_path, nd);
+      const NpyFile v_file = open_tensor("--v", v_path, nd);
+      const NpyHeader &q = q_file.header(), &k = k_file.header(), &v = v_file.header();
       check_dim("--k", k, 0, "--q", q, 0, varlen ? "tokens" : "batch");
       check_dim("--v", v, 0, "--q", q, 0, varlen ? "tokens" : "batch");
       if (!varlen) {
@@ -214,9 +216,9 @@ int cmd_ring(int argc, char** argv) {
         pr.b = static_cast<int>(q.shape[0]);
         pr.s = q.shape[1];
       }
-      q_all = to_storage(q, dtype);
-      k_all = to_storage(k, dtype);
-      v_all = to_storage(v, dtype);
+      q_all = load_storage("--q", q_file, dtype);
+      k_all = load_storage("--k", k_file, dtype);
+      v_all = load_storage("--v", v_file, dtype);
     } else {
       RA_CHECK_ARG(!vm.count("out") && !vm.count("lse") && !vm.count("cu-seqlens"),
                    "--out/--lse/--cu-seqlens: only valid with --q/--k/--v (files mode)");
@@ -409,7 +411,7 @@ int cmd_ring(int argc, char** argv) {
     std::vector<double> ro(static_cast<std::size_t>(orow)), rl(static_cast<std::size_t>(pr.h));
     for (const auto& row : sample) {
       const std::int64_t base = pr.base(row.seq), g = base + row.pos;
-      const auto val = [&](int tensor, const std::vector<std::byte>& all, std::int64_t idx) {
+      const auto val = [&](int tensor, const StoredTensor& all, std::int64_t idx) {
         return files ? double(load_as_f32(all.data(), idx, dtype))
                      : double(synthetic_value(seed, tensor, idx, dtype));
       };

@@ -8,6 +8,7 @@
 
 #include "ringattn/comm/collectives.hpp"
 #include "ringattn/comm/mpi_check.hpp"
+#include "ringattn/contiguous_params.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/merge_state.hpp"
 #include "ringattn/ring_attention.hpp"
@@ -123,18 +124,7 @@ void distributed_decode(const comm::Communicator& comm, const Engine& engine,
     f.h_k = p.h_k;
     f.d = p.d;
     f.d_v = p.d_v;
-    f.q_head_stride = p.d;
-    f.q_row_stride = std::int64_t{p.h} * p.d;
-    f.q_batch_stride = p.s_q * f.q_row_stride;
-    f.k_head_stride = p.d;
-    f.k_row_stride = std::int64_t{p.h_k} * p.d;
-    f.k_batch_stride = n * f.k_row_stride;
-    f.v_head_stride = p.d_v;
-    f.v_row_stride = std::int64_t{p.h_k} * p.d_v;
-    f.v_batch_stride = n * f.v_row_stride;
-    f.out_head_stride = p.d_v;
-    f.out_row_stride = std::int64_t{p.h} * p.d_v;
-    f.out_batch_stride = p.s_q * f.out_row_stride;
+    set_contiguous_strides(f);  // q [b, s_q, h, d], shard k/v [b, n, h_k, d(_v)]
     f.mask.scale = p.mask.scale;
     f.mask.softcap = p.mask.softcap;
     if (bm.kind == BlockMask::kPartial) {

@@ -375,6 +375,56 @@ def case_version():
     print("ok", out)
 
 
+# ---------------------------------------------------------------- outputs
+def case_outputs():
+    """--json fields, output paths checked before computing, no partial or temporary
+    files left by a failed command, an output written onto its own input."""
+    r = rng()
+    q = save("q.npy", r.standard_normal((1, 6, 4, 32)).astype(np.float32))
+    k = save("k.npy", r.standard_normal((1, 9, 2, 32)).astype(np.float32))
+    v = save("v.npy", r.standard_normal((1, 9, 2, 32)).astype(np.float32))
+    base = ["attn", "--q", q, "--k", k, "--v", v]
+    j = json.loads(run(base + ["--json", "--causal"]).stdout.strip().splitlines()[-1])
+    for key, want in (("command", "attn"), ("s_q", 6), ("s_k", 9), ("h", 4), ("h_k", 2),
+                      ("d", 32), ("causal", True)):
+        if j.get(key) != want:
+            sys.exit(f"FAIL: attn --json: {key} = {j.get(key)!r}, expected {want!r}: {j}")
+    if not (isinstance(j.get("kernel_s"), (int, float)) and j["kernel_s"] >= 0):
+        sys.exit(f"FAIL: attn --json: kernel_s missing or negative: {j}")
+    print("ok attn --json", j)
+    expect_error(base + ["--out", path("no_such_dir/o.npy")], ["--out", "cannot open for writing"],
+                 rc=1)
+    # A failed command leaves an existing output as it was, and no temporary file.
+    keep = np.arange(5, dtype=np.float32)
+    o = save("o.npy", keep)
+    expect_error(base + ["--out", o, "--lse", path("no_such_dir/l.npy")], ["--lse"], rc=1)
+    if not np.array_equal(np.load(o), keep):
+        sys.exit("FAIL: a failed attn changed its --out file")
+    left = sorted(f for f in os.listdir(TMP) if ".tmp-" in f)
+    if left:
+        sys.exit(f"FAIL: temporary files left behind: {left}")
+    run(base + ["--out", os.devnull, "--lse", os.devnull])
+    print("ok output paths")
+    # kvcache: the updated cache written onto the input cache file equals a separate one.
+    kc = r.standard_normal((1, 12, 2, 32)).astype(np.float32)
+    vc = r.standard_normal((1, 12, 2, 32)).astype(np.float32)
+    kcp, vcp = save("kc.npy", kc), save("vc.npy", vc)
+    kn = save("kn.npy", r.standard_normal((1, 2, 2, 32)).astype(np.float32))
+    vn = save("vn.npy", r.standard_normal((1, 2, 2, 32)).astype(np.float32))
+    lens = save("lens.npy", np.array([7], np.int32))
+    kv = ["kvcache", "--q", q, "--cache-seqlens", lens, "--k-new", kn, "--v-new", vn]
+    run(kv + ["--k-cache", kcp, "--v-cache", vcp, "--k-cache-out", path("kc2.npy"),
+              "--v-cache-out", path("vc2.npy"), "--out", path("o1.npy")])
+    if not (np.array_equal(np.load(kcp), kc) and np.array_equal(np.load(vcp), vc)):
+        sys.exit("FAIL: kvcache changed its input cache files")
+    run(kv + ["--k-cache", kcp, "--v-cache", vcp, "--k-cache-out", kcp, "--v-cache-out", vcp,
+              "--out", path("o2.npy")])
+    for a, b in (("kc2.npy", "kc.npy"), ("vc2.npy", "vc.npy"), ("o1.npy", "o2.npy")):
+        if not np.array_equal(np.load(path(a)), np.load(path(b))):
+            sys.exit(f"FAIL: kvcache in place: {b} differs from {a}")
+    print("ok kvcache cache written onto its input")
+
+
 # ---------------------------------------------------------------- bad inputs
 def expect_error(args, needles, rc=None):
     r = run(args, expect_rc=None)

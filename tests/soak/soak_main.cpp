@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "ringattn/comm/communicator.hpp"
+#include "ringattn/contiguous_params.hpp"
 #include "ringattn/distributed_decode.hpp"
 #include "ringattn/dtype.hpp"
 #include "ringattn/engine.hpp"
@@ -233,12 +234,7 @@ std::int64_t run_decode(const comm::Communicator& comm, const Engine& engine,
   f.dtype = dt;
   f.q = q.data(), f.k = k.data(), f.v = v.data();
   f.b = c.b, f.s_q = c.s_q, f.s_k = c.s, f.h = c.h, f.h_k = c.h_k, f.d = c.d, f.d_v = c.d_v;
-  f.q_row_stride = std::int64_t{c.h} * c.d, f.q_head_stride = c.d,
-  f.q_batch_stride = f.q_row_stride * c.s_q;
-  f.k_row_stride = kr, f.k_head_stride = c.d, f.k_batch_stride = kr * c.s;
-  f.v_row_stride = vr, f.v_head_stride = c.d_v, f.v_batch_stride = vr * c.s;
-  f.out_row_stride = std::int64_t{c.h} * c.d_v, f.out_head_stride = c.d_v,
-  f.out_batch_stride = f.out_row_stride * c.s_q;
+  set_contiguous_strides(f);
   f.mask = mask_of(c);
   const auto n_out = static_cast<std::size_t>(std::int64_t{c.b} * c.s_q * c.h * c.d_v);
   const auto n_lse = static_cast<std::size_t>(std::int64_t{c.b} * c.h * c.s_q);

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "ringattn/contiguous_params.hpp"
 #include "ringattn/dtype.hpp"
 #include "ringattn/engine.hpp"
 #include "ringattn/error.hpp"
@@ -124,18 +125,7 @@ FwdParams dense_params(const DenseCase& c, const void* q, const void* k, const v
   p.h_k = c.h_k;
   p.d = c.d;
   p.d_v = c.d_v;
-  p.q_head_stride = c.d;
-  p.q_row_stride = std::int64_t{c.h} * c.d;
-  p.q_batch_stride = p.q_row_stride * c.s_q;
-  p.k_head_stride = c.d;
-  p.k_row_stride = std::int64_t{c.h_k} * c.d;
-  p.k_batch_stride = p.k_row_stride * c.s_k;
-  p.v_head_stride = c.d_v;
-  p.v_row_stride = std::int64_t{c.h_k} * c.d_v;
-  p.v_batch_stride = p.v_row_stride * c.s_k;
-  p.out_head_stride = c.d_v;
-  p.out_row_stride = std::int64_t{c.h} * c.d_v;
-  p.out_batch_stride = p.out_row_stride * c.s_q;
+  set_contiguous_strides(p);
   p.mask.causal = c.causal;
   p.mask.window_left = c.w_left;
   p.mask.window_right = c.w_right;
@@ -288,16 +278,9 @@ TEST(CpuBackend, VarlenEmptySegmentsAndSeqused) {
       p.h_k = h_k;
       p.d = d;
       p.d_v = d_v;
-      p.q_head_stride = d;
-      p.q_row_stride = h * d;
-      p.k_head_stride = d;
-      p.k_row_stride = h_k * d;
-      p.v_head_stride = d_v;
-      p.v_row_stride = h_k * d_v;
-      p.out_head_stride = d_v;
-      p.out_row_stride = h * d_v;
       p.cu_seqlens_q = cu_q.data();
       p.cu_seqlens_k = cu_k.data();
+      set_contiguous_strides(p);
       if (seqused) {
         p.seqused_q = used_q.data();
         p.seqused_k = used_k.data();
@@ -370,27 +353,8 @@ void check_kvcache(int page_size, bool rotary, DType dt, int s_q, std::uint32_t 
   p.d = d;
   p.d_v = d_v;
   p.s_new = s_new;
-  p.q_head_stride = d;
-  p.q_row_stride = h * d;
-  p.q_batch_stride = std::int64_t{s_q} * h * d;
-  p.k_cache_head_stride = d;
-  p.k_cache_row_stride = h_k * d;
-  p.v_cache_head_stride = d_v;
-  p.v_cache_row_stride = h_k * d_v;
-  p.k_cache_batch_stride = std::int64_t{paged ? page_size : s_cache} * h_k * d;
-  p.v_cache_batch_stride = std::int64_t{paged ? page_size : s_cache} * h_k * d_v;
-  p.k_new_head_stride = d;
-  p.k_new_row_stride = h_k * d;
-  p.k_new_batch_stride = std::int64_t{s_new} * h_k * d;
-  p.v_new_head_stride = d_v;
-  p.v_new_row_stride = h_k * d_v;
-  p.v_new_batch_stride = std::int64_t{s_new} * h_k * d_v;
-  p.out_head_stride = d_v;
-  p.out_row_stride = h * d_v;
-  p.out_batch_stride = std::int64_t{s_q} * h * d_v;
   if (paged) {
     p.page_table = page_table.data();
-    p.page_table_batch_stride = max_pages;
     p.num_blocks = num_blocks;
     p.page_size = page_size;
     p.max_pages = max_pages;
@@ -399,6 +363,7 @@ void check_kvcache(int page_size, bool rotary, DType dt, int s_q, std::uint32_t 
     p.s_cache = s_cache;
     p.cache_batch_idx = batch_idx.data();
   }
+  set_contiguous_strides(p);
   p.cache_seqlens = seqlens.data();
   p.cache_leftpad = leftpad.data();
   if (rotary) {

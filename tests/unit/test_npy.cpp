@@ -217,5 +217,88 @@ TEST_F(NpyTest, WriteToBadPathIsIoError) {
   EXPECT_THROW(write_npy(path("no_such_dir/x.npy"), NpyDType::kF32, {1}, &x), IoError);
 }
 
+// NpyFile: header without the data, partial reads, mappings (private: writes never
+// reach the file); NpyOutput: mapped and buffered outputs read back by read_npy.
+TEST_F(NpyTest, FileReadsAndMapsInPlace) {
+  std::vector<float> vals(1000);
+  for (std::size_t i = 0; i < vals.size(); ++i) vals[i] = static_cast<float>(i) * 0.5f;
+  const std::string p = path("f.npy");
+  write_npy(p, NpyDType::kF32, {10, 100}, vals.data());
+  const NpyFile f(p);
+  EXPECT_EQ(f.header().shape, (std::vector<std::int64_t>{10, 100}));
+  EXPECT_EQ(f.data_bytes(), vals.size() * 4);
+  std::vector<float> part(7);
+  f.read(part.data(), 993, 7);
+  EXPECT_EQ(part, std::vector<float>(vals.begin() + 993, vals.end()));
+  EXPECT_THROW(f.read(part.data(), 994, 7), InvalidArgument);
+  {
+    const NpyMapping m = f.map(false);
+    ASSERT_EQ(m.size(), vals.size() * 4);
+    EXPECT_EQ(std::memcmp(m.data(), vals.data(), m.size()), 0);
+  }
+  {
+    const NpyMapping m = f.map(true);
+    const float poison = -1.0f;
+    std::memcpy(m.data(), &poison, 4);  // copy-on-write
+  }
+  const NpyArray back = read_npy(p);
+  EXPECT_EQ(std::memcmp(back.data.data(), vals.data(), back.data.size()), 0);
+}
+
+TEST_F(NpyTest, OutputWritesThroughTheFileAndRemovesItWithoutCommit) {
+  const std::vector<std::vector<std::int64_t>> shapes = {{3, 5, 7}, {0, 4}, {}};
+  for (const auto& shape : shapes) {
+    const std::string p = path("o.npy");
+    NpyOutput out(p, NpyDType::kF32, shape);
+    const std::size_t n = out.data_bytes() / 4;
+    auto* d = static_cast<float*>(out.data());
+    for (std::size_t i = 0; i < n; ++i) d[i] = static_cast<float>(i) + 0.25f;
+    out.commit();
+    const NpyArray a = read_npy(p);
+    EXPECT_EQ(a.shape, shape);
+    ASSERT_EQ(a.data.size(), n * 4);
+    for (std::size_t i = 0; i < n; ++i) {
+      float v;
+      std::memcpy(&v, a.data.data() + 4 * i, 4);
+      EXPECT_EQ(v, static_cast<float>(i) + 0.25f);
+    }
+  }
+  const std::string p = path("abandoned.npy");
+  { NpyOutput out(p, NpyDType::kF32, {4}); }
+  EXPECT_FALSE(std::filesystem::exists(p));
+  // An existing file is left as it was by an abandoned output, and replaced on commit
+  // even while it is mapped as an input (the mapping keeps the old contents).
+  const float old_vals[2] = {1.0f, 2.0f};
+  write_npy(p, NpyDType::kF32, {2}, old_vals);
+  { NpyOutput out(p, NpyDType::kF32, {3}); }
+  EXPECT_EQ(read_npy(p).shape, std::vector<std::int64_t>{2});
+  {
+    const NpyFile in(p);
+    const NpyMapping m = in.map(false);
+    NpyOutput out(p, NpyDType::kF32, {2});
+    static_cast<float*>(out.data())[0] = 5.0f;
+    static_cast<float*>(out.data())[1] = 6.0f;
+    out.commit();
+    float seen[2];
+    std::memcpy(seen, m.data(), 8);
+    EXPECT_EQ(seen[0], 1.0f);
+    EXPECT_EQ(seen[1], 2.0f);
+  }
+  const NpyArray replaced = read_npy(p);
+  float now[2];
+  std::memcpy(now, replaced.data.data(), 8);
+  EXPECT_EQ(now[0], 5.0f);
+  EXPECT_EQ(now[1], 6.0f);
+  std::size_t files = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir_)) ++files;
+  EXPECT_EQ(files, 2u);  // o.npy and abandoned.npy: no temporary file left behind
+  EXPECT_THROW(NpyOutput(path("no_such_dir/x.npy"), NpyDType::kF32, {1}), IoError);
+  // A non-regular file gets a buffer written by commit().
+  NpyOutput null_out("/dev/null", NpyDType::kF32, {2, 2});
+  static_cast<float*>(null_out.data())[3] = 1.0f;
+  null_out.commit();
+  EXPECT_TRUE(std::filesystem::exists("/dev/null"));
+}
+
 }  // namespace
 }  // namespace ringattn

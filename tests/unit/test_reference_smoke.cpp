@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "ringattn/contiguous_params.hpp"
 #include "ringattn/engine.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/merge_state.hpp"
@@ -49,14 +50,7 @@ struct Dense {
     p.out = out.data();
     p.lse = lse.data();
     p.b = b, p.s_q = s_q, p.s_k = s_k, p.h = h, p.h_k = h_k, p.d = d, p.d_v = d_v;
-    p.q_row_stride = std::int64_t{h} * d, p.q_head_stride = d,
-    p.q_batch_stride = p.q_row_stride * s_q;
-    p.k_row_stride = std::int64_t{h_k} * d, p.k_head_stride = d,
-    p.k_batch_stride = p.k_row_stride * s_k;
-    p.v_row_stride = std::int64_t{h_k} * d_v, p.v_head_stride = d_v,
-    p.v_batch_stride = p.v_row_stride * s_k;
-    p.out_row_stride = std::int64_t{h} * d_v, p.out_head_stride = d_v,
-    p.out_batch_stride = p.out_row_stride * s_q;
+    set_contiguous_strides(p);
     return p;
   }
   float out_at(int bi, int i, int hi, int c) const {

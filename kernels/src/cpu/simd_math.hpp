@@ -4,6 +4,13 @@
 
 namespace ringattn::detail::cpu {
 
+// fp8 e4m3 byte -> fp32 through fp16 (load_fp8 of the vector structs): the byte's bits
+// shifted into an fp16 are the same number times 2^-8 (bias 15 instead of 7,
+// subnormals included), so value = half(((b & 0x80) << 8) | ((b & 0x7f) << 7)) * 256
+// exactly. (0x7f / 0xff, the e4m3 NaN codes, decode to +-480; NaN never appears in
+// quantised data.)
+inline constexpr float kFp8ViaHalfScale = 256.0f;
+
 // exp(x) = 2^n * e^r with n = round(x * log2(e)) and r = x - n * ln(2) (Cody-Waite
 // split of ln(2)); e^r on |r| <= ln(2)/2 by the degree-7 polynomial of Cephes expf
 // (about 1 ulp). x below -87.34 (the smallest normal result), -inf included, gives

@@ -24,6 +24,7 @@ struct SimdScalar {
   static V load(const float* p) { return *p; }
   static V load(const bf16_t* p) { return bf16_to_f32(p->bits); }
   static V load(const f16_t* p) { return f16_to_f32(p->bits); }
+  static V load_fp8(const std::uint8_t* p) { return fp8e4m3_to_f32(*p); }
   template <class T>
   static V load_partial(const T* p, int n) {
     return n > 0 ? load(p) : 0.0f;

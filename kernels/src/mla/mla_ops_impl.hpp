@@ -1,12 +1,13 @@
-// MLA tile operations written once over a vector API S (mla_simd.hpp) and
-// instantiated per ISA by mla_ops_scalar.cpp / mla_ops_avx2.cpp.
+// MLA tile operations written once over the kernels' vector API S (cpu/simd_*.hpp:
+// cpu::SimdScalar, cpu::SimdAvx2) and instantiated per ISA by mla_ops_scalar.cpp /
+// mla_ops_avx2.cpp.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
 #include "mla/mla_internal.hpp"
-#include "mla/mla_simd.hpp"
+#include "ringattn/dtype.hpp"
 #include "ringattn/softmax_state.hpp"
 
 namespace ringattn::detail::mla {
@@ -25,7 +26,8 @@ struct OpsImpl {
         std::memcpy(dst, t, D * sizeof(float));
         break;
       case SourceKind::kBF16:
-        for (int c = 0; c < D; c += L) S::store(dst + c, S::load_bf16(t + 2 * c));
+        for (int c = 0; c < D; c += L)
+          S::store(dst + c, S::load(reinterpret_cast<const bf16_t*>(t) + c));
         break;
       case SourceKind::kFP8:
         for (int c = 0; c < D; c += L) S::store(dst + c, S::load_fp8(t + c));
@@ -41,7 +43,7 @@ struct OpsImpl {
         }
         const std::uint8_t* rope = t + kMlaValueDim + 16;
         for (int c = 0; c < kMlaRopeDim; c += L)
-          S::store(dst + kMlaValueDim + c, S::load_bf16(rope + 2 * c));
+          S::store(dst + kMlaValueDim + c, S::load(reinterpret_cast<const bf16_t*>(rope) + c));
         break;
       }
     }
@@ -97,7 +99,7 @@ struct OpsImpl {
   }
 
   static void softmax(float* s, int lds, int R, float sc, float* m, float* d, float* alpha) {
-    static_assert(kTile % L == 0);
+    static_assert(kTile % L == 0 && D % L == 0 && DV % (2 * L) == 0 && kMlaRopeDim % L == 0);
     const V vsc = S::set1(sc);
     for (int r = 0; r < R; ++r) {
       float* row = s + r * lds;
@@ -114,9 +116,10 @@ struct OpsImpl {
         alpha[r] = 1.0f;
         continue;
       }
+      const V vm = S::set1(m_new);
       V sum = S::zero();
       for (int t = 0; t < kTile; t += L) {
-        const V p = S::exp_sub(S::load(row + t), m_new);
+        const V p = S::exp(S::sub(S::load(row + t), vm));
         S::store(row + t, p);
         sum = S::add(sum, p);
       }

@@ -1,11 +1,12 @@
 // Portable MLA tile operations (plain C++; the "cpu-scalar" backend).
+#include "cpu/simd_scalar.hpp"
 #include "mla/mla_internal.hpp"
 #include "mla/mla_ops_impl.hpp"
 
 namespace ringattn::detail::mla {
 
 const Ops& ops_scalar() {
-  static const Ops ops = OpsImpl<MlaVecGeneric>::table("scalar");
+  static const Ops ops = OpsImpl<cpu::SimdScalar>::table("scalar");
   return ops;
 }
 
