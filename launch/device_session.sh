@@ -7,12 +7,15 @@
 #   b  decode over a 1M-token context, b = 1, GQA 32/8, d 128, bf16: 16 ranks x 1 thread
 #      against 1 rank x 16 threads (context filled without the prefill's attention)
 #   c  extend against a 64K context at 16 ranks: 128 and 16384 new tokens, pass-Q and pass-KV
-#   d  time to first token, 16 ranks x 1 thread, causal zigzag prefill of 32K and 128K tokens
+#   d  time to first token, 16 ranks x 1 thread, causal zigzag prefill of 32K and 64K tokens
 #   e  Ulysses x ring at 16 ranks, s = 32768, h 32/8, causal zigzag: U = 1, 2, 4, 8
+#   f  the scaling study of docs/scaling.md: launch/sweep with launch/sweeps/xeon_study.toml
+#      and launch/sweeps/node_split.toml (s = 32768 only), CSV and JSON lines in OUT/sweep-*
+#      (plots where matplotlib is installed; else `launch/sweep --report-only` elsewhere)
 set -uo pipefail
 OUT=${1:-out/device_session}
 BIN=${2:-build-py/bin/ringattn}
-PARTS=${PARTS:-a b c d e}
+PARTS=${PARTS:-a b c d e f}
 mkdir -p "$OUT"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 MPI="mpirun --oversubscribe --bind-to core --map-by core"
@@ -36,7 +39,7 @@ if has c; then
   done
 fi
 if has d; then
-  for s in 32768 131072; do
+  for s in 32768 65536; do
     run $MPI -np 16 "$BIN" session --prompt-len $s --decode-steps 2 $G --threads 1 --json
   done
   # the same 32K causal attention in one process on all 16 cores
@@ -47,4 +50,11 @@ if has e; then
     run $MPI -np 16 "$BIN" ring --ulysses $u --seqlen 32768 $G --causal --layout zigzag \
       --threads 1 --iters 2 --json
   done
+fi
+if has f; then
+  PY=$(command -v python3)
+  "$PY" launch/sweep --config launch/sweeps/xeon_study.toml --bin "$BIN" --out "$OUT/sweep-study" \
+    2>&1 | tail -30 | tee -a "$OUT/session.txt"
+  "$PY" launch/sweep --config launch/sweeps/node_split.toml --bin "$BIN" --seqlen 32768 \
+    --out "$OUT/sweep-split" 2>&1 | tail -12 | tee -a "$OUT/session.txt"
 fi
