@@ -35,3 +35,5 @@ for t in tests/python/test_*.py; do
 done
 echo "== bench_python, $THREADS threads"
 "$PY" launch/bench_python.py --threads "$THREADS" --repeats 5 2>&1 | tee "$OUT_DIR/bench_python_${THREADS}t.txt"
+echo "== bench_python decode, 1 thread (the Python overhead without OpenMP workers spinning beside it)"
+"$PY" launch/bench_python.py --threads 1 --case decode --decode-repeats 400 2>&1 | tee "$OUT_DIR/bench_python_decode_1t.txt"
