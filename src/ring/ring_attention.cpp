@@ -4,9 +4,7 @@
 #include <mpi.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cstring>
-#include <new>
 
 #include "ring/ring_blocks.hpp"
 #include "ringattn/comm/ring_exchange.hpp"
@@ -46,7 +44,7 @@ void ring_attention_forward(const comm::Communicator& comm, const Engine& engine
   }
   const double t_begin = ring_now_s();
 
-  try {
+  run_or_abort(comm, "during the ring", [&] {
     // Pass-KV ring. At step t rank r holds the K/V shard of src = (r - t) mod P; it
     // starts passing that shard on to r+1 (and receiving the next from r-1), then
     // attends its queries to the shard in hand (attend_shard: hidden blocks skipped,
@@ -79,15 +77,7 @@ void ring_attention_forward(const comm::Communicator& comm, const Engine& engine
       }
       if (stats) stats->steps[static_cast<std::size_t>(t)] = st;
     }
-  } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "ringattn: rank %d: fatal error during the ring: out of memory\n", rank);
-    std::fflush(stderr);
-    MPI_Abort(comm.get(), 1);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "ringattn: rank %d: fatal error during the ring: %s\n", rank, e.what());
-    std::fflush(stderr);
-    MPI_Abort(comm.get(), 1);
-  }
+  });
 
   if (p.lse) ring_write_lse(plan, rank, lse_acc.data(), p.lse);
   if (stats) stats->total_s = ring_now_s() - t_begin;

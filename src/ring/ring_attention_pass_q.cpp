@@ -2,9 +2,7 @@
 #include <mpi.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cstring>
-#include <new>
 
 #include "ring/ring_blocks.hpp"
 #include "ringattn/comm/ring_exchange.hpp"
@@ -45,7 +43,7 @@ void ring_attention_forward_pass_q(const comm::Communicator& comm, const Engine&
   }
   const double t_begin = ring_now_s();
 
-  try {
+  run_or_abort(comm, "during the ring", [&] {
     // Pass-Q ring. Two streams move right around the ring: the query shards, and one
     // step behind them the accumulators (o, lse) that collect each query shard's
     // partial results. At step t rank r holds Q of src = (r - t) mod P:
@@ -116,15 +114,7 @@ void ring_attention_forward_pass_q(const comm::Communicator& comm, const Engine&
         last.bytes += static_cast<std::int64_t>(acc_bytes);
       }
     }
-  } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "ringattn: rank %d: fatal error during the ring: out of memory\n", rank);
-    std::fflush(stderr);
-    MPI_Abort(comm.get(), 1);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "ringattn: rank %d: fatal error during the ring: %s\n", rank, e.what());
-    std::fflush(stderr);
-    MPI_Abort(comm.get(), 1);
-  }
+  });
 
   std::copy(acc_o(ax), acc_o(ax) + my_rows * plan.o_row, p.out);
   if (p.lse) ring_write_lse(plan, rank, acc_lse(ax), p.lse);

@@ -1,8 +1,11 @@
 #include "ring/ring_blocks.hpp"
 
+#include <mpi.h>
+
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <cstdio>
 #include <exception>
 #include <functional>
 #include <new>
@@ -240,6 +243,21 @@ double ring_now_s() {
 void ring_validate(const comm::Communicator& comm, const RingAttentionParams& p, const char* mode) {
   comm::run_collectively(comm, [&] { validate_local(p, comm.size(), comm.rank()); });
   comm::check_consistent(comm, config_fields(p, comm.size(), mode));
+}
+
+void run_or_abort(const comm::Communicator& comm, const char* what,
+                  const std::function<void()>& steps) {
+  try {
+    steps();
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "ringattn: rank %d: fatal error %s: out of memory\n", comm.rank(), what);
+    std::fflush(stderr);
+    MPI_Abort(comm.get(), 1);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ringattn: rank %d: fatal error %s: %s\n", comm.rank(), what, e.what());
+    std::fflush(stderr);
+    MPI_Abort(comm.get(), 1);
+  }
 }
 
 RingPlan make_ring_plan(const RingAttentionParams& p, int ranks) {

@@ -46,6 +46,13 @@ void ring_validate(const comm::Communicator& comm, const RingAttentionParams& p,
 
 RingPlan make_ring_plan(const RingAttentionParams& p, int ranks);
 
+// Runs the steps of a ring (or any collective algorithm) once its arguments are agreed.
+// A failure there (out of memory, an MPI error) cannot be recovered, since the other
+// ranks are inside the same steps: the message is printed with the rank and `what`, and
+// the job is aborted (MPI_Abort).
+void run_or_abort(const comm::Communicator& comm, const char* what,
+                  const std::function<void()>& steps);
+
 // Query rows per kernel call for `options`: piece_rows, or (0) the largest chunk, so
 // that each (query chunk, key run) pair is one kernel call. The kernel packs K/V once
 // per call; measured here, 512-row pieces of a 4096-key block cost about 18% more

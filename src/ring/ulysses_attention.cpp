@@ -5,9 +5,7 @@
 #include <mpi.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cstring>
-#include <new>
 #include <string>
 
 #include "ring/ring_blocks.hpp"
@@ -138,7 +136,7 @@ void hybrid_attention_forward(const comm::Communicator& comm, const Engine& engi
   double a2a_s = 0.0;
   std::int64_t a2a_bytes = 0;
 
-  try {
+  detail::run_or_abort(comm, "in Ulysses x ring", [&] {
     std::vector<std::byte> q_ring(static_cast<std::size_t>(ring_rows * pl.hq * p.d) * es);
     std::vector<std::byte> k_ring(static_cast<std::size_t>(ring_rows * pl.hk * p.d) * es);
     std::vector<std::byte> v_ring(static_cast<std::size_t>(ring_rows * pl.hk * p.d_v) * es);
@@ -255,15 +253,7 @@ void hybrid_attention_forward(const comm::Communicator& comm, const Engine& engi
     a2a_bytes += static_cast<std::int64_t>((send_o.size() * sizeof(float)) -
                                            send_bytes[static_cast<std::size_t>(pl.u)]);
     a2a_s += detail::ring_now_s() - t0;
-  } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "ringattn: rank %d: fatal error in Ulysses x ring: out of memory\n", rank);
-    std::fflush(stderr);
-    MPI_Abort(comm.get(), 1);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "ringattn: rank %d: fatal error in Ulysses x ring: %s\n", rank, e.what());
-    std::fflush(stderr);
-    MPI_Abort(comm.get(), 1);
-  }
+  });
   if (stats) {
     stats->ulysses = ulysses;
     stats->ring = pl.ring;
