@@ -400,18 +400,29 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
 void ring_write_lse(const RingPlan& plan, int rank, const float* acc_lse, float* lse) {
   const RingAttentionParams& p = *plan.p;
   const std::int64_t rows = plan.rows(rank);
-  if (p.cu_seqlens) {
-    for (std::int64_t row = 0; row < rows; ++row)
-      for (int hh = 0; hh < p.h; ++hh) lse[hh * rows + row] = acc_lse[row * p.h + hh];
+  if (p.lse_layout == LseLayout::kRows) {
+    std::copy(acc_lse, acc_lse + rows * p.h, lse);
   } else {
-    const std::int64_t n = rows / p.b;
-    for (int bi = 0; bi < p.b; ++bi)
-      for (std::int64_t i = 0; i < n; ++i)
-        for (int hh = 0; hh < p.h; ++hh)
-          lse[(static_cast<std::int64_t>(bi) * p.h + hh) * n + i] =
-              acc_lse[(bi * n + i) * p.h + hh];
+    lse_rows_to_api(acc_lse, rows, p.h, p.b, p.cu_seqlens != nullptr, lse);
   }
 }
 
 }  // namespace detail
+
+void lse_rows_to_api(const float* rows_lse, std::int64_t rows, int h, int b, bool varlen,
+                     float* api) {
+  const std::int64_t n = varlen ? rows : rows / std::max(b, 1);  // rows per sequence (dense)
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (int hh = 0; hh < h; ++hh)
+      api[varlen ? hh * rows + r : ((r / n) * h + hh) * n + r % n] = rows_lse[r * h + hh];
+}
+
+void lse_api_to_rows(const float* api, std::int64_t rows, int h, int b, bool varlen,
+                     float* rows_lse) {
+  const std::int64_t n = varlen ? rows : rows / std::max(b, 1);
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (int hh = 0; hh < h; ++hh)
+      rows_lse[r * h + hh] = api[varlen ? hh * rows + r : ((r / n) * h + hh) * n + r % n];
+}
+
 }  // namespace ringattn
