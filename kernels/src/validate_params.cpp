@@ -83,14 +83,6 @@ void check_output_strides(const char* tensor, std::int64_t inner, std::initializ
   }
 }
 
-void check_mask(const MaskParams& m) {
-  RA_CHECK_ARG_GE(m.window_left, -1, "window_left: must be >= -1 (-1 = unbounded)");
-  RA_CHECK_ARG_GE(m.window_right, -1, "window_right: must be >= -1 (-1 = unbounded)");
-  RA_CHECK_ARG(std::isfinite(m.softcap) && m.softcap >= 0.0f,
-               "softcap: must be finite and >= 0 (0 = off), got " << m.softcap);
-  RA_CHECK_ARG(std::isfinite(m.scale), "scale: must be finite (0 = 1/sqrt(d)), got " << m.scale);
-}
-
 // cu_seqlens [b+1]: starts at 0, non-decreasing, every segment <= max_len.
 void check_cu_seqlens(const char* name, const std::int32_t* cu, int b, int max_len,
                       const char* max_name) {
@@ -123,7 +115,7 @@ void validate(const FwdParams& p) {
   RA_CHECK_ARG_GE(p.s_q, 0, "s_q: query length must be >= 0");
   RA_CHECK_ARG_GE(p.s_k, 0, "s_k: key length must be >= 0");
   check_heads(p.h, p.h_k, p.d, p.d_v);
-  check_mask(p.mask);
+  validate_mask(p.mask, p.h);
   RA_CHECK_ARG_GE(p.num_splits, 0, "num_splits: must be >= 0 (0 = engine decides)");
 
   std::int64_t rows;  // query rows in the whole call
@@ -184,7 +176,7 @@ void validate(const KvCacheParams& p) {
   RA_CHECK_ARG_GE(p.s_q, 0, "s_q: query length must be >= 0");
   RA_CHECK_ARG_GE(p.s_new, 0, "s_new: rows of k_new/v_new must be >= 0");
   check_heads(p.h, p.h_k, p.d, p.d_v);
-  check_mask(p.mask);
+  validate_mask(p.mask, p.h);
   RA_CHECK_ARG_GE(p.num_splits, 0, "num_splits: must be >= 0 (0 = engine decides)");
 
   const std::int64_t rows = std::int64_t{p.b} * p.s_q;
@@ -324,3 +316,21 @@ void validate(const KvCacheParams& p) {
 }
 
 }  // namespace ringattn::detail
+
+namespace ringattn {
+
+void validate_mask(const MaskParams& m, int h) {
+  RA_CHECK_ARG_GE(m.window_left, -1, "window_left: must be >= -1 (-1 = unbounded)");
+  RA_CHECK_ARG_GE(m.window_right, -1, "window_right: must be >= -1 (-1 = unbounded)");
+  RA_CHECK_ARG(std::isfinite(m.softcap) && m.softcap >= 0.0f,
+               "softcap: must be finite and >= 0 (0 = off), got " << m.softcap);
+  RA_CHECK_ARG(std::isfinite(m.scale), "scale: must be finite (0 = 1/sqrt(d)), got " << m.scale);
+  if (m.sinks != nullptr) {
+    for (int i = 0; i < h; ++i) {
+      RA_CHECK_ARG(!std::isnan(m.sinks[i]),
+                   "sinks[" << i << "]: NaN (use -inf for a head without a sink)");
+    }
+  }
+}
+
+}  // namespace ringattn

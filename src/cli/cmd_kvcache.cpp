@@ -109,10 +109,12 @@ int cmd_kvcache(int argc, char** argv) {
                                             << ", --k-cache shape " << shape_to_string(kc.shape)
                                             << ")");
 
+  const std::vector<float> sinks = load_sinks(mask_args, h);
   KvCacheParams p;
   p.dtype = dtype;
   p.out_dtype = DType::kF32;
   p.mask = mask_params;
+  if (!sinks.empty()) p.mask.sinks = sinks.data();
   p.num_splits = num_splits;
   p.b = static_cast<int>(b);
   p.s_q = static_cast<int>(s_q);

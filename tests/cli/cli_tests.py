@@ -19,9 +19,10 @@ BACKENDS = ["reference", "auto"]
 
 
 # ---------------------------------------------------------------- reference
-def attention_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=0.0):
+def attention_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=0.0, sinks=None):
     """q [s_q, h, d], k [s_k, h_k, d], v [s_k, h_k, d_v] (float64) ->
-    out [s_q, h, d_v], lse [h, s_q]; rows that see no key: out 0, lse -inf."""
+    out [s_q, h, d_v], lse [h, s_q]; rows that see no key: out 0, lse -inf.
+    sinks [h]: an extra logit per head in the denominator only (the LSE excludes it)."""
     s_q, h, d = q.shape
     s_k, h_k, d_v = v.shape
     if scale == 0.0:
@@ -48,9 +49,12 @@ def attention_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=0.0
     m_safe = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m_safe)
     tot = p.sum(axis=2, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         lse = np.where(tot[..., 0] > 0, np.log(tot[..., 0]) + m_safe[..., 0], -np.inf)
-        o = np.einsum("hqk,khd->qhd", np.where(tot > 0, p / np.where(tot > 0, tot, 1), 0), vv)
+        denom = np.where(tot > 0, tot, 1)
+        if sinks is not None:
+            denom = denom + np.exp(np.asarray(sinks, np.float64)[:, None, None] - m_safe)
+        o = np.einsum("hqk,khd->qhd", np.where(tot > 0, p / denom, 0), vv)
     return o, lse
 
 
@@ -196,6 +200,49 @@ def case_attn_varlen_seqused():
              "--max-seqlen-q", 16, "--max-seqlen-k", 16, "--out", path("o.npy"), "--lse", path("l.npy")])
         check_close(f"seqused out [{be}]", np.load(path("o.npy")), o_ref, 2e-4)
         check_close(f"seqused lse [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+
+
+def case_attn_sinks():
+    # --sinks [h]: -inf (no sink), +inf (output 0) and finite logits, with splits.
+    r = rng()
+    h = 6
+    sinks = np.array([1.0, -np.inf, 3.5, np.inf, 0.0, 6.0], np.float32)
+    sp = save("sinks.npy", sinks)
+    run_attn_dense(r, 2, 9, 300, h, 2, 32, 32, ["--sinks", sp], {"sinks": sinks})
+    run_attn_dense(r, 1, 21, 13, h, 3, 32, 32, ["--sinks", sp, "--causal", "--num-splits", 2],
+                   {"sinks": sinks, "causal": True})
+    run_attn_dense(r, 1, 4, 40, h, 1, 32, 32, ["--sinks", save("s16.npy", sinks.astype(np.float16))],
+                   {"sinks": sinks})
+    # KV cache (dense cache, split-KV forced): the sink is applied after the merge.
+    b, s_q, h_k, d, cap = 2, 2, 2, 32, 700
+    seqlens = np.array([650, 3], np.int32)
+    kc = np.full((b, cap, h_k, d), np.nan, np.float32)
+    vc = np.full((b, cap, h_k, d), np.nan, np.float32)
+    for i in range(b):
+        kc[i, :seqlens[i]] = r.standard_normal((seqlens[i], h_k, d))
+        vc[i, :seqlens[i]] = r.standard_normal((seqlens[i], h_k, d))
+    q = r.standard_normal((b, s_q, h, d)).astype(np.float32)
+    o_ref = np.zeros((b, s_q, h, d))
+    l_ref = np.zeros((b, h, s_q))
+    for i in range(b):
+        o_ref[i], l_ref[i] = attention_ref(q[i].astype(np.float64), kc[i, :seqlens[i]].astype(np.float64),
+                                           vc[i, :seqlens[i]].astype(np.float64), causal=True, sinks=sinks)
+    args = ["kvcache", "--q", save("q.npy", q), "--k-cache", save("kc.npy", kc), "--v-cache", save("vc.npy", vc),
+            "--cache-seqlens", save("sl.npy", seqlens), "--out", path("o.npy"), "--lse", path("l.npy"),
+            "--causal", "--sinks", sp, "--num-splits", 3]
+    for be in BACKENDS:
+        run(args + ["--backend", be])
+        check_close(f"kvcache sinks out [{be}]", np.load(path("o.npy")), o_ref, 2e-4)
+        check_close(f"kvcache sinks lse [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+    # Errors name --sinks and the values.
+    q, k, v = (save(n, r.standard_normal(s).astype(np.float32))
+               for n, s in (("q.npy", (1, 3, 6, 32)), ("k.npy", (1, 5, 2, 32)), ("v.npy", (1, 5, 2, 32))))
+    base = ["attn", "--q", q, "--k", k, "--v", v, "--sinks"]
+    expect_error(base + [save("s4.npy", np.zeros(4, np.float32))], ["--sinks", "h = 6", "[4]"], rc=2)
+    expect_error(base + [save("sn.npy", np.array([0, 1, np.nan, 0, 0, 0], np.float32))],
+                 ["--sinks", "entry 2", "NaN"], rc=2)
+    expect_error(base + [save("si.npy", np.zeros(6, np.int32))], ["--sinks", "<i4"], rc=2)
+    expect_error(base + [path("nosuch.npy")], ["--sinks", "nosuch.npy"], rc=1)
 
 
 # ---------------------------------------------------------------- kvcache

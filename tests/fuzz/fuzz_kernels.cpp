@@ -1,5 +1,6 @@
 // libFuzzer target for the kernel layer's public API: argument validation and small
-// kernel calls (dense, varlen, KV cache with paging/append/rotary, MLA decode, merge).
+// kernel calls (dense, varlen, KV cache with paging/append/rotary, attention sinks, MLA
+// decode, merge).
 //
 // Each input decodes into one call with small shapes. Buffers are allocated to match
 // the decoded shapes and strides; their padding and every cache slot that no query
@@ -85,6 +86,17 @@ constexpr std::array<float, 8> kScales{0.0f, 0.0f, 0.125f, 1.0f, -0.5f, 1e4f, kN
 constexpr std::array<float, 6> kSoftcaps{0.0f, 0.0f, 15.0f, 0.5f, -1.0f, kNaN};
 constexpr std::array<int, 6> kWindows{-1, -1, 0, 1, 3, -2};
 constexpr std::array<int, 8> kHeadDims{8, 16, 32, 8, 16, 0, 12, 264};
+
+constexpr std::array<float, 8> kSinks{-kInf, kInf, kNaN, 0.0f, 2.5f, -3.0f, 40.0f, -40.0f};
+
+// Optional attention-sink logits [h] for a quarter of the calls (NaN must be rejected,
+// +inf zeroes a head, -inf is no sink); nullptr otherwise. `storage` owns the values.
+const float* decode_sinks(FuzzBytes& in, int h, std::vector<float>& storage) {
+  if (h <= 0 || in.u8() % 4 != 0) return nullptr;
+  storage.resize(static_cast<std::size_t>(h));
+  for (float& x : storage) x = in.pick(kSinks);
+  return storage.data();
+}
 
 MaskParams decode_mask(FuzzBytes& in) {
   MaskParams m;
@@ -183,6 +195,8 @@ void fuzz_forward(FuzzBytes& in, bool varlen) {
     for (int i = 0; i < p.b; ++i) shift.push_back(in.pick(kShifts));
     p.mask.mask_shift = shift.data();
   }
+  std::vector<float> sinks;
+  p.mask.sinks = decode_sinks(in, p.h, sinks);
   if (p.dtype == DType::kFP8E4M3 && in.flag()) p.dtype = DType::kF16;
 
   StridedTensor q, k, v, out;
@@ -324,6 +338,8 @@ void fuzz_kvcache(FuzzBytes& in) {
   Rng rng(in.u8());
   if (p.b < 0 || p.s_q < 0 || p.h < 0 || p.h_k < 0 || p.d < 0 || p.d_v < 0) return;
   const int b = p.b, h = p.h, hk = p.h_k;
+  std::vector<float> sinks;
+  p.mask.sinks = decode_sinks(in, h, sinks);
 
   std::vector<std::int32_t> page_table, seqlens, batch_idx, leftpad;
   std::int64_t cache_batches = 0, cache_rows = 0, capacity = 0;

@@ -102,7 +102,11 @@ void attend(const Segment<T>& seg, const Dims& dm, const MaskParams& mask, std::
         const T* vrow = &seg.v[(static_cast<std::size_t>(j) * dm.h_k + kh) * dm.d_v];
         for (int c = 0; c < dm.d_v; ++c) orow[c] += pj * vrow[c];
       }
-      for (int c = 0; c < dm.d_v; ++c) orow[c] /= sum;
+      // Attention sink: one extra logit in the softmax denominator that carries no
+      // value, out = sum p_j v_j / (sum p_j + exp(sink - m)); lse excludes it.
+      T denom = sum;
+      if (mask.sinks) denom += std::exp(static_cast<T>(mask.sinks[hh]) - m);
+      for (int c = 0; c < dm.d_v; ++c) orow[c] /= denom;
       l = m + std::log(sum);
     }
   }

@@ -33,6 +33,7 @@ struct DenseCase {
   std::int64_t pad = 0;  // extra elements after each head vector (q, k, v, out)
   bool with_lse = true;
   std::vector<std::int64_t> mask_shift;  // [b] or empty
+  std::vector<float> sinks;              // [h] or empty
 };
 
 std::ostream& operator<<(std::ostream& os, const DenseCase& c) { return os << c.name; }
@@ -148,6 +149,28 @@ std::vector<DenseCase> dense_cases() {
     c.mask_shift = {-10, 30};
     cases.push_back(c);
   }
+  // Attention sinks (every regime, test_sinks): with and without masks, GQA/MQA,
+  // key splits (the sink must be applied once, after the split merge), empty rows.
+  {
+    const int sink_masks[] = {0, 1, 2, 7};
+    int si = 0;
+    for (int mi : sink_masks) {
+      DenseCase c = make_case(kDtypes[si % 3], 2, 45, 300, si % 3, 64, 64, kMasks[mi], "sinks");
+      c.sinks = test_sinks(c.h);
+      cases.push_back(c);
+      c = make_case(kDtypes[(si + 1) % 3], 1, 3, 700, (si + 1) % 3, 128, 128, kMasks[mi],
+                    "sinks_decode");
+      c.sinks = test_sinks(c.h);
+      cases.push_back(c);
+      ++si;
+    }
+    DenseCase c = make_case(DType::kF32, 2, 128, 61, 1, 64, 64, kMasks[1], "sinks_emptyrows");
+    c.sinks = test_sinks(c.h);
+    cases.push_back(c);
+    c = make_case(DType::kBF16, 2, 5, 0, 1, 64, 64, kMasks[0], "sinks_nokeys");
+    c.sinks = test_sinks(c.h);
+    cases.push_back(c);
+  }
   // Edge: no keys at all (every row fully masked: out 0, lse -inf).
   cases.push_back(make_case(DType::kBF16, 2, 5, 0, 1, 64, 64, kMasks[0], "edge"));
   cases.push_back(make_case(DType::kF32, 1, 3, 0, 0, 64, 64, kMasks[1], "edge"));
@@ -209,6 +232,7 @@ DenseProblem make_problem(const DenseCase& c) {
   p.mask.window_left = c.window_left;
   p.mask.window_right = c.window_right;
   p.mask.mask_shift = c.mask_shift.empty() ? nullptr : c.mask_shift.data();
+  p.mask.sinks = c.sinks.empty() ? nullptr : c.sinks.data();
   return pr;
 }
 

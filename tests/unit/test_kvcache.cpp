@@ -123,6 +123,18 @@ std::vector<KvCase> kv_cases() {
     cs.push_back(c);
   }
   cs.push_back(kv("long_decode", DType::kF16, 6, 2, 64, 1, 1, {4000}, 64));
+  {
+    // Attention sinks: paged decode with leftpad and an empty sequence, causal chunk
+    // with s_q > s_k for one sequence (its first rows see no key).
+    auto c = kv("sinks_paged", DType::kBF16, 6, 2, 64, 1, 1, {900, 0, 77}, 16);
+    c.leftpad = {10, 0, 0};
+    c.sinks = test_sinks(c.h);
+    cs.push_back(c);
+    c = kv("sinks_causal", DType::kF32, 6, 1, 32, 5, 2, {0, 300}, 0);
+    c.causal = true;
+    c.sinks = test_sinks(c.h);
+    cs.push_back(c);
+  }
   for (auto& c : cs) c.name = sanitize_name(c.name);
   return cs;
 }

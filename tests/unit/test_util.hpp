@@ -278,6 +278,16 @@ inline ::testing::AssertionResult check_same_to_rounding(const std::string& what
   return ::testing::AssertionSuccess();
 }
 
+// Attention-sink logits for h heads covering every regime: no sink (-inf), a sink
+// that removes everything (+inf), and finite sinks below, near and above typical LSEs.
+inline std::vector<float> test_sinks(int h) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float pattern[] = {0.5f, -inf, 3.0f, inf, 6.0f, -2.0f, 1.5f, 9.0f};
+  std::vector<float> s(static_cast<std::size_t>(h));
+  for (int i = 0; i < h; ++i) s[static_cast<std::size_t>(i)] = pattern[i % 8];
+  return s;
+}
+
 // ---- KV-cache problems (docs/semantics.md section 3), shared by test_kvcache / test_split_kv ----
 
 struct KvCase {
@@ -298,6 +308,7 @@ struct KvCase {
   bool causal = false;
   int window_left = -1, window_right = -1;
   float softcap = 0.0f;
+  std::vector<float> sinks;  // [h] attention-sink logits or empty
 };
 
 inline std::ostream& operator<<(std::ostream& os, const KvCase& c) { return os << c.name; }
@@ -446,6 +457,7 @@ inline KvProblem make_kv_problem(const KvCase& c) {
   p.mask.window_left = c.window_left;
   p.mask.window_right = c.window_right;
   p.mask.softcap = c.softcap;
+  p.mask.sinks = c.sinks.empty() ? nullptr : c.sinks.data();
   return pr;
 }
 

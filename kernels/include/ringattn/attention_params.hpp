@@ -14,6 +14,11 @@
 //                        and (w_left  < 0 or j >= i + shift - w_left)
 //    `causal` forces w_right = 0 and keeps w_left (causal + window = local).
 //  - softcap > 0: score = softcap * tanh(score / softcap), before masking.
+//  - sinks (optional, [h] fp32): one attention-sink logit per query head. The output
+//    row of head h is multiplied by exp(lse) / (exp(lse) + exp(sinks[h])) exactly
+//    once, after every merge (split-KV, ring, distributed decode); the returned LSE
+//    excludes the sink, so partial results merge exactly (apply_sinks in
+//    merge_state.hpp). +inf gives output 0, -inf changes nothing.
 #pragma once
 
 #include <cstdint>
@@ -38,7 +43,15 @@ struct MaskParams {
   // Used by ring attention, where a block's query and key positions are offsets
   // into a longer sequence. nullptr = bottom-right (shift = s_k - s_q).
   const std::int64_t* mask_shift = nullptr;
+  // Attention-sink logits [h] fp32 (gpt-oss; FA3 s_aux, FlashInfer sinks), nullable.
+  // NaN is rejected; +inf zeroes the row, -inf is no sink.
+  const float* sinks = nullptr;
 };
+
+// Checks the MaskParams fields of a call with `h` query heads (windows, softcap,
+// scale, sinks) and throws InvalidArgument naming the field and the value. Engine
+// calls it for every family; ring attention and distributed decode call it too.
+void validate_mask(const MaskParams& m, int h);
 
 // Optional callback a kernel calls from the calling thread while it runs: between
 // key tiles and between tasks, at most once per `interval_us`. Ring attention uses it

@@ -848,10 +848,13 @@ struct FlashFwd {
     }
   }
 
-  // out row = acc / d (0 for an empty row), lse = m + log(d) (-inf when empty).
+  // out row = acc / d (0 for an empty row), lse = m + log(d) (-inf when empty). This
+  // runs once per row after any split merge, so the attention sink (softmax_state.hpp
+  // sink_scale) is applied here exactly once; the LSE excludes it.
   void write_row(const SeqDesc& sd, int hq, std::int64_t i, const float* acc,
                  const SoftmaxState& st) const {
-    const float inv = st.inv_sum();
+    float inv = st.inv_sum();
+    if (p.sinks) inv *= sink_scale(st.lse(), p.sinks[hq]);
     const std::int64_t off = sd.out_off + i * p.out_row_stride + hq * p.out_head_stride;
     if (p.out_dtype == DType::kF32) {
       float* dst = static_cast<float*>(p.out) + off;

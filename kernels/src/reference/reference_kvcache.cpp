@@ -67,6 +67,8 @@ void reference_forward_kvcache(const KvCacheParams& p, int threads) {
       auto v_row = [&](std::int64_t t) { return kv_v_row(p, i, t, hk); };
       const float lse = attend_row(scratch.q.data(), p.d, p.d_v, p.dtype, r, mask, score, splits,
                                    k_row, v_row, scratch);
+      // The sink scales the merged row once (attention_params.hpp).
+      if (p.mask.sinks) apply_sinks(scratch.o.data(), 0, &lse, 0, p.mask.sinks + hi, 1, 1, p.d_v);
       store_row(p.out, i * p.out_batch_stride + r * p.out_row_stride + hi * p.out_head_stride,
                 p.out_dtype, scratch.o.data(), p.d_v);
       if (p.lse) p.lse[(std::int64_t{i} * p.h + hi) * p.s_q + r] = lse;

@@ -14,11 +14,18 @@ other strides are free). Outputs have q's dtype and kind; LSE is always fp32 and
 NATURAL log (``[b, h, s_q]``, varlen ``[h, total_q]``). A query row that sees no key gets
 output 0 and LSE -inf. Semantics: docs/semantics.md sections 1-3 and 5.
 
+Attention sinks (gpt-oss): ``sinks=`` (FlashInfer's name; ``s_aux=``, the name of FA3's
+vLLM fork, is an alias) takes ``[h]`` fp32 logits, one per query head, on
+``flash_attn_func`` and ``flash_attn_varlen_func``. Each output row is multiplied by
+``exp(lse) / (exp(lse) + exp(sinks[h]))``; the returned LSE excludes the sink, so
+partial results still merge exactly (``flash_attn_combine``, then apply the sink once).
+``+inf`` gives output 0, ``-inf`` no effect, NaN is a ``ValueError``.
+
 Speed hints (``num_splits``, ``pack_gqa``, ``sm_margin``, ``deterministic``,
 ``scheduler_metadata``) are accepted and never change results beyond rounding. Arguments
 that need kernel features ringattn does not have yet (``qv``, ``q/k/v_descale`` and fp8
 inputs, ``attention_chunk != 0``, varlen queries in ``flash_attn_with_kvcache``,
-``rotary_seqlens``, sinks) raise ``ValueError`` naming the argument. There is no
+``rotary_seqlens``) raise ``ValueError`` naming the argument. There is no
 backward pass (outputs do not track gradients).
 """
 
@@ -174,6 +181,26 @@ def _strided_fp32(x, name):
     return _C.TensorArg(name, ptr, "fp32", [int(n) for n in x.shape], list(strides))
 
 
+def _sinks(sinks, s_aux, h, ref):
+    """(keep-alive fp32 contiguous tensor, TensorArg) of the attention-sink logits [h]
+    given as sinks= or its alias s_aux=, or (None, None)."""
+    if sinks is not None and s_aux is not None:
+        raise ValueError("sinks, s_aux: the same argument under two names; pass only one")
+    name = "sinks" if s_aux is None else "s_aux"
+    x = sinks if s_aux is None else s_aux
+    if x is None:
+        return None, None
+    _tensor.same_kind(ref, {name: x})
+    typ = _tensor.type_of(x, name)
+    if typ not in _tensor.FLOAT_TYPES:
+        raise TypeError(f"{name}: expected a float tensor (fp32), got {typ}")
+    if len(x.shape) != 1 or int(x.shape[0]) != h:
+        raise ValueError(f"{name}: expected shape [h] with h={h} (q's heads), got {list(x.shape)}")
+    x = _tensor.to_type(x, "fp32")
+    x = x.contiguous() if _tensor.is_torch(x) else np.ascontiguousarray(x)
+    return x, _tensor.arg(x, name, types=("fp32",))
+
+
 def _lse_empty(ref):
     """FA3 returns empty fp32 tensors for the split accumulators it did not use."""
     return _tensor.empty(ref, (0,), "fp32")
@@ -211,13 +238,13 @@ def flash_attn_func(
     causal / window_size=(left, right) use the bottom-right aligned mask; softcap > 0
     applies softcap * tanh(score / softcap). softmax_scale defaults to 1/sqrt(d).
     num_splits > 0 asks for that many key splits, <= 0 lets the engine decide; pack_gqa,
-    deterministic and sm_margin are accepted and ignored. The keyword-only sinks, s_aux,
-    dropout_p and alibi_slopes exist only to raise a clear ValueError.
+    deterministic and sm_margin are accepted and ignored. sinks (alias s_aux): [h] fp32
+    attention-sink logits (module docstring). The keyword-only dropout_p and alibi_slopes
+    exist only to raise a clear ValueError.
     """
     _unsupported(qv=(qv, None), q_descale=(q_descale, None), k_descale=(k_descale, None),
                  v_descale=(v_descale, None), attention_chunk=(attention_chunk, 0),
-                 sinks=(sinks, None), s_aux=(s_aux, None), dropout_p=(dropout_p, 0.0),
-                 alibi_slopes=(alibi_slopes, None))
+                 dropout_p=(dropout_p, 0.0), alibi_slopes=(alibi_slopes, None))
     _tensor.type_of(q, "q")
     _tensor.same_kind(q, {"k": k, "v": v})
     qa = _float_arg(q, "q", 4, "[b, s_q, h, d]")
@@ -231,11 +258,13 @@ def flash_attn_func(
     out = _tensor.empty(q, (b, s_q, h, d_v), typ)
     lse = _tensor.empty(q, (b, h, s_q), "fp32")
     wl, wr = _tensor.window_pair(window_size)
+    sink, sink_arg = _sinks(sinks, s_aux, h, q)
     if b == 0:  # nothing to compute (the kernels take b >= 1)
         return (out, lse) if return_attn_probs else out
     _C.fwd(qa, ka, va, _tensor.arg(out, "out"), _lse_arg(lse),
            None, None, None, None, 0, 0, _scale(softmax_scale), bool(causal), wl, wr,
-           _softcap(softcap), _num_splits(num_splits))
+           _softcap(softcap), _num_splits(num_splits), sink_arg)
+    del sink
     return (out, lse) if return_attn_probs else out
 
 
@@ -274,11 +303,11 @@ def flash_attn_varlen_func(
     (mask of flash_attn_func); a segment with no keys gives 0 / -inf. Returns out
     [total_q, h, d_v] in q's dtype, or (out, softmax_lse [h, total_q] fp32) when
     return_attn_probs. Rows of q past cu_seqlens_q[-1] or past seqused_q get 0 / -inf.
+    sinks (alias s_aux): [h] fp32 attention-sink logits (module docstring).
     """
     _unsupported(qv=(qv, None), q_descale=(q_descale, None), k_descale=(k_descale, None),
                  v_descale=(v_descale, None), attention_chunk=(attention_chunk, 0),
-                 sinks=(sinks, None), s_aux=(s_aux, None), dropout_p=(dropout_p, 0.0),
-                 alibi_slopes=(alibi_slopes, None))
+                 dropout_p=(dropout_p, 0.0), alibi_slopes=(alibi_slopes, None))
     _tensor.type_of(q, "q")
     _tensor.same_kind(q, {"k": k, "v": v})
     qa = _float_arg(q, "q", 3, "[total_q, h, d]")
@@ -319,9 +348,11 @@ def flash_attn_varlen_func(
     # The kernel writes rows [0, cu_seqlens_q[-1]) and lays the LSE out as [h, that].
     lse_k = lse if end_q == total_q else _tensor.empty(q, (h, end_q), "fp32")
     wl, wr = _tensor.window_pair(window_size)
+    sink, sink_arg = _sinks(sinks, s_aux, h, q)
     _C.fwd(qa, ka, va, _tensor.arg(out, "out"), _lse_arg(lse_k),
            cqa, cka, sqa, ska, msq, msk, _scale(softmax_scale), bool(causal), wl, wr,
-           _softcap(softcap), _num_splits(num_splits))
+           _softcap(softcap), _num_splits(num_splits), sink_arg)
+    del sink
     if end_q < total_q:
         out[end_q:] = 0
         lse[:, :end_q] = lse_k
