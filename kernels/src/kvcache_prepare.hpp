@@ -15,7 +15,7 @@
 // Positions are ABSOLUTE cache slots, as in FlashAttention (its tests rotate with
 // seqlen_offsets = cache_seqlens whether or not cache_leftpad is set):
 //   k_new row r is rotated at position c + r;
-//   q row r at position c + r when the mask is causal or windowed, otherwise
+//   q row r at position c + r when the mask is causal, windowed or chunked, otherwise
 //   every q row at position c (the whole query block sits at the end of the cache).
 //   Pairing: interleaved (x[2m], x[2m+1]) or half-split (x[m], x[m + rotary_dim/2]);
 //   (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos). Dims >= rotary_dim are unchanged.
@@ -86,7 +86,8 @@ inline std::int64_t kv_rotary_pos_k(const KvCacheParams& p, int i, std::int64_t 
 
 // Rotary position of q row r of sequence i (see the header comment).
 inline std::int64_t kv_rotary_pos_q(const KvCacheParams& p, int i, std::int64_t r) {
-  const bool per_row = p.mask.causal || p.mask.window_left >= 0 || p.mask.window_right >= 0;
+  const bool per_row = p.mask.causal || p.mask.window_left >= 0 || p.mask.window_right >= 0 ||
+                       p.mask.attention_chunk > 0;
   return std::int64_t{p.cache_seqlens[i]} + (per_row ? r : 0);
 }
 

@@ -325,6 +325,7 @@ void validate_mask(const MaskParams& m, int h) {
   RA_CHECK_ARG(std::isfinite(m.softcap) && m.softcap >= 0.0f,
                "softcap: must be finite and >= 0 (0 = off), got " << m.softcap);
   RA_CHECK_ARG(std::isfinite(m.scale), "scale: must be finite (0 = 1/sqrt(d)), got " << m.scale);
+  RA_CHECK_ARG_GE(m.attention_chunk, 0, "attention_chunk: must be >= 0 (0 = off)");
   if (m.sinks != nullptr) {
     for (int i = 0; i < h; ++i) {
       RA_CHECK_ARG(!std::isnan(m.sinks[i]),

@@ -68,6 +68,9 @@ void add_mask_options(po::options_description& desc, MaskArgs* a) {
   add("sinks", po::value<std::string>(&a->sinks),
       "attention-sink logits [h] fp32 (one per query head): out *= exp(lse) / (exp(lse) + "
       "exp(sink)); the LSE excludes the sink");
+  add("attention-chunk", po::value<int>(&a->attention_chunk)->default_value(0),
+      "chunked local attention: row i sees only keys in the size-N chunk of its diagonal key "
+      "(FA3 attention_chunk); 0 = off");
 }
 
 MaskParams to_mask_params(const MaskArgs& a) {
@@ -84,8 +87,10 @@ MaskParams to_mask_params(const MaskArgs& a) {
                "--softcap: must be finite and >= 0 (0 = off), got " << a.softcap);
   RA_CHECK_ARG(std::isfinite(a.scale) && a.scale >= 0.0f,
                "--scale: must be finite and >= 0 (0 = 1/sqrt(d)), got " << a.scale);
+  RA_CHECK_ARG_GE(a.attention_chunk, 0, "--attention-chunk: must be >= 0 (0 = off)");
   m.softcap = a.softcap;
   m.scale = a.scale;
+  m.attention_chunk = a.attention_chunk;
   return m;
 }
 

@@ -41,13 +41,14 @@ void require(const po::variables_map& vm, const char* name);
 std::vector<int> parse_int_list(const std::string& opt, const std::string& text);
 
 // Mask / score options shared by attn, kvcache, ring and decode: --causal, --window L R,
-// --softcap C, --scale S, --sinks S.npy.
+// --softcap C, --scale S, --sinks S.npy, --attention-chunk N.
 struct MaskArgs {
   bool causal = false;
   std::vector<int> window;  // empty or {left, right}
   float softcap = 0.0f;
   float scale = 0.0f;
-  std::string sinks;  // --sinks path, empty = none
+  std::string sinks;        // --sinks path, empty = none
+  int attention_chunk = 0;  // --attention-chunk, 0 = off
 };
 void add_mask_options(po::options_description& desc, MaskArgs* args);
 // Validates (window values >= -1, softcap >= 0, scale >= 0) and converts; sinks are

@@ -63,6 +63,10 @@ void distributed_decode(const comm::Communicator& comm, const Engine& engine,
     RA_CHECK_ARG(p.q && p.k_cache && p.v_cache, "decode: q, k_cache and v_cache must be non-null");
     RA_CHECK_ARG(p.out || (p.root >= 0 && rank != p.root), "decode: out must be non-null");
     validate_mask(p.mask, p.h);
+    RA_CHECK(
+        p.mask.attention_chunk == 0, UnsupportedError,
+        "decode: attention_chunk = " << p.mask.attention_chunk
+                                     << " is not supported by distributed decode yet (0 = off)");
   });
   const auto str = [](auto v) {
     std::ostringstream os;

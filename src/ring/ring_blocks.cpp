@@ -51,6 +51,9 @@ void validate_local(const RingAttentionParams& p, int ranks, int rank) {
                "ring: window (" << p.mask.window_left << ", " << p.mask.window_right
                                 << ") must be >= -1 (-1 = unbounded)");
   validate_mask(p.mask, p.h);
+  RA_CHECK(p.mask.attention_chunk == 0, UnsupportedError,
+           "ring: attention_chunk = " << p.mask.attention_chunk
+                                      << " is not supported by ring attention yet (0 = off)");
   if (p.cu_seqlens) {
     RA_CHECK_ARG_EQ(p.cu_seqlens[0], 0, "ring: cu_seqlens[0]");
     for (int i = 0; i < p.b; ++i)

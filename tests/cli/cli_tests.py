@@ -19,10 +19,11 @@ BACKENDS = ["reference", "auto"]
 
 
 # ---------------------------------------------------------------- reference
-def attention_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=0.0, sinks=None):
+def attention_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=0.0, sinks=None, chunk=0):
     """q [s_q, h, d], k [s_k, h_k, d], v [s_k, h_k, d_v] (float64) ->
     out [s_q, h, d_v], lse [h, s_q]; rows that see no key: out 0, lse -inf.
-    sinks [h]: an extra logit per head in the denominator only (the LSE excludes it)."""
+    sinks [h]: an extra logit per head in the denominator only (the LSE excludes it).
+    chunk > 0: key j visible only in the chunk of the diagonal key i + s_k - s_q."""
     s_q, h, d = q.shape
     s_k, h_k, d_v = v.shape
     if scale == 0.0:
@@ -44,6 +45,8 @@ def attention_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=0.0
         vis &= j <= i + shift + wr
     if wl >= 0:
         vis &= j >= i + shift - wl
+    if chunk > 0:
+        vis &= (j // chunk) == ((i + shift) // chunk)
     s = np.where(vis[None], s, -np.inf)
     m = s.max(axis=2, keepdims=True) if s_k > 0 else np.full((h, s_q, 1), -np.inf)
     m_safe = np.where(np.isfinite(m), m, 0.0)
@@ -243,6 +246,43 @@ def case_attn_sinks():
                  ["--sinks", "entry 2", "NaN"], rc=2)
     expect_error(base + [save("si.npy", np.zeros(6, np.int32))], ["--sinks", "<i4"], rc=2)
     expect_error(base + [path("nosuch.npy")], ["--sinks", "nosuch.npy"], rc=1)
+
+
+def case_attn_chunk():
+    # --attention-chunk N: chunked local attention, alone and with causal / window / sinks.
+    r = rng()
+    run_attn_dense(r, 2, 37, 90, 6, 2, 32, 32, ["--attention-chunk", 16], {"chunk": 16})
+    run_attn_dense(r, 1, 50, 20, 4, 2, 32, 32, ["--attention-chunk", 7, "--causal", "--num-splits", 2],
+                   {"chunk": 7, "causal": True})
+    sinks = np.array([0.5, -np.inf, 3.0, np.inf], np.float32)
+    run_attn_dense(r, 1, 9, 200, 4, 1, 32, 32,
+                   ["--attention-chunk", 64, "--window", 40, 0, "--sinks", save("s.npy", sinks)],
+                   {"chunk": 64, "window": (40, 0), "sinks": sinks})
+    # KV cache: chunked prefill against a dense cache, keys counted after leftpad.
+    b, s_q, h, h_k, d, cap = 2, 5, 4, 2, 32, 300
+    seqlens = np.array([250, 9], np.int32)
+    kc = np.full((b, cap, h_k, d), np.nan, np.float32)
+    vc = np.full((b, cap, h_k, d), np.nan, np.float32)
+    for i in range(b):
+        kc[i, :seqlens[i]] = r.standard_normal((seqlens[i], h_k, d))
+        vc[i, :seqlens[i]] = r.standard_normal((seqlens[i], h_k, d))
+    q = r.standard_normal((b, s_q, h, d)).astype(np.float32)
+    o_ref = np.zeros((b, s_q, h, d))
+    l_ref = np.zeros((b, h, s_q))
+    for i in range(b):
+        o_ref[i], l_ref[i] = attention_ref(q[i].astype(np.float64), kc[i, :seqlens[i]].astype(np.float64),
+                                           vc[i, :seqlens[i]].astype(np.float64), causal=True, chunk=32)
+    args = ["kvcache", "--q", save("q.npy", q), "--k-cache", save("kc.npy", kc), "--v-cache", save("vc.npy", vc),
+            "--cache-seqlens", save("sl.npy", seqlens), "--out", path("o.npy"), "--lse", path("l.npy"),
+            "--causal", "--attention-chunk", 32]
+    for be in BACKENDS:
+        run(args + ["--backend", be])
+        check_close(f"kvcache chunk out [{be}]", np.load(path("o.npy")), o_ref, 2e-4)
+        check_close(f"kvcache chunk lse [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+    qp, kp, vp = (save(n, r.standard_normal(s).astype(np.float32))
+                  for n, s in (("q.npy", (1, 3, 4, 32)), ("k.npy", (1, 5, 2, 32)), ("v.npy", (1, 5, 2, 32))))
+    expect_error(["attn", "--q", qp, "--k", kp, "--v", vp, "--attention-chunk", -3],
+                 ["--attention-chunk", "-3"], rc=2)
 
 
 # ---------------------------------------------------------------- kvcache

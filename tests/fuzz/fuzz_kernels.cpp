@@ -86,6 +86,7 @@ constexpr std::array<float, 8> kScales{0.0f, 0.0f, 0.125f, 1.0f, -0.5f, 1e4f, kN
 constexpr std::array<float, 6> kSoftcaps{0.0f, 0.0f, 15.0f, 0.5f, -1.0f, kNaN};
 constexpr std::array<int, 6> kWindows{-1, -1, 0, 1, 3, -2};
 constexpr std::array<int, 8> kHeadDims{8, 16, 32, 8, 16, 0, 12, 264};
+constexpr std::array<int, 8> kChunks{0, 0, 0, 0, 1, 3, 8, -1};  // attention_chunk
 
 constexpr std::array<float, 8> kSinks{-kInf, kInf, kNaN, 0.0f, 2.5f, -3.0f, 40.0f, -40.0f};
 
@@ -105,6 +106,7 @@ MaskParams decode_mask(FuzzBytes& in) {
   m.causal = in.flag();
   m.window_left = in.pick(kWindows);
   m.window_right = in.pick(kWindows);
+  m.attention_chunk = in.pick(kChunks);
   return m;
 }
 

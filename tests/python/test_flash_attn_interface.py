@@ -31,11 +31,11 @@ def rng_for(*key):
 # ---- float64 reference ----
 
 
-def ref_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0, sinks=None):
+def ref_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0, sinks=None, chunk=0):
     """q [s_q, h, d], k [s_k, h_k, d], v [s_k, h_k, d_v] (float64) -> out [s_q, h, d_v],
     lse [h, s_q]. Bottom-right mask, GQA by repeating KV heads, empty rows 0 / -inf.
     sinks [h]: one extra logit per head in the softmax denominator (no value); the LSE
-    excludes it."""
+    excludes it. chunk > 0: key j visible only in the chunk of the diagonal key i + shift."""
     s_q, h, d = q.shape
     s_k, h_k, _ = k.shape
     k = np.repeat(k, h // h_k, axis=1)
@@ -55,6 +55,8 @@ def ref_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.
         vis &= j <= i + shift + wr
     if wl >= 0:
         vis &= j >= i + shift - wl
+    if chunk > 0:
+        vis &= (j // chunk) == ((i + shift) // chunk)
     s = np.where(vis[None], s, -np.inf)
     m = s.max(axis=-1, initial=-np.inf, keepdims=True) if s_k else np.full((h, s_q, 1), -np.inf)
     m_safe = np.where(np.isfinite(m), m, 0.0)
@@ -189,6 +191,43 @@ def test_sinks_against_reference(kind, typ, alias):
                                             window_size=window, softcap=softcap, return_attn_probs=True,
                                             **{alias: sinks})
         check(vo, f64(out).reshape(-1, h, d_v), typ, what + " varlen out")
+
+
+@pytest.mark.parametrize("kind,typ", KINDS)
+def test_attention_chunk_against_reference(kind, typ):
+    rng = rng_for("chunk", kind, typ)
+    for trial in range(6):
+        b = int(rng.integers(1, 3))
+        s_q, s_k = [(1, 70), (13, 29), (29, 13), (40, 40), (7, 300)][int(rng.integers(5))]
+        h, h_k = HEADS[int(rng.integers(len(HEADS)))]
+        d, d_v = DIMS[int(rng.integers(len(DIMS)))]
+        causal, window, softcap = random_mask(rng)
+        chunk = int(rng.choice([1, 3, 8, 16, 64]))
+        with_sinks = bool(rng.integers(2))
+        snk = sink_values(rng, h) if with_sinks else None
+        sinks = None if snk is None else (snk if kind == "numpy" else torch.from_numpy(snk))
+        q = make((b, s_q, h, d), typ, kind, rng)
+        k = make((b, s_k, h_k, d), typ, kind, rng)
+        v = make((b, s_k, h_k, d_v), typ, kind, rng)
+        out, lse = fai.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                                       attention_chunk=chunk, sinks=sinks, num_splits=int(rng.choice([0, 1, 2])),
+                                       return_attn_probs=True)
+        what = f"chunk trial {trial} s=({s_q},{s_k}) chunk={chunk} mask={causal, window, softcap} sinks={snk}"
+        for bi in range(b):
+            ro, rl = ref_attention(f64(q[bi]), f64(k[bi]), f64(v[bi]), None, causal, window, softcap, snk, chunk)
+            check(out[bi], ro, typ, what + " out")
+            check(lse[bi], rl, typ, what + " lse", lse=True)
+        if b == 1:
+            continue
+        # Varlen: the chunk grid restarts in every segment.
+        cu_q = np.arange(b + 1, dtype=np.int32) * s_q
+        cu_k = np.arange(b + 1, dtype=np.int32) * s_k
+        pack = (lambda x: x.reshape(-1, *x.shape[2:]))
+        vo = fai.flash_attn_varlen_func(pack(q), pack(k), pack(v), cu_q, cu_k, s_q, s_k, causal=causal,
+                                        window_size=window, softcap=softcap, attention_chunk=chunk, sinks=sinks)
+        check(vo, f64(out).reshape(-1, h, d_v), typ, what + " varlen out")
+    with pytest.raises(ValueError, match="attention_chunk"):
+        fai.flash_attn_func(q, k, v, attention_chunk=-2)
 
 
 def test_sinks_edge_values_and_errors():
@@ -650,7 +689,7 @@ def _kv(**over):
 def test_unsupported_arguments_raise_value_error_naming_them():
     t = torch.ones(2, 2)
     for name, value in [("qv", make((2, 3, 4, 16), "fp32", "torch", rng_for("qv"))), ("q_descale", t),
-                        ("k_descale", t), ("v_descale", t), ("attention_chunk", 4),
+                        ("k_descale", t), ("v_descale", t),
                         ("dropout_p", 0.1), ("alibi_slopes", torch.ones(4))]:
         with pytest.raises(ValueError, match=name):
             fai.flash_attn_func(**_dense(), **{name: value})

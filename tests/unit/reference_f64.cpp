@@ -46,6 +46,12 @@ bool visible(std::int64_t i, std::int64_t j, std::int64_t s_k, std::int64_t shif
   if (j < 0 || j >= s_k) return false;
   if (w_right >= 0 && j > i + shift + w_right) return false;
   if (w_left >= 0 && j < i + shift - w_left) return false;
+  if (m.attention_chunk > 0) {
+    // Chunked local attention: j and the diagonal key i + shift in the same chunk.
+    const double c = m.attention_chunk;
+    if (std::floor(static_cast<double>(j) / c) != std::floor(static_cast<double>(i + shift) / c))
+      return false;
+  }
   return true;
 }
 
@@ -283,7 +289,8 @@ RefResult kvcache_impl(const KvCacheParams& p, RefPrecision prec) {
   res.out.assign(static_cast<std::size_t>(p.b) * p.s_q * p.h * p.d_v, kNaN);
   res.lse.assign(static_cast<std::size_t>(p.b) * p.h * p.s_q, kNaN);
   const bool rotary = p.rotary_cos != nullptr;
-  const bool windowed = p.mask.window_left >= 0 || p.mask.window_right >= 0;
+  const bool windowed =
+      p.mask.window_left >= 0 || p.mask.window_right >= 0 || p.mask.attention_chunk > 0;
   for (int bi = 0; bi < p.b; ++bi) {
     const int row = p.cache_batch_idx ? p.cache_batch_idx[bi] : bi;
     const std::int64_t seqlen = p.cache_seqlens[bi];

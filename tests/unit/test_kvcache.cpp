@@ -135,6 +135,24 @@ std::vector<KvCase> kv_cases() {
     c.sinks = test_sinks(c.h);
     cs.push_back(c);
   }
+  {
+    // Chunked local attention against a cache: paged chunked prefill (the chunk grid is
+    // in key positions after leftpad), rotary (chunk makes q rows follow the new keys'
+    // positions, as a local mask does in FA3).
+    auto c = kv("chunk_paged", DType::kBF16, 6, 2, 64, 8, 8, {300, 20}, 16);
+    c.leftpad = {5, 0};
+    c.causal = true;
+    c.chunk = 64;
+    cs.push_back(c);
+    c = kv("chunk_rotary", DType::kF32, 6, 6, 32, 4, 4, {50, 9}, 0);
+    c.rotary = 2;
+    c.chunk = 16;
+    cs.push_back(c);
+    c = kv("chunk_decode_split", DType::kF16, 6, 1, 64, 1, 1, {2000}, 64);
+    c.chunk = 700;
+    c.sinks = test_sinks(c.h);
+    cs.push_back(c);
+  }
   for (auto& c : cs) c.name = sanitize_name(c.name);
   return cs;
 }

@@ -309,6 +309,7 @@ struct KvCase {
   int window_left = -1, window_right = -1;
   float softcap = 0.0f;
   std::vector<float> sinks;  // [h] attention-sink logits or empty
+  int chunk = 0;             // attention_chunk (0 = off)
 };
 
 inline std::ostream& operator<<(std::ostream& os, const KvCase& c) { return os << c.name; }
@@ -458,6 +459,7 @@ inline KvProblem make_kv_problem(const KvCase& c) {
   p.mask.window_right = c.window_right;
   p.mask.softcap = c.softcap;
   p.mask.sinks = c.sinks.empty() ? nullptr : c.sinks.data();
+  p.mask.attention_chunk = c.chunk;
   return pr;
 }
 

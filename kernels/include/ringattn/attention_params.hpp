@@ -13,6 +13,9 @@
 //                        and (w_right < 0 or j <= i + shift + w_right)
 //                        and (w_left  < 0 or j >= i + shift - w_left)
 //    `causal` forces w_right = 0 and keeps w_left (causal + window = local).
+//    attention_chunk C > 0 (chunked local attention, FA3) adds: key j must lie in the
+//    chunk of row i's diagonal key p = i + shift, i.e. floor(j / C) == floor(p / C)
+//                        (C * floor(p / C) <= j < C * floor(p / C) + C).
 //  - softcap > 0: score = softcap * tanh(score / softcap), before masking.
 //  - sinks (optional, [h] fp32): one attention-sink logit per query head. The output
 //    row of head h is multiplied by exp(lse) / (exp(lse) + exp(sinks[h])) exactly
@@ -43,6 +46,10 @@ struct MaskParams {
   // Used by ring attention, where a block's query and key positions are offsets
   // into a longer sequence. nullptr = bottom-right (shift = s_k - s_q).
   const std::int64_t* mask_shift = nullptr;
+  // Chunked local attention (FA3 attention_chunk, Llama 4): 0 = off; C > 0 restricts row
+  // i to the keys of the size-C chunk holding its diagonal key (rule above), combined
+  // with causal / windows. Dense, varlen and KV cache; ring and decode reject it.
+  int attention_chunk = 0;
   // Attention-sink logits [h] fp32 (gpt-oss; FA3 s_aux, FlashInfer sinks), nullable.
   // NaN is rejected; +inf zeroes the row, -inf is no sink.
   const float* sinks = nullptr;

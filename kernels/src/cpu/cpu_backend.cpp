@@ -63,6 +63,7 @@ void set_mask(AttnProblem& a, const MaskParams& m, int d) {
   a.w_left = m.window_left;
   a.w_right = m.causal ? 0 : m.window_right;
   a.sinks = m.sinks;
+  a.chunk = m.attention_chunk;
 }
 
 // Tasks a call has without splitting keys (cpu::unsplit_tasks per sequence).

@@ -56,6 +56,7 @@ struct AttnProblem {
   float softcap = 0.0f;          // 0 = off
   int w_left = -1;               // -1 = unbounded
   int w_right = -1;              // causal already folded in (0)
+  int chunk = 0;                 // attention_chunk, 0 = off
   const float* sinks = nullptr;  // [h] attention-sink logits, nullable (applied in write_row)
   std::vector<SeqDesc> seqs;
   ProgressHook progress;          // polled by the calling thread (progress_throttle.hpp)

@@ -105,6 +105,12 @@ inline RowRange visible_keys(const AttnProblem& p, const SeqDesc& sd, std::int64
   RowRange r{0, sd.s_k};
   if (p.w_left >= 0) r.lo = std::max<std::int64_t>(0, i + sd.shift - p.w_left);
   if (p.w_right >= 0) r.hi = std::min<std::int64_t>(sd.s_k, i + sd.shift + p.w_right + 1);
+  if (p.chunk > 0) {  // the chunk [c0, c0 + chunk) holding the diagonal key i + shift
+    const std::int64_t a = i + sd.shift;
+    const std::int64_t c0 = (a >= 0 ? a / p.chunk : -((-a + p.chunk - 1) / p.chunk)) * p.chunk;
+    r.lo = std::max(r.lo, c0);
+    r.hi = std::min(r.hi, c0 + p.chunk);
+  }
   return r;
 }
 
