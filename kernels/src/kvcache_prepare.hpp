@@ -32,9 +32,53 @@ inline std::int64_t kv_leftpad(const KvCacheParams& p, int i) {
   return p.cache_leftpad ? p.cache_leftpad[i] : 0;
 }
 
-// Effective key count of sequence i: cache_seqlens[i] - leftpad[i] + s_new.
+// New rows sequence i appends: s_new, or its cu_seqlens_k_new segment.
+inline std::int64_t kv_s_new(const KvCacheParams& p, int i) {
+  return p.cu_seqlens_k_new ? std::int64_t{p.cu_seqlens_k_new[i + 1]} - p.cu_seqlens_k_new[i]
+                            : p.s_new;
+}
+
+// Element offsets into k_new / v_new of new row r of sequence i, KV head 0.
+inline std::int64_t kv_k_new_offset(const KvCacheParams& p, int i, std::int64_t r) {
+  return p.cu_seqlens_k_new ? (p.cu_seqlens_k_new[i] + r) * p.k_new_row_stride
+                            : i * p.k_new_batch_stride + r * p.k_new_row_stride;
+}
+inline std::int64_t kv_v_new_offset(const KvCacheParams& p, int i, std::int64_t r) {
+  return p.cu_seqlens_k_new ? (p.cu_seqlens_k_new[i] + r) * p.v_new_row_stride
+                            : i * p.v_new_batch_stride + r * p.v_new_row_stride;
+}
+
+// Query rows of sequence i (s_q, or its cu_seqlens_q segment), the index of its first
+// row among all query rows ([b, s_q] flattened, or packed), and all query rows.
+inline std::int64_t kv_s_q(const KvCacheParams& p, int i) {
+  return p.cu_seqlens_q ? std::int64_t{p.cu_seqlens_q[i + 1]} - p.cu_seqlens_q[i] : p.s_q;
+}
+inline std::int64_t kv_q_row0(const KvCacheParams& p, int i) {
+  return p.cu_seqlens_q ? std::int64_t{p.cu_seqlens_q[i]} : std::int64_t{i} * p.s_q;
+}
+inline std::int64_t kv_total_q(const KvCacheParams& p) {
+  return p.cu_seqlens_q ? std::int64_t{p.cu_seqlens_q[p.b]} : std::int64_t{p.b} * p.s_q;
+}
+// Sequence of query row g (0 <= g < kv_total_q).
+int kv_seq_of_row(const KvCacheParams& p, std::int64_t g);
+// Element offsets into q / out of query row r of sequence i, head 0.
+inline std::int64_t kv_q_offset(const KvCacheParams& p, int i, std::int64_t r) {
+  return p.cu_seqlens_q ? (p.cu_seqlens_q[i] + r) * p.q_row_stride
+                        : i * p.q_batch_stride + r * p.q_row_stride;
+}
+inline std::int64_t kv_out_offset(const KvCacheParams& p, int i, std::int64_t r) {
+  return p.cu_seqlens_q ? (p.cu_seqlens_q[i] + r) * p.out_row_stride
+                        : i * p.out_batch_stride + r * p.out_row_stride;
+}
+// Index into lse of query row r of sequence i, head hi: [b, h, s_q] or [h, total_q].
+inline std::int64_t kv_lse_index(const KvCacheParams& p, int i, std::int64_t r, int hi) {
+  return p.cu_seqlens_q ? hi * kv_total_q(p) + p.cu_seqlens_q[i] + r
+                        : (std::int64_t{i} * p.h + hi) * p.s_q + r;
+}
+
+// Effective key count of sequence i: cache_seqlens[i] - leftpad[i] + s_new_i.
 inline std::int64_t kv_num_keys(const KvCacheParams& p, int i) {
-  return std::int64_t{p.cache_seqlens[i]} - kv_leftpad(p, i) + p.s_new;
+  return std::int64_t{p.cache_seqlens[i]} - kv_leftpad(p, i) + kv_s_new(p, i);
 }
 
 // Row of the dense cache (or of the page table) that sequence i uses.
@@ -102,8 +146,9 @@ void rotary_apply_f32(float* x, const KvCacheParams& p, std::int64_t pos);
 void kvcache_append(const KvCacheParams& p, int threads);
 
 // Writes q, rotated when kv_has_rotary(p) (copied otherwise), into the contiguous
-// scratch `q_out` [b, s_q, h, d] of type `out_dtype` (fp32 or p.dtype; with p.dtype
-// and no rotary the copy is bit-exact). Row strides of q_out: h * d, batch: s_q * h * d.
+// scratch `q_out` [total_q, h, d] (= [b, s_q, h, d] without cu_seqlens_q) of type
+// `out_dtype` (fp32 or p.dtype; with p.dtype and no rotary the copy is bit-exact). Query
+// row g (kv_q_row0 + r) sits at g * h * d.
 void kvcache_prepare_q(const KvCacheParams& p, void* q_out, DType out_dtype, int threads);
 
 }  // namespace ringattn::detail

@@ -333,6 +333,52 @@ def case_kvcache_paged_append():
             print(f"ok paged cache append exact causal={causal} [{be}]")
 
 
+def case_kvcache_varlen():
+    # Chunked prefill against a paged cache: --cu-seqlens-q / --cu-seqlens-k-new, each
+    # sequence its own number of query rows and new keys (one with none), causal.
+    r = rng()
+    h, h_k, d, page, blocks, max_pages = 4, 2, 32, 8, 24, 6
+    seqlens = np.array([10, 0, 25], np.int32)
+    q_lens, new_lens = [5, 3, 0], [5, 3, 0]
+    b = len(seqlens)
+    cu_q = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    cu_n = np.concatenate([[0], np.cumsum(new_lens)]).astype(np.int32)
+    kc = np.full((blocks, page, h_k, d), np.nan, np.float32)
+    vc = np.full((blocks, page, h_k, d), np.nan, np.float32)
+    pt = r.permutation(blocks)[: b * max_pages].reshape(b, max_pages).astype(np.int32)
+    for i in range(b):
+        for t in range(seqlens[i]):
+            kc[pt[i, t // page], t % page] = r.standard_normal((h_k, d))
+            vc[pt[i, t // page], t % page] = r.standard_normal((h_k, d))
+    q = r.standard_normal((cu_q[-1], h, d)).astype(np.float32)
+    kn = r.standard_normal((cu_n[-1], h_k, d)).astype(np.float32)
+    vn = r.standard_normal((cu_n[-1], h_k, d)).astype(np.float32)
+    o_ref = np.zeros((cu_q[-1], h, d))
+    l_ref = np.zeros((h, cu_q[-1]))
+    for i in range(b):
+        toks = [(pt[i, t // page], t % page) for t in range(seqlens[i])]
+        kt = np.concatenate([np.stack([kc[x] for x in toks]).reshape(-1, h_k, d) if toks else np.zeros((0, h_k, d)),
+                             kn[cu_n[i]:cu_n[i + 1]]]).astype(np.float64)
+        vt = np.concatenate([np.stack([vc[x] for x in toks]).reshape(-1, h_k, d) if toks else np.zeros((0, h_k, d)),
+                             vn[cu_n[i]:cu_n[i + 1]]]).astype(np.float64)
+        if q_lens[i]:
+            o, l = attention_ref(q[cu_q[i]:cu_q[i + 1]].astype(np.float64), kt, vt, causal=True)
+            o_ref[cu_q[i]:cu_q[i + 1]] = o
+            l_ref[:, cu_q[i]:cu_q[i + 1]] = l
+    args = ["kvcache", "--q", save("q.npy", q), "--k-cache", save("kc.npy", kc), "--v-cache", save("vc.npy", vc),
+            "--cache-seqlens", save("sl.npy", seqlens), "--page-table", save("pt.npy", pt),
+            "--k-new", save("kn.npy", kn), "--v-new", save("vn.npy", vn),
+            "--cu-seqlens-q", save("cuq.npy", cu_q), "--cu-seqlens-k-new", save("cun.npy", cu_n),
+            "--causal", "--out", path("o.npy"), "--lse", path("l.npy")]
+    for be in BACKENDS:
+        run(args + ["--backend", be])
+        check_close(f"kvcache varlen out [{be}]", np.load(path("o.npy")), o_ref, 2e-4)
+        check_close(f"kvcache varlen lse [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+    bad_cu = save("badcu.npy", np.array([0, 5, 7, 9], np.int32))
+    i = args.index("--cu-seqlens-q")
+    expect_error(args[:i + 1] + [bad_cu] + args[i + 2:], ["--cu-seqlens-q", "last entry", "8"], rc=2)
+
+
 def case_kvcache_leftpad():
     r = rng()
     b, s_q, h, h_k, d, d_v, b_cache, s_cache, s_new = 2, 4, 6, 2, 64, 64, 3, 24, 2

@@ -310,6 +310,10 @@ struct KvCase {
   float softcap = 0.0f;
   std::vector<float> sinks;  // [h] attention-sink logits or empty
   int chunk = 0;             // attention_chunk (0 = off)
+  // Variable lengths (FA3 cu_seqlens_q / cu_seqlens_k_new), [b] each or empty: query rows
+  // and new keys per sequence; q / out become [total_q, h, *], k_new / v_new
+  // [total_new, h_k, *]; s_q / s_new are then taken as the maxima.
+  std::vector<int> q_lens, new_lens;
 };
 
 inline std::ostream& operator<<(std::ostream& os, const KvCase& c) { return os << c.name; }
@@ -320,16 +324,24 @@ inline std::ostream& operator<<(std::ostream& os, const KvCase& c) { return os <
 struct KvProblem {
   Tensor q, k_cache, v_cache, k_new, v_new, out;
   std::vector<float> lse, cos, sin;
-  std::vector<std::int32_t> seqlens, leftpad, batch_idx, page_table;
+  std::vector<std::int32_t> seqlens, leftpad, batch_idx, page_table, cu_q, cu_new;
   KvCacheParams p;
+  // Dims of out and lse for messages: [b, s_q, h, d_v] / [b, h, s_q], or with varlen
+  // queries [1, total_q, h, d_v] / [1, h, total_q].
+  std::vector<std::int64_t> out_dims, lse_dims;
 };
 
 inline KvProblem make_kv_problem(const KvCase& c) {
   KvProblem pr;
   const int b = static_cast<int>(c.seqlens.size());
   std::mt19937_64 rng(case_seed(c.name));
+  const bool vq = !c.q_lens.empty(), vk = !c.new_lens.empty();
+  const auto new_of = [&](int i) { return vk ? c.new_lens[static_cast<std::size_t>(i)] : c.s_new; };
+  int s_q = c.s_q, s_new = c.s_new;
+  if (vq) s_q = *std::max_element(c.q_lens.begin(), c.q_lens.end());
+  if (vk) s_new = *std::max_element(c.new_lens.begin(), c.new_lens.end());
   int longest = 0;
-  for (int s : c.seqlens) longest = std::max(longest, s + c.s_new);
+  for (int i = 0; i < b; ++i) longest = std::max(longest, c.seqlens[i] + new_of(i));
   const int capacity = longest + c.extra_capacity;
   pr.seqlens.assign(c.seqlens.begin(), c.seqlens.end());
   pr.leftpad.assign(c.leftpad.begin(), c.leftpad.end());
@@ -342,7 +354,8 @@ inline KvProblem make_kv_problem(const KvCase& c) {
     // and fills the page-table entries no token uses.
     const int max_pages = (capacity + c.page_size - 1) / c.page_size;
     int needed = 0;
-    for (int s : c.seqlens) needed += (s + c.s_new + c.page_size - 1) / c.page_size;
+    for (int i = 0; i < b; ++i)
+      needed += (c.seqlens[i] + new_of(i) + c.page_size - 1) / c.page_size;
     const int num_blocks = needed + 2;
     std::vector<std::int32_t> pool(static_cast<std::size_t>(num_blocks - 1));
     for (int i = 0; i < num_blocks - 1; ++i) pool[i] = i;
@@ -350,7 +363,7 @@ inline KvProblem make_kv_problem(const KvCase& c) {
     pr.page_table.assign(static_cast<std::size_t>(b) * max_pages, num_blocks - 1);
     std::size_t next = 0;
     for (int i = 0; i < b; ++i) {
-      const int pages = (c.seqlens[i] + c.s_new + c.page_size - 1) / c.page_size;
+      const int pages = (c.seqlens[i] + new_of(i) + c.page_size - 1) / c.page_size;
       for (int pg = 0; pg < pages; ++pg) pr.page_table[i * max_pages + pg] = pool[next++];
     }
     cache_rows = num_blocks;
@@ -388,11 +401,28 @@ inline KvProblem make_kv_problem(const KvCase& c) {
         pr.v_cache.set_at(base_v + e, dist(rng));
     }
   }
-  pr.q = make_tensor(c.dtype, {b, c.s_q, c.h, c.d});
+  std::int64_t total_q = std::int64_t{b} * s_q, total_new = 0;
+  if (vq) {
+    pr.cu_q.assign(1, 0);
+    for (int n : c.q_lens) pr.cu_q.push_back(pr.cu_q.back() + n);
+    total_q = pr.cu_q.back();
+    p.cu_seqlens_q = pr.cu_q.data();
+  }
+  if (vk) {
+    pr.cu_new.assign(1, 0);
+    for (int n : c.new_lens) pr.cu_new.push_back(pr.cu_new.back() + n);
+    total_new = pr.cu_new.back();
+    p.cu_seqlens_k_new = pr.cu_new.data();
+  }
+  // Varlen tensors are [total, heads, dim]: a leading dim of 1 keeps the stride layout.
+  pr.q =
+      vq ? make_tensor(c.dtype, {1, total_q, c.h, c.d}) : make_tensor(c.dtype, {b, s_q, c.h, c.d});
   fill_normal(pr.q, rng);
-  if (c.s_new > 0) {
-    pr.k_new = make_tensor(c.dtype, {b, c.s_new, c.h_k, c.d});
-    pr.v_new = make_tensor(c.dtype, {b, c.s_new, c.h_k, c.d_v});
+  if (s_new > 0) {
+    pr.k_new = vk ? make_tensor(c.dtype, {1, total_new, c.h_k, c.d})
+                  : make_tensor(c.dtype, {b, s_new, c.h_k, c.d});
+    pr.v_new = vk ? make_tensor(c.dtype, {1, total_new, c.h_k, c.d_v})
+                  : make_tensor(c.dtype, {b, s_new, c.h_k, c.d_v});
     fill_normal(pr.k_new, rng);
     fill_normal(pr.v_new, rng);
     p.k_new = pr.k_new.data();
@@ -404,12 +434,17 @@ inline KvProblem make_kv_problem(const KvCase& c) {
     p.v_new_row_stride = pr.v_new.stride(1);
     p.v_new_head_stride = pr.v_new.stride(2);
   }
-  pr.out = make_tensor(c.out_dtype, {b, c.s_q, c.h, c.d_v});
-  pr.lse.assign(static_cast<std::size_t>(b) * c.h * c.s_q, 0.0f);
+  pr.out = vq ? make_tensor(c.out_dtype, {1, total_q, c.h, c.d_v})
+              : make_tensor(c.out_dtype, {b, s_q, c.h, c.d_v});
+  pr.lse.assign(static_cast<std::size_t>(total_q) * c.h, 0.0f);
+  pr.out_dims = vq ? std::vector<std::int64_t>{1, total_q, c.h, c.d_v}
+                   : std::vector<std::int64_t>{b, s_q, c.h, c.d_v};
+  pr.lse_dims =
+      vq ? std::vector<std::int64_t>{1, c.h, total_q} : std::vector<std::int64_t>{b, c.h, s_q};
   if (c.rotary != 0) {
     // Standard RoPE tables: angle(pos, i) = pos * 10000^(-2i / rotary_dim).
     const int rd = c.rotary_dim > 0 ? c.rotary_dim : c.d;
-    const int s_rot = capacity + c.s_q;
+    const int s_rot = capacity + s_q;
     pr.cos.resize(static_cast<std::size_t>(s_rot) * rd / 2);
     pr.sin.resize(pr.cos.size());
     for (int pos = 0; pos < s_rot; ++pos) {
@@ -445,12 +480,12 @@ inline KvProblem make_kv_problem(const KvCase& c) {
   p.out_row_stride = pr.out.stride(1);
   p.out_head_stride = pr.out.stride(2);
   p.b = b;
-  p.s_q = c.s_q;
+  p.s_q = s_q;
   p.h = c.h;
   p.h_k = c.h_k;
   p.d = c.d;
   p.d_v = c.d_v;
-  p.s_new = c.s_new;
+  p.s_new = s_new;
   p.cache_seqlens = pr.seqlens.data();
   p.cache_leftpad = pr.leftpad.empty() ? nullptr : pr.leftpad.data();
   p.cache_batch_idx = pr.batch_idx.empty() ? nullptr : pr.batch_idx.data();

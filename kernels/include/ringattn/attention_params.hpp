@@ -136,7 +136,10 @@ struct SchedulerMetadata {
 //               cache[page_table[b, t / page_size], t % page_size]
 //   k_new/v_new [b, s_new, h_k, d / d_v] appended IN PLACE at [cache_seqlens, +s_new)
 //   out         [b, s_q, h, d_v], lse [b, h, s_q]
-// Effective key count of sequence i: cache_seqlens[i] - leftpad[i] + s_new.
+// Variable query lengths (cu_seqlens_q set; chunked prefill, each sequence its own
+// number of rows): q [total_q, h, d], out [total_q, h, d_v], lse [h, total_q].
+// Variable new-key counts (cu_seqlens_k_new set): k_new/v_new [total_new, h_k, d / d_v].
+// Effective key count of sequence i: cache_seqlens[i] - leftpad[i] + s_new_i.
 // Cache slots outside [leftpad, cache_seqlens + s_new) are never read (may be NaN).
 struct KvCacheParams {
   DType dtype = DType::kF32;      // storage of q, caches, k_new, v_new
@@ -175,6 +178,13 @@ struct KvCacheParams {
   const std::int32_t* cache_seqlens = nullptr;    // [b] required: valid length before append
   const std::int32_t* cache_batch_idx = nullptr;  // [b] optional (dense cache): row of the cache
   const std::int32_t* cache_leftpad = nullptr;    // [b] optional: first valid token
+
+  // FA3 cu_seqlens_q / max_seqlen_q: sequence i owns query rows [cu_seqlens_q[i],
+  // cu_seqlens_q[i+1]) of q / out (batch strides ignored); s_q holds max_seqlen_q.
+  const std::int32_t* cu_seqlens_q = nullptr;  // [b+1] nullable
+  // FA3 cu_seqlens_k_new: sequence i appends rows [cu_seqlens_k_new[i], cu_seqlens_k_new[i+1])
+  // of k_new / v_new (batch strides ignored); s_new holds the largest count.
+  const std::int32_t* cu_seqlens_k_new = nullptr;  // [b+1] nullable
 
   // Rotary embedding (applied to q and k_new when rotary_cos != nullptr):
   //   cos/sin [s_rotary, rotary_dim / 2] fp32; rotary_dim even, <= d.
