@@ -63,17 +63,6 @@ void strides3(const TensorArg& t, bool varlen, std::int64_t& batch, std::int64_t
   head = t.stride(-2);
 }
 
-// Attention-sink logits [h] fp32 contiguous (sinks / s_aux), or nullptr when absent.
-const float* sinks_data(const std::optional<TensorArg>& sinks, int h) {
-  if (!sinks) return nullptr;
-  RA_CHECK_ARG(sinks->type == ElemType::kF32,
-               sinks->name << ": expected fp32, got " << elem_type_name(sinks->type));
-  sinks->expect_ndim(1, "[h]");
-  sinks->expect_dim(0, h, "query heads, q's dim -2");
-  sinks->expect_contiguous();
-  return sinks->data<const float>();
-}
-
 // Dense: q [b, s_q, h, d], k [b, s_k, h_k, d], v [b, s_k, h_k, d_v] -> out
 // [b, s_q, h, d_v], lse [b, h, s_q] (contiguous fp32). Varlen (cu_seqlens_q set):
 // q [total_q, h, d], k/v [total_k, h_k, *], out [total_q, h, d_v], lse [h, total_q].

@@ -194,26 +194,6 @@ def _strided_fp32(x, name):
     return _C.TensorArg(name, ptr, "fp32", [int(n) for n in x.shape], list(strides))
 
 
-def _sinks(sinks, s_aux, h, ref):
-    """(keep-alive fp32 contiguous tensor, TensorArg) of the attention-sink logits [h]
-    given as sinks= or its alias s_aux=, or (None, None)."""
-    if sinks is not None and s_aux is not None:
-        raise ValueError("sinks, s_aux: the same argument under two names; pass only one")
-    name = "sinks" if s_aux is None else "s_aux"
-    x = sinks if s_aux is None else s_aux
-    if x is None:
-        return None, None
-    _tensor.same_kind(ref, {name: x})
-    typ = _tensor.type_of(x, name)
-    if typ not in _tensor.FLOAT_TYPES:
-        raise TypeError(f"{name}: expected a float tensor (fp32), got {typ}")
-    if len(x.shape) != 1 or int(x.shape[0]) != h:
-        raise ValueError(f"{name}: expected shape [h] with h={h} (q's heads), got {list(x.shape)}")
-    x = _tensor.to_type(x, "fp32")
-    x = x.contiguous() if _tensor.is_torch(x) else np.ascontiguousarray(x)
-    return x, _tensor.arg(x, name, types=("fp32",))
-
-
 def _lse_empty(ref):
     """FA3 returns empty fp32 tensors for the split accumulators it did not use."""
     return _tensor.empty(ref, (0,), "fp32")
@@ -272,7 +252,7 @@ def flash_attn_func(
     out = _tensor.empty(q, (b, s_q, h, d_v), typ)
     lse = _tensor.empty(q, (b, h, s_q), "fp32")
     wl, wr = _tensor.window_pair(window_size)
-    sink, sink_arg = _sinks(sinks, s_aux, h, q)
+    sink, sink_arg = _tensor.sinks_arg(sinks, s_aux, h, q)
     if b == 0:  # nothing to compute (the kernels take b >= 1)
         return (out, lse) if return_attn_probs else out
     _C.fwd(qa, ka, va, _tensor.arg(out, "out"), _lse_arg(lse),
@@ -364,7 +344,7 @@ def flash_attn_varlen_func(
     # The kernel writes rows [0, cu_seqlens_q[-1]) and lays the LSE out as [h, that].
     lse_k = lse if end_q == total_q else _tensor.empty(q, (h, end_q), "fp32")
     wl, wr = _tensor.window_pair(window_size)
-    sink, sink_arg = _sinks(sinks, s_aux, h, q)
+    sink, sink_arg = _tensor.sinks_arg(sinks, s_aux, h, q)
     _C.fwd(qa, ka, va, _tensor.arg(out, "out"), _lse_arg(lse_k),
            cqa, cka, sqa, ska, msq, msk, _scale(softmax_scale), bool(causal), wl, wr,
            _softcap(softcap), _num_splits(num_splits), sink_arg,
