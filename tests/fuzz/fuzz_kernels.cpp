@@ -477,6 +477,24 @@ void fuzz_kvcache(FuzzBytes& in) {
     p.rotary_sin = sin_table.data();
   }
 
+  // Variable lengths (cu_seqlens_q / cu_seqlens_k_new): the [b, s, ...] tensors read as
+  // packed [b * s, ...] rows, only when their batch stride is s row strides (the packed
+  // rows then stay inside the allocation); segments up to s, or garbage.
+  std::vector<std::int32_t> cu_q, cu_new;
+  const auto packed_cu = [&](std::vector<std::int32_t>& cu, int max_len) {
+    cu.assign(1, 0);
+    const bool garbage = in.u8() % 5 == 0;
+    for (int i = 0; i < b; ++i)
+      cu.push_back(garbage ? in.range(-1, b * max_len + 1) : cu.back() + in.range(0, max_len));
+    return cu.data();
+  };
+  if (b > 0 && p.s_q > 0 && in.u8() % 4 == 0 && q.stride[0] == p.s_q * q.stride[1] &&
+      out.stride[0] == p.s_q * out.stride[1])
+    p.cu_seqlens_q = packed_cu(cu_q, p.s_q);
+  if (b > 0 && p.k_new && p.s_new > 0 && in.u8() % 4 == 0 &&
+      kn.stride[0] == p.s_new * kn.stride[1] && vn.stride[0] == p.s_new * vn.stride[1])
+    p.cu_seqlens_k_new = packed_cu(cu_new, p.s_new);
+
   std::vector<float> lse(static_cast<std::size_t>(std::max(b * h * p.s_q, 1)), kNaN);
   p.lse = lse.data();
   const Engine& ref = engines().reference;
@@ -509,10 +527,18 @@ void fuzz_kvcache(FuzzBytes& in) {
     return;
   }
   std::vector<RowRef> rows;
-  for (int bi = 0; bi < b; ++bi)
-    for (int r = 0; r < p.s_q; ++r)
+  if (p.cu_seqlens_q) {
+    // Packed rows g < cu_seqlens_q[b]: out row g of the [b * s_q] view, lse [h, total_q].
+    const std::int64_t total = cu_q[static_cast<std::size_t>(b)];
+    for (std::int64_t g = 0; g < total; ++g)
       for (int hi = 0; hi < h; ++hi)
-        rows.push_back({out.offset(bi, r, hi, 0), (std::int64_t{bi} * h + hi) * p.s_q + r});
+        rows.push_back({out.offset(g / p.s_q, g % p.s_q, hi, 0), hi * total + g});
+  } else {
+    for (int bi = 0; bi < b; ++bi)
+      for (int r = 0; r < p.s_q; ++r)
+        for (int hi = 0; hi < h; ++hi)
+          rows.push_back({out.offset(bi, r, hi, 0), (std::int64_t{bi} * h + hi) * p.s_q + r});
+  }
   const Result a = collect(out, lse, rows, dv);
   check_no_stray_writes(out);
 
