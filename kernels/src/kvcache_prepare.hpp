@@ -13,7 +13,8 @@
 //
 // Rotary (when p.rotary_cos != nullptr), cos/sin [s_rotary, rotary_dim / 2] fp32.
 // Positions are ABSOLUTE cache slots, as in FlashAttention (its tests rotate with
-// seqlen_offsets = cache_seqlens whether or not cache_leftpad is set):
+// seqlen_offsets = cache_seqlens whether or not cache_leftpad is set); with
+// rotary_seqlens, c below is rotary_seqlens[i] instead of cache_seqlens[i]:
 //   k_new row r is rotated at position c + r;
 //   q row r at position c + r when the mask is causal, windowed or chunked, otherwise
 //   every q row at position c (the whole query block sits at the end of the cache).
@@ -123,16 +124,22 @@ inline const void* kv_v_row(const KvCacheParams& p, int i, std::int64_t t, int h
 // True when rotary embedding applies (to q and, if present, to k_new).
 inline bool kv_has_rotary(const KvCacheParams& p) { return p.rotary_cos != nullptr; }
 
-// Rotary position of k_new row r of sequence i: cache_seqlens + r (absolute slot).
+// Rotary position of the first new row of sequence i: rotary_seqlens[i] when given (FA3),
+// else cache_seqlens[i] (the absolute slot).
+inline std::int64_t kv_rotary_base(const KvCacheParams& p, int i) {
+  return p.rotary_seqlens ? p.rotary_seqlens[i] : p.cache_seqlens[i];
+}
+
+// Rotary position of k_new row r of sequence i: base + r.
 inline std::int64_t kv_rotary_pos_k(const KvCacheParams& p, int i, std::int64_t r) {
-  return std::int64_t{p.cache_seqlens[i]} + r;
+  return kv_rotary_base(p, i) + r;
 }
 
 // Rotary position of q row r of sequence i (see the header comment).
 inline std::int64_t kv_rotary_pos_q(const KvCacheParams& p, int i, std::int64_t r) {
   const bool per_row = p.mask.causal || p.mask.window_left >= 0 || p.mask.window_right >= 0 ||
                        p.mask.attention_chunk > 0;
-  return std::int64_t{p.cache_seqlens[i]} + (per_row ? r : 0);
+  return kv_rotary_base(p, i) + (per_row ? r : 0);
 }
 
 // Rotates the first rotary_dim values of x [>= rotary_dim] fp32 in place at `pos`.

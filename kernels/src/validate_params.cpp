@@ -269,10 +269,16 @@ void validate(const KvCacheParams& p) {
   }
 
   // Rotary tables must cover the largest position used (kvcache_prepare.hpp).
+  RA_CHECK_ARG(p.rotary_seqlens == nullptr || p.rotary_cos != nullptr,
+               "rotary_seqlens: set without rotary_cos / rotary_sin");
   if (p.rotary_cos || p.rotary_sin) {
     RA_CHECK_ARG(p.rotary_cos && p.rotary_sin, "rotary_cos/rotary_sin: must be set together");
     RA_CHECK_ARG(p.rotary_dim >= 2 && p.rotary_dim % 2 == 0 && p.rotary_dim <= p.d,
                  "rotary_dim: must be even and in [2, d=" << p.d << "], got " << p.rotary_dim);
+    for (int i = 0; p.rotary_seqlens && i < p.b; ++i) {
+      RA_CHECK_ARG(p.rotary_seqlens[i] >= 0,
+                   "rotary_seqlens[" << i << "]=" << p.rotary_seqlens[i] << " must be >= 0");
+    }
     std::int64_t max_pos = -1;
     for (int i = 0; i < p.b; ++i) {
       if (kv_s_new(p, i) > 0)

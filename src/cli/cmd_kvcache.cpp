@@ -40,7 +40,7 @@ int cmd_kvcache(int argc, char** argv) {
   std::string q_path, kc_path, vc_path, seqlens_path, page_table_path, k_new_path, v_new_path;
   std::string batch_idx_path, leftpad_path, cos_path, sin_path;
   std::string out_path, lse_path, kc_out_path, vc_out_path;
-  std::string cu_q_path, cu_new_path;
+  std::string cu_q_path, cu_new_path, rot_seqlens_path;
   bool rotary_interleaved = false;
   int num_splits = 0, max_seqlen_q = 0;
   MaskArgs mask_args;
@@ -67,6 +67,8 @@ int cmd_kvcache(int argc, char** argv) {
       "[b] int: first valid cache token per sequence");
   add("rotary-cos", po::value<std::string>(&cos_path), "rotary cos table [s_rotary, rotary_dim/2]");
   add("rotary-sin", po::value<std::string>(&sin_path), "rotary sin table [s_rotary, rotary_dim/2]");
+  add("rotary-seqlens", po::value<std::string>(&rot_seqlens_path),
+      "[b] int: rotary position of each sequence's first new row (default --cache-seqlens)");
   add("rotary-interleaved", po::bool_switch(&rotary_interleaved),
       "rotate pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)");
   add("num-splits", po::value<int>(&num_splits)->default_value(0),
@@ -245,6 +247,12 @@ int cmd_kvcache(int argc, char** argv) {
     p.rotary_dim = static_cast<int>(2 * c.shape[1]);
     p.s_rotary = static_cast<int>(c.shape[0]);
     p.rotary_interleaved = rotary_interleaved;
+  }
+  std::vector<std::int32_t> rot_seqlens;
+  if (vm.count("rotary-seqlens")) {
+    RA_CHECK_ARG(vm.count("rotary-cos"), "--rotary-seqlens: needs --rotary-cos/--rotary-sin");
+    rot_seqlens = load_index("--rotary-seqlens", rot_seqlens_path, {b});
+    p.rotary_seqlens = rot_seqlens.data();
   }
 
   const std::vector<std::byte> qs = to_storage(q, dtype);

@@ -148,7 +148,7 @@ void fwd_kvcache(const TensorArg& q, const TensorArg& k_cache, const TensorArg& 
                  const std::optional<TensorArg>& rotary_sin, bool rotary_interleaved, float scale,
                  bool causal, int window_left, int window_right, float softcap, int num_splits,
                  const std::optional<TensorArg>& plan, const std::optional<TensorArg>& sinks,
-                 int attention_chunk) {
+                 int attention_chunk, const std::optional<TensorArg>& rotary_seqlens) {
   q.expect_ndim(4, "[b, s_q, h, d]");
   k_cache.expect_ndim(4, "[b_cache, s_cache, h_k, d] or [num_blocks, page_size, h_k, d]");
   v_cache.expect_ndim(4, "[b_cache, s_cache, h_k, d_v] or [num_blocks, page_size, h_k, d_v]");
@@ -257,6 +257,7 @@ void fwd_kvcache(const TensorArg& q, const TensorArg& k_cache, const TensorArg& 
   }
 
   p.mask = mask_params(scale, causal, window_left, window_right, softcap);
+  p.rotary_seqlens = index_data(rotary_seqlens, p.b, "[b]");
   p.mask.sinks = sinks_data(sinks, p.h);
   p.mask.attention_chunk = attention_chunk;
   p.num_splits = num_splits;
@@ -423,7 +424,7 @@ void register_attention(py::module_& m) {
         py::arg("rotary_cos"), py::arg("rotary_sin"), py::arg("rotary_interleaved"),
         py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
         py::arg("softcap"), py::arg("num_splits"), py::arg("plan"), py::arg("sinks") = py::none(),
-        py::arg("attention_chunk") = 0);
+        py::arg("attention_chunk") = 0, py::arg("rotary_seqlens") = py::none());
   m.def("plan_kvcache", &plan_kvcache, py::arg("b"), py::arg("s_q"), py::arg("s_cache"),
         py::arg("h"), py::arg("h_k"), py::arg("d"), py::arg("d_v"), py::arg("dtype"),
         py::arg("cache_seqlens"), py::arg("cache_leftpad"), py::arg("s_new"), py::arg("causal"),

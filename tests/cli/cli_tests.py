@@ -448,24 +448,29 @@ def case_kvcache_rotary():
             "--v-new", save("vn.npy", vn), "--rotary-cos", save("cos.npy", cos),
             "--rotary-sin", save("sin.npy", sin), "--out", path("o.npy"), "--lse", path("l.npy")]
     c64, s64 = cos.astype(np.float64), sin.astype(np.float64)
-    for interleaved in (False, True):
-        for causal in (False, True):
-            o_ref = np.zeros((b, s_q, h, d))
-            l_ref = np.zeros((b, h, s_q))
-            for i in range(b):
-                p0 = seqlens[i]
-                knr = rotate(kn[i].astype(np.float64), c64, s64, p0 + np.arange(s_new), interleaved)
-                qpos = p0 + np.arange(s_q) if causal else np.full(s_q, p0)
-                qr = rotate(q[i].astype(np.float64), c64, s64, qpos, interleaved)
-                kt = np.concatenate([kc[i, :p0].astype(np.float64), knr])
-                vt = np.concatenate([vc[i, :p0].astype(np.float64), vn[i].astype(np.float64)])
-                o_ref[i], l_ref[i] = attention_ref(qr, kt, vt, causal=causal)
-            extra = (["--causal"] if causal else []) + (["--rotary-interleaved"] if interleaved else [])
-            for be in BACKENDS:
-                run(["kvcache", "--backend", be] + base + extra)
-                tag = f"rotary interleaved={interleaved} causal={causal} [{be}]"
-                check_close("out " + tag, np.load(path("o.npy")), o_ref, 2e-4)
-                check_close("lse " + tag, np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+    rot_seqlens = np.array([7, 0], dtype=np.int32)  # --rotary-seqlens: positions from here
+    for interleaved, causal, with_rs in ((False, False, False), (False, True, False),
+                                         (True, False, False), (True, True, False),
+                                         (False, True, True), (True, False, True)):
+        o_ref = np.zeros((b, s_q, h, d))
+        l_ref = np.zeros((b, h, s_q))
+        for i in range(b):
+            p0 = rot_seqlens[i] if with_rs else seqlens[i]
+            knr = rotate(kn[i].astype(np.float64), c64, s64, p0 + np.arange(s_new), interleaved)
+            qpos = p0 + np.arange(s_q) if causal else np.full(s_q, p0)
+            qr = rotate(q[i].astype(np.float64), c64, s64, qpos, interleaved)
+            n = seqlens[i]
+            kt = np.concatenate([kc[i, :n].astype(np.float64), knr])
+            vt = np.concatenate([vc[i, :n].astype(np.float64), vn[i].astype(np.float64)])
+            o_ref[i], l_ref[i] = attention_ref(qr, kt, vt, causal=causal)
+        extra = (["--causal"] if causal else []) + (["--rotary-interleaved"] if interleaved else [])
+        if with_rs:
+            extra += ["--rotary-seqlens", save("rs.npy", rot_seqlens)]
+        for be in BACKENDS:
+            run(["kvcache", "--backend", be] + base + extra)
+            tag = f"rotary interleaved={interleaved} causal={causal} rotary_seqlens={with_rs} [{be}]"
+            check_close("out " + tag, np.load(path("o.npy")), o_ref, 2e-4)
+            check_close("lse " + tag, np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
 
 
 # ---------------------------------------------------------------- bench

@@ -476,6 +476,12 @@ void fuzz_kvcache(FuzzBytes& in) {
     p.rotary_cos = cos_table.data();
     p.rotary_sin = sin_table.data();
   }
+  // FA3 rotary_seqlens (also without rotary tables: must be rejected), garbage included.
+  std::vector<std::int32_t> rot_seqlens;
+  if (b > 0 && in.u8() % 4 == 0) {
+    for (int i = 0; i < b; ++i) rot_seqlens.push_back(in.range(-1, 12));
+    p.rotary_seqlens = rot_seqlens.data();
+  }
 
   // Variable lengths (cu_seqlens_q / cu_seqlens_k_new): the [b, s, ...] tensors read as
   // packed [b * s, ...] rows, only when their batch stride is s row strides (the packed

@@ -308,7 +308,8 @@ RefResult kvcache_impl(const KvCacheParams& p, RefPrecision prec) {
     seg.s_k = static_cast<int>(seqlen - leftpad + n_new);
     seg.shift =
         p.mask.mask_shift ? p.mask.mask_shift[bi] : static_cast<std::int64_t>(seg.s_k) - seg.s_q;
-    const std::int64_t rot_pos0 = seqlen;  // absolute slot of the first new row (FA)
+    // Rotary position of the first new row: its absolute slot, or rotary_seqlens (FA3).
+    const std::int64_t rot_pos0 = p.rotary_seqlens ? p.rotary_seqlens[bi] : seqlen;
     seg.q.resize(static_cast<std::size_t>(seg.s_q) * p.h * p.d);
     for (int i = 0; i < seg.s_q; ++i) {
       for (int hh = 0; hh < p.h; ++hh) {
@@ -396,8 +397,9 @@ void reference_kvcache_append(const KvCacheParams& p, void* k_cache, void* v_cac
       for (int kh = 0; kh < p.h_k; ++kh) {
         load_row(p.k_new, kn + kh * p.k_new_head_stride, p.dtype, p.d, krow.data());
         if (p.rotary_cos != nullptr) {
+          const std::int64_t rot0 = p.rotary_seqlens ? p.rotary_seqlens[bi] : seqlen;
           apply_rotary(krow.data(), p.rotary_cos, p.rotary_sin, p.rotary_dim, p.rotary_interleaved,
-                       seqlen + r);
+                       rot0 + r);
         }
         const std::int64_t ko = cache_offset(p, false, row, seqlen + r, kh);
         for (int c = 0; c < p.d; ++c) store_from_f32(k_cache, ko + c, p.dtype, krow[c]);

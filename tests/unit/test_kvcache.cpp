@@ -174,6 +174,20 @@ std::vector<KvCase> kv_cases() {
     c.window_left = 40;
     c.sinks = test_sinks(c.h);
     cs.push_back(c);
+    // rotary_seqlens (FA3): rotary positions from their own offsets, not cache_seqlens,
+    // with varlen queries and paged appends.
+    c = kv("rotary_seqlens_varlen", DType::kBF16, 6, 2, 64, 0, 0, {30, 0, 12}, 8);
+    c.q_lens = {3, 2, 1};
+    c.new_lens = {3, 2, 1};
+    c.rotary = 1;
+    c.rotary_seqlens = {5, 40, 0};
+    c.causal = true;
+    cs.push_back(c);
+    c = kv("rotary_seqlens_dense", DType::kF32, 6, 6, 32, 2, 2, {20, 7}, 0);
+    c.rotary = 2;
+    c.rotary_dim = 16;
+    c.rotary_seqlens = {0, 15};
+    cs.push_back(c);
     c = kv("varlen_new_only_chunk", DType::kF32, 6, 2, 32, 3, 0, {60, 4}, 0);
     c.new_lens = {3, 1};
     c.causal = true;

@@ -314,6 +314,7 @@ struct KvCase {
   // and new keys per sequence; q / out become [total_q, h, *], k_new / v_new
   // [total_new, h_k, *]; s_q / s_new are then taken as the maxima.
   std::vector<int> q_lens, new_lens;
+  std::vector<int> rotary_seqlens;  // [b] FA3 rotary_seqlens or empty
 };
 
 inline std::ostream& operator<<(std::ostream& os, const KvCase& c) { return os << c.name; }
@@ -324,7 +325,7 @@ inline std::ostream& operator<<(std::ostream& os, const KvCase& c) { return os <
 struct KvProblem {
   Tensor q, k_cache, v_cache, k_new, v_new, out;
   std::vector<float> lse, cos, sin;
-  std::vector<std::int32_t> seqlens, leftpad, batch_idx, page_table, cu_q, cu_new;
+  std::vector<std::int32_t> seqlens, leftpad, batch_idx, page_table, cu_q, cu_new, rot_seqlens;
   KvCacheParams p;
   // Dims of out and lse for messages: [b, s_q, h, d_v] / [b, h, s_q], or with varlen
   // queries [1, total_q, h, d_v] / [1, h, total_q].
@@ -444,7 +445,9 @@ inline KvProblem make_kv_problem(const KvCase& c) {
   if (c.rotary != 0) {
     // Standard RoPE tables: angle(pos, i) = pos * 10000^(-2i / rotary_dim).
     const int rd = c.rotary_dim > 0 ? c.rotary_dim : c.d;
-    const int s_rot = capacity + s_q;
+    int rot_extra = 0;  // rotary_seqlens may point past the cache
+    for (int r : c.rotary_seqlens) rot_extra = std::max(rot_extra, r);
+    const int s_rot = capacity + s_q + rot_extra;
     pr.cos.resize(static_cast<std::size_t>(s_rot) * rd / 2);
     pr.sin.resize(pr.cos.size());
     for (int pos = 0; pos < s_rot; ++pos) {
@@ -459,6 +462,10 @@ inline KvProblem make_kv_problem(const KvCase& c) {
     p.rotary_dim = rd;
     p.s_rotary = s_rot;
     p.rotary_interleaved = c.rotary == 1;
+    if (!c.rotary_seqlens.empty()) {
+      pr.rot_seqlens.assign(c.rotary_seqlens.begin(), c.rotary_seqlens.end());
+      p.rotary_seqlens = pr.rot_seqlens.data();
+    }
   }
   p.dtype = c.dtype;
   p.out_dtype = c.out_dtype;

@@ -197,6 +197,9 @@ struct KvCacheParams {
   int rotary_dim = 0;
   int s_rotary = 0;
   bool rotary_interleaved = false;
+  // FA3 rotary_seqlens [b] (optional): rotary position of sequence i's first new row,
+  // replacing cache_seqlens[i] in the positions above (k_new row r at rotary_seqlens[i] + r).
+  const std::int32_t* rotary_seqlens = nullptr;
 
   MaskParams mask;
 
