@@ -3,6 +3,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -59,6 +60,12 @@ void rotary_apply_f32(float* x, const KvCacheParams& p, std::int64_t pos) {
   }
 }
 
+int kv_seq_of_row(const KvCacheParams& p, std::int64_t g) {
+  if (!p.cu_seqlens_q) return static_cast<int>(g / p.s_q);
+  return static_cast<int>(std::upper_bound(p.cu_seqlens_q, p.cu_seqlens_q + p.b + 1, g) -
+                          p.cu_seqlens_q - 1);
+}
+
 void kvcache_append(const KvCacheParams& p, int threads) {
   if (p.k_new == nullptr || p.s_new == 0) return;
   const bool rotate = kv_has_rotary(p);
@@ -73,14 +80,13 @@ void kvcache_append(const KvCacheParams& p, int threads) {
       const int hk = static_cast<int>(w % p.h_k);
       const std::int64_t r = (w / p.h_k) % p.s_new;
       const int i = static_cast<int>(w / (std::int64_t{p.h_k} * p.s_new));
+      if (r >= kv_s_new(p, i)) continue;  // cu_seqlens_k_new: this sequence has fewer rows
       // Key index counted from the leftpad (what kv_k_offset takes) and the rotary
       // position, which is the absolute cache slot (FA semantics).
       const std::int64_t t = std::int64_t{p.cache_seqlens[i]} - kv_leftpad(p, i) + r;
       const std::int64_t pos = kv_rotary_pos_k(p, i, r);
-      const std::int64_t k_src =
-          i * p.k_new_batch_stride + r * p.k_new_row_stride + hk * p.k_new_head_stride;
-      const std::int64_t v_src =
-          i * p.v_new_batch_stride + r * p.v_new_row_stride + hk * p.v_new_head_stride;
+      const std::int64_t k_src = kv_k_new_offset(p, i, r) + hk * p.k_new_head_stride;
+      const std::int64_t v_src = kv_v_new_offset(p, i, r) + hk * p.v_new_head_stride;
       copy_row(byte_ptr(p.k_new, k_src, p.dtype), p.dtype,
                byte_ptr(p.k_cache, kv_k_offset(p, i, t, hk), p.dtype), p.dtype, p.d, rotate, p, pos,
                tmp);
@@ -93,17 +99,18 @@ void kvcache_append(const KvCacheParams& p, int threads) {
 
 void kvcache_prepare_q(const KvCacheParams& p, void* q_out, DType out_dtype, int threads) {
   const bool rotate = kv_has_rotary(p);
-  const std::int64_t work = std::int64_t{p.b} * p.s_q * p.h;
+  const std::int64_t work = kv_total_q(p) * p.h;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> tmp;
 #pragma omp for schedule(static)
     for (std::int64_t w = 0; w < work; ++w) {
-      // w enumerates [b, s_q, h] in the scratch's own (contiguous) order.
+      // w enumerates [total_q, h] in the scratch's own (contiguous) order.
       const int hi = static_cast<int>(w % p.h);
-      const std::int64_t r = (w / p.h) % p.s_q;
-      const int i = static_cast<int>(w / (std::int64_t{p.h} * p.s_q));
-      const std::int64_t src = i * p.q_batch_stride + r * p.q_row_stride + hi * p.q_head_stride;
+      const std::int64_t g = w / p.h;
+      const int i = kv_seq_of_row(p, g);
+      const std::int64_t r = g - kv_q_row0(p, i);
+      const std::int64_t src = kv_q_offset(p, i, r) + hi * p.q_head_stride;
       copy_row(byte_ptr(p.q, src, p.dtype), p.dtype, byte_ptr(q_out, w * p.d, out_dtype), out_dtype,
                p.d, rotate, p, rotate ? kv_rotary_pos_q(p, i, r) : 0, tmp);
     }

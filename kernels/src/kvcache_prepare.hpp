@@ -13,9 +13,10 @@
 //
 // Rotary (when p.rotary_cos != nullptr), cos/sin [s_rotary, rotary_dim / 2] fp32.
 // Positions are ABSOLUTE cache slots, as in FlashAttention (its tests rotate with
-// seqlen_offsets = cache_seqlens whether or not cache_leftpad is set):
+// seqlen_offsets = cache_seqlens whether or not cache_leftpad is set); with
+// rotary_seqlens, c below is rotary_seqlens[i] instead of cache_seqlens[i]:
 //   k_new row r is rotated at position c + r;
-//   q row r at position c + r when the mask is causal or windowed, otherwise
+//   q row r at position c + r when the mask is causal, windowed or chunked, otherwise
 //   every q row at position c (the whole query block sits at the end of the cache).
 //   Pairing: interleaved (x[2m], x[2m+1]) or half-split (x[m], x[m + rotary_dim/2]);
 //   (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos). Dims >= rotary_dim are unchanged.
@@ -32,9 +33,53 @@ inline std::int64_t kv_leftpad(const KvCacheParams& p, int i) {
   return p.cache_leftpad ? p.cache_leftpad[i] : 0;
 }
 
-// Effective key count of sequence i: cache_seqlens[i] - leftpad[i] + s_new.
+// New rows sequence i appends: s_new, or its cu_seqlens_k_new segment.
+inline std::int64_t kv_s_new(const KvCacheParams& p, int i) {
+  return p.cu_seqlens_k_new ? std::int64_t{p.cu_seqlens_k_new[i + 1]} - p.cu_seqlens_k_new[i]
+                            : p.s_new;
+}
+
+// Element offsets into k_new / v_new of new row r of sequence i, KV head 0.
+inline std::int64_t kv_k_new_offset(const KvCacheParams& p, int i, std::int64_t r) {
+  return p.cu_seqlens_k_new ? (p.cu_seqlens_k_new[i] + r) * p.k_new_row_stride
+                            : i * p.k_new_batch_stride + r * p.k_new_row_stride;
+}
+inline std::int64_t kv_v_new_offset(const KvCacheParams& p, int i, std::int64_t r) {
+  return p.cu_seqlens_k_new ? (p.cu_seqlens_k_new[i] + r) * p.v_new_row_stride
+                            : i * p.v_new_batch_stride + r * p.v_new_row_stride;
+}
+
+// Query rows of sequence i (s_q, or its cu_seqlens_q segment), the index of its first
+// row among all query rows ([b, s_q] flattened, or packed), and all query rows.
+inline std::int64_t kv_s_q(const KvCacheParams& p, int i) {
+  return p.cu_seqlens_q ? std::int64_t{p.cu_seqlens_q[i + 1]} - p.cu_seqlens_q[i] : p.s_q;
+}
+inline std::int64_t kv_q_row0(const KvCacheParams& p, int i) {
+  return p.cu_seqlens_q ? std::int64_t{p.cu_seqlens_q[i]} : std::int64_t{i} * p.s_q;
+}
+inline std::int64_t kv_total_q(const KvCacheParams& p) {
+  return p.cu_seqlens_q ? std::int64_t{p.cu_seqlens_q[p.b]} : std::int64_t{p.b} * p.s_q;
+}
+// Sequence of query row g (0 <= g < kv_total_q).
+int kv_seq_of_row(const KvCacheParams& p, std::int64_t g);
+// Element offsets into q / out of query row r of sequence i, head 0.
+inline std::int64_t kv_q_offset(const KvCacheParams& p, int i, std::int64_t r) {
+  return p.cu_seqlens_q ? (p.cu_seqlens_q[i] + r) * p.q_row_stride
+                        : i * p.q_batch_stride + r * p.q_row_stride;
+}
+inline std::int64_t kv_out_offset(const KvCacheParams& p, int i, std::int64_t r) {
+  return p.cu_seqlens_q ? (p.cu_seqlens_q[i] + r) * p.out_row_stride
+                        : i * p.out_batch_stride + r * p.out_row_stride;
+}
+// Index into lse of query row r of sequence i, head hi: [b, h, s_q] or [h, total_q].
+inline std::int64_t kv_lse_index(const KvCacheParams& p, int i, std::int64_t r, int hi) {
+  return p.cu_seqlens_q ? hi * kv_total_q(p) + p.cu_seqlens_q[i] + r
+                        : (std::int64_t{i} * p.h + hi) * p.s_q + r;
+}
+
+// Effective key count of sequence i: cache_seqlens[i] - leftpad[i] + s_new_i.
 inline std::int64_t kv_num_keys(const KvCacheParams& p, int i) {
-  return std::int64_t{p.cache_seqlens[i]} - kv_leftpad(p, i) + p.s_new;
+  return std::int64_t{p.cache_seqlens[i]} - kv_leftpad(p, i) + kv_s_new(p, i);
 }
 
 // Row of the dense cache (or of the page table) that sequence i uses.
@@ -79,15 +124,22 @@ inline const void* kv_v_row(const KvCacheParams& p, int i, std::int64_t t, int h
 // True when rotary embedding applies (to q and, if present, to k_new).
 inline bool kv_has_rotary(const KvCacheParams& p) { return p.rotary_cos != nullptr; }
 
-// Rotary position of k_new row r of sequence i: cache_seqlens + r (absolute slot).
+// Rotary position of the first new row of sequence i: rotary_seqlens[i] when given (FA3),
+// else cache_seqlens[i] (the absolute slot).
+inline std::int64_t kv_rotary_base(const KvCacheParams& p, int i) {
+  return p.rotary_seqlens ? p.rotary_seqlens[i] : p.cache_seqlens[i];
+}
+
+// Rotary position of k_new row r of sequence i: base + r.
 inline std::int64_t kv_rotary_pos_k(const KvCacheParams& p, int i, std::int64_t r) {
-  return std::int64_t{p.cache_seqlens[i]} + r;
+  return kv_rotary_base(p, i) + r;
 }
 
 // Rotary position of q row r of sequence i (see the header comment).
 inline std::int64_t kv_rotary_pos_q(const KvCacheParams& p, int i, std::int64_t r) {
-  const bool per_row = p.mask.causal || p.mask.window_left >= 0 || p.mask.window_right >= 0;
-  return std::int64_t{p.cache_seqlens[i]} + (per_row ? r : 0);
+  const bool per_row = p.mask.causal || p.mask.window_left >= 0 || p.mask.window_right >= 0 ||
+                       p.mask.attention_chunk > 0;
+  return kv_rotary_base(p, i) + (per_row ? r : 0);
 }
 
 // Rotates the first rotary_dim values of x [>= rotary_dim] fp32 in place at `pos`.
@@ -101,8 +153,9 @@ void rotary_apply_f32(float* x, const KvCacheParams& p, std::int64_t pos);
 void kvcache_append(const KvCacheParams& p, int threads);
 
 // Writes q, rotated when kv_has_rotary(p) (copied otherwise), into the contiguous
-// scratch `q_out` [b, s_q, h, d] of type `out_dtype` (fp32 or p.dtype; with p.dtype
-// and no rotary the copy is bit-exact). Row strides of q_out: h * d, batch: s_q * h * d.
+// scratch `q_out` [total_q, h, d] (= [b, s_q, h, d] without cu_seqlens_q) of type
+// `out_dtype` (fp32 or p.dtype; with p.dtype and no rotary the copy is bit-exact). Query
+// row g (kv_q_row0 + r) sits at g * h * d.
 void kvcache_prepare_q(const KvCacheParams& p, void* q_out, DType out_dtype, int threads);
 
 }  // namespace ringattn::detail

@@ -82,4 +82,14 @@ void merge_states(const float* o_parts, const float* lse_parts, float* o, float*
   }
 }
 
+void apply_sinks(float* o, std::int64_t o_row_stride, const float* lse, std::int64_t lse_stride,
+                 const float* sinks, std::int64_t n, int h, int d_v) {
+  if (sinks == nullptr) return;
+  for (std::int64_t r = 0; r < n; ++r) {
+    const float f = sink_scale(lse[r * lse_stride], sinks[r % h]);
+    float* row = o + r * o_row_stride;
+    for (int c = 0; c < d_v; ++c) row[c] *= f;
+  }
+}
+
 }  // namespace ringattn

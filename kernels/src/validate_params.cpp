@@ -83,14 +83,6 @@ void check_output_strides(const char* tensor, std::int64_t inner, std::initializ
   }
 }
 
-void check_mask(const MaskParams& m) {
-  RA_CHECK_ARG_GE(m.window_left, -1, "window_left: must be >= -1 (-1 = unbounded)");
-  RA_CHECK_ARG_GE(m.window_right, -1, "window_right: must be >= -1 (-1 = unbounded)");
-  RA_CHECK_ARG(std::isfinite(m.softcap) && m.softcap >= 0.0f,
-               "softcap: must be finite and >= 0 (0 = off), got " << m.softcap);
-  RA_CHECK_ARG(std::isfinite(m.scale), "scale: must be finite (0 = 1/sqrt(d)), got " << m.scale);
-}
-
 // cu_seqlens [b+1]: starts at 0, non-decreasing, every segment <= max_len.
 void check_cu_seqlens(const char* name, const std::int32_t* cu, int b, int max_len,
                       const char* max_name) {
@@ -123,7 +115,7 @@ void validate(const FwdParams& p) {
   RA_CHECK_ARG_GE(p.s_q, 0, "s_q: query length must be >= 0");
   RA_CHECK_ARG_GE(p.s_k, 0, "s_k: key length must be >= 0");
   check_heads(p.h, p.h_k, p.d, p.d_v);
-  check_mask(p.mask);
+  validate_mask(p.mask, p.h);
   RA_CHECK_ARG_GE(p.num_splits, 0, "num_splits: must be >= 0 (0 = engine decides)");
 
   std::int64_t rows;  // query rows in the whole call
@@ -184,10 +176,19 @@ void validate(const KvCacheParams& p) {
   RA_CHECK_ARG_GE(p.s_q, 0, "s_q: query length must be >= 0");
   RA_CHECK_ARG_GE(p.s_new, 0, "s_new: rows of k_new/v_new must be >= 0");
   check_heads(p.h, p.h_k, p.d, p.d_v);
-  check_mask(p.mask);
+  validate_mask(p.mask, p.h);
   RA_CHECK_ARG_GE(p.num_splits, 0, "num_splits: must be >= 0 (0 = engine decides)");
+  // Variable query rows / new keys per sequence: each segment within max_seqlen_q (s_q)
+  // / s_new, so the max-based loops and plans cover it.
+  if (p.cu_seqlens_q)
+    check_cu_seqlens("cu_seqlens_q", p.cu_seqlens_q, p.b, p.s_q, "max_seqlen_q (s_q)");
+  if (p.cu_seqlens_k_new) {
+    RA_CHECK_ARG(p.k_new != nullptr, "cu_seqlens_k_new: set without k_new / v_new");
+    check_cu_seqlens("cu_seqlens_k_new", p.cu_seqlens_k_new, p.b, p.s_new,
+                     "s_new (largest number of new rows)");
+  }
 
-  const std::int64_t rows = std::int64_t{p.b} * p.s_q;
+  const std::int64_t rows = kv_total_q(p);
   if (rows > 0) {
     RA_CHECK_ARG(p.q != nullptr, "q: must not be null (" << rows << " query rows)");
     RA_CHECK_ARG(p.out != nullptr, "out: must not be null (" << rows << " query rows)");
@@ -235,15 +236,16 @@ void validate(const KvCacheParams& p) {
     const std::int64_t lp = kv_leftpad(p, i);
     RA_CHECK_ARG(lp >= 0 && lp <= c, "cache_leftpad[" << i << "]=" << lp << " must be in [0, "
                                                       << "cache_seqlens[" << i << "]=" << c << "]");
-    RA_CHECK_ARG(c + p.s_new <= capacity,
-                 "cache_seqlens[" << i << "]=" << c << " + s_new=" << p.s_new << " exceeds the "
+    const std::int64_t s_new_i = kv_s_new(p, i);
+    RA_CHECK_ARG(c + s_new_i <= capacity,
+                 "cache_seqlens[" << i << "]=" << c << " + s_new=" << s_new_i << " exceeds the "
                                   << (p.is_paged() ? "page table capacity max_pages*page_size="
                                                    : "cache capacity s_cache=")
                                   << capacity);
     if (p.is_paged()) {
       // Every page holding a slot in [leftpad, cache_seqlens + s_new) is read or written.
       const std::int32_t* pt = p.page_table + kv_cache_row(p, i) * p.page_table_batch_stride;
-      const std::int64_t end = c + p.s_new;
+      const std::int64_t end = c + s_new_i;
       if (end > lp) {
         for (std::int64_t pg = lp / p.page_size; pg <= (end - 1) / p.page_size; ++pg) {
           RA_CHECK_ARG(pt[pg] >= 0 && pt[pg] < p.num_blocks,
@@ -267,14 +269,21 @@ void validate(const KvCacheParams& p) {
   }
 
   // Rotary tables must cover the largest position used (kvcache_prepare.hpp).
+  RA_CHECK_ARG(p.rotary_seqlens == nullptr || p.rotary_cos != nullptr,
+               "rotary_seqlens: set without rotary_cos / rotary_sin");
   if (p.rotary_cos || p.rotary_sin) {
     RA_CHECK_ARG(p.rotary_cos && p.rotary_sin, "rotary_cos/rotary_sin: must be set together");
     RA_CHECK_ARG(p.rotary_dim >= 2 && p.rotary_dim % 2 == 0 && p.rotary_dim <= p.d,
                  "rotary_dim: must be even and in [2, d=" << p.d << "], got " << p.rotary_dim);
+    for (int i = 0; p.rotary_seqlens && i < p.b; ++i) {
+      RA_CHECK_ARG(p.rotary_seqlens[i] >= 0,
+                   "rotary_seqlens[" << i << "]=" << p.rotary_seqlens[i] << " must be >= 0");
+    }
     std::int64_t max_pos = -1;
     for (int i = 0; i < p.b; ++i) {
-      if (p.s_new > 0) max_pos = std::max(max_pos, kv_rotary_pos_k(p, i, p.s_new - 1));
-      if (p.s_q > 0) max_pos = std::max(max_pos, kv_rotary_pos_q(p, i, p.s_q - 1));
+      if (kv_s_new(p, i) > 0)
+        max_pos = std::max(max_pos, kv_rotary_pos_k(p, i, kv_s_new(p, i) - 1));
+      if (kv_s_q(p, i) > 0) max_pos = std::max(max_pos, kv_rotary_pos_q(p, i, kv_s_q(p, i) - 1));
     }
     RA_CHECK_ARG(max_pos < p.s_rotary, "s_rotary: rotary tables have "
                                            << p.s_rotary << " positions, need " << max_pos + 1);
@@ -295,9 +304,13 @@ void validate(const KvCacheParams& p) {
   // Strides. Caches are written (append), so they must not overlap.
   const std::int64_t cb = p.is_paged() ? p.num_blocks : p.b_cache;
   const std::int64_t cs = p.is_paged() ? p.page_size : p.s_cache;
+  // Varlen queries / new keys: one packed row axis, no batch axis.
+  const std::int64_t qb = p.cu_seqlens_q ? 1 : p.b, qr = p.cu_seqlens_q ? rows : p.s_q;
+  const std::int64_t nb = p.cu_seqlens_k_new ? 1 : p.b;
+  const std::int64_t nr = p.cu_seqlens_k_new ? std::int64_t{p.cu_seqlens_k_new[p.b]} : p.s_new;
   check_input_strides("q", p.d,
-                      {{"batch", p.b, p.q_batch_stride},
-                       {"row", p.s_q, p.q_row_stride},
+                      {{"batch", qb, p.q_batch_stride},
+                       {"row", qr, p.q_row_stride},
                        {"head", p.h, p.q_head_stride}});
   check_output_strides("k_cache", p.d,
                        {{"batch", cb, p.k_cache_batch_stride},
@@ -309,18 +322,37 @@ void validate(const KvCacheParams& p) {
                         {"head", p.h_k, p.v_cache_head_stride}});
   if (p.k_new) {
     check_input_strides("k_new", p.d,
-                        {{"batch", p.b, p.k_new_batch_stride},
-                         {"row", p.s_new, p.k_new_row_stride},
+                        {{"batch", nb, p.k_new_batch_stride},
+                         {"row", nr, p.k_new_row_stride},
                          {"head", p.h_k, p.k_new_head_stride}});
     check_input_strides("v_new", p.d_v,
-                        {{"batch", p.b, p.v_new_batch_stride},
-                         {"row", p.s_new, p.v_new_row_stride},
+                        {{"batch", nb, p.v_new_batch_stride},
+                         {"row", nr, p.v_new_row_stride},
                          {"head", p.h_k, p.v_new_head_stride}});
   }
   check_output_strides("out", p.d_v,
-                       {{"batch", p.b, p.out_batch_stride},
-                        {"row", p.s_q, p.out_row_stride},
+                       {{"batch", qb, p.out_batch_stride},
+                        {"row", qr, p.out_row_stride},
                         {"head", p.h, p.out_head_stride}});
 }
 
 }  // namespace ringattn::detail
+
+namespace ringattn {
+
+void validate_mask(const MaskParams& m, int h) {
+  RA_CHECK_ARG_GE(m.window_left, -1, "window_left: must be >= -1 (-1 = unbounded)");
+  RA_CHECK_ARG_GE(m.window_right, -1, "window_right: must be >= -1 (-1 = unbounded)");
+  RA_CHECK_ARG(std::isfinite(m.softcap) && m.softcap >= 0.0f,
+               "softcap: must be finite and >= 0 (0 = off), got " << m.softcap);
+  RA_CHECK_ARG(std::isfinite(m.scale), "scale: must be finite (0 = 1/sqrt(d)), got " << m.scale);
+  RA_CHECK_ARG_GE(m.attention_chunk, 0, "attention_chunk: must be >= 0 (0 = off)");
+  if (m.sinks != nullptr) {
+    for (int i = 0; i < h; ++i) {
+      RA_CHECK_ARG(!std::isnan(m.sinks[i]),
+                   "sinks[" << i << "]: NaN (use -inf for a head without a sink)");
+    }
+  }
+}
+
+}  // namespace ringattn

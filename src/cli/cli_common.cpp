@@ -65,6 +65,12 @@ void add_mask_options(po::options_description& desc, MaskArgs* a) {
       "score soft-capping: score = C * tanh(score / C); 0 = off");
   add("scale", po::value<float>(&a->scale)->default_value(0.0f),
       "softmax scale; 0 = 1/sqrt(head dim)");
+  add("sinks", po::value<std::string>(&a->sinks),
+      "attention-sink logits [h] fp32 (one per query head): out *= exp(lse) / (exp(lse) + "
+      "exp(sink)); the LSE excludes the sink");
+  add("attention-chunk", po::value<int>(&a->attention_chunk)->default_value(0),
+      "chunked local attention: row i sees only keys in the size-N chunk of its diagonal key "
+      "(FA3 attention_chunk); 0 = off");
 }
 
 MaskParams to_mask_params(const MaskArgs& a) {
@@ -81,9 +87,24 @@ MaskParams to_mask_params(const MaskArgs& a) {
                "--softcap: must be finite and >= 0 (0 = off), got " << a.softcap);
   RA_CHECK_ARG(std::isfinite(a.scale) && a.scale >= 0.0f,
                "--scale: must be finite and >= 0 (0 = 1/sqrt(d)), got " << a.scale);
+  RA_CHECK_ARG_GE(a.attention_chunk, 0, "--attention-chunk: must be >= 0 (0 = off)");
   m.softcap = a.softcap;
   m.scale = a.scale;
+  m.attention_chunk = a.attention_chunk;
   return m;
+}
+
+std::vector<float> load_sinks(const MaskArgs& a, std::int64_t h) {
+  if (a.sinks.empty()) return {};
+  const NpyArray s = load_npy_arg("--sinks", a.sinks);
+  RA_CHECK_ARG(s.is_float() && s.ndim() == 1 && s.shape[0] == h,
+               "--sinks: expected a float tensor [h] with h = " << h << " (query heads), got "
+                                                                << npy_descr(s.dtype) << " "
+                                                                << shape_to_string(s.shape));
+  std::vector<float> v = s.to_f32();
+  for (std::size_t i = 0; i < v.size(); ++i)
+    RA_CHECK_ARG(!std::isnan(v[i]), "--sinks: entry " << i << " is NaN (use -inf for no sink)");
+  return v;
 }
 
 void add_kernel_options(po::options_description& desc, KernelArgs* a) {

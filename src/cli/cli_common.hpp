@@ -41,17 +41,24 @@ void require(const po::variables_map& vm, const char* name);
 // "1,2,4" -> {1, 2, 4}; InvalidArgument naming `opt` on anything else.
 std::vector<int> parse_int_list(const std::string& opt, const std::string& text);
 
-// Mask / score options shared by attn, kvcache and ring: --causal, --window L R,
-// --softcap C, --scale S.
+// Mask / score options shared by attn, kvcache, ring and decode: --causal, --window L R,
+// --softcap C, --scale S, --sinks S.npy, --attention-chunk N.
 struct MaskArgs {
   bool causal = false;
   std::vector<int> window;  // empty or {left, right}
   float softcap = 0.0f;
   float scale = 0.0f;
+  std::string sinks;        // --sinks path, empty = none
+  int attention_chunk = 0;  // --attention-chunk, 0 = off
 };
 void add_mask_options(po::options_description& desc, MaskArgs* args);
-// Validates (window values >= -1, softcap >= 0, scale >= 0) and converts.
+// Validates (window values >= -1, softcap >= 0, scale >= 0) and converts; sinks are
+// loaded separately (load_sinks) once the number of query heads is known.
 MaskParams to_mask_params(const MaskArgs& args);
+// --sinks S.npy: attention-sink logits [h] (<f4 or <f2), one per query head; empty
+// when the option is not given. InvalidArgument naming --sinks on a wrong shape or
+// a NaN entry.
+std::vector<float> load_sinks(const MaskArgs& args, std::int64_t h);
 
 // Kernel options: --dtype fp32|bf16|fp16, --backend NAME, --threads N.
 struct KernelArgs {

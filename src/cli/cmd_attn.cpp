@@ -126,10 +126,12 @@ int cmd_attn(int argc, char** argv) {
       d <= kMaxHeadDim && d_v <= kMaxHeadDim,
       "--q/--v: head dims must be <= " << kMaxHeadDim << ", got d = " << d << ", d_v = " << d_v);
 
+  const std::vector<float> sinks = load_sinks(mask_args, h);
   FwdParams p;
   p.dtype = dtype;
   p.out_dtype = DType::kF32;
   p.mask = mask_params;
+  if (!sinks.empty()) p.mask.sinks = sinks.data();
   p.num_splits = num_splits;
   p.h = static_cast<int>(h);
   p.h_k = static_cast<int>(h_k);

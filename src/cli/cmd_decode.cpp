@@ -143,6 +143,10 @@ int cmd_decode(int argc, char** argv) {
   p.d_v = d_v;
   p.s_cache = s;
   p.root = 0;
+  // Every rank reads --sinks itself (the decode checks that all ranks pass the same).
+  std::vector<float> sinks;
+  comm::run_collectively(comm, [&] { sinks = load_sinks(mask_args, h); });
+  if (!sinks.empty()) p.mask.sinks = sinks.data();
   const std::size_t es = dtype_size(p.dtype);
   const std::int64_t n = s >= P ? decode_shard_length(s, P, rank) : 0;
   const std::int64_t k0 = s >= P ? decode_shard_first(s, P, rank) : 0;

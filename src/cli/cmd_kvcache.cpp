@@ -9,8 +9,13 @@
 //   --cache-batch-idx [b], --cache-leftpad [b], --rotary-cos/--rotary-sin [s_rotary, rotary_dim/2]
 // Writes --out [b, s_q, h, d_v] fp32, --lse [b, h, s_q] fp32 (natural log), and the
 // updated caches (--k-cache-out/--v-cache-out) in the dtype of the input cache files.
+// Variable lengths (chunked prefill): --cu-seqlens-q [b+1] makes --q [total_q, h, d]
+// (--out [total_q, h, d_v], --lse [h, total_q]); --cu-seqlens-k-new [b+1] makes
+// --k-new/--v-new [total_new, h_k, d / d_v], sequence i appending its own segment.
+#include <algorithm>
 #include <cstdio>
 #include <optional>
+#include <vector>
 
 #include "cli/cli_common.hpp"
 #include "cli/commands.hpp"
@@ -36,8 +41,9 @@ int cmd_kvcache(int argc, char** argv) {
   std::string q_path, kc_path, vc_path, seqlens_path, page_table_path, k_new_path, v_new_path;
   std::string batch_idx_path, leftpad_path, cos_path, sin_path;
   std::string out_path, lse_path, kc_out_path, vc_out_path;
+  std::string cu_q_path, cu_new_path, rot_seqlens_path;
   bool rotary_interleaved = false;
-  int num_splits = 0;
+  int num_splits = 0, max_seqlen_q = 0;
   MaskArgs mask_args;
   KernelArgs kernel_args;
 
@@ -62,10 +68,18 @@ int cmd_kvcache(int argc, char** argv) {
       "[b] int: first valid cache token per sequence");
   add("rotary-cos", po::value<std::string>(&cos_path), "rotary cos table [s_rotary, rotary_dim/2]");
   add("rotary-sin", po::value<std::string>(&sin_path), "rotary sin table [s_rotary, rotary_dim/2]");
+  add("rotary-seqlens", po::value<std::string>(&rot_seqlens_path),
+      "[b] int: rotary position of each sequence's first new row (default --cache-seqlens)");
   add("rotary-interleaved", po::bool_switch(&rotary_interleaved),
       "rotate pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)");
   add("num-splits", po::value<int>(&num_splits)->default_value(0),
       "split-KV: 0 = engine decides, 1 = none, n = n splits");
+  add("cu-seqlens-q", po::value<std::string>(&cu_q_path),
+      "varlen queries: [b+1] int32/int64 offsets into --q [total_q, h, d] (chunked prefill)");
+  add("max-seqlen-q", po::value<int>(&max_seqlen_q)->default_value(0),
+      "varlen queries: longest query segment; 0 = from --cu-seqlens-q");
+  add("cu-seqlens-k-new", po::value<std::string>(&cu_new_path),
+      "varlen new keys: [b+1] offsets into --k-new/--v-new [total_new, h_k, d]");
   add("out", po::value<std::string>(&out_path), "output fp32 [b, s_q, h, d_v]");
   add("lse", po::value<std::string>(&lse_path), "log-sum-exp fp32 [b, h, s_q]");
   add("k-cache-out", po::value<std::string>(&kc_out_path),
@@ -95,16 +109,48 @@ int cmd_kvcache(int argc, char** argv) {
   const MaskParams mask_params = to_mask_params(mask_args);
   const Engine engine = make_engine(kernel_args);
 
+  const bool vq = vm.count("cu-seqlens-q") > 0, vk = vm.count("cu-seqlens-k-new") > 0;
+  RA_CHECK_ARG(vq || vm["max-seqlen-q"].defaulted(),
+               "--max-seqlen-q: only valid with --cu-seqlens-q");
+  RA_CHECK_ARG(!vk || vm.count("k-new"), "--cu-seqlens-k-new: needs --k-new/--v-new");
+  RA_CHECK_ARG_GE(max_seqlen_q, 0, "--max-seqlen-q: must be >= 0");
   // Headers first: every shape is checked before any data is read.
-  const NpyFile q_file = open_tensor("--q", q_path, 4);
+  const NpyFile q_file = open_tensor("--q", q_path, vq ? 3 : 4);
+  const int qh = vq ? 1 : 2;  // index of the heads dim of --q
   const NpyFile kc_file = open_tensor("--k-cache", kc_path, 4);
   const NpyFile vc_file = open_tensor("--v-cache", vc_path, 4);
   const NpyHeader &q = q_file.header(), &kc = kc_file.header(), &vc = vc_file.header();
   check_dim("--v-cache", vc, 0, "--k-cache", kc, 0, paged ? "blocks" : "cache sequences");
   check_dim("--v-cache", vc, 1, "--k-cache", kc, 1, paged ? "page size" : "cache capacity");
   check_dim("--v-cache", vc, 2, "--k-cache", kc, 2, "kv heads");
-  check_dim("--k-cache", kc, 3, "--q", q, 3, "head dim");
-  const std::int64_t b = q.shape[0], s_q = q.shape[1], h = q.shape[2], d = q.shape[3];
+  check_dim("--k-cache", kc, 3, "--q", q, qh + 1, "head dim");
+  // Offsets [b+1]: start at 0, non-decreasing, end at the rows of `rows_opt`.
+  const auto load_cu = [](const char* opt, const std::string& path, std::int64_t rows,
+                          const char* rows_opt, std::int64_t* longest) {
+    const NpyArray a = load_npy_arg(opt, path);
+    RA_CHECK_ARG(a.ndim() == 1 && a.shape[0] >= 2,
+                 opt << ": expected shape [b+1] with b >= 1, got " << shape_to_string(a.shape));
+    std::vector<std::int32_t> cu = a.to_i32(opt);
+    RA_CHECK_ARG_EQ(cu.front(), 0, opt << ": first entry");
+    *longest = 0;
+    for (std::size_t i = 1; i < cu.size(); ++i) {
+      RA_CHECK_ARG(cu[i] >= cu[i - 1], opt << ": must be non-decreasing, got entry " << i << " = "
+                                           << cu[i] << " < entry " << i - 1 << " = " << cu[i - 1]);
+      *longest = std::max<std::int64_t>(*longest, cu[i] - cu[i - 1]);
+    }
+    RA_CHECK_ARG_EQ(std::int64_t{cu.back()}, rows,
+                    opt << ": last entry must equal the rows of " << rows_opt);
+    return cu;
+  };
+  std::vector<std::int32_t> cu_q, cu_new;
+  std::int64_t longest_q = 0;
+  if (vq) cu_q = load_cu("--cu-seqlens-q", cu_q_path, q.shape[0], "--q", &longest_q);
+  if (vq && max_seqlen_q > 0)
+    RA_CHECK_ARG_GE(max_seqlen_q, longest_q, "--max-seqlen-q: must cover the longest segment");
+  const std::int64_t b = vq ? static_cast<std::int64_t>(cu_q.size()) - 1 : q.shape[0];
+  const std::int64_t s_q = vq ? (max_seqlen_q > 0 ? max_seqlen_q : longest_q) : q.shape[1];
+  const std::int64_t total_q = vq ? q.shape[0] : b * s_q;
+  const std::int64_t h = q.shape[qh], d = q.shape[qh + 1];
   const std::int64_t h_k = kc.shape[2], d_v = vc.shape[3];
   RA_CHECK_ARG(h_k > 0 && h % h_k == 0,
                "--k-cache: kv heads h_k = " << h_k << " must divide --q heads h = " << h
@@ -112,10 +158,12 @@ int cmd_kvcache(int argc, char** argv) {
                                             << ", --k-cache shape " << shape_to_string(kc.shape)
                                             << ")");
 
+  const std::vector<float> sinks = load_sinks(mask_args, h);
   KvCacheParams p;
   p.dtype = dtype;
   p.out_dtype = DType::kF32;
   p.mask = mask_params;
+  if (!sinks.empty()) p.mask.sinks = sinks.data();
   p.num_splits = num_splits;
   p.b = static_cast<int>(b);
   p.s_q = static_cast<int>(s_q);
@@ -153,19 +201,29 @@ int cmd_kvcache(int argc, char** argv) {
 
   StoredTensor k_new_s, v_new_s;
   if (vm.count("k-new")) {
-    const NpyFile kn_file = open_tensor("--k-new", k_new_path, 4);
-    const NpyFile vn_file = open_tensor("--v-new", v_new_path, 4);
+    const int nd = vk ? 3 : 4, nh = nd - 2;  // rank and heads dim of --k-new/--v-new
+    const NpyFile kn_file = open_tensor("--k-new", k_new_path, nd);
+    const NpyFile vn_file = open_tensor("--v-new", v_new_path, nd);
     const NpyHeader &kn = kn_file.header(), &vn = vn_file.header();
-    check_dim("--k-new", kn, 0, "--q", q, 0, "batch");
-    check_dim("--v-new", vn, 0, "--q", q, 0, "batch");
-    check_dim("--v-new", vn, 1, "--k-new", kn, 1, "new tokens");
-    check_dim("--k-new", kn, 2, "--k-cache", kc, 2, "kv heads");
-    check_dim("--v-new", vn, 2, "--k-cache", kc, 2, "kv heads");
-    check_dim("--k-new", kn, 3, "--k-cache", kc, 3, "head dim");
-    check_dim("--v-new", vn, 3, "--v-cache", vc, 3, "value head dim");
+    if (!vk) {
+      RA_CHECK_ARG_EQ(kn.shape[0], b, "--k-new: batch (dim 0) must equal the batch of --q");
+      check_dim("--v-new", vn, 0, "--k-new", kn, 0, "batch");
+    }
+    check_dim("--v-new", vn, nh - 1, "--k-new", kn, nh - 1, "new tokens");
+    check_dim("--k-new", kn, nh, "--k-cache", kc, 2, "kv heads");
+    check_dim("--v-new", vn, nh, "--k-cache", kc, 2, "kv heads");
+    check_dim("--k-new", kn, nh + 1, "--k-cache", kc, 3, "head dim");
+    check_dim("--v-new", vn, nh + 1, "--v-cache", vc, 3, "value head dim");
+    std::int64_t longest_new = 0;
+    if (vk) {
+      cu_new = load_cu("--cu-seqlens-k-new", cu_new_path, kn.shape[0], "--k-new", &longest_new);
+      RA_CHECK_ARG_EQ(static_cast<std::int64_t>(cu_new.size()) - 1, b,
+                      "--cu-seqlens-k-new: batch (entries - 1) must equal the batch of --q");
+      p.cu_seqlens_k_new = cu_new.data();
+    }
     k_new_s = load_storage("--k-new", kn_file, dtype);
     v_new_s = load_storage("--v-new", vn_file, dtype);
-    p.s_new = static_cast<int>(kn.shape[1]);
+    p.s_new = static_cast<int>(vk ? longest_new : kn.shape[1]);
     p.k_new = k_new_s.data();
     p.v_new = v_new_s.data();
   }
@@ -187,12 +245,22 @@ int cmd_kvcache(int argc, char** argv) {
     p.s_rotary = static_cast<int>(c.shape[0]);
     p.rotary_interleaved = rotary_interleaved;
   }
+  std::vector<std::int32_t> rot_seqlens;
+  if (vm.count("rotary-seqlens")) {
+    RA_CHECK_ARG(vm.count("rotary-cos"), "--rotary-seqlens: needs --rotary-cos/--rotary-sin");
+    rot_seqlens = load_index("--rotary-seqlens", rot_seqlens_path, {b});
+    p.rotary_seqlens = rot_seqlens.data();
+  }
 
   // Output files are created before anything is computed (a bad path fails at once);
   // the kernel writes out/lse into them directly (it writes every element).
-  OutputTensor out("--out", out_path, {b, s_q, h, d_v});
+  const std::vector<std::int64_t> out_shape =
+      vq ? std::vector<std::int64_t>{total_q, h, d_v} : std::vector<std::int64_t>{b, s_q, h, d_v};
+  const std::vector<std::int64_t> lse_shape =
+      vq ? std::vector<std::int64_t>{h, total_q} : std::vector<std::int64_t>{b, h, s_q};
+  OutputTensor out("--out", out_path, out_shape);
   std::optional<OutputTensor> lse;
-  if (!lse_path.empty()) lse.emplace("--lse", lse_path, std::vector<std::int64_t>{b, h, s_q});
+  if (!lse_path.empty()) lse.emplace("--lse", lse_path, lse_shape);
   NpyOutput kc_out, vc_out;
   if (!kc_out_path.empty()) kc_out = open_output("--k-cache-out", kc_out_path, kc);
   if (!vc_out_path.empty()) vc_out = open_output("--v-cache-out", vc_out_path, vc);
@@ -201,6 +269,7 @@ int cmd_kvcache(int argc, char** argv) {
   const StoredTensor qs = load_storage("--q", q_file, dtype);
   const StoredTensor kcs = load_storage("--k-cache", kc_file, dtype, true),
                      vcs = load_storage("--v-cache", vc_file, dtype, true);
+  if (vq) p.cu_seqlens_q = cu_q.data();
   p.q = qs.data();
   p.k_cache = kcs.data();
   p.v_cache = vcs.data();

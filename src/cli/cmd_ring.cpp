@@ -267,6 +267,10 @@ int cmd_ring(int argc, char** argv) {
   p.cu_seqlens = pr.cu.empty() ? nullptr : pr.cu.data();
   p.mask = mask_params;
   p.layout = layout;
+  // Every rank reads --sinks itself (the ring checks that all ranks pass the same).
+  std::vector<float> sinks;
+  comm::run_collectively(comm, [&] { sinks = load_sinks(mask_args, pr.h); });
+  if (!sinks.empty()) p.mask.sinks = sinks.data();
   const std::int64_t rows = comm::total_rows(spans_for(pr, layout, P, ulysses, rank));
   const std::size_t es = dtype_size(dtype);
   const std::int64_t qr = std::int64_t{pr.h} * pr.d, kr = std::int64_t{pr.h_k} * pr.d,
@@ -409,7 +413,7 @@ int cmd_ring(int argc, char** argv) {
         return files ? double(load_as_f32(all.data(), idx, dtype))
                      : double(synthetic_value(seed, tensor, idx, dtype));
       };
-      RowRefProblem rp{pr.h, pr.h_k, pr.d, pr.d_v, pr.len(row.seq), row.pos, 0, mask_params};
+      RowRefProblem rp{pr.h, pr.h_k, pr.d, pr.d_v, pr.len(row.seq), row.pos, 0, p.mask};
       reference_row(
           rp, [&](int hh, int c) { return val(0, q_all, g * qr + hh * pr.d + c); },
           [&](std::int64_t j, int kh, int c) {

@@ -107,7 +107,10 @@ void reference_row(const RowRefProblem& p, const std::function<double(int, int)>
       sum += w;
       for (int c = 0; c < p.d_v; ++c) o[c] += w * v_at(j, kh, c);
     }
-    for (int c = 0; c < p.d_v; ++c) o[c] /= sum;
+    // Attention sink: an extra logit in the denominator only; the LSE excludes it.
+    double denom = sum;
+    if (p.mask.sinks) denom += std::exp(double(p.mask.sinks[hh]) - m);
+    for (int c = 0; c < p.d_v; ++c) o[c] /= denom;
     lse[hh] = m + std::log(sum);
   }
 }

@@ -6,6 +6,7 @@
 #include <sstream>
 #include <vector>
 
+#include "ring/ring_blocks.hpp"
 #include "ringattn/comm/collectives.hpp"
 #include "ringattn/comm/mpi_check.hpp"
 #include "ringattn/contiguous_params.hpp"
@@ -75,6 +76,11 @@ void distributed_decode(const comm::Communicator& comm, const Engine& engine,
                  "decode: root " << p.root << " outside [-1, " << P << ")");
     RA_CHECK_ARG(p.q && p.k_cache && p.v_cache, "decode: q, k_cache and v_cache must be non-null");
     RA_CHECK_ARG(p.out || (p.root >= 0 && rank != p.root), "decode: out must be non-null");
+    validate_mask(p.mask, p.h);
+    RA_CHECK(
+        p.mask.attention_chunk == 0, UnsupportedError,
+        "decode: attention_chunk = " << p.mask.attention_chunk
+                                     << " is not supported by distributed decode yet (0 = off)");
   });
   const auto str = [](auto v) {
     std::ostringstream os;
@@ -96,6 +102,7 @@ void distributed_decode(const comm::Communicator& comm, const Engine& engine,
                           {"window", str(p.mask.window_left) + "," + str(p.mask.window_right)},
                           {"softcap", str(p.mask.softcap)},
                           {"scale", str(p.mask.scale)},
+                          {"sinks", detail::sinks_fingerprint(p.mask.sinks, p.h)},
                           {"root", str(p.root)}});
 
   const std::int64_t k0 = decode_shard_first(p.s_cache, P, rank);
@@ -145,6 +152,8 @@ void distributed_decode(const comm::Communicator& comm, const Engine& engine,
 
   merge_across_ranks(comm, recs.data(), rows, p.d_v, p.root);
   if (p.root >= 0 && rank != p.root) return;
+  // Attention sinks: once, on the fully reduced rows (records [b, s_q, h][o, lse]).
+  apply_sinks(recs.data(), rec, recs.data() + p.d_v, rec, p.mask.sinks, rows, p.h, p.d_v);
   for (int bi = 0; bi < p.b; ++bi)
     for (int i = 0; i < p.s_q; ++i)
       for (int hh = 0; hh < p.h; ++hh) {

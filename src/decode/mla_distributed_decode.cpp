@@ -13,6 +13,7 @@
 #include "ringattn/distributed_decode.hpp"
 #include "ringattn/dtype.hpp"
 #include "ringattn/error.hpp"
+#include "ringattn/merge_state.hpp"
 #include "ringattn/softmax_state.hpp"
 
 namespace ringattn {
@@ -95,17 +96,15 @@ void mla_distributed_decode(const comm::Communicator& comm, const Engine& engine
     }
   }
   if (root >= 0 && rank != root) return;
+  // Sinks (docs/semantics.md section 7): once, on the merged rows ([b, s_q, h_q] records).
+  apply_sinks(recs.data(), rec, recs.data() + dv, rec, p.sinks, rows, p.h_q, dv);
   for (int bi = 0; bi < p.b; ++bi)
     for (int s = 0; s < p.s_q; ++s)
       for (int hh = 0; hh < p.h_q; ++hh) {
         const std::int64_t r = (std::int64_t{bi} * p.s_q + s) * p.h_q + hh;
         const float* x = &recs[static_cast<std::size_t>(r * rec)];
-        const float lse = x[dv];
-        // Sink (docs/semantics.md section 7): out *= exp(lse) / (exp(lse) + exp(sink)).
-        float f = 1.0f;
-        if (p.sinks && lse != kNegInf) f = 1.0f / (1.0f + std::exp(p.sinks[hh] - lse));
-        for (int c = 0; c < dv; ++c) store_from_f32(p.out, r * dv + c, p.out_dtype, x[c] * f);
-        if (p.lse) p.lse[(std::int64_t{bi} * p.h_q + hh) * p.s_q + s] = lse;
+        for (int c = 0; c < dv; ++c) store_from_f32(p.out, r * dv + c, p.out_dtype, x[c]);
+        if (p.lse) p.lse[(std::int64_t{bi} * p.h_q + hh) * p.s_q + s] = x[dv];
         if (p.max_logits) p.max_logits[r] = ml[static_cast<std::size_t>(r)];
       }
 }

@@ -72,7 +72,8 @@ void fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const Tenso
          const std::optional<TensorArg>& lse, const std::optional<TensorArg>& cu_seqlens_q,
          const std::optional<TensorArg>& cu_seqlens_k, const std::optional<TensorArg>& seqused_q,
          const std::optional<TensorArg>& seqused_k, int max_seqlen_q, int max_seqlen_k, float scale,
-         bool causal, int window_left, int window_right, float softcap, int num_splits) {
+         bool causal, int window_left, int window_right, float softcap, int num_splits,
+         const std::optional<TensorArg>& sinks, int attention_chunk) {
   const bool varlen = cu_seqlens_q.has_value();
   RA_CHECK_ARG(varlen == cu_seqlens_k.has_value(),
                "cu_seqlens_q and cu_seqlens_k must be given together");
@@ -114,6 +115,8 @@ void fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const Tenso
     p.lse = lse->data<float>();
   }
   p.mask = mask_params(scale, causal, window_left, window_right, softcap);
+  p.mask.sinks = sinks_data(sinks, p.h);
+  p.mask.attention_chunk = attention_chunk;
   p.num_splits = num_splits;
   auto eng = engine();
   run_kernel([&] { eng->forward(p); });
@@ -146,7 +149,8 @@ void fwd_kvcache(const TensorArg& q, const TensorArg& k_cache, const TensorArg& 
                  const std::optional<TensorArg>& rotary_cos,
                  const std::optional<TensorArg>& rotary_sin, bool rotary_interleaved, float scale,
                  bool causal, int window_left, int window_right, float softcap, int num_splits,
-                 const std::optional<TensorArg>& plan) {
+                 const std::optional<TensorArg>& plan, const std::optional<TensorArg>& sinks,
+                 int attention_chunk, const std::optional<TensorArg>& rotary_seqlens) {
   q.expect_ndim(4, "[b, s_q, h, d]");
   k_cache.expect_ndim(4, "[b_cache, s_cache, h_k, d] or [num_blocks, page_size, h_k, d]");
   v_cache.expect_ndim(4, "[b_cache, s_cache, h_k, d_v] or [num_blocks, page_size, h_k, d_v]");
@@ -255,6 +259,9 @@ void fwd_kvcache(const TensorArg& q, const TensorArg& k_cache, const TensorArg& 
   }
 
   p.mask = mask_params(scale, causal, window_left, window_right, softcap);
+  p.rotary_seqlens = index_data(rotary_seqlens, p.b, "[b]");
+  p.mask.sinks = sinks_data(sinks, p.h);
+  p.mask.attention_chunk = attention_chunk;
   p.num_splits = num_splits;
   SchedulerMetadata md;
   auto eng = engine();
@@ -570,7 +577,8 @@ py::object kvcache_fast(py::handle q, py::handle k_cache, py::handle v_cache, py
   const TensorArg out_arg = tensor_arg(out, "out", out_types, 4, "");
   const TensorArg lse_arg = tensor_arg(lse, "softmax_lse", lse_types, 3, "");
   fwd_kvcache(*qa, *kca, *vca, ka, va, out_arg, lse_arg, *cs, cb, lp, pt, std::nullopt,
-              std::nullopt, true, scale, is_causal, wl, wr, cap, splits, plan);
+              std::nullopt, true, scale, is_causal, wl, wr, cap, splits, plan, std::nullopt, 0,
+              std::nullopt);
   if (!want_lse) return out;
   py::object none0 = empty_tensor(q, {0}, ElemType::kF32);
   py::object none1 = empty_tensor(q, {0}, ElemType::kF32);
@@ -584,13 +592,14 @@ void register_attention(py::module_& m) {
         py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_q"),
         py::arg("seqused_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"),
         py::arg("causal"), py::arg("window_left"), py::arg("window_right"), py::arg("softcap"),
-        py::arg("num_splits"));
+        py::arg("num_splits"), py::arg("sinks") = py::none(), py::arg("attention_chunk") = 0);
   m.def("fwd_kvcache", &fwd_kvcache, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cache_seqlens"),
         py::arg("cache_batch_idx"), py::arg("cache_leftpad"), py::arg("page_table"),
         py::arg("rotary_cos"), py::arg("rotary_sin"), py::arg("rotary_interleaved"),
         py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
-        py::arg("softcap"), py::arg("num_splits"), py::arg("plan"));
+        py::arg("softcap"), py::arg("num_splits"), py::arg("plan"), py::arg("sinks") = py::none(),
+        py::arg("attention_chunk") = 0, py::arg("rotary_seqlens") = py::none());
   m.def("kvcache_fast", &kvcache_fast, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("k"), py::arg("v"), py::arg("rotary_cos"), py::arg("rotary_sin"),
         py::arg("cache_seqlens"), py::arg("cache_batch_idx"), py::arg("cache_leftpad"),

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -74,6 +75,18 @@ py::object empty_tensor(py::handle ref, const std::vector<std::int64_t>& shape, 
 
 // Mask / score options of every attention binding (docs/semantics.md section 1).
 MaskParams mask_params(float scale, bool causal, int window_left, int window_right, float softcap);
+
+// Attention-sink logits [h] fp32 contiguous (sinks / s_aux), or nullptr when absent;
+// InvalidArgument naming the tensor on another dtype, rank or length.
+inline const float* sinks_data(const std::optional<TensorArg>& sinks, int h) {
+  if (!sinks) return nullptr;
+  RA_CHECK_ARG(sinks->type == ElemType::kF32,
+               sinks->name << ": expected fp32, got " << elem_type_name(sinks->type));
+  sinks->expect_ndim(1, "[h]");
+  sinks->expect_dim(0, h, "query heads");
+  sinks->expect_contiguous();
+  return sinks->data<const float>();
+}
 
 // The process-wide engine of the Python package: backend chosen once (set_backend
 // replaces it), thread count from set_num_threads. Readers take a shared_ptr copy, so

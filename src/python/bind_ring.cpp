@@ -147,7 +147,8 @@ void ring_forward(std::int64_t comm_handle, const TensorArg& q, const TensorArg&
                   const TensorArg& v, const TensorArg& out, const std::optional<TensorArg>& lse,
                   const std::optional<TensorArg>& cu_seqlens, std::int64_t s,
                   const std::string& layout, const std::string& mode, float scale, bool causal,
-                  int window_left, int window_right, float softcap, int piece_rows, int ulysses) {
+                  int window_left, int window_right, float softcap, int piece_rows, int ulysses,
+                  const std::optional<TensorArg>& sinks) {
   auto eng = engine();
   const MaskParams mask = mask_params(scale, causal, window_left, window_right, softcap);
   run_kernel([&] {
@@ -161,6 +162,7 @@ void ring_forward(std::int64_t comm_handle, const TensorArg& q, const TensorArg&
       options.piece_rows = piece_rows;
       p = ring_params(q, k, v, out, lse, cu_seqlens, s, parse_layout(layout), mask, comm.size(),
                       comm.rank(), ulysses);
+      p.mask.sinks = sinks_data(sinks, p.h);  // applied once, after the ring's last merge
     });
     hybrid_attention_forward(comm, *eng, p, ulysses, ring_mode, options);
   });
@@ -173,7 +175,8 @@ void ring_forward(std::int64_t comm_handle, const TensorArg& q, const TensorArg&
 void decode_forward(std::int64_t comm_handle, const TensorArg& q, const TensorArg& k_cache,
                     const TensorArg& v_cache, const std::optional<TensorArg>& out,
                     const std::optional<TensorArg>& lse, std::int64_t s_cache, float scale,
-                    bool causal, int window_left, int window_right, float softcap, int root) {
+                    bool causal, int window_left, int window_right, float softcap, int root,
+                    const std::optional<TensorArg>& sinks) {
   auto eng = engine();
   run_kernel([&] {
     comm::Communicator comm(comm_from_handle(comm_handle));
@@ -228,6 +231,7 @@ void decode_forward(std::int64_t comm_handle, const TensorArg& q, const TensorAr
       p.k_cache = k_cache.data<const void>();
       p.v_cache = v_cache.data<const void>();
       p.mask = mask_params(scale, causal, window_left, window_right, softcap);
+      p.mask.sinks = sinks_data(sinks, p.h);  // applied once, after the reduction
     });
     distributed_decode(comm, *eng, p);
   });
@@ -267,11 +271,12 @@ void register_ring(py::module_& m) {
   m.def("ring_forward", &ring_forward, py::arg("comm"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("cu_seqlens"), py::arg("s"), py::arg("layout"),
         py::arg("mode"), py::arg("scale"), py::arg("causal"), py::arg("window_left"),
-        py::arg("window_right"), py::arg("softcap"), py::arg("piece_rows"), py::arg("ulysses") = 1);
+        py::arg("window_right"), py::arg("softcap"), py::arg("piece_rows"), py::arg("ulysses") = 1,
+        py::arg("sinks") = py::none());
   m.def("distributed_decode", &decode_forward, py::arg("comm"), py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("out"), py::arg("lse"), py::arg("s_cache"), py::arg("scale"),
         py::arg("causal"), py::arg("window_left"), py::arg("window_right"), py::arg("softcap"),
-        py::arg("root"));
+        py::arg("root"), py::arg("sinks") = py::none());
   m.def("shard_positions", &shard_positions_binding, py::arg("layout"), py::arg("len"),
         py::arg("ranks"), py::arg("rank"), py::arg("ulysses") = 1);
   m.def("shard_length", &shard_length_binding, py::arg("layout"), py::arg("len"), py::arg("ranks"),

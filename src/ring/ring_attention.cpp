@@ -9,6 +9,7 @@
 #include "ring/ring_blocks.hpp"
 #include "ringattn/comm/ring_exchange.hpp"
 #include "ringattn/error.hpp"
+#include "ringattn/merge_state.hpp"
 #include "ringattn/softmax_state.hpp"
 
 namespace ringattn {
@@ -79,6 +80,8 @@ void ring_attention_forward(const comm::Communicator& comm, const Engine& engine
     }
   });
 
+  // Attention sinks: once, on the fully merged rows (out [rows, h, d_v], lse_acc [rows, h]).
+  apply_sinks(p.out, p.d_v, lse_acc.data(), 1, p.mask.sinks, my_rows * p.h, p.h, p.d_v);
   if (p.lse) ring_write_lse(plan, rank, lse_acc.data(), p.lse);
   if (stats) stats->total_s = ring_now_s() - t_begin;
 }

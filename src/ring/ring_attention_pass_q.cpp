@@ -117,6 +117,8 @@ void ring_attention_forward_pass_q(const comm::Communicator& comm, const Engine&
   });
 
   std::copy(acc_o(ax), acc_o(ax) + my_rows * plan.o_row, p.out);
+  // Attention sinks: once, on the fully merged rows (out [rows, h, d_v], acc_lse [rows, h]).
+  apply_sinks(p.out, p.d_v, acc_lse(ax), 1, p.mask.sinks, my_rows * p.h, p.h, p.d_v);
   if (p.lse) ring_write_lse(plan, rank, acc_lse(ax), p.lse);
   if (stats) stats->total_s = ring_now_s() - t_begin;
 }

@@ -6,10 +6,12 @@
 #include <chrono>
 #include <climits>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <new>
 #include <sstream>
+#include <string>
 
 #include "ring/block_mask.hpp"
 #include "ringattn/comm/collectives.hpp"
@@ -46,6 +48,10 @@ void validate_local(const RingAttentionParams& p, int ranks, int rank) {
   RA_CHECK_ARG(p.mask.window_left >= -1 && p.mask.window_right >= -1,
                "ring: window (" << p.mask.window_left << ", " << p.mask.window_right
                                 << ") must be >= -1 (-1 = unbounded)");
+  validate_mask(p.mask, p.h);
+  RA_CHECK(p.mask.attention_chunk == 0, UnsupportedError,
+           "ring: attention_chunk = " << p.mask.attention_chunk
+                                      << " is not supported by ring attention yet (0 = off)");
   if (p.cu_seqlens) {
     RA_CHECK_ARG_EQ(p.cu_seqlens[0], 0, "ring: cu_seqlens[0]");
     for (int i = 0; i < p.b; ++i)
@@ -62,6 +68,24 @@ void validate_local(const RingAttentionParams& p, int ranks, int rank) {
     RA_CHECK_ARG(p.q && p.k && p.v && p.out, "ring: q, k, v and out must be non-null");
   }
 }
+
+}  // namespace
+
+std::string detail::sinks_fingerprint(const float* sinks, int h) {
+  if (sinks == nullptr) return "none";
+  std::uint64_t hash = 1469598103934665603ull;  // FNV-1a over the fp32 bits
+  for (int i = 0; i < h; ++i) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &sinks[i], sizeof bits);
+    hash ^= bits;
+    hash *= 1099511628211ull;
+  }
+  std::ostringstream os;
+  os << "hash " << hash;
+  return os.str();
+}
+
+namespace {
 
 comm::Fields config_fields(const RingAttentionParams& p, int ranks, const char* mode) {
   std::uint64_t hash = 1469598103934665603ull;  // FNV-1a over cu_seqlens
@@ -93,7 +117,8 @@ comm::Fields config_fields(const RingAttentionParams& p, int ranks, const char* 
           {"causal", p.mask.causal ? "yes" : "no"},
           {"window", str(p.mask.window_left) + "," + str(p.mask.window_right)},
           {"softcap", str(p.mask.softcap)},
-          {"scale", str(p.mask.scale)}};
+          {"scale", str(p.mask.scale)},
+          {"sinks", detail::sinks_fingerprint(p.mask.sinks, p.h)}};
 }
 
 }  // namespace

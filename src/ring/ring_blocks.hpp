@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "ringattn/buffer_pool.hpp"
@@ -109,5 +110,9 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
 void ring_write_lse(const RingPlan& plan, int rank, const float* acc_lse, float* lse);
 
 double ring_now_s();
+
+// "none", or a hash of the fp32 bits of sinks [h], for the cross-rank agreement check
+// (every rank must pass the same sinks).
+std::string sinks_fingerprint(const float* sinks, int h);
 
 }  // namespace ringattn::detail

@@ -194,6 +194,8 @@ void hybrid_attention_forward(const comm::Communicator& comm, const Engine& engi
     rp.lse = lse_ring.data();
     rp.h = pl.hq;
     rp.h_k = pl.hk;
+    // Sinks of this rank's heads (applied once, by the ring, after its last merge).
+    if (p.mask.sinks) rp.mask.sinks = p.mask.sinks + std::int64_t{pl.u} * pl.hq;
     rp.lse_layout = LseLayout::kApi;
     ring_attention(ring_group, engine, mode, rp, options, stats ? &stats->ring_stats : nullptr);
 

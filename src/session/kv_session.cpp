@@ -458,6 +458,9 @@ StepStats KvSession::decode(int t, const void* q, const void* k, const void* v, 
   tc = now_s();
   const std::int64_t rows = std::int64_t{c.b} * t * c.h;
   merge_across_ranks(comm_, records.data(), rows, c.d_v, root);
+  // Attention sinks: once, on the merged rows ([b, t, h] records; head = row % h).
+  apply_sinks(records.data(), c.d_v + 1, records.data() + c.d_v, c.d_v + 1, c.mask.sinks, rows, c.h,
+              c.d_v);
   st.merge_s = now_s() - tc;
   st.bytes = static_cast<double>(rows) * (c.d_v + 1) * 4.0;
   if (root < 0 || comm_.rank() == root) from_records(records, c.b, t, c.h, c.d_v, out, lse);
@@ -639,6 +642,7 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
     }
     st.bytes += static_cast<double>(mine.size()) * 4.0;
   }
+  apply_sinks(records.data(), rec, records.data() + c.d_v, rec, c.mask.sinks, rows, c.h, c.d_v);
   st.merge_s += now_s() - tc;
   if (root < 0 || rank == root) from_records(records, c.b, s1, c.h, c.d_v, out, lse);
   st.total_s = max_over_ranks(comm_, now_s() - t0);

@@ -19,9 +19,11 @@ BACKENDS = ["reference", "auto"]
 
 
 # ---------------------------------------------------------------- reference
-def attention_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=0.0):
+def attention_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=0.0, sinks=None, chunk=0):
     """q [s_q, h, d], k [s_k, h_k, d], v [s_k, h_k, d_v] (float64) ->
-    out [s_q, h, d_v], lse [h, s_q]; rows that see no key: out 0, lse -inf."""
+    out [s_q, h, d_v], lse [h, s_q]; rows that see no key: out 0, lse -inf.
+    sinks [h]: an extra logit per head in the denominator only (the LSE excludes it).
+    chunk > 0: key j visible only in the chunk of the diagonal key i + s_k - s_q."""
     s_q, h, d = q.shape
     s_k, h_k, d_v = v.shape
     if scale == 0.0:
@@ -43,14 +45,19 @@ def attention_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=0.0
         vis &= j <= i + shift + wr
     if wl >= 0:
         vis &= j >= i + shift - wl
+    if chunk > 0:
+        vis &= (j // chunk) == ((i + shift) // chunk)
     s = np.where(vis[None], s, -np.inf)
     m = s.max(axis=2, keepdims=True) if s_k > 0 else np.full((h, s_q, 1), -np.inf)
     m_safe = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m_safe)
     tot = p.sum(axis=2, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         lse = np.where(tot[..., 0] > 0, np.log(tot[..., 0]) + m_safe[..., 0], -np.inf)
-        o = np.einsum("hqk,khd->qhd", np.where(tot > 0, p / np.where(tot > 0, tot, 1), 0), vv)
+        denom = np.where(tot > 0, tot, 1)
+        if sinks is not None:
+            denom = denom + np.exp(np.asarray(sinks, np.float64)[:, None, None] - m_safe)
+        o = np.einsum("hqk,khd->qhd", np.where(tot > 0, p / denom, 0), vv)
     return o, lse
 
 
@@ -198,6 +205,86 @@ def case_attn_varlen_seqused():
         check_close(f"seqused lse [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
 
 
+def case_attn_sinks():
+    # --sinks [h]: -inf (no sink), +inf (output 0) and finite logits, with splits.
+    r = rng()
+    h = 6
+    sinks = np.array([1.0, -np.inf, 3.5, np.inf, 0.0, 6.0], np.float32)
+    sp = save("sinks.npy", sinks)
+    run_attn_dense(r, 2, 9, 300, h, 2, 32, 32, ["--sinks", sp], {"sinks": sinks})
+    run_attn_dense(r, 1, 21, 13, h, 3, 32, 32, ["--sinks", sp, "--causal", "--num-splits", 2],
+                   {"sinks": sinks, "causal": True})
+    run_attn_dense(r, 1, 4, 40, h, 1, 32, 32, ["--sinks", save("s16.npy", sinks.astype(np.float16))],
+                   {"sinks": sinks})
+    # KV cache (dense cache, split-KV forced): the sink is applied after the merge.
+    b, s_q, h_k, d, cap = 2, 2, 2, 32, 700
+    seqlens = np.array([650, 3], np.int32)
+    kc = np.full((b, cap, h_k, d), np.nan, np.float32)
+    vc = np.full((b, cap, h_k, d), np.nan, np.float32)
+    for i in range(b):
+        kc[i, :seqlens[i]] = r.standard_normal((seqlens[i], h_k, d))
+        vc[i, :seqlens[i]] = r.standard_normal((seqlens[i], h_k, d))
+    q = r.standard_normal((b, s_q, h, d)).astype(np.float32)
+    o_ref = np.zeros((b, s_q, h, d))
+    l_ref = np.zeros((b, h, s_q))
+    for i in range(b):
+        o_ref[i], l_ref[i] = attention_ref(q[i].astype(np.float64), kc[i, :seqlens[i]].astype(np.float64),
+                                           vc[i, :seqlens[i]].astype(np.float64), causal=True, sinks=sinks)
+    args = ["kvcache", "--q", save("q.npy", q), "--k-cache", save("kc.npy", kc), "--v-cache", save("vc.npy", vc),
+            "--cache-seqlens", save("sl.npy", seqlens), "--out", path("o.npy"), "--lse", path("l.npy"),
+            "--causal", "--sinks", sp, "--num-splits", 3]
+    for be in BACKENDS:
+        run(args + ["--backend", be])
+        check_close(f"kvcache sinks out [{be}]", np.load(path("o.npy")), o_ref, 2e-4)
+        check_close(f"kvcache sinks lse [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+    # Errors name --sinks and the values.
+    q, k, v = (save(n, r.standard_normal(s).astype(np.float32))
+               for n, s in (("q.npy", (1, 3, 6, 32)), ("k.npy", (1, 5, 2, 32)), ("v.npy", (1, 5, 2, 32))))
+    base = ["attn", "--q", q, "--k", k, "--v", v, "--sinks"]
+    expect_error(base + [save("s4.npy", np.zeros(4, np.float32))], ["--sinks", "h = 6", "[4]"], rc=2)
+    expect_error(base + [save("sn.npy", np.array([0, 1, np.nan, 0, 0, 0], np.float32))],
+                 ["--sinks", "entry 2", "NaN"], rc=2)
+    expect_error(base + [save("si.npy", np.zeros(6, np.int32))], ["--sinks", "<i4"], rc=2)
+    expect_error(base + [path("nosuch.npy")], ["--sinks", "nosuch.npy"], rc=1)
+
+
+def case_attn_chunk():
+    # --attention-chunk N: chunked local attention, alone and with causal / window / sinks.
+    r = rng()
+    run_attn_dense(r, 2, 37, 90, 6, 2, 32, 32, ["--attention-chunk", 16], {"chunk": 16})
+    run_attn_dense(r, 1, 50, 20, 4, 2, 32, 32, ["--attention-chunk", 7, "--causal", "--num-splits", 2],
+                   {"chunk": 7, "causal": True})
+    sinks = np.array([0.5, -np.inf, 3.0, np.inf], np.float32)
+    run_attn_dense(r, 1, 9, 200, 4, 1, 32, 32,
+                   ["--attention-chunk", 64, "--window", 40, 0, "--sinks", save("s.npy", sinks)],
+                   {"chunk": 64, "window": (40, 0), "sinks": sinks})
+    # KV cache: chunked prefill against a dense cache, keys counted after leftpad.
+    b, s_q, h, h_k, d, cap = 2, 5, 4, 2, 32, 300
+    seqlens = np.array([250, 9], np.int32)
+    kc = np.full((b, cap, h_k, d), np.nan, np.float32)
+    vc = np.full((b, cap, h_k, d), np.nan, np.float32)
+    for i in range(b):
+        kc[i, :seqlens[i]] = r.standard_normal((seqlens[i], h_k, d))
+        vc[i, :seqlens[i]] = r.standard_normal((seqlens[i], h_k, d))
+    q = r.standard_normal((b, s_q, h, d)).astype(np.float32)
+    o_ref = np.zeros((b, s_q, h, d))
+    l_ref = np.zeros((b, h, s_q))
+    for i in range(b):
+        o_ref[i], l_ref[i] = attention_ref(q[i].astype(np.float64), kc[i, :seqlens[i]].astype(np.float64),
+                                           vc[i, :seqlens[i]].astype(np.float64), causal=True, chunk=32)
+    args = ["kvcache", "--q", save("q.npy", q), "--k-cache", save("kc.npy", kc), "--v-cache", save("vc.npy", vc),
+            "--cache-seqlens", save("sl.npy", seqlens), "--out", path("o.npy"), "--lse", path("l.npy"),
+            "--causal", "--attention-chunk", 32]
+    for be in BACKENDS:
+        run(args + ["--backend", be])
+        check_close(f"kvcache chunk out [{be}]", np.load(path("o.npy")), o_ref, 2e-4)
+        check_close(f"kvcache chunk lse [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+    qp, kp, vp = (save(n, r.standard_normal(s).astype(np.float32))
+                  for n, s in (("q.npy", (1, 3, 4, 32)), ("k.npy", (1, 5, 2, 32)), ("v.npy", (1, 5, 2, 32))))
+    expect_error(["attn", "--q", qp, "--k", kp, "--v", vp, "--attention-chunk", -3],
+                 ["--attention-chunk", "-3"], rc=2)
+
+
 # ---------------------------------------------------------------- kvcache
 def kvcache_ref(q, k_tokens, v_tokens, causal):
     return attention_ref(q, k_tokens, v_tokens, causal=causal)
@@ -244,6 +331,52 @@ def case_kvcache_paged_append():
                 if not np.array_equal(got, ref, equal_nan=True):
                     sys.exit(f"FAIL: updated {nm} cache differs from the expected append [{be}]")
             print(f"ok paged cache append exact causal={causal} [{be}]")
+
+
+def case_kvcache_varlen():
+    # Chunked prefill against a paged cache: --cu-seqlens-q / --cu-seqlens-k-new, each
+    # sequence its own number of query rows and new keys (one with none), causal.
+    r = rng()
+    h, h_k, d, page, blocks, max_pages = 4, 2, 32, 8, 24, 6
+    seqlens = np.array([10, 0, 25], np.int32)
+    q_lens, new_lens = [5, 3, 0], [5, 3, 0]
+    b = len(seqlens)
+    cu_q = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    cu_n = np.concatenate([[0], np.cumsum(new_lens)]).astype(np.int32)
+    kc = np.full((blocks, page, h_k, d), np.nan, np.float32)
+    vc = np.full((blocks, page, h_k, d), np.nan, np.float32)
+    pt = r.permutation(blocks)[: b * max_pages].reshape(b, max_pages).astype(np.int32)
+    for i in range(b):
+        for t in range(seqlens[i]):
+            kc[pt[i, t // page], t % page] = r.standard_normal((h_k, d))
+            vc[pt[i, t // page], t % page] = r.standard_normal((h_k, d))
+    q = r.standard_normal((cu_q[-1], h, d)).astype(np.float32)
+    kn = r.standard_normal((cu_n[-1], h_k, d)).astype(np.float32)
+    vn = r.standard_normal((cu_n[-1], h_k, d)).astype(np.float32)
+    o_ref = np.zeros((cu_q[-1], h, d))
+    l_ref = np.zeros((h, cu_q[-1]))
+    for i in range(b):
+        toks = [(pt[i, t // page], t % page) for t in range(seqlens[i])]
+        kt = np.concatenate([np.stack([kc[x] for x in toks]).reshape(-1, h_k, d) if toks else np.zeros((0, h_k, d)),
+                             kn[cu_n[i]:cu_n[i + 1]]]).astype(np.float64)
+        vt = np.concatenate([np.stack([vc[x] for x in toks]).reshape(-1, h_k, d) if toks else np.zeros((0, h_k, d)),
+                             vn[cu_n[i]:cu_n[i + 1]]]).astype(np.float64)
+        if q_lens[i]:
+            o, l = attention_ref(q[cu_q[i]:cu_q[i + 1]].astype(np.float64), kt, vt, causal=True)
+            o_ref[cu_q[i]:cu_q[i + 1]] = o
+            l_ref[:, cu_q[i]:cu_q[i + 1]] = l
+    args = ["kvcache", "--q", save("q.npy", q), "--k-cache", save("kc.npy", kc), "--v-cache", save("vc.npy", vc),
+            "--cache-seqlens", save("sl.npy", seqlens), "--page-table", save("pt.npy", pt),
+            "--k-new", save("kn.npy", kn), "--v-new", save("vn.npy", vn),
+            "--cu-seqlens-q", save("cuq.npy", cu_q), "--cu-seqlens-k-new", save("cun.npy", cu_n),
+            "--causal", "--out", path("o.npy"), "--lse", path("l.npy")]
+    for be in BACKENDS:
+        run(args + ["--backend", be])
+        check_close(f"kvcache varlen out [{be}]", np.load(path("o.npy")), o_ref, 2e-4)
+        check_close(f"kvcache varlen lse [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+    bad_cu = save("badcu.npy", np.array([0, 5, 7, 9], np.int32))
+    i = args.index("--cu-seqlens-q")
+    expect_error(args[:i + 1] + [bad_cu] + args[i + 2:], ["--cu-seqlens-q", "last entry", "8"], rc=2)
 
 
 def case_kvcache_leftpad():
@@ -315,24 +448,29 @@ def case_kvcache_rotary():
             "--v-new", save("vn.npy", vn), "--rotary-cos", save("cos.npy", cos),
             "--rotary-sin", save("sin.npy", sin), "--out", path("o.npy"), "--lse", path("l.npy")]
     c64, s64 = cos.astype(np.float64), sin.astype(np.float64)
-    for interleaved in (False, True):
-        for causal in (False, True):
-            o_ref = np.zeros((b, s_q, h, d))
-            l_ref = np.zeros((b, h, s_q))
-            for i in range(b):
-                p0 = seqlens[i]
-                knr = rotate(kn[i].astype(np.float64), c64, s64, p0 + np.arange(s_new), interleaved)
-                qpos = p0 + np.arange(s_q) if causal else np.full(s_q, p0)
-                qr = rotate(q[i].astype(np.float64), c64, s64, qpos, interleaved)
-                kt = np.concatenate([kc[i, :p0].astype(np.float64), knr])
-                vt = np.concatenate([vc[i, :p0].astype(np.float64), vn[i].astype(np.float64)])
-                o_ref[i], l_ref[i] = attention_ref(qr, kt, vt, causal=causal)
-            extra = (["--causal"] if causal else []) + (["--rotary-interleaved"] if interleaved else [])
-            for be in BACKENDS:
-                run(["kvcache", "--backend", be] + base + extra)
-                tag = f"rotary interleaved={interleaved} causal={causal} [{be}]"
-                check_close("out " + tag, np.load(path("o.npy")), o_ref, 2e-4)
-                check_close("lse " + tag, np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+    rot_seqlens = np.array([7, 0], dtype=np.int32)  # --rotary-seqlens: positions from here
+    for interleaved, causal, with_rs in ((False, False, False), (False, True, False),
+                                         (True, False, False), (True, True, False),
+                                         (False, True, True), (True, False, True)):
+        o_ref = np.zeros((b, s_q, h, d))
+        l_ref = np.zeros((b, h, s_q))
+        for i in range(b):
+            p0 = rot_seqlens[i] if with_rs else seqlens[i]
+            knr = rotate(kn[i].astype(np.float64), c64, s64, p0 + np.arange(s_new), interleaved)
+            qpos = p0 + np.arange(s_q) if causal else np.full(s_q, p0)
+            qr = rotate(q[i].astype(np.float64), c64, s64, qpos, interleaved)
+            n = seqlens[i]
+            kt = np.concatenate([kc[i, :n].astype(np.float64), knr])
+            vt = np.concatenate([vc[i, :n].astype(np.float64), vn[i].astype(np.float64)])
+            o_ref[i], l_ref[i] = attention_ref(qr, kt, vt, causal=causal)
+        extra = (["--causal"] if causal else []) + (["--rotary-interleaved"] if interleaved else [])
+        if with_rs:
+            extra += ["--rotary-seqlens", save("rs.npy", rot_seqlens)]
+        for be in BACKENDS:
+            run(["kvcache", "--backend", be] + base + extra)
+            tag = f"rotary interleaved={interleaved} causal={causal} rotary_seqlens={with_rs} [{be}]"
+            check_close("out " + tag, np.load(path("o.npy")), o_ref, 2e-4)
+            check_close("lse " + tag, np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
 
 
 # ---------------------------------------------------------------- bench

@@ -1,5 +1,6 @@
 // libFuzzer target for the kernel layer's public API: argument validation and small
-// kernel calls (dense, varlen, KV cache with paging/append/rotary, MLA decode, merge).
+// kernel calls (dense, varlen, KV cache with paging/append/rotary, attention sinks, MLA
+// decode, merge).
 //
 // Each input decodes into one call with small shapes. Buffers are allocated to match
 // the decoded shapes and strides; their padding and every cache slot that no query
@@ -85,6 +86,18 @@ constexpr std::array<float, 8> kScales{0.0f, 0.0f, 0.125f, 1.0f, -0.5f, 1e4f, kN
 constexpr std::array<float, 6> kSoftcaps{0.0f, 0.0f, 15.0f, 0.5f, -1.0f, kNaN};
 constexpr std::array<int, 6> kWindows{-1, -1, 0, 1, 3, -2};
 constexpr std::array<int, 8> kHeadDims{8, 16, 32, 8, 16, 0, 12, 264};
+constexpr std::array<int, 8> kChunks{0, 0, 0, 0, 1, 3, 8, -1};  // attention_chunk
+
+constexpr std::array<float, 8> kSinks{-kInf, kInf, kNaN, 0.0f, 2.5f, -3.0f, 40.0f, -40.0f};
+
+// Optional attention-sink logits [h] for a quarter of the calls (NaN must be rejected,
+// +inf zeroes a head, -inf is no sink); nullptr otherwise. `storage` owns the values.
+const float* decode_sinks(FuzzBytes& in, int h, std::vector<float>& storage) {
+  if (h <= 0 || in.u8() % 4 != 0) return nullptr;
+  storage.resize(static_cast<std::size_t>(h));
+  for (float& x : storage) x = in.pick(kSinks);
+  return storage.data();
+}
 
 MaskParams decode_mask(FuzzBytes& in) {
   MaskParams m;
@@ -93,6 +106,7 @@ MaskParams decode_mask(FuzzBytes& in) {
   m.causal = in.flag();
   m.window_left = in.pick(kWindows);
   m.window_right = in.pick(kWindows);
+  m.attention_chunk = in.pick(kChunks);
   return m;
 }
 
@@ -183,6 +197,8 @@ void fuzz_forward(FuzzBytes& in, bool varlen) {
     for (int i = 0; i < p.b; ++i) shift.push_back(in.pick(kShifts));
     p.mask.mask_shift = shift.data();
   }
+  std::vector<float> sinks;
+  p.mask.sinks = decode_sinks(in, p.h, sinks);
   if (p.dtype == DType::kFP8E4M3 && in.flag()) p.dtype = DType::kF16;
 
   StridedTensor q, k, v, out;
@@ -324,6 +340,8 @@ void fuzz_kvcache(FuzzBytes& in) {
   Rng rng(in.u8());
   if (p.b < 0 || p.s_q < 0 || p.h < 0 || p.h_k < 0 || p.d < 0 || p.d_v < 0) return;
   const int b = p.b, h = p.h, hk = p.h_k;
+  std::vector<float> sinks;
+  p.mask.sinks = decode_sinks(in, h, sinks);
 
   std::vector<std::int32_t> page_table, seqlens, batch_idx, leftpad;
   std::int64_t cache_batches = 0, cache_rows = 0, capacity = 0;
@@ -458,6 +476,30 @@ void fuzz_kvcache(FuzzBytes& in) {
     p.rotary_cos = cos_table.data();
     p.rotary_sin = sin_table.data();
   }
+  // FA3 rotary_seqlens (also without rotary tables: must be rejected), garbage included.
+  std::vector<std::int32_t> rot_seqlens;
+  if (b > 0 && in.u8() % 4 == 0) {
+    for (int i = 0; i < b; ++i) rot_seqlens.push_back(in.range(-1, 12));
+    p.rotary_seqlens = rot_seqlens.data();
+  }
+
+  // Variable lengths (cu_seqlens_q / cu_seqlens_k_new): the [b, s, ...] tensors read as
+  // packed [b * s, ...] rows, only when their batch stride is s row strides (the packed
+  // rows then stay inside the allocation); segments up to s, or garbage.
+  std::vector<std::int32_t> cu_q, cu_new;
+  const auto packed_cu = [&](std::vector<std::int32_t>& cu, int max_len) {
+    cu.assign(1, 0);
+    const bool garbage = in.u8() % 5 == 0;
+    for (int i = 0; i < b; ++i)
+      cu.push_back(garbage ? in.range(-1, b * max_len + 1) : cu.back() + in.range(0, max_len));
+    return cu.data();
+  };
+  if (b > 0 && p.s_q > 0 && in.u8() % 4 == 0 && q.stride[0] == p.s_q * q.stride[1] &&
+      out.stride[0] == p.s_q * out.stride[1])
+    p.cu_seqlens_q = packed_cu(cu_q, p.s_q);
+  if (b > 0 && p.k_new && p.s_new > 0 && in.u8() % 4 == 0 &&
+      kn.stride[0] == p.s_new * kn.stride[1] && vn.stride[0] == p.s_new * vn.stride[1])
+    p.cu_seqlens_k_new = packed_cu(cu_new, p.s_new);
 
   std::vector<float> lse(static_cast<std::size_t>(std::max(b * h * p.s_q, 1)), kNaN);
   p.lse = lse.data();
@@ -491,10 +533,18 @@ void fuzz_kvcache(FuzzBytes& in) {
     return;
   }
   std::vector<RowRef> rows;
-  for (int bi = 0; bi < b; ++bi)
-    for (int r = 0; r < p.s_q; ++r)
+  if (p.cu_seqlens_q) {
+    // Packed rows g < cu_seqlens_q[b]: out row g of the [b * s_q] view, lse [h, total_q].
+    const std::int64_t total = cu_q[static_cast<std::size_t>(b)];
+    for (std::int64_t g = 0; g < total; ++g)
       for (int hi = 0; hi < h; ++hi)
-        rows.push_back({out.offset(bi, r, hi, 0), (std::int64_t{bi} * h + hi) * p.s_q + r});
+        rows.push_back({out.offset(g / p.s_q, g % p.s_q, hi, 0), hi * total + g});
+  } else {
+    for (int bi = 0; bi < b; ++bi)
+      for (int r = 0; r < p.s_q; ++r)
+        for (int hi = 0; hi < h; ++hi)
+          rows.push_back({out.offset(bi, r, hi, 0), (std::int64_t{bi} * h + hi) * p.s_q + r});
+  }
   const Result a = collect(out, lse, rows, dv);
   check_no_stray_writes(out);
 

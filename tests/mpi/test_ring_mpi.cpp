@@ -2,10 +2,12 @@
 // not, windows, GQA/MQA, uneven lengths, varlen and bf16, the output and LSE gathered
 // on rank 0 equal the single-process kernel result on the whole problem. The same
 // for Ulysses x ring grids (U = 2, 4 where U divides the ranks), K/V heads replicated
-// when U > h_k.
+// when U > h_k. Attention sinks must be applied once, after the last merge: a sink
+// applied per block would scale the output several times and fail these comparisons.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -15,6 +17,7 @@
 
 #include "ringattn/comm/collectives.hpp"
 #include "ringattn/comm/communicator.hpp"
+#include "ringattn/distributed_decode.hpp"
 #include "ringattn/engine.hpp"
 #include "ringattn/merge_state.hpp"
 #include "ringattn/ring_attention.hpp"
@@ -37,9 +40,19 @@ struct Case {
   DType dtype = DType::kF32;
   bool varlen = false;
   RingMode mode = RingMode::kPassKV;
-  int piece = 16;   // RingOptions::piece_rows (0 = automatic)
-  int ulysses = 0;  // > 0: hybrid_attention_forward with this U (skipped unless U | P)
+  int piece = 16;      // RingOptions::piece_rows (0 = automatic)
+  int ulysses = 0;     // > 0: hybrid_attention_forward with this U (skipped unless U | P)
+  bool sinks = false;  // attention-sink logits on every head
 };
+
+// Sink logits [h]: finite values near the LSE, plus -inf (none) and +inf (output 0).
+std::vector<float> sink_logits(int h) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float pattern[] = {1.0f, -inf, 3.5f, inf, 0.0f, 5.0f};
+  std::vector<float> s(static_cast<std::size_t>(h));
+  for (int i = 0; i < h; ++i) s[static_cast<std::size_t>(i)] = pattern[i % 6];
+  return s;
+}
 
 std::vector<std::byte> random_tensor(std::mt19937& rng, std::int64_t n, DType t) {
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
@@ -84,6 +97,8 @@ void run_case(const Case& c) {
   f.mask.window_left = c.wl;
   f.mask.window_right = c.wr;
   f.mask.softcap = c.softcap;
+  const std::vector<float> sinks = sink_logits(c.h);
+  if (c.sinks) f.mask.sinks = sinks.data();
   if (c.varlen) {
     f.cu_seqlens_q = f.cu_seqlens_k = cu.data();
     int longest = 0;
@@ -206,6 +221,13 @@ std::vector<Case> cases() {
     out.push_back(
         {ln + "_varlen", l, {23, 1, 0, 40, 9}, 1, 4, 2, 32, true, -1, -1, 0.0f, DType::kF32, true});
     out.push_back({ln + "_bf16", l, {50}, 1, 4, 4, 32, true, -1, -1, 0.0f, DType::kBF16});
+    Case c{ln + "_causal_sinks", l, {59}, 2, 6, 2, 32, true};
+    c.sinks = true;
+    out.push_back(c);
+    c = {ln + "_varlen_sinks", l,   {23, 1, 0, 40}, 1, 6, 6, 32, false, 7, 2, 0.0f,
+         DType::kF32,          true};
+    c.sinks = true;
+    out.push_back(c);
   }
   out.push_back(
       {"zigzag_fp16", ShardLayout::kZigzag, {33}, 1, 4, 4, 32, true, -1, -1, 0.0f, DType::kF16});
@@ -214,7 +236,8 @@ std::vector<Case> cases() {
   for (std::size_t i = 0; i < n_pass_kv; ++i) {
     const std::string& n = out[i].name;
     if (n.find("_causal") == std::string::npos && n.find("_full") == std::string::npos &&
-        n.find("_window_both") == std::string::npos && n.find("_varlen") == std::string::npos)
+        n.find("_sinks") == std::string::npos && n.find("_window_both") == std::string::npos &&
+        n.find("_varlen") == std::string::npos)
       continue;
     Case c = out[i];
     c.name += "_whole_chunks";
@@ -339,6 +362,83 @@ TEST(RingMpiErrors, UlyssesDegreeChecks) {
           std::string(e.what()).find("ranks disagree on 'ulysses': rank 0 has 1, rank 1 has 2"),
           std::string::npos)
           << e.what();
+    }
+  }
+}
+
+// Distributed decode with attention sinks (allreduce and reduce to a root) equals the
+// single-process kernel over the whole cache: the sink is applied once after the
+// reduction.
+TEST(DecodeMpi, SinksAppliedOnceAfterTheReduction) {
+  const comm::Communicator& comm = *g_comm;
+  const int P = comm.size(), rank = comm.rank();
+  const int b = 2, s_q = 3, h = 6, h_k = 2, d = 32;
+  const std::int64_t s = 157;
+  std::mt19937 rng(99);
+  const auto q = random_tensor(rng, std::int64_t{b} * s_q * h * d, DType::kF32);
+  const auto k = random_tensor(rng, b * s * h_k * d, DType::kF32);
+  const auto v = random_tensor(rng, b * s * h_k * d, DType::kF32);
+  const std::vector<float> sinks = sink_logits(h);
+  Engine engine(EngineOptions{"auto", 1});
+  for (bool causal : {false, true}) {
+    SCOPED_TRACE(causal ? "causal" : "full");
+    // Reference: one kernel call over the whole cache.
+    std::vector<float> ref_out(static_cast<std::size_t>(b * s_q * h * d)),
+        ref_lse(static_cast<std::size_t>(b * s_q * h));
+    FwdParams f;
+    f.q = q.data();
+    f.k = k.data();
+    f.v = v.data();
+    f.out = ref_out.data();
+    f.lse = ref_lse.data();
+    f.b = b;
+    f.s_q = s_q;
+    f.s_k = static_cast<int>(s);
+    f.h = h;
+    f.h_k = h_k;
+    f.d = f.d_v = d;
+    f.q_head_stride = f.out_head_stride = f.k_head_stride = f.v_head_stride = d;
+    f.q_row_stride = f.out_row_stride = std::int64_t{h} * d;
+    f.q_batch_stride = f.out_batch_stride = std::int64_t{s_q} * h * d;
+    f.k_row_stride = f.v_row_stride = std::int64_t{h_k} * d;
+    f.k_batch_stride = f.v_batch_stride = s * h_k * d;
+    f.mask.causal = causal;
+    f.mask.sinks = sinks.data();
+    engine.forward(f);
+    // This rank's shard of every sequence's cache.
+    const std::int64_t k0 = decode_shard_first(s, P, rank), n = decode_shard_length(s, P, rank);
+    std::vector<float> kc(static_cast<std::size_t>(b * n * h_k * d)), vc(kc.size());
+    for (int bi = 0; bi < b; ++bi) {
+      const std::size_t row = static_cast<std::size_t>(h_k) * d * sizeof(float);
+      std::memcpy(&kc[static_cast<std::size_t>(bi * n * h_k * d)], k.data() + (bi * s + k0) * row,
+                  static_cast<std::size_t>(n) * row);
+      std::memcpy(&vc[static_cast<std::size_t>(bi * n * h_k * d)], v.data() + (bi * s + k0) * row,
+                  static_cast<std::size_t>(n) * row);
+    }
+    for (int root : {-1, 0}) {
+      DecodeParams p;
+      p.q = q.data();
+      p.k_cache = kc.data();
+      p.v_cache = vc.data();
+      std::vector<float> out(ref_out.size(), NAN), lse(ref_lse.size(), NAN);
+      p.out = out.data();
+      p.lse = lse.data();
+      p.b = b;
+      p.s_q = s_q;
+      p.h = h;
+      p.h_k = h_k;
+      p.d = p.d_v = d;
+      p.s_cache = s;
+      p.mask.causal = causal;
+      p.mask.sinks = sinks.data();
+      p.root = root;
+      distributed_decode(comm, engine, p);
+      if (root >= 0 && rank != root) continue;
+      for (std::size_t i = 0; i < out.size(); ++i)
+        ASSERT_NEAR(out[i], ref_out[i], 1e-5) << "root " << root << " out element " << i;
+      for (std::size_t i = 0; i < lse.size(); ++i)
+        ASSERT_NEAR(lse[i], ref_lse[i], 1e-5 * std::max(1.0f, std::abs(ref_lse[i])))
+            << "root " << root << " lse element " << i;
     }
   }
 }

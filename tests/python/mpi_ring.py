@@ -72,7 +72,7 @@ def max_err(a, b):
     return float(d.max()) if d.size else 0.0
 
 
-def reference(q, k, v, scale, causal, window, softcap):
+def reference(q, k, v, scale, causal, window, softcap, sinks=None):
     """float64 attention of one sequence: q [s_q, h, d], k/v [s_k, h_k, *]; bottom-right mask
     (docs/semantics.md section 1). Returns out [s_q, h, d_v], lse [h, s_q] (natural log);
     rows that see no key give 0 / -inf."""
@@ -102,14 +102,19 @@ def reference(q, k, v, scale, causal, window, softcap):
     m = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(sc - m)
     den = p.sum(axis=-1, keepdims=True)
-    out = np.einsum("hij,jhd->ihd", p / np.where(den > 0, den, 1.0), v)
+    # Attention sink: an extra logit per head in the denominator only (LSE excludes it).
+    den_o = np.where(den > 0, den, 1.0)
+    if sinks is not None:
+        with np.errstate(over="ignore"):
+            den_o = den_o + np.exp(np.asarray(sinks, np.float64)[:, None, None] - m)
+    out = np.einsum("hij,jhd->ihd", p / den_o, v)
     with np.errstate(divide="ignore"):
         lse = np.log(den[..., 0]) + m[..., 0]
     return out, np.where(den[..., 0] > 0, lse, -np.inf)
 
 
-def reference_batch(q, k, v, scale, causal, window, softcap):
-    outs, lses = zip(*(reference(q[i], k[i], v[i], scale, causal, window, softcap)
+def reference_batch(q, k, v, scale, causal, window, softcap, sinks=None):
+    outs, lses = zip(*(reference(q[i], k[i], v[i], scale, causal, window, softcap, sinks)
                        for i in range(q.shape[0])))
     return np.stack(outs), np.stack(lses)
 
@@ -260,6 +265,44 @@ def test_decode():
               f"{what}: out {out.dtype} {tuple(out.shape)}")
         e_o, e_l = max_err(out, ro), max_err(lse, rl)
         check(e_o <= tol(dtype) and e_l <= 1e-4, f"{what}: out err {e_o:.3g} lse err {e_l:.3g}")
+
+
+def test_sinks():
+    # Attention sinks through every ring function and decode: applied once, after the
+    # ring's last merge / the reduction (a per-block sink would scale several times).
+    b, s, h, h_k, d = 2, 19 + 3 * SIZE, 4, 2, 16
+    sinks_np = np.array([1.0, -np.inf, 2.5, np.inf], np.float32)
+    for n, (layout, causal) in enumerate(itertools.product(RING_FUNCS, (False, True))):
+        kind = "torch" if n % 2 else "numpy"
+        dtype = torch.float32 if kind == "torch" else np.float32
+        sinks = torch.from_numpy(sinks_np) if kind == "torch" else sinks_np
+        q, k, v = (randn((b, s, hh, d), 40 + i, dtype, kind) for i, hh in enumerate((h, h_k, h_k)))
+        what = f"sinks {layout} causal={causal} {kind}"
+        ql, kl, vl = (ring.shard(x, layout, RANK, SIZE) for x in (q, k, v))
+        out, lse, _ = RING_FUNCS[layout](ql, kl, vl, 0.0, 0.3, causal, (-1, -1), None, False, True,
+                                         None, mode="pass-q" if n % 3 == 0 else "pass-kv", sinks=sinks)
+        ro, rl = reference_batch(q, k, v, 0.3, causal, (-1, -1), 0.0, sinks_np)
+        e_o = max_err(out, ring.shard(ro, layout, RANK, SIZE))
+        e_l = max_err(lse, ring.shard(rl, layout, RANK, SIZE, dim=2))
+        check(e_o <= tol(dtype) and e_l <= 2e-4, f"{what}: out err {e_o:.3g} lse err {e_l:.3g}")
+        # Varlen: the same batch as two packed sequences.
+        cu = np.array([0, s, 2 * s], np.int32)
+        pack = (lambda x: x.reshape(-1, *x.shape[2:]))
+        qv, kv_, vv = (ring.shard(pack(x), layout, RANK, SIZE, dim=0, cu_seqlens=cu) for x in (q, k, v))
+        cul = ring.shard_cu_seqlens(cu, layout, RANK, SIZE)
+        cu_arg = torch.from_numpy(cul) if kind == "torch" else cul
+        vo = VARLEN_FUNCS[layout](qv, kv_, vv, cu_arg, int(np.diff(cul).max()), 0.0, 0.3, causal,
+                                  sinks=sinks)
+        e_v = max_err(vo, ring.shard(pack(ro), layout, RANK, SIZE, dim=0, cu_seqlens=cu))
+        check(e_v <= tol(dtype), f"{what} varlen: out err {e_v:.3g}")
+    q = randn((b, 2, h, d), 50, np.float32, "numpy")
+    kc = randn((b, 11 + 4 * SIZE, h_k, d), 51, np.float32, "numpy")
+    vc = randn((b, 11 + 4 * SIZE, h_k, d), 52, np.float32, "numpy")
+    out, lse = ring.decode(q, ring.shard(kc, "contiguous", RANK, SIZE), ring.shard(vc, "contiguous", RANK, SIZE),
+                           softmax_scale=0.25, causal=True, sinks=sinks_np)
+    ro, rl = reference_batch(q, kc, vc, 0.25, True, (-1, -1), 0.0, sinks_np)
+    e_o, e_l = max_err(out, ro), max_err(lse, rl)
+    check(e_o <= 2e-5 and e_l <= 1e-4, f"decode sinks: out err {e_o:.3g} lse err {e_l:.3g}")
 
 
 # ---- shard / unshard ----
@@ -429,7 +472,7 @@ def test_ulysses():
 def main():
     ringattn.set_num_threads(1)
     tests = [test_divisible_matches_extract_local, test_shard_roundtrip, test_dense,
-             test_low_precision, test_varlen, test_decode, test_ulysses, test_errors]
+             test_low_precision, test_varlen, test_decode, test_ulysses, test_sinks, test_errors]
     t0 = time.time()
     for t in tests:
         try:

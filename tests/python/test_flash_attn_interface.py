@@ -31,9 +31,11 @@ def rng_for(*key):
 # ---- float64 reference ----
 
 
-def ref_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0):
+def ref_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0, sinks=None, chunk=0):
     """q [s_q, h, d], k [s_k, h_k, d], v [s_k, h_k, d_v] (float64) -> out [s_q, h, d_v],
-    lse [h, s_q]. Bottom-right mask, GQA by repeating KV heads, empty rows 0 / -inf."""
+    lse [h, s_q]. Bottom-right mask, GQA by repeating KV heads, empty rows 0 / -inf.
+    sinks [h]: one extra logit per head in the softmax denominator (no value); the LSE
+    excludes it. chunk > 0: key j visible only in the chunk of the diagonal key i + shift."""
     s_q, h, d = q.shape
     s_k, h_k, _ = k.shape
     k = np.repeat(k, h // h_k, axis=1)
@@ -53,13 +55,19 @@ def ref_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.
         vis &= j <= i + shift + wr
     if wl >= 0:
         vis &= j >= i + shift - wl
+    if chunk > 0:
+        vis &= (j // chunk) == ((i + shift) // chunk)
     s = np.where(vis[None], s, -np.inf)
     m = s.max(axis=-1, initial=-np.inf, keepdims=True) if s_k else np.full((h, s_q, 1), -np.inf)
     m_safe = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m_safe)
     l_sum = p.sum(axis=-1)
     lse = np.where(l_sum > 0, np.log(np.where(l_sum > 0, l_sum, 1.0)) + m_safe[..., 0], -np.inf)
-    p = p / np.where(l_sum > 0, l_sum, 1.0)[..., None]
+    denom = np.where(l_sum > 0, l_sum, 1.0)
+    if sinks is not None:
+        with np.errstate(over="ignore"):
+            denom = denom + np.exp(np.asarray(sinks, np.float64)[:, None] - m_safe[..., 0])
+    p = p / denom[..., None]
     out = np.einsum("hqk,khd->qhd", p, v) if s_k else np.zeros((s_q, h, v.shape[-1]))
     return out, lse
 
@@ -140,6 +148,107 @@ def test_dense_against_reference(kind, typ):
         alone = fai.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, window_size=window,
                                     softcap=softcap)
         assert np.array_equal(f64(alone), f64(out), equal_nan=True)
+
+
+def sink_values(rng, h):
+    """Sink logits covering every regime: no sink (-inf), +inf (output 0), finite values."""
+    pool = np.array([-np.inf, np.inf, -2.0, 0.0, 1.5, 3.0, 6.0], np.float32)
+    s = rng.choice(pool, size=h).astype(np.float32)
+    s[0] = rng.uniform(-1, 4)
+    return s
+
+
+@pytest.mark.parametrize("kind,typ", KINDS)
+@pytest.mark.parametrize("alias", ["sinks", "s_aux"])
+def test_sinks_against_reference(kind, typ, alias):
+    rng = rng_for("sinks", kind, typ, alias)
+    for trial in range(6):
+        b = int(rng.integers(1, 3))
+        s_q, s_k = [(1, 7), (13, 29), (29, 13), (4, 300), (5, 2)][int(rng.integers(5))]
+        h, h_k = HEADS[int(rng.integers(len(HEADS)))]
+        d, d_v = DIMS[int(rng.integers(len(DIMS)))]
+        causal, window, softcap = random_mask(rng)
+        snk = sink_values(rng, h)
+        sinks = snk if kind == "numpy" else torch.from_numpy(snk)
+        num_splits = int(rng.choice([0, 1, 3]))
+        q = make((b, s_q, h, d), typ, kind, rng)
+        k = make((b, s_k, h_k, d), typ, kind, rng)
+        v = make((b, s_k, h_k, d_v), typ, kind, rng)
+        out, lse = fai.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                                       num_splits=num_splits, return_attn_probs=True, **{alias: sinks})
+        what = f"sinks trial {trial} s=({s_q},{s_k}) h=({h},{h_k}) mask={causal, window, softcap} sinks={snk}"
+        for bi in range(b):
+            ro, rl = ref_attention(f64(q[bi]), f64(k[bi]), f64(v[bi]), None, causal, window, softcap, snk)
+            check(out[bi], ro, typ, what + " out")
+            check(lse[bi], rl, typ, what + " lse", lse=True)
+        # Varlen: the same problem packed, one segment per batch element.
+        if b == 1:
+            continue
+        cu_q = np.arange(b + 1, dtype=np.int32) * s_q
+        cu_k = np.arange(b + 1, dtype=np.int32) * s_k
+        pack = (lambda x: x.reshape(-1, *x.shape[2:]))
+        vo, vl = fai.flash_attn_varlen_func(pack(q), pack(k), pack(v), cu_q, cu_k, s_q, s_k, causal=causal,
+                                            window_size=window, softcap=softcap, return_attn_probs=True,
+                                            **{alias: sinks})
+        check(vo, f64(out).reshape(-1, h, d_v), typ, what + " varlen out")
+
+
+@pytest.mark.parametrize("kind,typ", KINDS)
+def test_attention_chunk_against_reference(kind, typ):
+    rng = rng_for("chunk", kind, typ)
+    for trial in range(6):
+        b = int(rng.integers(1, 3))
+        s_q, s_k = [(1, 70), (13, 29), (29, 13), (40, 40), (7, 300)][int(rng.integers(5))]
+        h, h_k = HEADS[int(rng.integers(len(HEADS)))]
+        d, d_v = DIMS[int(rng.integers(len(DIMS)))]
+        causal, window, softcap = random_mask(rng)
+        chunk = int(rng.choice([1, 3, 8, 16, 64]))
+        with_sinks = bool(rng.integers(2))
+        snk = sink_values(rng, h) if with_sinks else None
+        sinks = None if snk is None else (snk if kind == "numpy" else torch.from_numpy(snk))
+        q = make((b, s_q, h, d), typ, kind, rng)
+        k = make((b, s_k, h_k, d), typ, kind, rng)
+        v = make((b, s_k, h_k, d_v), typ, kind, rng)
+        out, lse = fai.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                                       attention_chunk=chunk, sinks=sinks, num_splits=int(rng.choice([0, 1, 2])),
+                                       return_attn_probs=True)
+        what = f"chunk trial {trial} s=({s_q},{s_k}) chunk={chunk} mask={causal, window, softcap} sinks={snk}"
+        for bi in range(b):
+            ro, rl = ref_attention(f64(q[bi]), f64(k[bi]), f64(v[bi]), None, causal, window, softcap, snk, chunk)
+            check(out[bi], ro, typ, what + " out")
+            check(lse[bi], rl, typ, what + " lse", lse=True)
+        if b == 1:
+            continue
+        # Varlen: the chunk grid restarts in every segment.
+        cu_q = np.arange(b + 1, dtype=np.int32) * s_q
+        cu_k = np.arange(b + 1, dtype=np.int32) * s_k
+        pack = (lambda x: x.reshape(-1, *x.shape[2:]))
+        vo = fai.flash_attn_varlen_func(pack(q), pack(k), pack(v), cu_q, cu_k, s_q, s_k, causal=causal,
+                                        window_size=window, softcap=softcap, attention_chunk=chunk, sinks=sinks)
+        check(vo, f64(out).reshape(-1, h, d_v), typ, what + " varlen out")
+    with pytest.raises(ValueError, match="attention_chunk"):
+        fai.flash_attn_func(q, k, v, attention_chunk=-2)
+
+
+def test_sinks_edge_values_and_errors():
+    rng = rng_for("sinks-edges")
+    q, k, v = (make(s, "fp32", "torch", rng) for s in ((2, 3, 4, 16), (2, 9, 2, 16), (2, 9, 2, 16)))
+    base, lse0 = fai.flash_attn_func(q, k, v, return_attn_probs=True)
+    out, lse = fai.flash_attn_func(q, k, v, return_attn_probs=True, sinks=torch.full((4,), -math.inf))
+    assert torch.equal(out, base) and torch.equal(lse, lse0)
+    out, lse = fai.flash_attn_func(q, k, v, return_attn_probs=True, s_aux=torch.full((4,), math.inf))
+    assert torch.count_nonzero(out) == 0 and torch.equal(lse, lse0)
+    # fp16 / bf16 sinks are widened; the other kind of tensor is refused.
+    out16 = fai.flash_attn_func(q, k, v, sinks=torch.zeros(4, dtype=torch.float16))
+    assert torch.allclose(out16, fai.flash_attn_func(q, k, v, sinks=torch.zeros(4)))
+    with pytest.raises(ValueError, match=r"sinks\[2\]"):
+        fai.flash_attn_func(q, k, v, sinks=torch.tensor([0.0, 1.0, math.nan, 2.0]))
+    with pytest.raises(ValueError, match="sinks"):
+        fai.flash_attn_func(q, k, v, sinks=torch.zeros(3))
+    with pytest.raises(ValueError, match="s_aux"):
+        fai.flash_attn_func(q, k, v, sinks=torch.zeros(4), s_aux=torch.zeros(4))
+    with pytest.raises((TypeError, ValueError), match="sinks"):
+        fai.flash_attn_func(q, k, v, sinks=np.zeros(4, np.float32))
 
 
 def test_fully_masked_rows_are_zero_with_neg_inf_lse():
@@ -621,8 +730,8 @@ def _kv(**over):
 def test_unsupported_arguments_raise_value_error_naming_them():
     t = torch.ones(2, 2)
     for name, value in [("qv", make((2, 3, 4, 16), "fp32", "torch", rng_for("qv"))), ("q_descale", t),
-                        ("k_descale", t), ("v_descale", t), ("attention_chunk", 4), ("sinks", torch.ones(4)),
-                        ("s_aux", torch.ones(4)), ("dropout_p", 0.1), ("alibi_slopes", torch.ones(4))]:
+                        ("k_descale", t), ("v_descale", t),
+                        ("dropout_p", 0.1), ("alibi_slopes", torch.ones(4))]:
         with pytest.raises(ValueError, match=name):
             fai.flash_attn_func(**_dense(), **{name: value})
     cu = torch.tensor([0, 1, 2], dtype=torch.int32)

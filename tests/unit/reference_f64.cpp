@@ -46,6 +46,12 @@ bool visible(std::int64_t i, std::int64_t j, std::int64_t s_k, std::int64_t shif
   if (j < 0 || j >= s_k) return false;
   if (w_right >= 0 && j > i + shift + w_right) return false;
   if (w_left >= 0 && j < i + shift - w_left) return false;
+  if (m.attention_chunk > 0) {
+    // Chunked local attention: j and the diagonal key i + shift in the same chunk.
+    const double c = m.attention_chunk;
+    if (std::floor(static_cast<double>(j) / c) != std::floor(static_cast<double>(i + shift) / c))
+      return false;
+  }
   return true;
 }
 
@@ -102,7 +108,11 @@ void attend(const Segment<T>& seg, const Dims& dm, const MaskParams& mask, std::
         const T* vrow = &seg.v[(static_cast<std::size_t>(j) * dm.h_k + kh) * dm.d_v];
         for (int c = 0; c < dm.d_v; ++c) orow[c] += pj * vrow[c];
       }
-      for (int c = 0; c < dm.d_v; ++c) orow[c] /= sum;
+      // Attention sink: one extra logit in the softmax denominator that carries no
+      // value, out = sum p_j v_j / (sum p_j + exp(sink - m)); lse excludes it.
+      T denom = sum;
+      if (mask.sinks) denom += std::exp(static_cast<T>(mask.sinks[hh]) - m);
+      for (int c = 0; c < dm.d_v; ++c) orow[c] /= denom;
       l = m + std::log(sum);
     }
   }
@@ -276,27 +286,37 @@ template <typename T>
 RefResult kvcache_impl(const KvCacheParams& p, RefPrecision prec) {
   const Dims dm{p.h, p.h_k, p.d, p.d_v};
   RefResult res;
-  res.out.assign(static_cast<std::size_t>(p.b) * p.s_q * p.h * p.d_v, kNaN);
-  res.lse.assign(static_cast<std::size_t>(p.b) * p.h * p.s_q, kNaN);
+  // Varlen queries (cu_seqlens_q): out [total_q, h, d_v], lse [h, total_q]; new keys per
+  // sequence from cu_seqlens_k_new. Otherwise [b, s_q, h, d_v] / [b, h, s_q], s_new each.
+  const bool vq = p.cu_seqlens_q != nullptr, vk = p.cu_seqlens_k_new != nullptr;
+  const std::int64_t total_q = vq ? p.cu_seqlens_q[p.b] : std::int64_t{p.b} * p.s_q;
+  res.out.assign(static_cast<std::size_t>(total_q) * p.h * p.d_v, kNaN);
+  res.lse.assign(static_cast<std::size_t>(total_q) * p.h, kNaN);
   const bool rotary = p.rotary_cos != nullptr;
-  const bool windowed = p.mask.window_left >= 0 || p.mask.window_right >= 0;
+  const bool windowed =
+      p.mask.window_left >= 0 || p.mask.window_right >= 0 || p.mask.attention_chunk > 0;
   for (int bi = 0; bi < p.b; ++bi) {
     const int row = p.cache_batch_idx ? p.cache_batch_idx[bi] : bi;
     const std::int64_t seqlen = p.cache_seqlens[bi];
     const std::int64_t leftpad = p.cache_leftpad ? p.cache_leftpad[bi] : 0;
     // Keys are renumbered from leftpad: key j is cache token leftpad + j, and the
     // appended rows follow the cached ones.
+    const std::int64_t q0 = vq ? p.cu_seqlens_q[bi] : std::int64_t{bi} * p.s_q;
+    const std::int64_t n_new = vk ? p.cu_seqlens_k_new[bi + 1] - p.cu_seqlens_k_new[bi] : p.s_new;
     Segment<T> seg;
-    seg.s_q = p.s_q;
-    seg.s_k = static_cast<int>(seqlen - leftpad + p.s_new);
+    seg.s_q = vq ? static_cast<int>(p.cu_seqlens_q[bi + 1] - q0) : p.s_q;
+    seg.s_k = static_cast<int>(seqlen - leftpad + n_new);
     seg.shift =
         p.mask.mask_shift ? p.mask.mask_shift[bi] : static_cast<std::int64_t>(seg.s_k) - seg.s_q;
-    const std::int64_t rot_pos0 = seqlen;  // absolute slot of the first new row (FA)
+    // Rotary position of the first new row: its absolute slot, or rotary_seqlens (FA3).
+    const std::int64_t rot_pos0 = p.rotary_seqlens ? p.rotary_seqlens[bi] : seqlen;
     seg.q.resize(static_cast<std::size_t>(seg.s_q) * p.h * p.d);
     for (int i = 0; i < seg.s_q; ++i) {
       for (int hh = 0; hh < p.h; ++hh) {
         T* dst = &seg.q[(static_cast<std::size_t>(i) * p.h + hh) * p.d];
-        const std::int64_t off = bi * p.q_batch_stride + i * p.q_row_stride + hh * p.q_head_stride;
+        const std::int64_t off =
+            (vq ? (q0 + i) * p.q_row_stride : bi * p.q_batch_stride + i * p.q_row_stride) +
+            hh * p.q_head_stride;
         if (rotary) {
           // FA: q rows follow the new keys' positions under causal/local masks,
           // otherwise all sit at the first new position.
@@ -319,15 +339,19 @@ RefResult kvcache_impl(const KvCacheParams& p, RefPrecision prec) {
           load_row(p.v_cache, cache_offset(p, true, row, t, kh), p.dtype, p.d_v, vd);
         } else {
           const std::int64_t r = t - seqlen;
-          const std::int64_t koff =
-              bi * p.k_new_batch_stride + r * p.k_new_row_stride + kh * p.k_new_head_stride;
+          const std::int64_t n0 = vk ? p.cu_seqlens_k_new[bi] : 0;
+          const std::int64_t koff = (vk ? (n0 + r) * p.k_new_row_stride
+                                        : bi * p.k_new_batch_stride + r * p.k_new_row_stride) +
+                                    kh * p.k_new_head_stride;
           if (rotary) {
             rotated_row(p, p.k_new, koff, rot_pos0 + r, kd);
           } else {
             load_row(p.k_new, koff, p.dtype, p.d, kd);
           }
           load_row(p.v_new,
-                   bi * p.v_new_batch_stride + r * p.v_new_row_stride + kh * p.v_new_head_stride,
+                   (vk ? (n0 + r) * p.v_new_row_stride
+                       : bi * p.v_new_batch_stride + r * p.v_new_row_stride) +
+                       kh * p.v_new_head_stride,
                    p.dtype, p.d_v, vd);
         }
       }
@@ -336,8 +360,11 @@ RefResult kvcache_impl(const KvCacheParams& p, RefPrecision prec) {
     attend(seg, dm, p.mask, o, l);
     const std::int64_t base_lse = static_cast<std::int64_t>(bi) * p.h * p.s_q;
     scatter(
-        seg, dm, o, l, static_cast<std::int64_t>(bi) * p.s_q,
-        [&](int hh, int i) { return base_lse + static_cast<std::int64_t>(hh) * p.s_q + i; },
+        seg, dm, o, l, q0,
+        [&](int hh, int i) {
+          return vq ? static_cast<std::int64_t>(hh) * total_q + q0 + i
+                    : base_lse + static_cast<std::int64_t>(hh) * p.s_q + i;
+        },
         p.out_dtype, prec, res);
   }
   return res;
@@ -359,20 +386,25 @@ void reference_kvcache_append(const KvCacheParams& p, void* k_cache, void* v_cac
   for (int bi = 0; bi < p.b; ++bi) {
     const int row = p.cache_batch_idx ? p.cache_batch_idx[bi] : bi;
     const std::int64_t seqlen = p.cache_seqlens[bi];
-    for (int r = 0; r < p.s_new; ++r) {
+    const bool vk = p.cu_seqlens_k_new != nullptr;
+    const int n_new = vk ? p.cu_seqlens_k_new[bi + 1] - p.cu_seqlens_k_new[bi] : p.s_new;
+    const std::int64_t n0 = vk ? p.cu_seqlens_k_new[bi] : 0;
+    for (int r = 0; r < n_new; ++r) {
+      const std::int64_t kn =
+          vk ? (n0 + r) * p.k_new_row_stride : bi * p.k_new_batch_stride + r * p.k_new_row_stride;
+      const std::int64_t vn0 =
+          vk ? (n0 + r) * p.v_new_row_stride : bi * p.v_new_batch_stride + r * p.v_new_row_stride;
       for (int kh = 0; kh < p.h_k; ++kh) {
-        load_row(p.k_new,
-                 bi * p.k_new_batch_stride + r * p.k_new_row_stride + kh * p.k_new_head_stride,
-                 p.dtype, p.d, krow.data());
+        load_row(p.k_new, kn + kh * p.k_new_head_stride, p.dtype, p.d, krow.data());
         if (p.rotary_cos != nullptr) {
+          const std::int64_t rot0 = p.rotary_seqlens ? p.rotary_seqlens[bi] : seqlen;
           apply_rotary(krow.data(), p.rotary_cos, p.rotary_sin, p.rotary_dim, p.rotary_interleaved,
-                       seqlen + r);
+                       rot0 + r);
         }
         const std::int64_t ko = cache_offset(p, false, row, seqlen + r, kh);
         for (int c = 0; c < p.d; ++c) store_from_f32(k_cache, ko + c, p.dtype, krow[c]);
         const std::int64_t vo = cache_offset(p, true, row, seqlen + r, kh);
-        const std::int64_t vn =
-            bi * p.v_new_batch_stride + r * p.v_new_row_stride + kh * p.v_new_head_stride;
+        const std::int64_t vn = vn0 + kh * p.v_new_head_stride;
         for (int c = 0; c < p.d_v; ++c) {
           store_from_f32(v_cache, vo + c, p.dtype, load_as_f32(p.v_new, vn + c, p.dtype));
         }

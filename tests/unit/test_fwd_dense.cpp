@@ -33,6 +33,8 @@ struct DenseCase {
   std::int64_t pad = 0;  // extra elements after each head vector (q, k, v, out)
   bool with_lse = true;
   std::vector<std::int64_t> mask_shift;  // [b] or empty
+  std::vector<float> sinks;              // [h] or empty
+  int chunk = 0;                         // attention_chunk (0 = off)
 };
 
 std::ostream& operator<<(std::ostream& os, const DenseCase& c) { return os << c.name; }
@@ -148,6 +150,58 @@ std::vector<DenseCase> dense_cases() {
     c.mask_shift = {-10, 30};
     cases.push_back(c);
   }
+  // Attention sinks (every regime, test_sinks): with and without masks, GQA/MQA,
+  // key splits (the sink must be applied once, after the split merge), empty rows.
+  {
+    const int sink_masks[] = {0, 1, 2, 7};
+    int si = 0;
+    for (int mi : sink_masks) {
+      DenseCase c = make_case(kDtypes[si % 3], 2, 45, 300, si % 3, 64, 64, kMasks[mi], "sinks");
+      c.sinks = test_sinks(c.h);
+      cases.push_back(c);
+      c = make_case(kDtypes[(si + 1) % 3], 1, 3, 700, (si + 1) % 3, 128, 128, kMasks[mi],
+                    "sinks_decode");
+      c.sinks = test_sinks(c.h);
+      cases.push_back(c);
+      ++si;
+    }
+    DenseCase c = make_case(DType::kF32, 2, 128, 61, 1, 64, 64, kMasks[1], "sinks_emptyrows");
+    c.sinks = test_sinks(c.h);
+    cases.push_back(c);
+    c = make_case(DType::kBF16, 2, 5, 0, 1, 64, 64, kMasks[0], "sinks_nokeys");
+    c.sinks = test_sinks(c.h);
+    cases.push_back(c);
+  }
+  // Chunked local attention (attention_chunk): with every other mask, chunk sizes below,
+  // at and above the key tile (64), s_q < s_k and s_q > s_k (bottom-right anchor: chunk
+  // boundaries in key positions), key splits (0 = heuristic), mask_shift, sinks.
+  {
+    const int chunks[] = {1, 16, 64, 100};
+    int ci = 0;
+    for (const MaskMode& m : kMasks) {
+      const int chunk = chunks[ci % 4];
+      DenseCase c = make_case(kDtypes[ci % 3], 2, 70, 230, ci % 3, 64, 64, m,
+                              "chunk" + std::to_string(chunk));
+      c.chunk = chunk;
+      cases.push_back(c);
+      c = make_case(kDtypes[(ci + 1) % 3], 1, 150, 61, (ci + 1) % 3, 64, 64, m,
+                    "chunk" + std::to_string(chunk));
+      c.chunk = chunk;
+      cases.push_back(c);
+      ++ci;
+    }
+    DenseCase c = make_case(DType::kF32, 1, 4, 3000, 1, 64, 64, kMasks[0], "chunk_decode");
+    c.chunk = 512;
+    cases.push_back(c);
+    c = make_case(DType::kBF16, 1, 300, 300, 2, 128, 128, kMasks[1], "chunk_sinks");
+    c.chunk = 96;
+    c.sinks = test_sinks(c.h);
+    cases.push_back(c);
+    c = make_case(DType::kF32, 3, 32, 48, 1, 64, 64, kMasks[0], "chunk_maskshift");
+    c.mask_shift = {100, 7, -60};
+    c.chunk = 20;
+    cases.push_back(c);
+  }
   // Edge: no keys at all (every row fully masked: out 0, lse -inf).
   cases.push_back(make_case(DType::kBF16, 2, 5, 0, 1, 64, 64, kMasks[0], "edge"));
   cases.push_back(make_case(DType::kF32, 1, 3, 0, 0, 64, 64, kMasks[1], "edge"));
@@ -209,6 +263,8 @@ DenseProblem make_problem(const DenseCase& c) {
   p.mask.window_left = c.window_left;
   p.mask.window_right = c.window_right;
   p.mask.mask_shift = c.mask_shift.empty() ? nullptr : c.mask_shift.data();
+  p.mask.sinks = c.sinks.empty() ? nullptr : c.sinks.data();
+  p.mask.attention_chunk = c.chunk;
   return pr;
 }
 

@@ -30,6 +30,8 @@ struct VarlenCase {
   float softcap = 0.0f;
   std::int64_t pad = 0;
   std::vector<std::int64_t> mask_shift;  // [b] or empty
+  std::vector<float> sinks;              // [h] or empty
+  int chunk = 0;                         // attention_chunk (0 = off)
 };
 
 std::ostream& operator<<(std::ostream& os, const VarlenCase& c) { return os << c.name; }
@@ -117,6 +119,33 @@ std::vector<VarlenCase> varlen_cases() {
     c.causal = true;
     cs.push_back(c);
   }
+  {
+    // Attention sinks with seqused (rows past seqused_q stay 0 / -inf) and empty segments.
+    auto c = base("sinks_seqused", DType::kBF16, 6, 2, 64, 64, {30, 20, 25, 8}, {400, 30, 0, 8});
+    c.seqused_q = {30, 10, 25, 8};
+    c.seqused_k = {390, 0, 0, 3};
+    c.causal = true;
+    c.sinks = test_sinks(c.h);
+    cs.push_back(c);
+    c = base("sinks_window", DType::kF32, 6, 1, 64, 64, {2, 60}, {900, 61});
+    c.window_left = 100;
+    c.window_right = 3;
+    c.sinks = test_sinks(c.h);
+    cs.push_back(c);
+  }
+  {
+    // Chunked local attention per segment (chunk grid in each segment's key positions).
+    auto c = base("chunk_causal", DType::kF16, 6, 2, 64, 64, {40, 7, 90, 1}, {300, 7, 60, 0});
+    c.causal = true;
+    c.chunk = 32;
+    cs.push_back(c);
+    c = base("chunk_window_seqused", DType::kF32, 6, 1, 64, 64, {30, 20}, {100, 65});
+    c.window_left = 10;
+    c.seqused_k = {90, 65};
+    c.chunk = 7;
+    c.sinks = test_sinks(c.h);
+    cs.push_back(c);
+  }
   for (auto& c : cs) c.name = sanitize_name(c.name);
   return cs;
 }
@@ -183,6 +212,8 @@ VarlenProblem make_problem(const VarlenCase& c) {
   p.mask.window_right = c.window_right;
   p.mask.softcap = c.softcap;
   p.mask.mask_shift = c.mask_shift.empty() ? nullptr : c.mask_shift.data();
+  p.mask.sinks = c.sinks.empty() ? nullptr : c.sinks.data();
+  p.mask.attention_chunk = c.chunk;
   return pr;
 }
 

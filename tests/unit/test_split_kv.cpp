@@ -61,6 +61,21 @@ std::vector<KvCase> split_cases() {
     c.softcap = 15.0f;
     cs.push_back(c);
   }
+  {
+    // The sink is applied once, after the split merge: every split count and plan
+    // must agree with the reference.
+    KvCase c;
+    c.name = "sinks_decode_fp32";
+    c.h = 8;
+    c.h_k = 2;
+    c.d = c.d_v = 32;
+    c.s_q = 2;
+    c.s_new = 1;
+    c.seqlens = {1200, 5, 0};
+    c.page_size = 32;
+    c.sinks = test_sinks(c.h);
+    cs.push_back(c);
+  }
   return cs;
 }
 

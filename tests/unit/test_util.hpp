@@ -297,6 +297,16 @@ inline ::testing::AssertionResult check_same_to_rounding(const std::string& what
   return ::testing::AssertionSuccess();
 }
 
+// Attention-sink logits for h heads covering every regime: no sink (-inf), a sink
+// that removes everything (+inf), and finite sinks below, near and above typical LSEs.
+inline std::vector<float> test_sinks(int h) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float pattern[] = {0.5f, -inf, 3.0f, inf, 6.0f, -2.0f, 1.5f, 9.0f};
+  std::vector<float> s(static_cast<std::size_t>(h));
+  for (int i = 0; i < h; ++i) s[static_cast<std::size_t>(i)] = pattern[i % 8];
+  return s;
+}
+
 // ---- KV-cache problems (docs/semantics.md section 3), shared by test_kvcache / test_split_kv ----
 
 struct KvCase {
@@ -317,6 +327,13 @@ struct KvCase {
   bool causal = false;
   int window_left = -1, window_right = -1;
   float softcap = 0.0f;
+  std::vector<float> sinks;  // [h] attention-sink logits or empty
+  int chunk = 0;             // attention_chunk (0 = off)
+  // Variable lengths (FA3 cu_seqlens_q / cu_seqlens_k_new), [b] each or empty: query rows
+  // and new keys per sequence; q / out become [total_q, h, *], k_new / v_new
+  // [total_new, h_k, *]; s_q / s_new are then taken as the maxima.
+  std::vector<int> q_lens, new_lens;
+  std::vector<int> rotary_seqlens;  // [b] FA3 rotary_seqlens or empty
 };
 
 inline std::ostream& operator<<(std::ostream& os, const KvCase& c) { return os << c.name; }
@@ -327,8 +344,11 @@ inline std::ostream& operator<<(std::ostream& os, const KvCase& c) { return os <
 struct KvProblem {
   Tensor q, k_cache, v_cache, k_new, v_new, out;
   std::vector<float> lse, cos, sin;
-  std::vector<std::int32_t> seqlens, leftpad, batch_idx, page_table;
+  std::vector<std::int32_t> seqlens, leftpad, batch_idx, page_table, cu_q, cu_new, rot_seqlens;
   KvCacheParams p;
+  // Dims of out and lse for messages: [b, s_q, h, d_v] / [b, h, s_q], or with varlen
+  // queries [1, total_q, h, d_v] / [1, h, total_q].
+  std::vector<std::int64_t> out_dims, lse_dims;
 };
 
 // p_rounding_atol over the values of a KV cache problem (cache and appended rows).
@@ -341,8 +361,13 @@ inline KvProblem make_kv_problem(const KvCase& c) {
   KvProblem pr;
   const int b = static_cast<int>(c.seqlens.size());
   std::mt19937_64 rng(case_seed(c.name));
+  const bool vq = !c.q_lens.empty(), vk = !c.new_lens.empty();
+  const auto new_of = [&](int i) { return vk ? c.new_lens[static_cast<std::size_t>(i)] : c.s_new; };
+  int s_q = c.s_q, s_new = c.s_new;
+  if (vq) s_q = *std::max_element(c.q_lens.begin(), c.q_lens.end());
+  if (vk) s_new = *std::max_element(c.new_lens.begin(), c.new_lens.end());
   int longest = 0;
-  for (int s : c.seqlens) longest = std::max(longest, s + c.s_new);
+  for (int i = 0; i < b; ++i) longest = std::max(longest, c.seqlens[i] + new_of(i));
   const int capacity = longest + c.extra_capacity;
   pr.seqlens.assign(c.seqlens.begin(), c.seqlens.end());
   pr.leftpad.assign(c.leftpad.begin(), c.leftpad.end());
@@ -355,7 +380,8 @@ inline KvProblem make_kv_problem(const KvCase& c) {
     // and fills the page-table entries no token uses.
     const int max_pages = (capacity + c.page_size - 1) / c.page_size;
     int needed = 0;
-    for (int s : c.seqlens) needed += (s + c.s_new + c.page_size - 1) / c.page_size;
+    for (int i = 0; i < b; ++i)
+      needed += (c.seqlens[i] + new_of(i) + c.page_size - 1) / c.page_size;
     const int num_blocks = needed + 2;
     std::vector<std::int32_t> pool(static_cast<std::size_t>(num_blocks - 1));
     for (int i = 0; i < num_blocks - 1; ++i) pool[i] = i;
@@ -363,7 +389,7 @@ inline KvProblem make_kv_problem(const KvCase& c) {
     pr.page_table.assign(static_cast<std::size_t>(b) * max_pages, num_blocks - 1);
     std::size_t next = 0;
     for (int i = 0; i < b; ++i) {
-      const int pages = (c.seqlens[i] + c.s_new + c.page_size - 1) / c.page_size;
+      const int pages = (c.seqlens[i] + new_of(i) + c.page_size - 1) / c.page_size;
       for (int pg = 0; pg < pages; ++pg) pr.page_table[i * max_pages + pg] = pool[next++];
     }
     cache_rows = num_blocks;
@@ -401,11 +427,28 @@ inline KvProblem make_kv_problem(const KvCase& c) {
         pr.v_cache.set_at(base_v + e, dist(rng));
     }
   }
-  pr.q = make_tensor(c.dtype, {b, c.s_q, c.h, c.d});
+  std::int64_t total_q = std::int64_t{b} * s_q, total_new = 0;
+  if (vq) {
+    pr.cu_q.assign(1, 0);
+    for (int n : c.q_lens) pr.cu_q.push_back(pr.cu_q.back() + n);
+    total_q = pr.cu_q.back();
+    p.cu_seqlens_q = pr.cu_q.data();
+  }
+  if (vk) {
+    pr.cu_new.assign(1, 0);
+    for (int n : c.new_lens) pr.cu_new.push_back(pr.cu_new.back() + n);
+    total_new = pr.cu_new.back();
+    p.cu_seqlens_k_new = pr.cu_new.data();
+  }
+  // Varlen tensors are [total, heads, dim]: a leading dim of 1 keeps the stride layout.
+  pr.q =
+      vq ? make_tensor(c.dtype, {1, total_q, c.h, c.d}) : make_tensor(c.dtype, {b, s_q, c.h, c.d});
   fill_normal(pr.q, rng);
-  if (c.s_new > 0) {
-    pr.k_new = make_tensor(c.dtype, {b, c.s_new, c.h_k, c.d});
-    pr.v_new = make_tensor(c.dtype, {b, c.s_new, c.h_k, c.d_v});
+  if (s_new > 0) {
+    pr.k_new = vk ? make_tensor(c.dtype, {1, total_new, c.h_k, c.d})
+                  : make_tensor(c.dtype, {b, s_new, c.h_k, c.d});
+    pr.v_new = vk ? make_tensor(c.dtype, {1, total_new, c.h_k, c.d_v})
+                  : make_tensor(c.dtype, {b, s_new, c.h_k, c.d_v});
     fill_normal(pr.k_new, rng);
     fill_normal(pr.v_new, rng);
     p.k_new = pr.k_new.data();
@@ -417,12 +460,19 @@ inline KvProblem make_kv_problem(const KvCase& c) {
     p.v_new_row_stride = pr.v_new.stride(1);
     p.v_new_head_stride = pr.v_new.stride(2);
   }
-  pr.out = make_tensor(c.out_dtype, {b, c.s_q, c.h, c.d_v});
-  pr.lse.assign(static_cast<std::size_t>(b) * c.h * c.s_q, 0.0f);
+  pr.out = vq ? make_tensor(c.out_dtype, {1, total_q, c.h, c.d_v})
+              : make_tensor(c.out_dtype, {b, s_q, c.h, c.d_v});
+  pr.lse.assign(static_cast<std::size_t>(total_q) * c.h, 0.0f);
+  pr.out_dims = vq ? std::vector<std::int64_t>{1, total_q, c.h, c.d_v}
+                   : std::vector<std::int64_t>{b, s_q, c.h, c.d_v};
+  pr.lse_dims =
+      vq ? std::vector<std::int64_t>{1, c.h, total_q} : std::vector<std::int64_t>{b, c.h, s_q};
   if (c.rotary != 0) {
     // Standard RoPE tables: angle(pos, i) = pos * 10000^(-2i / rotary_dim).
     const int rd = c.rotary_dim > 0 ? c.rotary_dim : c.d;
-    const int s_rot = capacity + c.s_q;
+    int rot_extra = 0;  // rotary_seqlens may point past the cache
+    for (int r : c.rotary_seqlens) rot_extra = std::max(rot_extra, r);
+    const int s_rot = capacity + s_q + rot_extra;
     pr.cos.resize(static_cast<std::size_t>(s_rot) * rd / 2);
     pr.sin.resize(pr.cos.size());
     for (int pos = 0; pos < s_rot; ++pos) {
@@ -437,6 +487,10 @@ inline KvProblem make_kv_problem(const KvCase& c) {
     p.rotary_dim = rd;
     p.s_rotary = s_rot;
     p.rotary_interleaved = c.rotary == 1;
+    if (!c.rotary_seqlens.empty()) {
+      pr.rot_seqlens.assign(c.rotary_seqlens.begin(), c.rotary_seqlens.end());
+      p.rotary_seqlens = pr.rot_seqlens.data();
+    }
   }
   p.dtype = c.dtype;
   p.out_dtype = c.out_dtype;
@@ -458,12 +512,12 @@ inline KvProblem make_kv_problem(const KvCase& c) {
   p.out_row_stride = pr.out.stride(1);
   p.out_head_stride = pr.out.stride(2);
   p.b = b;
-  p.s_q = c.s_q;
+  p.s_q = s_q;
   p.h = c.h;
   p.h_k = c.h_k;
   p.d = c.d;
   p.d_v = c.d_v;
-  p.s_new = c.s_new;
+  p.s_new = s_new;
   p.cache_seqlens = pr.seqlens.data();
   p.cache_leftpad = pr.leftpad.empty() ? nullptr : pr.leftpad.data();
   p.cache_batch_idx = pr.batch_idx.empty() ? nullptr : pr.batch_idx.data();
@@ -471,6 +525,8 @@ inline KvProblem make_kv_problem(const KvCase& c) {
   p.mask.window_left = c.window_left;
   p.mask.window_right = c.window_right;
   p.mask.softcap = c.softcap;
+  p.mask.sinks = c.sinks.empty() ? nullptr : c.sinks.data();
+  p.mask.attention_chunk = c.chunk;
   return pr;
 }
 

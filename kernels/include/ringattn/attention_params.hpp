@@ -13,7 +13,15 @@
 //                        and (w_right < 0 or j <= i + shift + w_right)
 //                        and (w_left  < 0 or j >= i + shift - w_left)
 //    `causal` forces w_right = 0 and keeps w_left (causal + window = local).
+//    attention_chunk C > 0 (chunked local attention, FA3) adds: key j must lie in the
+//    chunk of row i's diagonal key p = i + shift, i.e. floor(j / C) == floor(p / C)
+//                        (C * floor(p / C) <= j < C * floor(p / C) + C).
 //  - softcap > 0: score = softcap * tanh(score / softcap), before masking.
+//  - sinks (optional, [h] fp32): one attention-sink logit per query head. The output
+//    row of head h is multiplied by exp(lse) / (exp(lse) + exp(sinks[h])) exactly
+//    once, after every merge (split-KV, ring, distributed decode); the returned LSE
+//    excludes the sink, so partial results merge exactly (apply_sinks in
+//    merge_state.hpp). +inf gives output 0, -inf changes nothing.
 #pragma once
 
 #include <cstdint>
@@ -38,7 +46,19 @@ struct MaskParams {
   // Used by ring attention, where a block's query and key positions are offsets
   // into a longer sequence. nullptr = bottom-right (shift = s_k - s_q).
   const std::int64_t* mask_shift = nullptr;
+  // Chunked local attention (FA3 attention_chunk, Llama 4): 0 = off; C > 0 restricts row
+  // i to the keys of the size-C chunk holding its diagonal key (rule above), combined
+  // with causal / windows. Dense, varlen and KV cache; ring and decode reject it.
+  int attention_chunk = 0;
+  // Attention-sink logits [h] fp32 (gpt-oss; FA3 s_aux, FlashInfer sinks), nullable.
+  // NaN is rejected; +inf zeroes the row, -inf is no sink.
+  const float* sinks = nullptr;
 };
+
+// Checks the MaskParams fields of a call with `h` query heads (windows, softcap,
+// scale, sinks) and throws InvalidArgument naming the field and the value. Engine
+// calls it for every family; ring attention and distributed decode call it too.
+void validate_mask(const MaskParams& m, int h);
 
 // Optional callback a kernel calls from the calling thread while it runs: between
 // key tiles and between tasks, at most once per `interval_us`. Ring attention uses it
@@ -116,7 +136,10 @@ struct SchedulerMetadata {
 //               cache[page_table[b, t / page_size], t % page_size]
 //   k_new/v_new [b, s_new, h_k, d / d_v] appended IN PLACE at [cache_seqlens, +s_new)
 //   out         [b, s_q, h, d_v], lse [b, h, s_q]
-// Effective key count of sequence i: cache_seqlens[i] - leftpad[i] + s_new.
+// Variable query lengths (cu_seqlens_q set; chunked prefill, each sequence its own
+// number of rows): q [total_q, h, d], out [total_q, h, d_v], lse [h, total_q].
+// Variable new-key counts (cu_seqlens_k_new set): k_new/v_new [total_new, h_k, d / d_v].
+// Effective key count of sequence i: cache_seqlens[i] - leftpad[i] + s_new_i.
 // Cache slots outside [leftpad, cache_seqlens + s_new) are never read (may be NaN).
 struct KvCacheParams {
   DType dtype = DType::kF32;      // storage of q, caches, k_new, v_new
@@ -156,6 +179,13 @@ struct KvCacheParams {
   const std::int32_t* cache_batch_idx = nullptr;  // [b] optional (dense cache): row of the cache
   const std::int32_t* cache_leftpad = nullptr;    // [b] optional: first valid token
 
+  // FA3 cu_seqlens_q / max_seqlen_q: sequence i owns query rows [cu_seqlens_q[i],
+  // cu_seqlens_q[i+1]) of q / out (batch strides ignored); s_q holds max_seqlen_q.
+  const std::int32_t* cu_seqlens_q = nullptr;  // [b+1] nullable
+  // FA3 cu_seqlens_k_new: sequence i appends rows [cu_seqlens_k_new[i], cu_seqlens_k_new[i+1])
+  // of k_new / v_new (batch strides ignored); s_new holds the largest count.
+  const std::int32_t* cu_seqlens_k_new = nullptr;  // [b+1] nullable
+
   // Rotary embedding (applied to q and k_new when rotary_cos != nullptr):
   //   cos/sin [s_rotary, rotary_dim / 2] fp32; rotary_dim even, <= d.
   //   interleaved: pairs (x[2i], x[2i+1]); otherwise half-split (x[i], x[i + rotary_dim/2]).
@@ -167,6 +197,9 @@ struct KvCacheParams {
   int rotary_dim = 0;
   int s_rotary = 0;
   bool rotary_interleaved = false;
+  // FA3 rotary_seqlens [b] (optional): rotary position of sequence i's first new row,
+  // replacing cache_seqlens[i] in the positions above (k_new row r at rotary_seqlens[i] + r).
+  const std::int32_t* rotary_seqlens = nullptr;
 
   MaskParams mask;
 

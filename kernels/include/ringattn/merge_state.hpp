@@ -23,4 +23,13 @@ void merge_state(const float* o_a, const float* lse_a, const float* o_b, const f
 void merge_states(const float* o_parts, const float* lse_parts, float* o, float* lse,
                   std::int64_t n, int num_states, int d_v);
 
+// Applies attention sinks to n final (merged) rows, row r belonging to query head
+// r % h: o_r *= sink_scale(lse_r, sinks[r % h]) (softmax_state.hpp). Every path that
+// merges partial states (split-KV, ring, distributed decode, MLA) calls this once
+// after its last merge; lse is left without the sink.
+//   o [n] rows of d_v fp32, row r at o + r * o_row_stride
+//   lse [n] fp32, row r at lse[r * lse_stride]; sinks [h] fp32 (nullptr: no-op)
+void apply_sinks(float* o, std::int64_t o_row_stride, const float* lse, std::int64_t lse_stride,
+                 const float* sinks, std::int64_t n, int h, int d_v);
+
 }  // namespace ringattn

@@ -71,4 +71,15 @@ struct SoftmaxState {
   float inv_sum() const { return empty() ? 0.0f : 1.0f / d; }
 };
 
+// Attention sink (docs/semantics.md section 5): the factor
+//   exp(lse) / (exp(lse) + exp(sink)) = 1 / (1 + exp(sink - lse))
+// by which the FINAL normalised output row is multiplied, once, after every merge;
+// the LSE itself stays without the sink, so partial states merge exactly. sink = -inf
+// gives 1, +inf gives 0; an empty row (lse -inf) keeps output 0 (factor 0).
+inline float sink_scale(float lse, float sink) {
+  lse = canonical_lse(lse);
+  if (lse == kNegInf) return 0.0f;
+  return 1.0f / (1.0f + std::exp(sink - lse));
+}
+
 }  // namespace ringattn

@@ -70,6 +70,8 @@ void set_mask(AttnProblem& a, const MaskParams& m, int d) {
   a.softcap = m.softcap;
   a.w_left = m.window_left;
   a.w_right = m.causal ? 0 : m.window_right;
+  a.sinks = m.sinks;
+  a.chunk = m.attention_chunk;
 }
 
 // Tasks a call has without splitting keys (cpu::unsplit_tasks per sequence).
@@ -167,12 +169,12 @@ class CpuBackend final : public Backend {
   void forward_kvcache(const KvCacheParams& p, int threads) override {
     kvcache_append(p, threads);
 
-    // Rotary rotates q: into a contiguous scratch [b, s_q, h, d] of the storage dtype.
+    // Rotary rotates q: into a contiguous scratch [total_q, h, d] of the storage dtype.
     std::vector<unsigned char> q_rot;
     const void* q = p.q;
     std::int64_t q_batch = p.q_batch_stride, q_row = p.q_row_stride, q_head = p.q_head_stride;
     if (kv_has_rotary(p)) {
-      q_rot.resize(static_cast<std::size_t>(p.b) * p.s_q * p.h * p.d * dtype_size(p.dtype));
+      q_rot.resize(static_cast<std::size_t>(kv_total_q(p) * p.h * p.d) * dtype_size(p.dtype));
       kvcache_prepare_q(p, q_rot.data(), p.dtype, threads);
       q = q_rot.data();
       q_head = p.d;
@@ -194,17 +196,19 @@ class CpuBackend final : public Backend {
     a.out_row_stride = p.out_row_stride;
     a.out_head_stride = p.out_head_stride;
     a.lse = p.lse;
-    a.lse_head_stride = p.s_q;  // lse [b, h, s_q]
+    a.lse_head_stride = p.cu_seqlens_q ? kv_total_q(p) : p.s_q;  // [h, total_q] / [b, h, s_q]
     set_mask(a, p.mask, p.d);
     a.seqs.resize(static_cast<std::size_t>(p.b));
     for (int bi = 0; bi < p.b; ++bi) {
       SeqDesc& sd = a.seqs[static_cast<std::size_t>(bi)];
-      sd.s_q = sd.s_q_slots = p.s_q;
+      sd.s_q = sd.s_q_slots = static_cast<int>(kv_s_q(p, bi));
       sd.s_k = kv_num_keys(p, bi);
-      sd.shift = p.mask.mask_shift ? p.mask.mask_shift[bi] : sd.s_k - p.s_q;
-      sd.q_off = bi * q_batch;
-      sd.out_off = bi * p.out_batch_stride;
-      sd.lse_off = std::int64_t{bi} * p.h * p.s_q;
+      sd.shift = p.mask.mask_shift ? p.mask.mask_shift[bi] : sd.s_k - sd.s_q;
+      // Varlen queries: rows packed on one axis (cu_seqlens_q), batch strides unused.
+      const std::int64_t row0 = kv_q_row0(p, bi);
+      sd.q_off = p.cu_seqlens_q ? row0 * q_row : bi * q_batch;
+      sd.out_off = kv_out_offset(p, bi, 0);
+      sd.lse_off = p.cu_seqlens_q ? row0 : std::int64_t{bi} * p.h * p.s_q;
       sd.k.base = static_cast<const char*>(p.k_cache);
       sd.k.cache = &p;
       sd.k.seq = bi;
@@ -228,7 +232,7 @@ class CpuBackend final : public Backend {
   SchedulerMetadata plan_kvcache(const KvCacheParams& p, int threads) override {
     std::vector<SeqDesc> seqs(static_cast<std::size_t>(p.b));
     for (int bi = 0; bi < p.b; ++bi) {
-      seqs[static_cast<std::size_t>(bi)].s_q = p.s_q;
+      seqs[static_cast<std::size_t>(bi)].s_q = static_cast<int>(kv_s_q(p, bi));
       seqs[static_cast<std::size_t>(bi)].s_k = kv_num_keys(p, bi);
     }
     assign_splits(seqs, p.num_splits, p.h, p.h_k, threads);

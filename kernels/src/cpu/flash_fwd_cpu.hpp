@@ -52,10 +52,12 @@ struct AttnProblem {
   std::int64_t out_row_stride = 0, out_head_stride = 0;
   float* lse = nullptr;  // nullable
   std::int64_t lse_head_stride = 0;
-  float scale = 1.0f;    // resolved (never 0)
-  float softcap = 0.0f;  // 0 = off
-  int w_left = -1;       // -1 = unbounded
-  int w_right = -1;      // causal already folded in (0)
+  float scale = 1.0f;            // resolved (never 0)
+  float softcap = 0.0f;          // 0 = off
+  int w_left = -1;               // -1 = unbounded
+  int w_right = -1;              // causal already folded in (0)
+  int chunk = 0;                 // attention_chunk, 0 = off
+  const float* sinks = nullptr;  // [h] attention-sink logits, nullable (applied in write_row)
   std::vector<SeqDesc> seqs;
   ProgressHook progress;          // polled by the calling thread (progress_throttle.hpp)
   BufferPool* pool = nullptr;     // large per-call buffers kept between calls; nullable

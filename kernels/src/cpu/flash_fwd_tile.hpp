@@ -105,6 +105,12 @@ inline RowRange visible_keys(const AttnProblem& p, const SeqDesc& sd, std::int64
   RowRange r{0, sd.s_k};
   if (p.w_left >= 0) r.lo = std::max<std::int64_t>(0, i + sd.shift - p.w_left);
   if (p.w_right >= 0) r.hi = std::min<std::int64_t>(sd.s_k, i + sd.shift + p.w_right + 1);
+  if (p.chunk > 0) {  // the chunk [c0, c0 + chunk) holding the diagonal key i + shift
+    const std::int64_t a = i + sd.shift;
+    const std::int64_t c0 = (a >= 0 ? a / p.chunk : -((-a + p.chunk - 1) / p.chunk)) * p.chunk;
+    r.lo = std::max(r.lo, c0);
+    r.hi = std::min(r.hi, c0 + p.chunk);
+  }
   return r;
 }
 
@@ -867,10 +873,13 @@ struct FlashFwd {
     }
   }
 
-  // out row = acc / d (0 for an empty row), lse = m + log(d) (-inf when empty).
+  // out row = acc / d (0 for an empty row), lse = m + log(d) (-inf when empty). This
+  // runs once per row after any split merge, so the attention sink (softmax_state.hpp
+  // sink_scale) is applied here exactly once; the LSE excludes it.
   void write_row(const SeqDesc& sd, int hq, std::int64_t i, const float* acc,
                  const SoftmaxState& st) const {
-    const float inv = st.inv_sum();
+    float inv = st.inv_sum();
+    if (p.sinks) inv *= sink_scale(st.lse(), p.sinks[hq]);
     const std::int64_t off = sd.out_off + i * p.out_row_stride + hq * p.out_head_stride;
     if (p.out_dtype == DType::kF32) {
       float* dst = static_cast<float*>(p.out) + off;

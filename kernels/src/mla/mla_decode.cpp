@@ -168,8 +168,7 @@ void mla_decode_cpu(const MlaDecodeParams& p, CpuIsa isa, int threads) {
       const float* src_o = o + static_cast<std::int64_t>(r - r0) * kMlaValueDim;
       const float row_lse = lse[r - r0];
       float mul = out_mul;
-      if (p.sinks != nullptr && row_lse != kNegInf)
-        mul *= 1.0f / (1.0f + std::exp(p.sinks[h] - row_lse));
+      if (p.sinks != nullptr && row_lse != kNegInf) mul *= sink_scale(row_lse, p.sinks[h]);
       for (int c = 0; c < kMlaValueDim; ++c)
         store_from_f32(p.out, orow * kMlaValueDim + c, p.out_dtype, src_o[c] * mul);
       if (p.lse != nullptr)

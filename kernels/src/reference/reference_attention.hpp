@@ -15,15 +15,23 @@
 
 namespace ringattn::detail {
 
+// a / b rounded towards -inf (b > 0): the chunk index of a position.
+inline std::int64_t floor_div(std::int64_t a, std::int64_t b) {
+  const std::int64_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
 // Mask of one batch element (docs/semantics.md section 1, attention_params.hpp):
 //   row i sees key j  iff  0 <= j < s_k
 //                     and (w_right < 0 or j <= i + shift + w_right)
 //                     and (w_left  < 0 or j >= i + shift - w_left)
+//                     and (chunk == 0 or floor(j / chunk) == floor((i + shift) / chunk))
 struct RowMask {
   std::int64_t s_k = 0;
   std::int64_t shift = 0;  // s_k - s_q (bottom-right) unless MaskParams::mask_shift overrides
   int w_left = -1;
   int w_right = -1;
+  int chunk = 0;  // attention_chunk, 0 = off
 
   static RowMask make(const MaskParams& m, int batch, std::int64_t s_q, std::int64_t s_k) {
     RowMask r;
@@ -31,6 +39,7 @@ struct RowMask {
     r.shift = m.mask_shift ? m.mask_shift[batch] : s_k - s_q;
     r.w_left = m.window_left;
     r.w_right = m.causal ? 0 : m.window_right;
+    r.chunk = m.attention_chunk;
     return r;
   }
 
@@ -38,6 +47,7 @@ struct RowMask {
     if (j < 0 || j >= s_k) return false;
     if (w_right >= 0 && j > i + shift + w_right) return false;
     if (w_left >= 0 && j < i + shift - w_left) return false;
+    if (chunk > 0 && floor_div(j, chunk) != floor_div(i + shift, chunk)) return false;
     return true;
   }
 };

@@ -81,6 +81,8 @@ void reference_forward(const FwdParams& p, int threads) {
         };
         lse = attend_row(scratch.q.data(), p.d, p.d_v, p.dtype, i, mask, score, requested_splits,
                          k_row, v_row, scratch);
+        // The sink scales the merged row once (attention_params.hpp).
+        if (p.mask.sinks) apply_sinks(scratch.o.data(), 0, &lse, 0, p.mask.sinks + hi, 1, 1, p.d_v);
       }
       store_row(p.out, out_off, p.out_dtype, scratch.o.data(), p.d_v);
       if (p.lse) p.lse[lse_idx] = lse;

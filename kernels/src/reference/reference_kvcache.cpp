@@ -36,10 +36,10 @@ SchedulerMetadata reference_plan_kvcache(const KvCacheParams& p, int threads) {
 void reference_forward_kvcache(const KvCacheParams& p, int threads) {
   // 1. Append the new keys/values (rotary on k_new) so they are attended below.
   kvcache_append(p, threads);
-  const std::int64_t work = std::int64_t{p.b} * p.s_q * p.h;
+  const std::int64_t work = kv_total_q(p) * p.h;
   if (work == 0) return;
   // 2. Rotated copy of q in its own dtype (what FA does: q is rotated and rounded
-  //    to its storage type before the scores), contiguous [b, s_q, h, d].
+  //    to its storage type before the scores), contiguous [total_q, h, d].
   std::vector<char> q_buf(static_cast<std::size_t>(work * p.d) * dtype_size(p.dtype));
   kvcache_prepare_q(p, q_buf.data(), p.dtype, threads);
 
@@ -54,22 +54,25 @@ void reference_forward_kvcache(const KvCacheParams& p, int threads) {
 #pragma omp for schedule(dynamic, 4)
     for (std::int64_t w = 0; w < work; ++w) {
       const int hi = static_cast<int>(w % p.h);
-      const std::int64_t r = (w / p.h) % p.s_q;
-      const int i = static_cast<int>(w / (std::int64_t{p.h} * p.s_q));
+      const std::int64_t g = w / p.h;  // query row among all rows
+      const int i = kv_seq_of_row(p, g);
+      const std::int64_t r = g - kv_q_row0(p, i);
       const int hk = hi / group;
       for (int c = 0; c < p.d; ++c) {
         scratch.q[static_cast<std::size_t>(c)] = load_as_f32(q_buf.data(), w * p.d + c, p.dtype);
       }
       int splits = p.num_splits > 1 ? p.num_splits : 1;
       if (p.plan) splits = p.plan->num_splits[static_cast<std::size_t>(i)];
-      const RowMask mask = RowMask::make(p.mask, i, p.s_q, kv_num_keys(p, i));
+      const RowMask mask = RowMask::make(p.mask, i, kv_s_q(p, i), kv_num_keys(p, i));
       auto k_row = [&](std::int64_t t) { return kv_k_row(p, i, t, hk); };
       auto v_row = [&](std::int64_t t) { return kv_v_row(p, i, t, hk); };
       const float lse = attend_row(scratch.q.data(), p.d, p.d_v, p.dtype, r, mask, score, splits,
                                    k_row, v_row, scratch);
-      store_row(p.out, i * p.out_batch_stride + r * p.out_row_stride + hi * p.out_head_stride,
-                p.out_dtype, scratch.o.data(), p.d_v);
-      if (p.lse) p.lse[(std::int64_t{i} * p.h + hi) * p.s_q + r] = lse;
+      // The sink scales the merged row once (attention_params.hpp).
+      if (p.mask.sinks) apply_sinks(scratch.o.data(), 0, &lse, 0, p.mask.sinks + hi, 1, 1, p.d_v);
+      store_row(p.out, kv_out_offset(p, i, r) + hi * p.out_head_stride, p.out_dtype,
+                scratch.o.data(), p.d_v);
+      if (p.lse) p.lse[kv_lse_index(p, i, r, hi)] = lse;
     }
   }
 }

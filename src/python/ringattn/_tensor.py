@@ -207,3 +207,23 @@ def window_pair(window_size, name="window_size"):
     if left < -1 or right < -1:
         raise ValueError(f"{name}: entries must be >= -1 (-1 = unbounded), got ({left}, {right})")
     return left, right
+
+
+def sinks_arg(sinks, s_aux, h, ref):
+    """(keep-alive fp32 contiguous tensor, TensorArg) of the attention-sink logits [h]
+    given as sinks= or its alias s_aux=, or (None, None)."""
+    if sinks is not None and s_aux is not None:
+        raise ValueError("sinks, s_aux: the same argument under two names; pass only one")
+    name = "sinks" if s_aux is None else "s_aux"
+    x = sinks if s_aux is None else s_aux
+    if x is None:
+        return None, None
+    same_kind(ref, {name: x})
+    typ = type_of(x, name)
+    if typ not in FLOAT_TYPES:
+        raise TypeError(f"{name}: expected a float tensor (fp32), got {typ}")
+    if len(x.shape) != 1 or int(x.shape[0]) != h:
+        raise ValueError(f"{name}: expected shape [h] with h={h} (q's heads), got {list(x.shape)}")
+    x = to_type(x, "fp32")
+    x = x.contiguous() if is_torch(x) else np.ascontiguousarray(x)
+    return x, arg(x, name, types=("fp32",))

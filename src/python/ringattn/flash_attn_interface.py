@@ -14,11 +14,23 @@ other strides are free). Outputs have q's dtype and kind; LSE is always fp32 and
 NATURAL log (``[b, h, s_q]``, varlen ``[h, total_q]``). A query row that sees no key gets
 output 0 and LSE -inf. Semantics: docs/semantics.md sections 1-3 and 5.
 
+Attention sinks (gpt-oss): ``sinks=`` (FlashInfer's name; ``s_aux=``, the name of FA3's
+vLLM fork, is an alias) takes ``[h]`` fp32 logits, one per query head, on
+``flash_attn_func`` and ``flash_attn_varlen_func``. Each output row is multiplied by
+``exp(lse) / (exp(lse) + exp(sinks[h]))``; the returned LSE excludes the sink, so
+partial results still merge exactly (``flash_attn_combine``, then apply the sink once).
+``+inf`` gives output 0, ``-inf`` no effect, NaN is a ``ValueError``.
+
+Chunked local attention (Llama 4): ``attention_chunk=C > 0`` on ``flash_attn_func`` and
+``flash_attn_varlen_func`` lets query row ``i`` see only the keys of the size-``C`` chunk
+that holds its diagonal key ``p = i + s_k - s_q`` (keys ``[C*floor(p/C), C*floor(p/C) + C)``),
+together with ``causal`` / ``window_size`` (FA3 semantics).
+
 Speed hints (``num_splits``, ``pack_gqa``, ``sm_margin``, ``deterministic``,
 ``scheduler_metadata``) are accepted and never change results beyond rounding. Arguments
 that need kernel features ringattn does not have yet (``qv``, ``q/k/v_descale`` and fp8
-inputs, ``attention_chunk != 0``, varlen queries in ``flash_attn_with_kvcache``,
-``rotary_seqlens``, sinks) raise ``ValueError`` naming the argument. There is no
+inputs; ``attention_chunk != 0``, sinks, varlen queries and ``rotary_seqlens`` in
+``flash_attn_with_kvcache``) raise ``ValueError`` naming the argument. There is no
 backward pass (outputs do not track gradients).
 """
 
@@ -109,6 +121,14 @@ def _num_splits(num_splits):
     """FA3's num_splits: n > 0 asks for n key splits (1 = none), <= 0 lets the engine decide."""
     n = _tensor.check_scalar_int(num_splits, "num_splits")
     return n if n > 0 else 0
+
+
+def _attention_chunk(attention_chunk):
+    """FA3's attention_chunk: 0 = off, C > 0 = chunked local attention (module docstring)."""
+    c = _tensor.check_scalar_int(attention_chunk, "attention_chunk")
+    if c < 0:
+        raise ValueError(f"attention_chunk: must be >= 0 (0 = off), got {c}")
+    return c
 
 
 def _opt_int(x, name):
@@ -211,12 +231,13 @@ def flash_attn_func(
     causal / window_size=(left, right) use the bottom-right aligned mask; softcap > 0
     applies softcap * tanh(score / softcap). softmax_scale defaults to 1/sqrt(d).
     num_splits > 0 asks for that many key splits, <= 0 lets the engine decide; pack_gqa,
-    deterministic and sm_margin are accepted and ignored. The keyword-only sinks, s_aux,
-    dropout_p and alibi_slopes exist only to raise a clear ValueError.
+    deterministic and sm_margin are accepted and ignored. sinks (alias s_aux): [h] fp32
+    attention-sink logits; attention_chunk > 0: chunked local attention (module
+    docstring). The keyword-only dropout_p and alibi_slopes exist only to raise a clear
+    ValueError.
     """
     _unsupported(qv=(qv, None), q_descale=(q_descale, None), k_descale=(k_descale, None),
-                 v_descale=(v_descale, None), attention_chunk=(attention_chunk, 0),
-                 sinks=(sinks, None), s_aux=(s_aux, None), dropout_p=(dropout_p, 0.0),
+                 v_descale=(v_descale, None), dropout_p=(dropout_p, 0.0),
                  alibi_slopes=(alibi_slopes, None))
     _tensor.type_of(q, "q")
     _tensor.same_kind(q, {"k": k, "v": v})
@@ -231,11 +252,14 @@ def flash_attn_func(
     out = _tensor.empty(q, (b, s_q, h, d_v), typ)
     lse = _tensor.empty(q, (b, h, s_q), "fp32")
     wl, wr = _tensor.window_pair(window_size)
+    sink, sink_arg = _tensor.sinks_arg(sinks, s_aux, h, q)
     if b == 0:  # nothing to compute (the kernels take b >= 1)
         return (out, lse) if return_attn_probs else out
     _C.fwd(qa, ka, va, _tensor.arg(out, "out"), _lse_arg(lse),
            None, None, None, None, 0, 0, _scale(softmax_scale), bool(causal), wl, wr,
-           _softcap(softcap), _num_splits(num_splits))
+           _softcap(softcap), _num_splits(num_splits), sink_arg,
+           _attention_chunk(attention_chunk))
+    del sink
     return (out, lse) if return_attn_probs else out
 
 
@@ -274,10 +298,11 @@ def flash_attn_varlen_func(
     (mask of flash_attn_func); a segment with no keys gives 0 / -inf. Returns out
     [total_q, h, d_v] in q's dtype, or (out, softmax_lse [h, total_q] fp32) when
     return_attn_probs. Rows of q past cu_seqlens_q[-1] or past seqused_q get 0 / -inf.
+    sinks (alias s_aux): [h] fp32 attention-sink logits; attention_chunk > 0: chunked
+    local attention within each segment (module docstring).
     """
     _unsupported(qv=(qv, None), q_descale=(q_descale, None), k_descale=(k_descale, None),
-                 v_descale=(v_descale, None), attention_chunk=(attention_chunk, 0),
-                 sinks=(sinks, None), s_aux=(s_aux, None), dropout_p=(dropout_p, 0.0),
+                 v_descale=(v_descale, None), dropout_p=(dropout_p, 0.0),
                  alibi_slopes=(alibi_slopes, None))
     _tensor.type_of(q, "q")
     _tensor.same_kind(q, {"k": k, "v": v})
@@ -319,9 +344,12 @@ def flash_attn_varlen_func(
     # The kernel writes rows [0, cu_seqlens_q[-1]) and lays the LSE out as [h, that].
     lse_k = lse if end_q == total_q else _tensor.empty(q, (h, end_q), "fp32")
     wl, wr = _tensor.window_pair(window_size)
+    sink, sink_arg = _tensor.sinks_arg(sinks, s_aux, h, q)
     _C.fwd(qa, ka, va, _tensor.arg(out, "out"), _lse_arg(lse_k),
            cqa, cka, sqa, ska, msq, msk, _scale(softmax_scale), bool(causal), wl, wr,
-           _softcap(softcap), _num_splits(num_splits))
+           _softcap(softcap), _num_splits(num_splits), sink_arg,
+           _attention_chunk(attention_chunk))
+    del sink
     if end_q < total_q:
         out[end_q:] = 0
         lse[:, :end_q] = lse_k

@@ -205,7 +205,7 @@ def _same_degree(infos, rank_of_u=-1):
 
 
 def _dense(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-           return_attn_probs, group, softcap, mode, ulysses_degree):
+           return_attn_probs, group, softcap, mode, ulysses_degree, sinks=None):
     comm = _comm(group)
     size, rank = comm.Get_size(), comm.Get_rank()
     layout = _layout(layout)
@@ -215,6 +215,7 @@ def _dense(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi
         typ = _check_qkv(q, k, v, 2, "[b, s_local, h, d]", "[b, s_local, h_k, d]")
         _options(softmax_scale, int(q.shape[-1]), causal, window_size, softcap,
                  dropout_p, alibi_slopes)
+        _tensor.sinks_arg(sinks, None, int(q.shape[2]), q)
         return typ, int(q.shape[1]), _ulysses(ulysses_degree, size, q, k)
 
     infos = _collective(comm, local)
@@ -238,12 +239,14 @@ def _dense(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi
     qc, kc, vc = _contiguous(q), _contiguous(k), _contiguous(v)
     b, n, h = int(q.shape[0]), int(q.shape[1]), int(q.shape[2])
     d_v = int(v.shape[-1])
+    sink, sink_arg = _tensor.sinks_arg(sinks, None, h, q)
     out = _tensor.empty(q, (b, n, h, d_v), "fp32")
     lse = _tensor.empty(q, (b, h, n), "fp32") if return_attn_probs else None
     arg = _tensor.arg
     _C.ring_forward(comm.py2f(), arg(qc, "q"), arg(kc, "k"), arg(vc, "v"), arg(out, "out", types=("fp32",)),
                     None if lse is None else arg(lse, "softmax_lse", types=("fp32",)), None, s,
-                    layout, mode, scale, causal_b, wl, wr, cap, 0, u)
+                    layout, mode, scale, causal_b, wl, wr, cap, 0, u, sink_arg)
+    del sink
     out = _tensor.to_type(out, typ)
     return (out, lse, None) if return_attn_probs else out
 
@@ -251,7 +254,7 @@ def _dense(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi
 def ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                          window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                          return_attn_probs=False, group=None, *, softcap=0.0, mode="pass-kv",
-                         ulysses_degree=1):
+                         ulysses_degree=1, sinks=None):
     """Ring attention over contiguous shards (ring-flash-attention's ``ring_flash_attn_func``).
 
     q [b, s_local, h, d], k [b, s_local, h_k, d], v [b, s_local, h_k, d_v]: this rank's
@@ -261,39 +264,40 @@ def ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fals
     return_attn_probs. causal / window_size=(left, right) / softcap apply to the global
     sequence (self-attention, docs/semantics.md section 1). mode "pass-kv" (K/V travel)
     or "pass-q" (queries travel, K/V stay): same result. ulysses_degree=U > 1 runs the
-    Ulysses x ring grid (module docstring; shards from shard(..., ulysses_degree=U)).
-    dropout_p must be 0 and
+    Ulysses x ring grid (module docstring; shards from shard(..., ulysses_degree=U)). sinks:
+    optional [h] fp32 attention-sink logits, applied once after the ring's last merge (the
+    LSE excludes them; flash_attn_interface docstring). dropout_p must be 0 and
     alibi_slopes None (ValueError otherwise); deterministic is accepted and ignored (the
     forward is deterministic).
     """
     return _dense("contiguous", q, k, v, dropout_p, softmax_scale, causal, window_size,
-                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree)
+                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree, sinks)
 
 
 def zigzag_ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                                 window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                                 return_attn_probs=False, group=None, *, softcap=0.0,
-                                mode="pass-kv", ulysses_degree=1):
+                                mode="pass-kv", ulysses_degree=1, sinks=None):
     """Ring attention over zigzag shards: the sequence cut in 2P chunks, rank r holding
     chunk r followed by chunk 2P-1-r (equal causal work per rank). Otherwise as
     ring_flash_attn_func."""
     return _dense("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size,
-                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree)
+                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree, sinks)
 
 
 def stripe_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                            window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                            return_attn_probs=False, group=None, *, softcap=0.0, mode="pass-kv",
-                         ulysses_degree=1):
+                         ulysses_degree=1, sinks=None):
     """Ring attention over striped shards: rank r holds tokens r, r+P, r+2P, ... (the
     order of ring-flash-attention's stripe ``extract_local``). Unlike the original,
     causal=False and windows are supported too. Otherwise as ring_flash_attn_func."""
     return _dense("striped", q, k, v, dropout_p, softmax_scale, causal, window_size,
-                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree)
+                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree, sinks)
 
 
 def _varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-            window_size, alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree):
+            window_size, alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree, sinks=None):
     comm = _comm(group)
     size, rank = comm.Get_size(), comm.Get_rank()
     layout = _layout(layout)
@@ -303,6 +307,7 @@ def _varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, c
         typ = _check_qkv(q, k, v, 1, "[t_local, h, d]", "[t_local, h_k, d]")
         _options(softmax_scale, int(q.shape[-1]), causal, window_size, softcap, dropout_p,
                  alibi_slopes)
+        _tensor.sinks_arg(sinks, None, int(q.shape[1]), q)
         cu, _ = _tensor.index_array(cu_seqlens, "cu_seqlens", ndim=1, shape_text="[b + 1]", lo=0)
         if cu.shape[0] < 2:
             raise ValueError(f"cu_seqlens: needs at least 2 entries [b + 1], got {cu.shape[0]}")
@@ -348,12 +353,14 @@ def _varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, c
     qc, kc, vc = _contiguous(q), _contiguous(k), _contiguous(v)
     t, h = int(q.shape[0]), int(q.shape[1])
     d_v = int(v.shape[-1])
+    sink, sink_arg = _tensor.sinks_arg(sinks, None, h, q)
     out = _tensor.empty(q, (t, h, d_v), "fp32")
     lse = _tensor.empty(q, (h, t), "fp32") if return_attn_probs else None
     arg = _tensor.arg
     _C.ring_forward(comm.py2f(), arg(qc, "q"), arg(kc, "k"), arg(vc, "v"), arg(out, "out", types=("fp32",)),
                     None if lse is None else arg(lse, "softmax_lse", types=("fp32",)), cu_arg, 0,
-                    layout, mode, scale, causal_b, wl, wr, cap, 0, u)
+                    layout, mode, scale, causal_b, wl, wr, cap, 0, u, sink_arg)
+    del sink
     del cu_keep
     out = _tensor.to_type(out, typ)
     return (out, lse, None) if return_attn_probs else out
@@ -362,7 +369,7 @@ def _varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, c
 def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0,
                                 softmax_scale=None, causal=False, window_size=(-1, -1),
                                 alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                                group=None, *, softcap=0.0, mode="pass-kv", ulysses_degree=1):
+                                group=None, *, softcap=0.0, mode="pass-kv", ulysses_degree=1, sinks=None):
     """Varlen ring attention (ring-flash-attention's ``ring_flash_attn_varlen_func``).
 
     Packed sequences; as in ring-flash-attention every rank holds its contiguous shard of
@@ -377,33 +384,33 @@ def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0,
     """
     return _varlen("contiguous", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                    causal, window_size, alibi_slopes, return_attn_probs, group, softcap, mode,
-                   ulysses_degree)
+                   ulysses_degree, sinks)
 
 
 def zigzag_ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0,
                                        softmax_scale=None, causal=False, window_size=(-1, -1),
                                        alibi_slopes=None, deterministic=False,
                                        return_attn_probs=False, group=None, *, softcap=0.0,
-                                       mode="pass-kv", ulysses_degree=1):
+                                       mode="pass-kv", ulysses_degree=1, sinks=None):
     """As ring_flash_attn_varlen_func with each sequence cut in zigzag order."""
     return _varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                    causal, window_size, alibi_slopes, return_attn_probs, group, softcap, mode,
-                   ulysses_degree)
+                   ulysses_degree, sinks)
 
 
 def stripe_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0,
                                   softmax_scale=None, causal=False, window_size=(-1, -1),
                                   alibi_slopes=None, deterministic=False,
                                   return_attn_probs=False, group=None, *, softcap=0.0,
-                                  mode="pass-kv", ulysses_degree=1):
+                                  mode="pass-kv", ulysses_degree=1, sinks=None):
     """As ring_flash_attn_varlen_func with each sequence striped over the ranks."""
     return _varlen("striped", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                    causal, window_size, alibi_slopes, return_attn_probs, group, softcap, mode,
-                   ulysses_degree)
+                   ulysses_degree, sinks)
 
 
 def decode(q, k_cache_shard, v_cache_shard, softmax_scale=None, causal=False,
-           window_size=(-1, -1), softcap=0.0, root=None, group=None):
+           window_size=(-1, -1), softcap=0.0, root=None, group=None, *, sinks=None):
     """Distributed decode (tree attention) over a KV cache sharded across the ranks.
 
     q [b, s_q, h, d]: the new query rows, identical on every rank. k_cache_shard
@@ -413,7 +420,8 @@ def decode(q, k_cache_shard, v_cache_shard, softmax_scale=None, causal=False,
     i sits at position S - s_q + i). Each rank attends over its keys and an allreduce whose
     operation is the LSE merge (section 5) combines the partial results.
     Returns (out [b, s_q, h, d_v] in q's dtype, lse [b, h, s_q] fp32 natural log) on every
-    rank, or with root=R only on rank R ((None, None) on the others).
+    rank, or with root=R only on rank R ((None, None) on the others). sinks: optional
+    [h] fp32 attention-sink logits, applied once after the reduction (the LSE excludes them).
     """
     comm = _comm(group)
     size, rank = comm.Get_size(), comm.Get_rank()
@@ -442,6 +450,7 @@ def decode(q, k_cache_shard, v_cache_shard, softmax_scale=None, causal=False,
         _scale(softmax_scale, d)
         _softcap(softcap)
         _tensor.window_pair(window_size)
+        _tensor.sinks_arg(sinks, None, h, q)
         if root is not None:
             rt = _tensor.check_scalar_int(root, "root")
             if not 0 <= rt < size:
@@ -473,11 +482,14 @@ def decode(q, k_cache_shard, v_cache_shard, softmax_scale=None, causal=False,
     out = _tensor.empty(q, (b, s_q, h, d_v), "fp32") if writes else None
     lse = _tensor.empty(q, (b, h, s_q), "fp32") if writes else None
     qc, kc, vc = _contiguous(q), _contiguous(k_cache_shard), _contiguous(v_cache_shard)
+    sink, sink_arg = _tensor.sinks_arg(sinks, None, h, q)
     arg = _tensor.arg
     _C.distributed_decode(comm.py2f(), arg(qc, "q"), arg(kc, "k_cache_shard"), arg(vc, "v_cache_shard"),
                           None if out is None else arg(out, "out", types=("fp32",)),
                           None if lse is None else arg(lse, "lse", types=("fp32",)), s_cache,
-                          _scale(softmax_scale, d), bool(causal), wl, wr, _softcap(softcap), rt)
+                          _scale(softmax_scale, d), bool(causal), wl, wr, _softcap(softcap), rt,
+                          sink_arg)
+    del sink
     if not writes:
         return None, None
     return _tensor.to_type(out, typ), lse
