@@ -5,7 +5,9 @@
 
 namespace ringattn::detail {
 
-enum class CpuIsa { kScalar, kAvx2, kAvx512 };
+// kAvx512Bf16: kAvx512 plus AVX512_BF16 (vdpbf16ps); bf16 storage runs its products
+// on that instruction, everything else runs the kAvx512 code.
+enum class CpuIsa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
 
 const char* isa_name(CpuIsa isa);
 

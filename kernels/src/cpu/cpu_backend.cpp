@@ -1,4 +1,4 @@
-// The optimised CPU backend ("cpu-avx512" / "cpu-avx2" / "cpu-scalar").
+// The optimised CPU backend ("cpu-avx512-bf16" / "cpu-avx512" / "cpu-avx2" / "cpu-scalar").
 //
 // Every entry point is turned into one AttnProblem (flash_fwd_cpu.hpp): a list of
 // independent sequences with their lengths, mask diagonal and K/V row addressing.
@@ -32,6 +32,8 @@ using KernelFn = void (*)(const AttnProblem&, int);
 
 KernelFn kernel_for(CpuIsa isa) {
   switch (isa) {
+    case CpuIsa::kAvx512Bf16:
+      return &cpu::flash_fwd_avx512_bf16;
     case CpuIsa::kAvx512:
       return &cpu::flash_fwd_avx512;
     case CpuIsa::kAvx2:
@@ -48,7 +50,8 @@ KernelFn kernel_for(CpuIsa isa) {
 // faster on a Xeon (docs/cpu-backend.md). Key-major fp32 decode, bf16 / fp16 decode
 // and all prefill keep AVX-512.
 KernelFn kernel_for_problem(CpuIsa isa, const AttnProblem& a) {
-  if (isa == CpuIsa::kAvx512 && a.dtype == DType::kF32 && !a.decode_key_major) {
+  if ((isa == CpuIsa::kAvx512 || isa == CpuIsa::kAvx512Bf16) && a.dtype == DType::kF32 &&
+      !a.decode_key_major) {
     const int group = a.h / a.h_k;
     bool decode = true;
     for (const SeqDesc& sd : a.seqs) decode = decode && cpu::is_decode(sd.s_q, group);

@@ -165,5 +165,7 @@ inline void take_scratch(BufferPool* pool, std::size_t bytes, BufferPool::Lease&
 void flash_fwd_scalar(const AttnProblem& p, int threads);
 void flash_fwd_avx2(const AttnProblem& p, int threads);
 void flash_fwd_avx512(const AttnProblem& p, int threads);
+// AVX512-BF16 tier: bf16 storage on the vdpbf16ps engine, other dtypes flash_fwd_avx512.
+void flash_fwd_avx512_bf16(const AttnProblem& p, int threads);
 
 }  // namespace ringattn::detail::cpu

@@ -121,8 +121,28 @@ struct PackItem {
   float* dst;
 };
 
-template <class S, class T>
+// Matmul engine interface (template parameter E of FlashFwd). FmaEngine, the default,
+// is the fp32 FMA micro-kernels of this file (every storage type widened to fp32). An
+// engine for 16-bit storage (DpBf16Engine in mm_dpbf16.hpp; an AMX engine fits the
+// same shape) replaces the two products of both kernels and nothing else; it provides
+//   q_ld(d)                          row stride of a packed Q row (elements, zero padded)
+//   k_pack_elems(d), v_pack_elems(dvp)  elements of one packed K / V tile of kKeyTile keys
+//   pack_q(src, d, dst)              one Q row as stored (unscaled)
+//   pack_k(row, nc, d, dst)          K tile, row(j) -> key j's row; keys past nc zero
+//   pack_v(row, nc, dv, dvp, dst)    V tile, same
+//   qk(rows, q, ldq, kp, d, mul, s, ncols)    S = mul * Q K^T of a row block (<= MR rows)
+//   pack_p(s, lds, rows, ncols, pb, ldp)      P (fp32 softmax numerators) -> engine type
+//   pv(rows, pb, ldp, vp, nk, dvp, alpha, o, ldo)  O = O * alpha + P V (<= MR rows)
+// and for the decode kernel, K / V rows read in place (pf: rows to prefetch):
+//   qk_rows_any(rows, 0, q, ldq, krows, pf, nk, d, mul, s)
+//   pv_rows(rows, pb, ldp, vrows, pf, nk, dv, dvp, alpha, o, ldo)   (<= 8 rows)
+// The online softmax (softmax_tile), masking, splits and the task schedule are shared.
+struct FmaEngine {};
+
+template <class S, class T, class E = FmaEngine>
 struct FlashFwd {
+  // True when an engine other than the fp32 FMA micro-kernels runs the products.
+  static constexpr bool kEng = !std::is_same_v<E, FmaEngine>;
   using V = typename S::V;
   static constexpr int L = S::kLanes;
   static constexpr int MR = S::kRows;
@@ -141,10 +161,21 @@ struct FlashFwd {
     AlignedBuf<const T*> kptr, vrow_t, kbase, vbase;
     AlignedBuf<const T*> kpf, vpf, kpf_base, vpf_base;  // decode prefetch rows
     AlignedBuf<const float*> vrow_f;
+    AlignedBuf<T> qe, pe, ke, ve;          // engine: Q rows, P tile, per-task K / V tiles
     ProgressThrottle* progress = nullptr;  // set on the calling thread only
   };
 
-  std::int64_t tile_floats() const { return std::int64_t{p.d} * NC + std::int64_t{NC} * dvp; }
+  // Row stride of the engine's Q rows (0 without an engine).
+  int engine_q_ld() const {
+    if constexpr (kEng) return E::q_ld(p.d);
+    return 0;
+  }
+
+  // Floats of one pre-packed K/V tile (an engine's 2-byte tiles take half).
+  std::int64_t tile_floats() const {
+    if constexpr (kEng) return (E::k_pack_elems(p.d) + E::v_pack_elems(dvp)) * sizeof(T) / 4;
+    return std::int64_t{p.d} * NC + std::int64_t{NC} * dvp;
+  }
 
   explicit FlashFwd(const AttnProblem& prob) : p(prob) {
     group = p.h / p.h_k;
@@ -178,6 +209,12 @@ struct FlashFwd {
     sc.vpf.reset(NC);
     sc.kpf_base.reset(NC);
     sc.vpf_base.reset(NC);
+    if constexpr (kEng) {
+      sc.qe.reset(m * E::q_ld(p.d));
+      sc.pe.reset(m * NC);
+      sc.ke.reset(static_cast<std::size_t>(E::k_pack_elems(p.d)));
+      sc.ve.reset(static_cast<std::size_t>(E::v_pack_elems(dvp)));
+    }
   }
 
   const T* k_row(const SeqDesc& sd, std::int64_t t, int hk) const {
@@ -472,7 +509,11 @@ struct FlashFwd {
       for (int ii = 0; ii < nq; ++ii) {
         const T* src = static_cast<const T*>(p.q) + sd.q_off + (t.q0 + ii) * p.q_row_stride +
                        hq * p.q_head_stride;
-        convert_row(src, p.d, qmul, q + (g * nq + ii) * dq);
+        if constexpr (kEng) {
+          E::pack_q(src, p.d, sc.qe.get() + (g * nq + ii) * E::q_ld(p.d));
+        } else {
+          convert_row(src, p.d, qmul, q + (g * nq + ii) * dq);
+        }
       }
     }
     std::fill(o, o + static_cast<std::size_t>(M) * dvp, 0.0f);
@@ -542,10 +583,66 @@ struct FlashFwd {
     for (int j = 0; j < nc; ++j) convert_row(v_row(sd, j0 + j, hk), p.d_v, 1.0f, vp + j * dvp);
   }
 
+  // Engine layout of keys [j0, j0 + nc) of KV head hk: K tile into kp, V tile into vp.
+  void pack_tile_engine(const SeqDesc& sd, int hk, std::int64_t j0, int nc, T* kp, T* vp) const {
+    E::pack_k([&](int j) { return k_row(sd, j0 + j, hk); }, nc, p.d, kp);
+    E::pack_v([&](int j) { return v_row(sd, j0 + j, hk); }, nc, p.d_v, dvp, vp);
+  }
+
+  // Diagonal sub-tiles: on a masked tile, a block of MR rows only needs the key
+  // columns up to the last one any of its rows sees (lim); the columns past it are
+  // -inf for every row of the block, so S and P V stop there (rounded up to the
+  // micro-kernel width for S), and a block that sees nothing is skipped (its rows
+  // keep alpha = 1 and P = 0 from softmax_tile). On causal prefill this removes
+  // the hidden upper triangle of each diagonal tile.
+  void block_limits(Scratch& sc, int M, int nq, std::int64_t j0, int nc, bool full) const {
+    int* lim = sc.lim.get();
+    for (int r0 = 0, bi = 0; r0 < M; r0 += MR, ++bi) {
+      lim[bi] = nc;
+      if (full) continue;
+      std::int64_t hi = 0;
+      for (int r = r0; r < std::min(MR + r0, M); ++r) hi = std::max(hi, sc.rows[r % nq].hi - j0);
+      lim[bi] = static_cast<int>(std::clamp<std::int64_t>(hi, 0, nc));
+    }
+  }
+
+  // One key tile of the prefill kernel on the engine (E): S = Q K^T per block of MR
+  // rows, the fp32 online softmax, P packed by the engine, O = O * alpha + P V.
+  void prefill_tile_engine(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq,
+                           std::int64_t j0, int nc, bool full, const float* packed) const {
+    const T* kp = reinterpret_cast<const T*>(packed);
+    if (!packed) {
+      pack_tile_engine(sd, t.hk, j0, nc, sc.ke.get(), sc.ve.get());
+      kp = sc.ke.get();
+    }
+    const T* vp = packed ? kp + E::k_pack_elems(p.d) : sc.ve.get();
+    const int ncv = static_cast<int>(round_up(nc, NV * L));
+    const int ldq = E::q_ld(p.d);
+    const float qmul = p.softcap > 0.0f ? p.scale / p.softcap : p.scale;
+    int* lim = sc.lim.get();
+    block_limits(sc, M, nq, j0, nc, full);
+    for (int r0 = 0, bi = 0; r0 < M; r0 += MR, ++bi) {
+      const int rows = std::min(MR, M - r0);
+      if (lim[bi] > 0)
+        E::qk(rows, sc.qe.get() + r0 * ldq, ldq, kp, p.d, qmul, sc.s.get() + r0 * NC,
+              static_cast<int>(round_up(lim[bi], NV * L)));
+    }
+    softmax_tile(sc, M, nq, j0, nc, ncv, full);
+    for (int r0 = 0, bi = 0; r0 < M; r0 += MR, ++bi) {
+      const int rows = std::min(MR, M - r0);
+      if (lim[bi] == 0) continue;
+      const int ncp = static_cast<int>(round_up(lim[bi], L));
+      E::pack_p(sc.s.get() + r0 * NC, NC, rows, ncp, sc.pe.get() + r0 * NC, NC);
+      E::pv(rows, sc.pe.get() + r0 * NC, NC, vp, lim[bi], dvp, sc.alpha.get() + r0,
+            sc.o.get() + r0 * dvp, dvp);
+    }
+  }
+
   // One key tile of the prefill kernel. `packed` = this tile's kt followed by vp when
   // the call pre-packed K/V (shared by every query block of the head), else nullptr.
   void prefill_tile(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq, std::int64_t j0,
                     int nc, bool full, const float* packed) const {
+    if constexpr (kEng) return prefill_tile_engine(sd, t, sc, M, nq, j0, nc, full, packed);
     const float* kt = packed;
     const float* vp = packed ? packed + p.d * NC : nullptr;
     if (!packed) {
@@ -555,20 +652,8 @@ struct FlashFwd {
     }
     for (int j = 0; j < nc; ++j) sc.vrow_f[j] = vp + j * dvp;
     const int ncv = static_cast<int>(round_up(nc, NV * L));
-    // Diagonal sub-tiles: on a masked tile, a block of MR rows only needs the key
-    // columns up to the last one any of its rows sees (lim); the columns past it are
-    // -inf for every row of the block, so S and P V stop there (rounded up to the
-    // micro-kernel width for S), and a block that sees nothing is skipped (its rows
-    // keep alpha = 1 and P = 0 from softmax_tile). On causal prefill this removes
-    // the hidden upper triangle of each diagonal tile.
     int* lim = sc.lim.get();
-    for (int r0 = 0, bi = 0; r0 < M; r0 += MR, ++bi) {
-      lim[bi] = nc;
-      if (full) continue;
-      std::int64_t hi = 0;
-      for (int r = r0; r < std::min(MR + r0, M); ++r) hi = std::max(hi, sc.rows[r % nq].hi - j0);
-      lim[bi] = static_cast<int>(std::clamp<std::int64_t>(hi, 0, nc));
-    }
+    block_limits(sc, M, nq, j0, nc, full);
     // S = Q K^T over all M rows in blocks of MR rows.
     for (int r0 = 0, bi = 0; r0 < M; r0 += MR, ++bi) {
       const int rows = std::min(MR, M - r0);
@@ -820,13 +905,37 @@ struct FlashFwd {
     const T* const* vfb = sc.vpf_base.get();
     const T** kp = sc.kptr.get();
     const T** kf = sc.kpf.get();
+    [[maybe_unused]] const int ldq = engine_q_ld();
+    [[maybe_unused]] const float qmul = p.softcap > 0.0f ? p.scale / p.softcap : p.scale;
     for (int hh = 0; hh < t.nh; ++hh) {
       for (int j = 0; j < nc; ++j) kp[j] = kb[j] + hh * khs;
       for (int j = nc; j < ncv; ++j) kp[j] = kp[nc - 1];  // padding (masked)
       for (int j = 0; j < ncv; ++j) kf[j] = kfb[j] + hh * khs;
-      qk_rows_dispatch(mh, sc.q.get() + hh * mh * dq, kp, kf, nc, sc.s.get() + hh * mh * NC);
+      if constexpr (kEng) {
+        E::qk_rows_any(mh, 0, sc.qe.get() + hh * mh * ldq, ldq, kp, kf, nc, p.d, qmul,
+                       sc.s.get() + hh * mh * NC);
+      } else {
+        qk_rows_dispatch(mh, sc.q.get() + hh * mh * dq, kp, kf, nc, sc.s.get() + hh * mh * NC);
+      }
     }
     softmax_tile(sc, M, nq, j0, nc, ncv, full);
+    if constexpr (kEng) {
+      // O = O * alpha + P V on the engine, P rounded by pack_p; rows of a head in
+      // chunks of up to 8.
+      E::pack_p(sc.s.get(), NC, M, ncv, sc.pe.get(), NC);
+      const T** vp = sc.vrow_t.get();
+      const T** vf = sc.vpf.get();
+      for (int hh = 0; hh < t.nh; ++hh) {
+        for (int j = 0; j < nc; ++j) vp[j] = vb[j] + hh * vhs;
+        for (int j = 0; j < nc; ++j) vf[j] = vfb[j] + hh * vhs;
+        for (int r0 = hh * mh; r0 < (hh + 1) * mh; r0 += 8) {
+          const int rows = std::min(8, (hh + 1) * mh - r0);
+          E::pv_rows(rows, sc.pe.get() + r0 * NC, NC, vp, vf, nc, p.d_v, dvp, sc.alpha.get() + r0,
+                     sc.o.get() + r0 * dvp, dvp);
+        }
+      }
+      return;
+    }
     const int tail = p.d_v % L;
     const T** vp = sc.vrow_t.get();
     const T** vf = sc.vpf.get();
@@ -964,7 +1073,12 @@ struct FlashFwd {
         const PackItem& it = pack_items[pi];
         const SeqDesc& sd = p.seqs[static_cast<std::size_t>(it.seq)];
         const int nc = static_cast<int>(std::min<std::int64_t>(NC, sd.s_k - it.j0));
-        pack_tile(sd, it.hk, it.j0, nc, it.dst, it.dst + p.d * NC, sc.s.get());
+        if constexpr (kEng) {
+          T* const kp = reinterpret_cast<T*>(it.dst);
+          pack_tile_engine(sd, it.hk, it.j0, nc, kp, kp + E::k_pack_elems(p.d));
+        } else {
+          pack_tile(sd, it.hk, it.j0, nc, it.dst, it.dst + p.d * NC, sc.s.get());
+        }
         if (sc.progress) sc.progress->poll();
       }
 #pragma omp for schedule(dynamic, 1)
@@ -1008,14 +1122,15 @@ struct FlashFwd {
   }
 };
 
-template <class S>
+// E: the matmul engine for bf16 storage (FmaEngine: the fp32 FMA path for every dtype).
+template <class S, class E = FmaEngine>
 void run_flash_fwd(const AttnProblem& p, int threads) {
   switch (p.dtype) {
     case DType::kF32:
       FlashFwd<S, float>(p).run(threads);
       return;
     case DType::kBF16:
-      FlashFwd<S, bf16_t>(p).run(threads);
+      FlashFwd<S, bf16_t, E>(p).run(threads);
       return;
     case DType::kF16:
       FlashFwd<S, f16_t>(p).run(threads);

@@ -12,7 +12,7 @@ const Ops& ops_scalar() {
 const Ops& ops_for(CpuIsa isa) {
   // AVX-512 machines run the AVX2 tiles: the decode is bound by memory (small h_q)
   // or by FMA throughput with 12 live accumulators, which AVX2 already keeps busy.
-  if (isa == CpuIsa::kAvx2 || isa == CpuIsa::kAvx512) return ops_avx2();
+  if (isa != CpuIsa::kScalar) return ops_avx2();
   return ops_scalar();
 }
 
