@@ -808,12 +808,8 @@ struct FlashFwd {
   // softmax, V the same way, with the accumulators O (nh * mh rows) in L1. So K and V
   // are each read as one ascending stream, which the hardware prefetchers follow, and
   // every load is paired with a prefetch of the same offset kDecodeKeyMajorPrefetchTiles
-  // tiles ahead, i.e. the prefetches form the same single stream. Measured
-  // (docs/cpu-backend.md, seventh round) on a Zen 5: the head-major order (the tile's 16
-  // rows of one head, then the next head; 16 pages read in turn) holds 2 threads near
-  // 75 % of the read loop, this order 80-95 %;
-  // reading two keys' rows interleaved drops a load-only loop to 35 % without software
-  // prefetch (one stream: 90 %).
+  // tiles ahead, i.e. the prefetches form the same single stream. Measurements:
+  // docs/cpu-backend.md, seventh round.
   void decode_tile_key_major(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq,
                              std::int64_t j0, int nc, bool full) const {
     switch (M / t.nh) {
@@ -889,8 +885,7 @@ struct FlashFwd {
   // same head's row kDecodePrefetchTiles tiles ahead, so the misses of later tiles are
   // in flight while this tile computes and the prefetches come at the rate the data
   // is consumed (a burst of prefetches per tile, as tried first, stalled the loads
-  // behind it). Measured (docs/cpu-backend.md): bf16 from 38 % to 68-76 % of the read
-  // loop on 2 threads (AVX-512); fewer heads per task was slower.
+  // behind it). Measurements: docs/cpu-backend.md, fourth round.
   void decode_tile_head_major(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq,
                               std::int64_t j0, int nc, bool full) const {
     const int mh = M / t.nh;  // rows of one KV head

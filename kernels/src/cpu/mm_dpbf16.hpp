@@ -138,48 +138,51 @@ struct DpBf16Engine {
     }
   }
 
-  // O[R][0 .. dvp) = O * alpha + P[R][0 .. nk) V (nk rounded up to a pair: P is 0 and
-  // the packed V row is 0 or a real row past the visible keys).
-  template <int R>
-  static void pv_block(const bf16_t* pb, int ldp, const bf16_t* vp, int nk, int dvp,
+  // O[R][c0 .. c0 + NVv * L) = O * alpha + P[R][0 .. nk) V (nk rounded up to a pair:
+  // P is 0 there and the packed V row is 0 or a real row past the visible keys).
+  template <int R, int NVv>
+  static void pv_block(const bf16_t* pb, int ldp, const bf16_t* vp, int nk, int c0, int dvp,
                        const float* alpha, float* o, int ldo) {
     const int npairs = (nk + 1) / 2;
-    for (int c0 = 0; c0 < dvp; c0 += NV * L) {
-      const int nv = std::min(NV, (dvp - c0) / L);
-      V acc[R][NV];
+    V acc[R][NVv];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const V al = B::set1(alpha[r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NVv; ++v) acc[r][v] = B::mul(B::load(o + r * ldo + c0 + v * L), al);
+    }
+    const bf16_t* vk = vp + 2 * c0;
+    for (int k = 0; k < npairs; ++k) {
+      P b[NVv];
+#pragma GCC unroll 4
+      for (int v = 0; v < NVv; ++v) b[v] = B::load_pairs(vk + v * kPairs);
+      vk += 2 * dvp;
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const V al = B::set1(alpha[r]);
+        const P a = B::bcast_pair(pb + r * ldp + 2 * k);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v)
-          acc[r][v] = v < nv ? B::mul(B::load(o + r * ldo + c0 + v * L), al) : B::zero();
+        for (int v = 0; v < NVv; ++v) acc[r][v] = B::dot2(acc[r][v], a, b[v]);
       }
-      const bf16_t* vk = vp + 2 * c0;
-      for (int k = 0; k < npairs; ++k) {
-        P b[NV];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v)
-          b[v] = v < nv ? B::load_pairs(vk + v * kPairs) : B::zero_pairs();
-        vk += 2 * dvp;
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) {
-          const P a = B::bcast_pair(pb + r * ldp + 2 * k);
-#pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) acc[r][v] = B::dot2(acc[r][v], a, b[v]);
-        }
-      }
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v)
-          if (v < nv) B::store(o + r * ldo + c0 + v * L, acc[r][v]);
     }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NVv; ++v) B::store(o + r * ldo + c0 + v * L, acc[r][v]);
+  }
+  // All dvp columns (a multiple of L): blocks of NV vectors, then one of a single vector.
+  template <int R>
+  static void pv_cols(const bf16_t* pb, int ldp, const bf16_t* vp, int nk, int dvp,
+                      const float* alpha, float* o, int ldo) {
+    int c0 = 0;
+    for (; c0 + NV * L <= dvp; c0 += NV * L)
+      pv_block<R, NV>(pb, ldp, vp, nk, c0, dvp, alpha, o, ldo);
+    for (; c0 < dvp; c0 += L) pv_block<R, 1>(pb, ldp, vp, nk, c0, dvp, alpha, o, ldo);
   }
   template <int R = MR>
   static void pv(int rows, const bf16_t* pb, int ldp, const bf16_t* vp, int nk, int dvp,
                  const float* alpha, float* o, int ldo) {
     if constexpr (R > 0) {
-      if (rows == R) return pv_block<R>(pb, ldp, vp, nk, dvp, alpha, o, ldo);
+      if (rows == R) return pv_cols<R>(pb, ldp, vp, nk, dvp, alpha, o, ldo);
       return pv<R - 1>(rows, pb, ldp, vp, nk, dvp, alpha, o, ldo);
     }
   }
@@ -254,20 +257,18 @@ struct DpBf16Engine {
   // O[R][c0 .. c0 + NVv * L) = O * alpha + P[R][0 .. nk) V, V rows read in place: per
   // pair of keys, 32 columns of both rows are loaded and interleaved into two pair
   // vectors (columns [0, 16) and [16, 32)); a key past nk (odd nk) is a zero row.
-  // Columns past dv load as 0 (masked); vectors past dvp are neither loaded nor stored.
+  // Columns past dv load as 0 (masked); c0 + NVv * L <= dvp.
   template <int R, int NVv>
   static void pv_rows_block(const bf16_t* pb, int ldp, const bf16_t* const* vrows,
                             const bf16_t* const* pf, int nk, int c0, int dv, int dvp,
                             const float* alpha, float* o, int ldo) {
     constexpr int NH = (NVv + 1) / 2;  // 32-column loads per row
-    const int nv = std::min(NVv, (dvp - c0) / L);
     V acc[R][NVv];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const V al = B::set1(alpha[r]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NVv; ++v)
-        acc[r][v] = v < nv ? B::mul(B::load(o + r * ldo + c0 + v * L), al) : B::zero();
+      for (int v = 0; v < NVv; ++v) acc[r][v] = B::mul(B::load(o + r * ldo + c0 + v * L), al);
     }
     int cnt[NH];
 #pragma GCC unroll 4
@@ -299,8 +300,7 @@ struct DpBf16Engine {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < NVv; ++v)
-        if (v < nv) B::store(o + r * ldo + c0 + v * L, acc[r][v]);
+      for (int v = 0; v < NVv; ++v) B::store(o + r * ldo + c0 + v * L, acc[r][v]);
   }
   // All columns for R rows (1 .. 8): 4 vectors a block up to 4 rows, else 2.
   template <int R>
@@ -308,8 +308,12 @@ struct DpBf16Engine {
                            const bf16_t* const* pf, int nk, int dv, int dvp, const float* alpha,
                            float* o, int ldo) {
     constexpr int NVv = R <= 4 ? 4 : 2;
-    for (int c0 = 0; c0 < dvp; c0 += NVv * L)
+    int c0 = 0;
+    for (; c0 + NVv * L <= dvp; c0 += NVv * L)
       pv_rows_block<R, NVv>(pb, ldp, vrows, pf, nk, c0, dv, dvp, alpha, o, ldo);
+    for (; c0 + 2 * L <= dvp; c0 += 2 * L)
+      pv_rows_block<R, 2>(pb, ldp, vrows, pf, nk, c0, dv, dvp, alpha, o, ldo);
+    if (c0 < dvp) pv_rows_block<R, 1>(pb, ldp, vrows, pf, nk, c0, dv, dvp, alpha, o, ldo);
   }
   template <int R = 8>
   static void pv_rows(int rows, const bf16_t* pb, int ldp, const bf16_t* const* vrows,
