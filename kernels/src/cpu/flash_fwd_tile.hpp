@@ -610,6 +610,8 @@ struct FlashFwd {
   // rows, the fp32 online softmax, P packed by the engine, O = O * alpha + P V.
   void prefill_tile_engine(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq,
                            std::int64_t j0, int nc, bool full, const float* packed) const {
+    static_assert(E::MR >= MR && NC % (E::NV * E::L) == 0,
+                  "the engine's blocks must cover the kernel's row blocks and key tile");
     const T* kp = reinterpret_cast<const T*>(packed);
     if (!packed) {
       pack_tile_engine(sd, t.hk, j0, nc, sc.ke.get(), sc.ve.get());
