@@ -22,7 +22,7 @@ MPI="mpirun --oversubscribe --bind-to core --map-by core"
 G="--heads 32 --kv-heads 8 --dim 128 --dtype bf16"
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 run() { echo "\$ $*" | tee -a "$OUT/session.txt"; "$@" 2>&1 | tee -a "$OUT/session.txt"; }
-echo "== host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $(nproc) cpus" | tee "$OUT/session.txt"
+echo "== host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $(nproc) cpus" | tee -a "$OUT/session.txt"
 has a && run "$BIN" bench --threads 16 --case '^decode_bf16' --repeats 3
 if has b; then
   run $MPI -np 16 "$BIN" session --prompt-len 1048576 --decode-steps 30 $G --threads 1 \

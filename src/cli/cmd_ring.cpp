@@ -308,6 +308,7 @@ int cmd_ring(int argc, char** argv) {
   p.v = v.data();
   p.out = out.data();
   p.lse = lse.data();
+  p.lse_layout = LseLayout::kRows;
 
   Engine engine = [&] {
     std::unique_ptr<Engine> e;
@@ -356,15 +357,8 @@ int cmd_ring(int argc, char** argv) {
   const double flops = 2.0 * (pr.d + pr.d_v) * pr.h * pairs;
 
   // Gather output and LSE (files mode) in the original token order.
-  std::vector<float> lse_rows(static_cast<std::size_t>(rows * pr.h));  // [rows, h]
-  {
-    const std::int64_t n = pr.cu.empty() ? rows / pr.b : rows;
-    for (std::int64_t r = 0; r < rows; ++r)
-      for (int hh = 0; hh < pr.h; ++hh) {
-        const std::int64_t bi = pr.cu.empty() ? r / n : 0, i = pr.cu.empty() ? r % n : r;
-        lse_rows[r * pr.h + hh] = lse[(bi * pr.h + hh) * n + i];
-      }
-  }
+  // The ring wrote its LSE in row order (p.lse_layout = kRows): gathered as it is.
+  const std::vector<float>& lse_rows = lse;  // [rows, h]
   std::vector<float> out_all, lse_all;
   if (files) {
     if (rank == 0) {
@@ -449,12 +443,7 @@ int cmd_ring(int argc, char** argv) {
       // [total, h] -> [b, h, s] (dense) or [h, total] (varlen)
       std::vector<float> t(lse_all.size());
       const std::int64_t total = pr.total();
-      for (std::int64_t g = 0; g < total; ++g)
-        for (int hh = 0; hh < pr.h; ++hh) {
-          const std::int64_t dst =
-              pr.cu.empty() ? ((g / pr.s) * pr.h + hh) * pr.s + g % pr.s : hh * total + g;
-          t[static_cast<std::size_t>(dst)] = lse_all[g * pr.h + hh];
-        }
+      lse_rows_to_api(lse_all.data(), total, pr.h, pr.b, !pr.cu.empty(), t.data());
       write_f32("--lse", lse_path,
                 pr.cu.empty() ? std::vector<std::int64_t>{pr.b, pr.h, pr.s}
                               : std::vector<std::int64_t>{pr.h, total},

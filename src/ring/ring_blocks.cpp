@@ -11,6 +11,7 @@
 #include <new>
 #include <sstream>
 
+#include "ring/block_mask.hpp"
 #include "ringattn/comm/collectives.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/merge_state.hpp"
@@ -20,12 +21,6 @@
 namespace ringattn {
 
 namespace {
-
-std::int64_t floor_div(std::int64_t a, std::int64_t b) {
-  const std::int64_t q = a / b;
-  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
-}
-std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return -floor_div(-a, b); }
 
 // Length of sequence i.
 std::int64_t seq_len(const RingAttentionParams& p, int i) {
@@ -101,132 +96,7 @@ comm::Fields config_fields(const RingAttentionParams& p, int ranks, const char* 
           {"scale", str(p.mask.scale)}};
 }
 
-// Local key range [lo, hi] of chunk `ck` visible from a query at position qp
-// (lo > hi: none), for the global window (wl, wr), -1 = unbounded.
-void visible_range(std::int64_t qp, const Chunk& ck, int wl, int wr, std::int64_t* lo,
-                   std::int64_t* hi) {
-  *hi = ck.count - 1;
-  *lo = 0;
-  if (wr >= 0) *hi = std::min(*hi, floor_div(qp + wr - ck.first, ck.stride));
-  if (wl >= 0) *lo = std::max(*lo, ceil_div(qp - wl - ck.first, ck.stride));
-}
-
-// Tries to express the mask of the nq query rows at positions q0 + i*qs against the
-// keys of chunks[0..n) (stored back to back: one local key index over all of them)
-// as ONE kernel mask, so that they run in one kernel call. Works when every row's
-// visible keys form one contiguous local range [lo_i, hi_i] that moves with the
-// row like the kernel's rule (hi_i = min(n-1, i + U), lo_i = max(0, i + Lo)); e.g.
-// zigzag causal: [early chunk, fully visible] + [late chunk, diagonal] becomes one
-// diagonal block with shift = size of the early chunk. Returns false otherwise.
-bool combine_mask(std::int64_t q0, std::int64_t qs, std::int64_t nq, const Chunk* chunks, int n,
-                  int wl, int wr, BlockMask* out) {
-  if (n == 1) {
-    *out = classify_block(q0, nq, chunks[0].first, chunks[0].count, qs, wl, wr);
-    return chunks[0].stride == qs;
-  }
-  std::int64_t total = 0;
-  for (int c = 0; c < n; ++c) total += chunks[c].count;
-  // Pass 1: per-row combined range, contiguity, candidate U / Lo.
-  bool has_u = false, has_lo = false, all_full = true;
-  std::int64_t u = 0, lo_off = 0;
-  const auto row_range = [&](std::int64_t i, std::int64_t* rlo, std::int64_t* rhi) {
-    const std::int64_t qp = q0 + i * qs;
-    *rlo = 1;
-    *rhi = 0;  // empty
-    std::int64_t base = 0;
-    for (int c = 0; c < n; ++c) {
-      std::int64_t a, b;
-      visible_range(qp, chunks[c], wl, wr, &a, &b);
-      if (a <= b) {
-        if (*rlo > *rhi) {
-          *rlo = base + a;
-        } else if (*rhi + 1 != base + a) {
-          return false;  // a gap
-        }
-        *rhi = base + b;
-      }
-      base += chunks[c].count;
-    }
-    return true;
-  };
-  for (std::int64_t i = 0; i < nq; ++i) {
-    std::int64_t a, b;
-    if (!row_range(i, &a, &b)) return false;
-    if (a > b) {
-      all_full = false;
-      continue;
-    }
-    if (b < total - 1) {
-      all_full = false;
-      if (!has_u) has_u = true, u = b - i;
-    }
-    if (a > 0) {
-      all_full = false;
-      if (!has_lo) has_lo = true, lo_off = a - i;
-    }
-  }
-  if (all_full) {
-    out->kind = BlockMask::kFull;
-    return true;
-  }
-  if (!has_u && !has_lo) return false;  // only empty rows besides full ones
-  // Pass 2: the kernel rule with (U, Lo) must reproduce every row exactly.
-  for (std::int64_t i = 0; i < nq; ++i) {
-    std::int64_t a, b;
-    row_range(i, &a, &b);
-    const std::int64_t eb = has_u ? std::min(total - 1, i + u) : total - 1;
-    const std::int64_t ea = has_lo ? std::max<std::int64_t>(0, i + lo_off) : 0;
-    const bool empty = a > b, eempty = ea > eb;
-    if (empty != eempty || (!empty && (a != ea || b != eb))) return false;
-  }
-  out->kind = BlockMask::kPartial;
-  if (has_u) {
-    if (has_lo && (u - lo_off < 0 || u - lo_off > INT_MAX)) return false;
-    out->shift = u;
-    out->window_right = 0;
-    out->window_left = has_lo ? static_cast<int>(u - lo_off) : -1;
-  } else {
-    out->shift = lo_off;
-    out->window_right = -1;
-    out->window_left = 0;
-  }
-  return true;
-}
-
 }  // namespace
-
-BlockMask classify_block(std::int64_t q0, std::int64_t nq, std::int64_t k0, std::int64_t nk,
-                         std::int64_t stride, int window_left, int window_right) {
-  // Global rule: key position kp visible from query position qp iff
-  //   kp <= qp + wr  and  kp >= qp - wl.
-  // With qp = q0 + i*st and kp = k0 + j*st this is, for local indices,
-  //   j <= i + U,  U  = floor((q0 - k0 + wr) / st)
-  //   j >= i + Lo, Lo = ceil ((q0 - k0 - wl) / st)
-  const bool has_u = window_right >= 0;
-  const bool has_lo = window_left >= 0;
-  const std::int64_t u = has_u ? floor_div(q0 - k0 + window_right, stride) : 0;
-  const std::int64_t lo = has_lo ? ceil_div(q0 - k0 - window_left, stride) : 0;
-  BlockMask m;
-  if ((has_u && nq - 1 + u < 0) || (has_lo && lo > nk - 1) || (has_u && has_lo && lo > u)) {
-    m.kind = BlockMask::kHidden;
-    return m;
-  }
-  if ((!has_lo || nq - 1 + lo <= 0) && (!has_u || nk - 1 <= u)) {
-    m.kind = BlockMask::kFull;
-    return m;
-  }
-  m.kind = BlockMask::kPartial;
-  if (has_u) {
-    m.shift = u;
-    m.window_right = 0;
-    m.window_left = has_lo ? static_cast<int>(u - lo) : -1;
-  } else {
-    m.shift = lo;
-    m.window_right = -1;
-    m.window_left = 0;
-  }
-  return m;
-}
 
 std::int64_t ring_local_rows(const RingAttentionParams& p, int ranks, int rank) {
   std::int64_t n = 0;
@@ -345,39 +215,27 @@ struct ProgressBridge {
 
 }  // namespace
 
-void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const std::byte* q,
-                  int k_rank, const std::byte* k, const std::byte* v, float* acc_o, float* acc_lse,
-                  std::int64_t piece, RingScratch& scratch, const std::function<void()>& progress,
-                  RingStepStats& st) {
+ShardPlan plan_shard(const RingPlan& plan, int q_rank, int k_rank, std::int64_t piece,
+                     std::int64_t rows_cap) {
   const RingAttentionParams& p = *plan.p;
   const auto& qoff = plan.offsets[static_cast<std::size_t>(q_rank)];
   const auto& koff = plan.offsets[static_cast<std::size_t>(k_rank)];
-  const std::size_t es = plan.esize;
-  // For every group of sequences, every query chunk of q_rank, every piece of
-  // `piece` rows of it, and every run of k_rank's key chunks: chunks the mask hides
-  // for the whole piece are skipped; a run of consecutive visible chunks (stored back
-  // to back) goes to ONE kernel call when one kernel mask describes it exactly
-  // (combine_mask), else each chunk gets its own call (fully visible: unmasked; else
-  // the kernel's mask shifted onto the block diagonal). Every partial (o, lse) is
-  // merged into the accumulators with merge_state_inplace (docs/semantics.md section 5);
-  // `progress` runs before the first and after every call, and inside the kernel
-  // (ProgressHook: between key tiles, at most every 100 us), so a transfer in flight
-  // keeps moving even where Open MPI has no single-copy path and moves a large message
-  // only while both sides sit in MPI calls.
-  if (progress) progress();
-  for (const auto& g : plan.groups) {
+  ShardPlan out;
+  // For every group of sequences, every query chunk of q_rank, every piece of `piece`
+  // rows of it, and every run of k_rank's key chunks: chunks the mask hides for the
+  // whole piece are skipped; a run of consecutive visible chunks (stored back to back)
+  // becomes ONE call when one kernel mask describes it exactly (combine_mask), else each
+  // chunk gets its own call (fully visible: unmasked; else the kernel's mask shifted onto
+  // the block diagonal). Each call's keys are trimmed to those some row sees (the kernel
+  // packs every key it is given).
+  for (int gi = 0; gi < static_cast<int>(plan.groups.size()); ++gi) {
+    const RingGroup& g = plan.groups[static_cast<std::size_t>(gi)];
     const auto q_chunks = shard_chunks(p.layout, g.len, plan.ranks, q_rank);
     const auto k_chunks = shard_chunks(p.layout, g.len, plan.ranks, k_rank);
     const int nk = static_cast<int>(k_chunks.size());
     std::vector<std::int64_t> k_lo(k_chunks.size() + 1, 0);  // local row of each chunk
     for (int c = 0; c < nk; ++c) k_lo[c + 1] = k_lo[c] + k_chunks[c].count;
-    // Row strides between sequences of a dense group (each rank's n_r / n_src).
-    const std::int64_t q_seq_rows = qoff[g.first + 1] - qoff[g.first];
-    const std::int64_t k_seq_rows = koff[g.first + 1] - koff[g.first];
-    // One kernel call: query rows [q_row0, q_row0 + np) (global row index into the
-    // shard) against the keys of chunks [c0, c1) under mask bm, trimmed to the keys
-    // some row sees (the kernel packs every key it is given).
-    const auto run_call = [&](std::int64_t q_row0, std::int64_t np, int c0, int c1, BlockMask bm) {
+    const auto emit = [&](std::int64_t q_row0, std::int64_t np, int c0, int c1, BlockMask bm) {
       std::int64_t k_first = 0, k_last = k_lo[c1] - k_lo[c0] - 1;
       if (bm.kind == BlockMask::kPartial) {
         if (bm.window_right >= 0) k_last = std::min(k_last, np - 1 + bm.shift + bm.window_right);
@@ -385,62 +243,8 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
         if (k_first > k_last) return;
         bm.shift -= k_first;
       }
-      const std::int64_t k_row0 = koff[g.first] + k_lo[c0] + k_first;
-      FwdParams f;
-      f.dtype = p.dtype;
-      f.out_dtype = DType::kF32;
-      f.q = q + static_cast<std::size_t>((q_row0 - qoff[0]) * plan.q_row) * es;
-      f.k = k + static_cast<std::size_t>(k_row0 * plan.k_row) * es;
-      f.v = v + static_cast<std::size_t>(k_row0 * plan.v_row) * es;
-      f.out = scratch.o;
-      f.lse = scratch.lse;
-      f.q_batch_stride = q_seq_rows * plan.q_row;
-      f.q_row_stride = plan.q_row;
-      f.q_head_stride = p.d;
-      f.k_batch_stride = k_seq_rows * plan.k_row;
-      f.k_row_stride = plan.k_row;
-      f.k_head_stride = p.d;
-      f.v_batch_stride = k_seq_rows * plan.v_row;
-      f.v_row_stride = plan.v_row;
-      f.v_head_stride = p.d_v;
-      f.out_batch_stride = np * plan.o_row;
-      f.out_row_stride = plan.o_row;
-      f.out_head_stride = p.d_v;
-      f.b = g.count;
-      f.s_q = static_cast<int>(np);
-      f.s_k = static_cast<int>(k_last - k_first + 1);
-      f.h = p.h;
-      f.h_k = p.h_k;
-      f.d = p.d;
-      f.d_v = p.d_v;
-      f.mask.scale = p.mask.scale;
-      f.mask.softcap = p.mask.softcap;
-      if (bm.kind == BlockMask::kPartial) {
-        std::fill(scratch.shifts.begin(), scratch.shifts.begin() + g.count, bm.shift);
-        f.mask.mask_shift = scratch.shifts.data();
-        f.mask.window_left = bm.window_left;
-        f.mask.window_right = bm.window_right;
-      }
-      ProgressBridge bridge;
-      if (progress) {
-        bridge.fn = &progress;
-        f.progress.fn = &ProgressBridge::call;
-        f.progress.ctx = &bridge;
-      }
-      engine.forward(f);
-      if (bridge.error) std::rethrow_exception(bridge.error);
-      ++st.kernel_calls;
-      // Merge each sequence's rows: kernel lse [h, np] -> [np, h] to match rows.
-      for (int sb = 0; sb < g.count; ++sb) {
-        const float* l = scratch.lse + static_cast<std::int64_t>(sb) * p.h * np;
-        for (std::int64_t i = 0; i < np; ++i)
-          for (int hh = 0; hh < p.h; ++hh) scratch.lse_rows[i * p.h + hh] = l[hh * np + i];
-        const std::int64_t row = q_row0 - qoff[0] + sb * q_seq_rows;
-        merge_state_inplace(acc_o + row * plan.o_row, acc_lse + row * p.h,
-                            scratch.o + sb * np * plan.o_row, scratch.lse_rows.data(), np * p.h,
-                            p.d_v);
-      }
-      if (progress) progress();
+      out.calls.push_back(ShardCall{gi, q_row0 - qoff[0], np, koff[g.first] + k_lo[c0] + k_first,
+                                    k_last - k_first + 1, bm});
     };
     // Calls wait in `pending` so that whole query chunks stored back to back which see
     // the same key run fully become ONE call (zigzag: both query chunks of a rank see an
@@ -455,14 +259,14 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
       bool set = false;
     } pending;
     const auto flush = [&] {
-      if (pending.set) run_call(pending.q_row0, pending.np, pending.c0, pending.c1, pending.bm);
+      if (pending.set) emit(pending.q_row0, pending.np, pending.c0, pending.c1, pending.bm);
       pending.set = false;
     };
     const auto enqueue = [&](std::int64_t q_row0, std::int64_t np, bool whole, int c0, int c1,
                              BlockMask bm) {
       if (pending.set && whole && pending.whole && bm.kind == BlockMask::kFull &&
           pending.bm.kind == BlockMask::kFull && pending.c0 == c0 && pending.c1 == c1 &&
-          pending.q_row0 + pending.np == q_row0 && pending.np + np <= scratch.rows_cap) {
+          pending.q_row0 + pending.np == q_row0 && pending.np + np <= rows_cap) {
         pending.np += np;
         return;
       }
@@ -480,7 +284,7 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
               k_chunks[c].count > 0 && classify_block(qp0, np, k_chunks[c].first, k_chunks[c].count,
                                                       cq.stride, plan.wl, plan.wr)
                                                .kind != BlockMask::kHidden;
-          if (!visible[c] && k_chunks[c].count > 0) ++st.skipped_blocks;
+          if (!visible[c] && k_chunks[c].count > 0) ++out.skipped_blocks;
         }
         const auto call = [&](int c0, int c1, BlockMask bm) {
           enqueue(qoff[g.first] + q_lo + i0, np, np == cq.count, c0, c1, bm);
@@ -509,23 +313,116 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
     }
     flush();
   }
+  return out;
+}
+
+void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const std::byte* q,
+                  int k_rank, const std::byte* k, const std::byte* v, float* acc_o, float* acc_lse,
+                  std::int64_t piece, RingScratch& scratch, const std::function<void()>& progress,
+                  RingStepStats& st) {
+  const RingAttentionParams& p = *plan.p;
+  const auto& qoff = plan.offsets[static_cast<std::size_t>(q_rank)];
+  const auto& koff = plan.offsets[static_cast<std::size_t>(k_rank)];
+  const std::size_t es = plan.esize;
+  const ShardPlan calls = plan_shard(plan, q_rank, k_rank, piece, scratch.rows_cap);
+  st.skipped_blocks += calls.skipped_blocks;
+  // Runs the planned calls in order. Every partial (o, lse) is merged into the
+  // accumulators with merge_state_inplace (docs/semantics.md section 5); `progress` runs
+  // before the first and after every call, and inside the kernel (ProgressHook: between
+  // key tiles, at most every 100 us), so a transfer in flight keeps moving even where
+  // Open MPI has no single-copy path and moves a large message only while both sides sit
+  // in MPI calls.
+  if (progress) progress();
+  for (const ShardCall& c : calls.calls) {
+    const RingGroup& g = plan.groups[static_cast<std::size_t>(c.group)];
+    // Row strides between sequences of a dense group (each rank's n_r / n_src).
+    const std::int64_t q_seq_rows = qoff[g.first + 1] - qoff[g.first];
+    const std::int64_t k_seq_rows = koff[g.first + 1] - koff[g.first];
+    const std::int64_t np = c.rows;
+    FwdParams f;
+    f.dtype = p.dtype;
+    f.out_dtype = DType::kF32;
+    f.q = q + static_cast<std::size_t>(c.q_row * plan.q_row) * es;
+    f.k = k + static_cast<std::size_t>(c.k_row * plan.k_row) * es;
+    f.v = v + static_cast<std::size_t>(c.k_row * plan.v_row) * es;
+    f.out = scratch.o;
+    f.lse = scratch.lse;
+    f.q_batch_stride = q_seq_rows * plan.q_row;
+    f.q_row_stride = plan.q_row;
+    f.q_head_stride = p.d;
+    f.k_batch_stride = k_seq_rows * plan.k_row;
+    f.k_row_stride = plan.k_row;
+    f.k_head_stride = p.d;
+    f.v_batch_stride = k_seq_rows * plan.v_row;
+    f.v_row_stride = plan.v_row;
+    f.v_head_stride = p.d_v;
+    f.out_batch_stride = np * plan.o_row;
+    f.out_row_stride = plan.o_row;
+    f.out_head_stride = p.d_v;
+    f.b = g.count;
+    f.s_q = static_cast<int>(np);
+    f.s_k = static_cast<int>(c.keys);
+    f.h = p.h;
+    f.h_k = p.h_k;
+    f.d = p.d;
+    f.d_v = p.d_v;
+    f.mask.scale = p.mask.scale;
+    f.mask.softcap = p.mask.softcap;
+    if (c.mask.kind == BlockMask::kPartial) {
+      std::fill(scratch.shifts.begin(), scratch.shifts.begin() + g.count, c.mask.shift);
+      f.mask.mask_shift = scratch.shifts.data();
+      f.mask.window_left = c.mask.window_left;
+      f.mask.window_right = c.mask.window_right;
+    }
+    ProgressBridge bridge;
+    if (progress) {
+      bridge.fn = &progress;
+      f.progress.fn = &ProgressBridge::call;
+      f.progress.ctx = &bridge;
+    }
+    engine.forward(f);
+    if (bridge.error) std::rethrow_exception(bridge.error);
+    ++st.kernel_calls;
+    // Merge each sequence's rows: kernel lse [h, np] -> [np, h] to match rows.
+    for (int sb = 0; sb < g.count; ++sb) {
+      const float* l = scratch.lse + static_cast<std::int64_t>(sb) * p.h * np;
+      for (std::int64_t i = 0; i < np; ++i)
+        for (int hh = 0; hh < p.h; ++hh) scratch.lse_rows[i * p.h + hh] = l[hh * np + i];
+      const std::int64_t row = c.q_row + sb * q_seq_rows;
+      merge_state_inplace(acc_o + row * plan.o_row, acc_lse + row * p.h,
+                          scratch.o + sb * np * plan.o_row, scratch.lse_rows.data(), np * p.h,
+                          p.d_v);
+    }
+    if (progress) progress();
+  }
 }
 
 void ring_write_lse(const RingPlan& plan, int rank, const float* acc_lse, float* lse) {
   const RingAttentionParams& p = *plan.p;
   const std::int64_t rows = plan.rows(rank);
-  if (p.cu_seqlens) {
-    for (std::int64_t row = 0; row < rows; ++row)
-      for (int hh = 0; hh < p.h; ++hh) lse[hh * rows + row] = acc_lse[row * p.h + hh];
+  if (p.lse_layout == LseLayout::kRows) {
+    std::copy(acc_lse, acc_lse + rows * p.h, lse);
   } else {
-    const std::int64_t n = rows / p.b;
-    for (int bi = 0; bi < p.b; ++bi)
-      for (std::int64_t i = 0; i < n; ++i)
-        for (int hh = 0; hh < p.h; ++hh)
-          lse[(static_cast<std::int64_t>(bi) * p.h + hh) * n + i] =
-              acc_lse[(bi * n + i) * p.h + hh];
+    lse_rows_to_api(acc_lse, rows, p.h, p.b, p.cu_seqlens != nullptr, lse);
   }
 }
 
 }  // namespace detail
+
+void lse_rows_to_api(const float* rows_lse, std::int64_t rows, int h, int b, bool varlen,
+                     float* api) {
+  const std::int64_t n = varlen ? rows : rows / std::max(b, 1);  // rows per sequence (dense)
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (int hh = 0; hh < h; ++hh)
+      api[varlen ? hh * rows + r : ((r / n) * h + hh) * n + r % n] = rows_lse[r * h + hh];
+}
+
+void lse_api_to_rows(const float* api, std::int64_t rows, int h, int b, bool varlen,
+                     float* rows_lse) {
+  const std::int64_t n = varlen ? rows : rows / std::max(b, 1);
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (int hh = 0; hh < h; ++hh)
+      rows_lse[r * h + hh] = api[varlen ? hh * rows + r : ((r / n) * h + hh) * n + r % n];
+}
+
 }  // namespace ringattn

@@ -74,6 +74,27 @@ struct RingScratch {
   std::vector<std::int64_t> shifts;
 };
 
+// One kernel call of attend_shard: query rows [q_row, q_row + rows) of the q shard
+// (row index into the shard, first sequence of the group) against key rows [k_row,
+// k_row + keys) of the k shard, for every sequence of group `group` (a dense group's
+// sequences: the same rows of each, one shard length apart), under `mask` (never
+// kHidden; kPartial: the kernel's rule with that diagonal shift and window).
+struct ShardCall {
+  int group = 0;
+  std::int64_t q_row = 0, rows = 0;
+  std::int64_t k_row = 0, keys = 0;
+  BlockMask mask;
+};
+struct ShardPlan {
+  std::vector<ShardCall> calls;  // in merge order
+  int skipped_blocks = 0;        // (query piece, key chunk) pairs hidden by the mask
+};
+// Pure planner (no MPI, unit-tested): the kernel calls that attend the queries of shard
+// q_rank to the keys of shard k_rank, `piece` query rows at a time, joining whole query
+// chunks that see the same keys fully up to rows_cap rows.
+ShardPlan plan_shard(const RingPlan& plan, int q_rank, int k_rank, std::int64_t piece,
+                     std::int64_t rows_cap);
+
 // Attends the query rows of shard `q_rank` (q: that shard's tokens, [rows, h, d] in
 // local order) to the key/value rows of shard `k_rank` (k [rows, h_k, d], v [rows,
 // h_k, d_v]) and merges the partial results into acc_o [rows(q_rank), h, d_v] and

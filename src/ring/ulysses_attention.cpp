@@ -194,6 +194,7 @@ void hybrid_attention_forward(const comm::Communicator& comm, const Engine& engi
     rp.lse = lse_ring.data();
     rp.h = pl.hq;
     rp.h_k = pl.hk;
+    rp.lse_layout = LseLayout::kApi;
     ring_attention(ring_group, engine, mode, rp, options, stats ? &stats->ring_stats : nullptr);
 
     // ---- 3. head shards -> sequence shards: to rank j its rows (its pieces) of my
@@ -241,7 +242,9 @@ void hybrid_attention_forward(const comm::Communicator& comm, const Engine& engi
           for (int hh = 0; hh < pl.hq; ++hh, ++ro) {
             if (!p.lse) continue;
             const std::int64_t head = i * pl.hq + hh;
-            if (p.cu_seqlens) {
+            if (p.lse_layout == LseLayout::kRows) {
+              p.lse[r * p.h + head] = *ro;
+            } else if (p.cu_seqlens) {
               p.lse[head * my_rows + r] = *ro;
             } else {
               p.lse[(s * p.h + head) * my_n + t] = *ro;

@@ -31,6 +31,17 @@ namespace ringattn {
 //   varlen (cu_seqlens set, global offsets, identical on all ranks):
 //     q [t_r, h, d]      k [t_r, h_k, d]      v [t_r, h_k, d_v]
 //     out [t_r, h, d_v] fp32                  lse [h, t_r] fp32
+// How a ring writes its LSE: the API layouts above, or row order [rows, h] (local row
+// order, what a gather of rows across ranks needs: no conversion there and back).
+enum class LseLayout : std::uint8_t { kApi, kRows };
+
+// The one pair of conversions between them, for `rows` rows of b sequences (dense: b
+// sequences of rows / b rows each, API [b, h, rows / b]; varlen: API [h, rows]).
+void lse_rows_to_api(const float* rows_lse, std::int64_t rows, int h, int b, bool varlen,
+                     float* api);
+void lse_api_to_rows(const float* api, std::int64_t rows, int h, int b, bool varlen,
+                     float* rows_lse);
+
 struct RingAttentionParams {
   DType dtype = DType::kF32;  // storage of q, k, v: fp32, bf16 or fp16
   const void* q = nullptr;
@@ -47,6 +58,7 @@ struct RingAttentionParams {
   // scale, softcap, causal, window_left, window_right; mask_shift must stay nullptr.
   MaskParams mask;
   ShardLayout layout = ShardLayout::kZigzag;
+  LseLayout lse_layout = LseLayout::kApi;  // kRows: lse [rows, h] in local row order
 };
 
 struct RingOptions {
