@@ -15,6 +15,7 @@ for f in $(find kernels/src comm/src src -name '*.cpp' ! -path 'src/cli/*' ! -pa
   isa=""
   [[ $f == *_avx512.cpp ]] && isa="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c"
   [[ $f == *_avx2.cpp ]] && isa="-mavx2 -mfma -mf16c"
+  [[ $f == *_avx512_bf16.cpp ]] && isa="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c -mavx512bf16"
   [[ $f == *_amx.cpp ]] && isa="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c -mavx512bf16 -mamx-tile -mamx-bf16"
   mpicxx -std=c++20 -O3 -DNDEBUG -fopenmp $isa $inc -c "$f" -o "$o" &
   objs+=("$o")

@@ -24,7 +24,8 @@ bool has_f16c() {
 }
 
 // CPUID leaf 7: AMX-BF16 (EDX bit 22), AMX-TILE (EDX bit 24); sub-leaf 1:
-// AVX512_BF16 (EAX bit 5).
+// AVX512_BF16 (EAX bit 5; the OS state of the zmm registers is the one
+// __builtin_cpu_supports("avx512f") already checks).
 bool cpuid7(unsigned sub, unsigned reg, unsigned bit) {
   unsigned r[4] = {0, 0, 0, 0};
   if (__get_cpuid_count(7, sub, &r[0], &r[1], &r[2], &r[3]) == 0) return false;
@@ -77,6 +78,8 @@ const char* isa_name(CpuIsa isa) {
       return "avx2";
     case CpuIsa::kAvx512:
       return "avx512";
+    case CpuIsa::kAvx512Bf16:
+      return "avx512-bf16";
     case CpuIsa::kAmx:
       return "amx";
   }
@@ -93,16 +96,17 @@ bool cpu_supports(CpuIsa isa, std::string* missing) {
                             {"avx512bw", __builtin_cpu_supports("avx512bw") != 0},
                             {"avx512vl", __builtin_cpu_supports("avx512vl") != 0},
                             {"avx512dq", __builtin_cpu_supports("avx512dq") != 0}};
+  const Feature bf16[] = {{"avx512_bf16", has_avx512_bf16()}};
   const bool tiles = has_amx_tile() && has_amx_bf16();
   const Feature amx[] = {{"amx-tile", has_amx_tile()},
                          {"amx-bf16", has_amx_bf16()},
-                         {"avx512bf16", has_avx512_bf16()},
                          {"os-tile-state", !tiles || os_enables_tiles()}};
 #else
   const Feature avx2[] = {{"avx2", false}, {"fma", false}, {"f16c", false}};
   const Feature avx512[] = {
       {"avx512f", false}, {"avx512bw", false}, {"avx512vl", false}, {"avx512dq", false}};
-  const Feature amx[] = {{"amx-tile", false}, {"amx-bf16", false}, {"avx512bf16", false}};
+  const Feature bf16[] = {{"avx512_bf16", false}};
+  const Feature amx[] = {{"amx-tile", false}, {"amx-bf16", false}};
 #endif
   std::string miss;
   auto add = [&](const Feature* f, int n) {
@@ -113,7 +117,8 @@ bool cpu_supports(CpuIsa isa, std::string* missing) {
       }
   };
   if (isa != CpuIsa::kScalar) add(avx2, 3);
-  if (isa == CpuIsa::kAvx512 || isa == CpuIsa::kAmx) add(avx512, 4);
+  if (isa == CpuIsa::kAvx512 || isa == CpuIsa::kAvx512Bf16 || isa == CpuIsa::kAmx) add(avx512, 4);
+  if (isa == CpuIsa::kAvx512Bf16 || isa == CpuIsa::kAmx) add(bf16, 1);
   if (isa == CpuIsa::kAmx) {
     add(amx, static_cast<int>(sizeof(amx) / sizeof(amx[0])));
 #if defined(__x86_64__) || defined(__i386__)
@@ -138,6 +143,7 @@ bool cpu_prefers_key_major_decode() {
 
 CpuIsa best_cpu_isa() {
   if (cpu_supports(CpuIsa::kAmx)) return CpuIsa::kAmx;
+  if (cpu_supports(CpuIsa::kAvx512Bf16)) return CpuIsa::kAvx512Bf16;
   if (cpu_supports(CpuIsa::kAvx512)) return CpuIsa::kAvx512;
   if (cpu_supports(CpuIsa::kAvx2)) return CpuIsa::kAvx2;
   return CpuIsa::kScalar;
@@ -154,6 +160,7 @@ std::string cpu_feature_summary_impl() {
                          {"avx512bw", __builtin_cpu_supports("avx512bw") != 0},
                          {"avx512vl", __builtin_cpu_supports("avx512vl") != 0},
                          {"avx512dq", __builtin_cpu_supports("avx512dq") != 0},
+                         {"avx512_bf16", has_avx512_bf16()},
                          {"amx-tile", has_amx_tile()},
                          {"amx-bf16", has_amx_bf16()}};
   for (const auto& f : all)

@@ -5,10 +5,10 @@
 
 namespace ringattn::detail {
 
-// kAmx: the AVX-512 tier plus the AMX tile engine (amx-tile, amx-bf16) and
-// avx512-bf16; bf16 prefill runs Q K^T and P V on tiles, everything else runs the
-// kAvx512 code (cpu_backend.cpp).
-enum class CpuIsa { kScalar, kAvx2, kAvx512, kAmx };
+// kAvx512Bf16: kAvx512 plus AVX512_BF16 (vdpbf16ps); kAmx: kAvx512Bf16 plus the AMX
+// tile engine (amx-tile, amx-bf16). On both, bf16 storage runs the prefill products on
+// that engine and everything else runs the kAvx512 code (cpu_backend.cpp).
+enum class CpuIsa { kScalar, kAvx2, kAvx512, kAvx512Bf16, kAmx };
 
 const char* isa_name(CpuIsa isa);
 

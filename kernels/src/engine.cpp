@@ -21,6 +21,8 @@ std::unique_ptr<detail::Backend> select_backend(const std::string& name,
   CpuIsa isa;
   if (name == "cpu-amx") {
     isa = CpuIsa::kAmx;
+  } else if (name == "cpu-avx512-bf16") {
+    isa = CpuIsa::kAvx512Bf16;
   } else if (name == "cpu-avx512") {
     isa = CpuIsa::kAvx512;
   } else if (name == "cpu-avx2") {
@@ -30,8 +32,8 @@ std::unique_ptr<detail::Backend> select_backend(const std::string& name,
   } else {
     RA_THROW(InvalidArgument, "backend: unknown backend '"
                                   << name
-                                  << "' (expected auto, cpu, cpu-amx, cpu-avx512, cpu-avx2, "
-                                     "cpu-scalar or reference)");
+                                  << "' (expected auto, cpu, cpu-amx, cpu-avx512-bf16, "
+                                     "cpu-avx512, cpu-avx2, cpu-scalar or reference)");
   }
   std::string missing;
   RA_CHECK(detail::cpu_supports(isa, &missing), UnsupportedError,
@@ -96,6 +98,7 @@ void Engine::mla_sparse_prefill(const MlaSparsePrefillParams& p) const {
 std::vector<std::string> available_backends() {
   std::vector<std::string> names;
   if (detail::cpu_supports(CpuIsa::kAmx)) names.push_back("cpu-amx");
+  if (detail::cpu_supports(CpuIsa::kAvx512Bf16)) names.push_back("cpu-avx512-bf16");
   if (detail::cpu_supports(CpuIsa::kAvx512)) names.push_back("cpu-avx512");
   if (detail::cpu_supports(CpuIsa::kAvx2)) names.push_back("cpu-avx2");
   names.push_back("cpu-scalar");

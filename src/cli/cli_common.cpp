@@ -112,7 +112,8 @@ void add_kernel_options(po::options_description& desc, KernelArgs* a) {
   add("dtype", po::value<std::string>(&a->dtype)->default_value("fp32"),
       "storage dtype of the kernel inputs: fp32 | bf16 | fp16 (file values are rounded to it)");
   add("backend", po::value<std::string>(&a->backend)->default_value("auto"),
-      "kernel backend: auto | cpu | cpu-amx | cpu-avx512 | cpu-avx2 | cpu-scalar | reference");
+      "kernel backend: auto | cpu | cpu-amx | cpu-avx512-bf16 | cpu-avx512 | cpu-avx2 | "
+      "cpu-scalar | reference");
   add("threads", po::value<int>(&a->threads)->default_value(0), "OpenMP threads; 0 = all");
 }
 

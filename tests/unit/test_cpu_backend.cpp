@@ -67,12 +67,13 @@ void expect_close(const std::vector<float>& a, const std::vector<float>& b, doub
                                 << b[at];
 }
 
-// cpu-amx rounds the softmax weights P to bf16 before P V on bf16 storage (as
-// FlashAttention-3): each weight moves by at most 2^-8 relative, the output by at most
-// 2^-8 max|v| (test::p_rounding_atol). Returns `tol` widened by that for such runs.
+// The matrix engines (cpu-amx, cpu-avx512-bf16) round the softmax weights P to bf16
+// before P V on bf16 storage (as FlashAttention-3): each weight moves by at most 2^-8
+// relative, the output by at most 2^-8 max|v| (test::p_rounding_atol). Returns `tol`
+// widened by that for such runs.
 double with_p_rounding(double tol, const std::string& be, DType t,
                        std::initializer_list<const std::vector<std::uint8_t>*> values) {
-  if (be != "cpu-amx" || t != DType::kBF16) return tol;
+  if ((be != "cpu-amx" && be != "cpu-avx512-bf16") || t != DType::kBF16) return tol;
   double m = 0.0;
   for (const auto* v : values)
     for (std::size_t i = 0; i < v->size() / dtype_size(t); ++i)

@@ -312,6 +312,29 @@ TEST(ValidationBackend, CpuAmxSelectedOrNamedError) {
                << "); its kernel tests run on a CPU with AMX";
 }
 
+// cpu-avx512-bf16 needs AVX512_BF16: named in the error where it is missing; where it is
+// present, "auto" picks it unless cpu-amx is usable (the best tier first in the list).
+TEST(ValidationBackend, Bf16TierNeedsAvx512Bf16) {
+  const auto names = available_backends();
+  if (std::find(names.begin(), names.end(), "cpu-avx512-bf16") != names.end()) {
+    const bool amx = detail::cpu_supports(detail::CpuIsa::kAmx);
+    const std::string best = amx ? "cpu-amx" : "cpu-avx512-bf16";
+    EXPECT_EQ(names.front(), best);
+    EXPECT_EQ(Engine(EngineOptions{"auto", 1}).backend_name(), best);
+    EXPECT_EQ(Engine(EngineOptions{"cpu-avx512-bf16", 1}).backend_name(), "cpu-avx512-bf16");
+    EXPECT_NE(cpu_feature_summary().find("avx512_bf16"), std::string::npos);
+    return;
+  }
+  try {
+    Engine e(EngineOptions{"cpu-avx512-bf16", 0});
+    ADD_FAILURE() << "cpu-avx512-bf16 accepted on a CPU without it";
+  } catch (const UnsupportedError& e) {
+    EXPECT_NE(e.message().find("avx512_bf16"), std::string::npos) << e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "expected UnsupportedError, got: " << e.what();
+  }
+}
+
 TEST(ValidationBackend, AvailableBackendsRun) {
   const auto names = available_backends();
   ASSERT_FALSE(names.empty());

@@ -1,4 +1,5 @@
-// The optimised CPU backend ("cpu-avx512" / "cpu-avx2" / "cpu-scalar").
+// The optimised CPU backend ("cpu-amx" / "cpu-avx512-bf16" / "cpu-avx512" / "cpu-avx2" /
+// "cpu-scalar").
 //
 // Every entry point is turned into one AttnProblem (flash_fwd_cpu.hpp): a list of
 // independent sequences with their lengths, mask diagonal and K/V row addressing.
@@ -30,12 +31,16 @@ using cpu::SeqDesc;
 
 using KernelFn = void (*)(const AttnProblem&, int);
 
-// The vector ISA of a tier: kAmx runs the AVX-512 code except where tiles apply.
-CpuIsa vector_isa(CpuIsa isa) { return isa == CpuIsa::kAmx ? CpuIsa::kAvx512 : isa; }
+// The vector ISA of a tier: kAmx and kAvx512Bf16 run the AVX-512 code except where
+// their matrix engine applies (bf16 storage, kernel_for_problem).
+CpuIsa vector_isa(CpuIsa isa) {
+  return isa == CpuIsa::kAmx || isa == CpuIsa::kAvx512Bf16 ? CpuIsa::kAvx512 : isa;
+}
 
 KernelFn kernel_for(CpuIsa isa) {
   switch (isa) {
     case CpuIsa::kAmx:
+    case CpuIsa::kAvx512Bf16:
     case CpuIsa::kAvx512:
       return &cpu::flash_fwd_avx512;
     case CpuIsa::kAvx2:
@@ -51,10 +56,11 @@ KernelFn kernel_for(CpuIsa isa) {
 // cache line and that order measured 10-15 % slower on one thread of a Zen 5 and no
 // faster on a Xeon (docs/cpu-backend.md). Key-major fp32 decode, bf16 / fp16 decode
 // and all prefill keep AVX-512.
-// kAmx: bf16 storage runs flash_fwd_amx (tile prefill, AVX-512 decode); other dtypes
-// the AVX-512 kernels.
+// kAmx / kAvx512Bf16: bf16 storage runs flash_fwd_amx / flash_fwd_avx512_bf16 (engine
+// prefill, AVX-512 decode); other dtypes the AVX-512 kernels.
 KernelFn kernel_for_problem(CpuIsa isa, const AttnProblem& a) {
-  if (isa == CpuIsa::kAmx && a.dtype == DType::kBF16) return &cpu::flash_fwd_amx;
+  if (a.dtype == DType::kBF16 && isa == CpuIsa::kAmx) return &cpu::flash_fwd_amx;
+  if (a.dtype == DType::kBF16 && isa == CpuIsa::kAvx512Bf16) return &cpu::flash_fwd_avx512_bf16;
   isa = vector_isa(isa);
   if (isa == CpuIsa::kAvx512 && a.dtype == DType::kF32 && !a.decode_key_major) {
     const int group = a.h / a.h_k;

@@ -167,7 +167,11 @@ inline void take_scratch(BufferPool* pool, std::size_t bytes, BufferPool::Lease&
 void flash_fwd_scalar(const AttnProblem& p, int threads);
 void flash_fwd_avx2(const AttnProblem& p, int threads);
 void flash_fwd_avx512(const AttnProblem& p, int threads);
-// bf16 storage only (flash_fwd_cpu_amx.cpp): prefill tiles on AMX, decode on AVX-512.
+// bf16 storage only (the tier's other dtypes run flash_fwd_avx512): AVX-512 vector
+// code with the prefill products on a matrix engine; decode stays on AVX-512.
+// cpu-amx: AMX tiles (flash_fwd_cpu_amx.cpp).
 void flash_fwd_amx(const AttnProblem& p, int threads);
+// cpu-avx512-bf16: vdpbf16ps (flash_fwd_cpu_avx512_bf16.cpp).
+void flash_fwd_avx512_bf16(const AttnProblem& p, int threads);
 
 }  // namespace ringattn::detail::cpu

@@ -127,10 +127,26 @@ struct PackItem {
   float* dst;
 };
 
-// Matrix engine of the prefill tiles (template parameter E of FlashFwd). VectorTiles:
-// the vector micro-kernels below. Another engine (amx_prefill.hpp) sets kMatrix and
-// takes over the K/V packing and the prefill tile (S = Q K^T, softmax, O += P V) through
-// the hooks marked "E hook"; the task loop, masks, splits and merges stay shared.
+// Matrix engine of the prefill tiles (template parameter E of FlashFwd). VectorTiles,
+// the default: the vector micro-kernels of this file (every storage type widened to
+// fp32). An engine for bf16 storage (DpBf16Engine in mm_dpbf16.hpp: vdpbf16ps, tier
+// cpu-avx512-bf16; AmxTiles in amx_prefill.hpp: AMX tiles, tier cpu-amx) sets kMatrix
+// and takes over the K/V packing and the prefill key tile through the hooks marked
+// "E hook"; the task loop, masks, splits, merges and the decode kernel (K / V rows read
+// in place; memory bound, docs/cpu-backend.md) stay FlashFwd's. With f the FlashFwd and
+// sc its Scratch, an engine provides
+//   kKeyTile                            keys per prefill tile (FlashFwd's NC)
+//   Scratch                             its per-thread buffers (sc.mm)
+//   init_scratch(f, sc)                 sizes sc.mm (and may enlarge FlashFwd's buffers)
+//   tile_floats(f)                      floats of one packed K + V tile (pack buffer unit)
+//   pack_tile(f, sd, hk, j0, nc, dst)   keys [j0, j0 + nc) of KV head hk: K then V in
+//                                       the engine's layouts, keys past nc zero
+//   begin_task(f, t, sd, sc, M)         before a prefill task's tiles: its M Q rows as
+//                                       stored (unscaled), r = g * nq + ii
+//   prefill_tile(f, sd, t, sc, M, nq, j0, nc, full, packed)   one key tile: S = Q K^T,
+//       the online softmax (FlashFwd's softmax_tile on sc.s, or the engine's own into
+//       sc.st), O = O * alpha + P V into sc.o; packed = the tile's pack_tile output or
+//       nullptr (the engine packs it into sc.mm)
 struct VectorTiles {
   static constexpr bool kMatrix = false;
   static constexpr int kKeyTile = cpu::kKeyTile;  // keys per prefill tile (NC)
@@ -566,6 +582,23 @@ struct FlashFwd {
     for (int j = 0; j < nc; ++j) convert_row(v_row(sd, j0 + j, hk), p.d_v, 1.0f, vp + j * dvp);
   }
 
+  // Diagonal sub-tiles: on a masked tile, a block of MR rows only needs the key
+  // columns up to the last one any of its rows sees (lim); the columns past it are
+  // -inf for every row of the block, so S and P V stop there (rounded up to the
+  // micro-kernel width for S), and a block that sees nothing is skipped (its rows
+  // keep alpha = 1 and P = 0 from softmax_tile). On causal prefill this removes
+  // the hidden upper triangle of each diagonal tile.
+  void block_limits(Scratch& sc, int M, int nq, std::int64_t j0, int nc, bool full) const {
+    int* lim = sc.lim.get();
+    for (int r0 = 0, bi = 0; r0 < M; r0 += MR, ++bi) {
+      lim[bi] = nc;
+      if (full) continue;
+      std::int64_t hi = 0;
+      for (int r = r0; r < std::min(MR + r0, M); ++r) hi = std::max(hi, sc.rows[r % nq].hi - j0);
+      lim[bi] = static_cast<int>(std::clamp<std::int64_t>(hi, 0, nc));
+    }
+  }
+
   // One key tile of the prefill kernel. `packed` = this tile's kt followed by vp when
   // the call pre-packed K/V (shared by every query block of the head), else nullptr.
   void prefill_tile(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq, std::int64_t j0,
@@ -580,20 +613,8 @@ struct FlashFwd {
     }
     for (int j = 0; j < nc; ++j) sc.vrow_f[j] = vp + j * dvp;
     const int ncv = static_cast<int>(round_up(nc, NV * L));
-    // Diagonal sub-tiles: on a masked tile, a block of MR rows only needs the key
-    // columns up to the last one any of its rows sees (lim); the columns past it are
-    // -inf for every row of the block, so S and P V stop there (rounded up to the
-    // micro-kernel width for S), and a block that sees nothing is skipped (its rows
-    // keep alpha = 1 and P = 0 from softmax_tile). On causal prefill this removes
-    // the hidden upper triangle of each diagonal tile.
     int* lim = sc.lim.get();
-    for (int r0 = 0, bi = 0; r0 < M; r0 += MR, ++bi) {
-      lim[bi] = nc;
-      if (full) continue;
-      std::int64_t hi = 0;
-      for (int r = r0; r < std::min(MR + r0, M); ++r) hi = std::max(hi, sc.rows[r % nq].hi - j0);
-      lim[bi] = static_cast<int>(std::clamp<std::int64_t>(hi, 0, nc));
-    }
+    block_limits(sc, M, nq, j0, nc, full);
     // S = Q K^T over all M rows in blocks of MR rows.
     for (int r0 = 0, bi = 0; r0 < M; r0 += MR, ++bi) {
       const int rows = std::min(MR, M - r0);
@@ -748,12 +769,8 @@ struct FlashFwd {
   // softmax, V the same way, with the accumulators O (nh * mh rows) in L1. So K and V
   // are each read as one ascending stream, which the hardware prefetchers follow, and
   // every load is paired with a prefetch of the same offset kDecodeKeyMajorPrefetchTiles
-  // tiles ahead, i.e. the prefetches form the same single stream. Measured
-  // (docs/cpu-backend.md, seventh round) on a Zen 5: the head-major order (the tile's 16
-  // rows of one head, then the next head; 16 pages read in turn) holds 2 threads near
-  // 75 % of the read loop, this order 80-95 %;
-  // reading two keys' rows interleaved drops a load-only loop to 35 % without software
-  // prefetch (one stream: 90 %).
+  // tiles ahead, i.e. the prefetches form the same single stream. Measurements:
+  // docs/cpu-backend.md, seventh round.
   void decode_tile_key_major(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq,
                              std::int64_t j0, int nc, bool full) const {
     switch (M / t.nh) {
@@ -829,8 +846,7 @@ struct FlashFwd {
   // same head's row kDecodePrefetchTiles tiles ahead, so the misses of later tiles are
   // in flight while this tile computes and the prefetches come at the rate the data
   // is consumed (a burst of prefetches per tile, as tried first, stalled the loads
-  // behind it). Measured (docs/cpu-backend.md): bf16 from 38 % to 68-76 % of the read
-  // loop on 2 threads (AVX-512); fewer heads per task was slower.
+  // behind it). Measurements: docs/cpu-backend.md, fourth round.
   void decode_tile_head_major(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq,
                               std::int64_t j0, int nc, bool full) const {
     const int mh = M / t.nh;  // rows of one KV head

@@ -6,8 +6,8 @@ Modules:
   ringattn.ring                  ring attention across MPI ranks (mpi4py), named like
                                  ring-flash-attention; imported on first use
 
-Process-wide settings: ``set_backend("auto" | "cpu-amx" | "cpu-avx512" | "cpu-avx2" |
-"cpu-scalar" | "reference")`` and ``set_num_threads(n)`` (default: OpenMP's, i.e. OMP_NUM_THREADS or the
+Process-wide settings: ``set_backend("auto" | "cpu-amx" | "cpu-avx512-bf16" | "cpu-avx512" |
+"cpu-avx2" | "cpu-scalar" | "reference")`` and ``set_num_threads(n)`` (default: OpenMP's, i.e. OMP_NUM_THREADS or the
 number of cores). Kernels run with the GIL released; calls from several Python threads
 are safe. Inputs are CPU torch tensors or numpy arrays, read in place.
 """
@@ -52,8 +52,8 @@ __all__ = [
 
 def set_backend(name):
     """Choose the kernel backend for this process: "auto" (best this CPU supports), "cpu"
-    (best SIMD), "cpu-amx" (bf16 prefill on Intel AMX tiles), "cpu-avx512", "cpu-avx2",
-    "cpu-scalar" or "reference". A backend this CPU
+    (best SIMD), "cpu-amx" (bf16 prefill on Intel AMX tiles), "cpu-avx512-bf16" (bf16
+    prefill on vdpbf16ps), "cpu-avx512", "cpu-avx2", "cpu-scalar" or "reference". A backend this CPU
     cannot run raises UnsupportedError (a ValueError) naming the missing feature."""
     if not isinstance(name, str):
         raise TypeError(f"set_backend: name must be a str, got {type(name).__name__}")
