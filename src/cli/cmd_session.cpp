@@ -316,6 +316,16 @@ int cmd_session(int argc, char** argv) {
   cfg.layout = cache_layout;
   cfg.prefill_layout = prefill_layout;
   cfg.mask = mask_params;
+  // --sinks [h]: every rank reads the file (the session checks that they agree); applied
+  // once per output row, after the merge.
+  std::vector<float> sinks;
+  comm::run_collectively(comm, [&] {
+    RA_CHECK(
+        mask_params.attention_chunk == 0, UnsupportedError,
+        "--attention-chunk: not supported by sessions (got " << mask_params.attention_chunk << ")");
+    sinks = load_sinks(mask_args, sh.h);
+  });
+  if (!sinks.empty()) cfg.mask.sinks = sinks.data();
   cfg.mask.causal = false;  // the session's own rule (always causal)
   Engine engine = [&] {
     std::unique_ptr<Engine> e;
@@ -445,6 +455,7 @@ int cmd_session(int argc, char** argv) {
       rp.row = pos;
       rp.shift = 0;
       rp.mask = mask_params;
+      rp.mask.sinks = cfg.mask.sinks;
       std::vector<double> ro(static_cast<std::size_t>(orow)), rl(static_cast<std::size_t>(sh.h));
       reference_row(
           rp,

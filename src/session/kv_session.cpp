@@ -9,6 +9,7 @@
 #include <cstring>
 #include <sstream>
 
+#include "ring/ring_blocks.hpp"
 #include "ringattn/comm/collectives.hpp"
 #include "ringattn/comm/mpi_check.hpp"
 #include "ringattn/comm/ring_exchange.hpp"
@@ -174,6 +175,9 @@ const SessionConfig& validated(const comm::Communicator& comm, const SessionConf
                      << c.mask.window_right);
     RA_CHECK(c.mask.mask_shift == nullptr, UnsupportedError,
              "session: mask.mask_shift must be nullptr");
+    RA_CHECK(c.mask.attention_chunk == 0, UnsupportedError,
+             "session: attention_chunk = " << c.mask.attention_chunk << " is not supported");
+    validate_mask(c.mask, c.h);
   });
   comm::check_consistent(comm, {{"version", version()},
                                 {"dtype", dtype_name(c.dtype)},
@@ -185,7 +189,8 @@ const SessionConfig& validated(const comm::Communicator& comm, const SessionConf
                                 {"cache layout", cache_layout_name(c.layout)},
                                 {"prefill layout", layout_name(c.prefill_layout)},
                                 {"mask", str(c.mask.scale) + "," + str(c.mask.softcap) + "," +
-                                             str(c.mask.window_left)}});
+                                             str(c.mask.window_left)},
+                                {"sinks", detail::sinks_fingerprint(c.mask.sinks, c.h)}});
   return c;
 }
 

@@ -33,6 +33,7 @@ struct Case {
   float softcap = 0.0f;
   DType dtype = DType::kF32;
   ExtendMode mode = ExtendMode::kPassQ;
+  bool sinks = false;  // attention-sink logits per head (applied once per output row)
 };
 
 std::vector<std::byte> rand_rows(std::mt19937& rng, std::int64_t n, DType t) {
@@ -63,6 +64,9 @@ void run_case(const Case& c) {
     V[s] = rand_rows(rng, total[s] * vr, c.dtype);
   }
   Engine engine(EngineOptions{"auto", 1});
+  std::vector<float> sinks(static_cast<std::size_t>(c.h));
+  for (int i = 0; i < c.h; ++i)
+    sinks[static_cast<std::size_t>(i)] = 0.7f * static_cast<float>(i) - 1.0f;
   // Reference: causal attention over each whole sequence.
   std::vector<std::vector<float>> ref_o(b), ref_l(b);
   for (int s = 0; s < b; ++s) {
@@ -90,6 +94,7 @@ void run_case(const Case& c) {
     f.mask.causal = true;
     f.mask.window_left = c.wl;
     f.mask.softcap = c.softcap;
+    if (c.sinks) f.mask.sinks = sinks.data();
     engine.forward(f);
   }
   const double tol = c.dtype == DType::kF32 ? 2e-5 : 2e-2;
@@ -118,6 +123,7 @@ void run_case(const Case& c) {
   cfg.prefill_layout = c.prefill;
   cfg.mask.window_left = c.wl;
   cfg.mask.softcap = c.softcap;
+  if (c.sinks) cfg.mask.sinks = sinks.data();
   KvSession session(comm, engine, cfg);
 
   // Prefill: this rank's shard of every prompt, packed.
@@ -206,6 +212,18 @@ std::vector<Case> cases() {
   c.dtype = DType::kBF16;
   c.mode = ExtendMode::kAuto;
   c.prompt = {40, 1, 0};
+  out.push_back(c);
+  c = Case{};
+  c.name = "sinks_pass_kv_window_decode";
+  c.sinks = true;
+  c.mode = ExtendMode::kPassKV;
+  out.push_back(c);
+  c = Case{};
+  c.name = "sinks_window_multi_token";
+  c.sinks = true;
+  c.wl = 9;
+  c.s1 = 0;
+  c.t = 2;
   out.push_back(c);
   c = Case{};
   c.name = "short_prompts_page1";

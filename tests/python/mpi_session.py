@@ -55,7 +55,7 @@ def causal_ref(q, k, v, scale, wl=-1):
     return np.einsum("hij,jhd->ihd", p / p.sum(axis=2, keepdims=True), vv), np.log(p.sum(axis=2)) + m[..., 0]
 
 
-def run(kind, dtype, cache_layout, mode, wl):
+def run(kind, dtype, cache_layout, mode, wl, sinks=False):
     rng = np.random.default_rng(11)
     h, h_k, d, d_v = 4, 2, 16, 8
     lens = [19 + SIZE, 7]
@@ -77,10 +77,15 @@ def run(kind, dtype, cache_layout, mode, wl):
     rnd = (lambda a: f64(conv(a))) if dtype == "bf16" else (lambda a: a)
     Q, K, V = [rnd(x) for x in Q], [rnd(x) for x in K], [rnd(x) for x in V]
     refs = [causal_ref(Q[s], K[s], V[s], 1 / math.sqrt(d), wl) for s in range(b)]
+    sink = np.linspace(-1.0, 2.0, h) if sinks else None
+    if sinks:  # out *= exp(lse) / (exp(lse) + exp(sink)); the LSE excludes the sink
+        refs = [(o * (1.0 / (1.0 + np.exp(sink[None, :] - l.T)))[..., None], l) for o, l in refs]
     tol = 2e-5 if dtype == "fp32" else 3e-2
     what = f"{kind} {dtype} {cache_layout} {mode} wl={wl}"
+    sink_t = None if sink is None else (torch.tensor(sink, dtype=torch.float32) if kind == "torch"
+                                        else sink.astype(np.float32))
     sess = rs.KvSession(b, h, h_k, d, max(total), head_dim_v=d_v, dtype=dtype, page_size=3,
-                        cache_layout=cache_layout, window_size=(wl, 0))
+                        cache_layout=cache_layout, window_size=(wl, 0), sinks=sink_t)
     full = lambda X: np.concatenate([X[s][:lens[s]] for s in range(b)])  # noqa: E731
     ql, kl, vl = (sess.shard_prompt(conv(full(X)), lens) for X in (Q, K, V))
     out, lse = sess.prefill(ql, kl, vl, lens)
@@ -142,6 +147,7 @@ def main():
             for layout, mode in (("round-robin", "pass-q"), ("contiguous", "pass-kv"), ("round-robin", "auto")):
                 run(kind, dtype, layout, mode, -1)
         run(kind, "fp32", "round-robin", "auto", 5)
+        run(kind, "fp32", "contiguous", "pass-kv", -1, sinks=True)
     test_errors()
     counts = COMM.allgather((CHECKS, len(FAILURES)))
     failed = sum(f for _, f in counts)

@@ -49,12 +49,14 @@ class KvSession:
     tokens appended after the prompt ("round-robin": blocks of page_size tokens, the
     default, balances decode; "contiguous": one range per rank). ``prefill_layout``: the
     prompt shard each rank holds (zigzag by default). The session is causal;
-    ``window_size=(left, 0)`` adds a sliding window (decode and prefill only).
+    ``window_size=(left, 0)`` adds a sliding window (decode and prefill only). ``sinks``:
+    optional [h] fp32 attention-sink logits, the same on every rank, applied once per
+    output row after the merge (the LSE excludes them).
     """
 
     def __init__(self, batch, num_heads, num_kv_heads, head_dim, capacity, *, head_dim_v=None,
                  dtype="bf16", page_size=256, cache_layout="round-robin", prefill_layout="zigzag",
-                 softmax_scale=None, window_size=(-1, 0), softcap=0.0, group=None):
+                 softmax_scale=None, window_size=(-1, 0), softcap=0.0, sinks=None, group=None):
         self._comm = _comm(group)
         d = _tensor.check_scalar_int(head_dim, "head_dim")
         d_v = d if head_dim_v is None else _tensor.check_scalar_int(head_dim_v, "head_dim_v")
@@ -76,6 +78,8 @@ class KvSession:
             cap = float(softcap)
             if not (math.isfinite(cap) and cap >= 0):
                 raise ValueError(f"softcap: must be finite and >= 0, got {softcap!r}")
+            if sinks is not None:
+                _tensor.sinks_arg(sinks, None, _tensor.check_scalar_int(num_heads, "num_heads"), sinks)
             ints = [_tensor.check_scalar_int(x, n) for x, n in
                     ((batch, "batch"), (num_heads, "num_heads"), (num_kv_heads, "num_kv_heads"),
                      (capacity, "capacity"), (page_size, "page_size"))]
@@ -85,8 +89,10 @@ class KvSession:
             self._comm.Get_rank()]
         self._dtype = typ
         self._shape = (b, h, h_k, d, d_v)
+        sink_keep, sink_arg = (None, None) if sinks is None else _tensor.sinks_arg(sinks, None, h, sinks)
         self._s = _C.KvSession(self._comm.py2f(), typ, b, h, h_k, d, d_v, capacity, page_size,
-                               cache_layout, _PREFILL_LAYOUTS[prefill_layout], scale, wl, cap)
+                               cache_layout, _PREFILL_LAYOUTS[prefill_layout], scale, wl, cap, sink_arg)
+        del sink_keep
 
     @property
     def lengths(self):
