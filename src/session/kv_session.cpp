@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <sstream>
 
 #include "ring/ring_blocks.hpp"
@@ -106,9 +107,10 @@ ExtendMode parse_extend_mode(std::string_view name) {
 }
 
 // Cost model of one extend, per rank. Compute of `rows` query rows per sequence against
-// `keys` cached keys: the larger of its FLOPs at the kernel rate and the read of those
-// keys from memory (few rows make a call memory-bound):
-//   compute(rows, keys) = max(2 b rows keys h (d + d_v) / flops_per_s,
+// `keys` cached keys: the larger of its FLOPs at the kernel rate (lower for calls with
+// few rows per K/V head) and the read of those keys from memory:
+//   rate(rows) = flops_per_s * min(1, rows * h / h_k / full_rate_rows)
+//   compute(rows, keys) = max(2 b rows keys h (d + d_v) / rate(rows),
 //                             b keys h_k (d + d_v) e / memory_bytes_per_s)
 //   pass-Q   compute(S1, C / P), then a tree merge of the records [b, S1, h][d_v + 1]
 //            fp32: 2 log2(P) messages of that size (reduce and broadcast phases).
@@ -125,7 +127,9 @@ ExtendPlan plan_extend(const SessionConfig& c, int ranks, std::int64_t context, 
   const double keys = std::ceil(context / P);
   const double shard = double(c.b) * keys * c.h_k * (c.d + c.d_v) * e;
   const auto compute = [&](double rows) {
-    return std::max(2.0 * c.b * rows * keys * c.h * (c.d + c.d_v) / k.flops_per_s,
+    const double rows_per_kv_head = rows * c.h / c.h_k;
+    const double rate = k.flops_per_s * std::min(1.0, rows_per_kv_head / k.full_rate_rows);
+    return std::max(2.0 * c.b * rows * keys * c.h * (c.d + c.d_v) / rate,
                     shard / k.memory_bytes_per_s);
   };
   const double transfer = shard / k.bytes_per_s + k.latency_s;
@@ -536,9 +540,28 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
       w += static_cast<std::size_t>(n * vr) * es;
     }
     const int rows = hi - lo;
-    std::vector<float> o(static_cast<std::size_t>(rows) * c.h * c.d_v);
-    std::vector<float> l(static_cast<std::size_t>(c.h) * rows);
-    std::vector<float> part(records.size());
+    // This rank's rows only: accumulators o [b, rows, h, d_v] and lse [b, rows, h],
+    // merged in place after every kernel call (O(rows) work per step, not O(S1)).
+    const std::int64_t srows = std::int64_t{rows} * c.h;
+    std::vector<float> acc_o(static_cast<std::size_t>(c.b * srows * c.d_v), 0.0f);
+    std::vector<float> acc_l(static_cast<std::size_t>(c.b * srows), kNegInf);
+    std::vector<float> o(static_cast<std::size_t>(srows * c.d_v));
+    std::vector<float> l(static_cast<std::size_t>(srows)), l_rows(static_cast<std::size_t>(srows));
+    // The next shard's transfer moves during the kernel call too (Open MPI moves a large
+    // message only inside MPI calls where it has no single-copy path).
+    struct Progress {
+      comm::RingExchange* ex = nullptr;
+      std::exception_ptr error;
+      static void call(void* self) {
+        auto* pr = static_cast<Progress*>(self);
+        if (pr->error) return;
+        try {
+          pr->ex->progress();
+        } catch (...) {
+          pr->error = std::current_exception();
+        }
+      }
+    } progress{&ex, nullptr};
     for (int j = 0; j < P; ++j) {
       const int src = (rank - j + P) % P;
       if (j < P - 1) ex.start();
@@ -574,18 +597,18 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
         f.out_row_stride = std::int64_t{c.h} * c.d_v;
         f.mask.scale = c.mask.scale;
         f.mask.softcap = c.mask.softcap;
+        if (j < P - 1) {
+          f.progress.fn = &Progress::call;
+          f.progress.ctx = &progress;
+        }
         engine_.forward(f);
-        clear_records(part, c.d_v);
-        for (int i = 0; i < rows; ++i)
-          for (int hh = 0; hh < c.h; ++hh) {
-            const std::int64_t dst = (std::int64_t{s} * s1 + lo + i) * c.h + hh;
-            std::memcpy(&part[static_cast<std::size_t>(dst * (c.d_v + 1))],
-                        &o[static_cast<std::size_t>((std::int64_t{i} * c.h + hh) * c.d_v)],
-                        sizeof(float) * static_cast<std::size_t>(c.d_v));
-            part[static_cast<std::size_t>(dst * (c.d_v + 1) + c.d_v)] =
+        if (progress.error) std::rethrow_exception(progress.error);
+        for (int i = 0; i < rows; ++i)  // kernel lse [h, rows] -> [rows, h]
+          for (int hh = 0; hh < c.h; ++hh)
+            l_rows[static_cast<std::size_t>(i * c.h + hh)] =
                 l[static_cast<std::size_t>(hh * rows + i)];
-          }
-        merge_records_into(records, part, c.d_v);
+        merge_state_inplace(acc_o.data() + s * srows * c.d_v, acc_l.data() + s * srows, o.data(),
+                            l_rows.data(), srows, c.d_v);
       }
       if (j < P - 1) {
         const double tw = now_s();
@@ -594,6 +617,15 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
         st.bytes += static_cast<double>(max_bytes);
       }
     }
+    // The finished rows into the records (the rest stay empty states).
+    for (int s = 0; s < c.b; ++s)
+      for (std::int64_t r = 0; r < srows; ++r) {
+        const std::int64_t dst = (std::int64_t{s} * s1 + lo) * c.h + r;
+        float* x = &records[static_cast<std::size_t>(dst * (c.d_v + 1))];
+        std::memcpy(x, &acc_o[static_cast<std::size_t>((s * srows + r) * c.d_v)],
+                    sizeof(float) * static_cast<std::size_t>(c.d_v));
+        x[c.d_v] = acc_l[static_cast<std::size_t>(s * srows + r)];
+      }
   }
   attend_new(engine_, c, s1, lo, hi, q, k, v, fresh);
   merge_records_into(records, fresh, c.d_v);

@@ -111,13 +111,18 @@ const char* extend_mode_name(ExtendMode mode);
 // "auto" | "pass-q" | "pass-kv"; InvalidArgument otherwise.
 ExtendMode parse_extend_mode(std::string_view name);
 
-// Machine constants of the extend cost model (defaults measured on the 16-core Xeon with
-// shared-memory MPI; launch/ and docs/session.md show how to measure them).
+// Machine constants of the extend cost model, measured on the 16-core Xeon (bf16, cpu-amx,
+// 1 thread per rank, 16 ranks, shared-memory MPI; docs/session.md has the runs): a
+// pass-Q extend of 128 tokens against 4096 cached keys per rank computed at about 150
+// GFLOP/s per rank; a pass-KV step with 8 query rows (32 per K/V head) at about 18.
 struct CostConstants {
   double bytes_per_s = 5e9;         // point-to-point bandwidth per rank
   double latency_s = 5e-6;          // per message
-  double flops_per_s = 50e9;        // kernel rate per rank (attention FLOPs)
+  double flops_per_s = 150e9;       // kernel rate per rank (attention FLOPs) on long calls
   double memory_bytes_per_s = 8e9;  // cache read rate per rank with every rank reading
+  // Query rows per K/V head from which a call reaches flops_per_s; a call with fewer
+  // runs proportionally slower (the tile engines are fed by row blocks).
+  double full_rate_rows = 256;
 };
 
 // The extend decision: bytes each rank sends and the predicted seconds of each mode.
