@@ -568,14 +568,16 @@ py::object kvcache_fast(py::handle q, py::handle k_cache, py::handle v_cache, py
   }
 
   const std::int64_t b = qa->dim(0), s_q = qa->dim(1), h = qa->dim(2), d_v = vca->dim(3);
+  // Outputs: only the data pointer of the fresh tensors is asked for; the LSE only when
+  // it is returned (the kernel skips it otherwise).
   py::object out = empty_tensor(q, {b, s_q, h, d_v}, qa->type);
-  py::object lse = empty_tensor(q, {b, h, s_q}, ElemType::kF32);
-  static const py::tuple& out_types =
-      *new py::tuple(py::make_tuple("fp32", "bf16", "fp16"));  // leaked: outlives teardown
-  static const py::tuple& lse_types =
-      *new py::tuple(py::make_tuple("fp32"));  // leaked: outlives teardown
-  const TensorArg out_arg = tensor_arg(out, "out", out_types, 4, "");
-  const TensorArg lse_arg = tensor_arg(lse, "softmax_lse", lse_types, 3, "");
+  const TensorArg out_arg = fresh_tensor_arg(out, "out", {b, s_q, h, d_v}, qa->type);
+  py::object lse;
+  std::optional<TensorArg> lse_arg;
+  if (want_lse) {
+    lse = empty_tensor(q, {b, h, s_q}, ElemType::kF32);
+    lse_arg = fresh_tensor_arg(lse, "softmax_lse", {b, h, s_q}, ElemType::kF32);
+  }
   fwd_kvcache(*qa, *kca, *vca, ka, va, out_arg, lse_arg, *cs, cb, lp, pt, std::nullopt,
               std::nullopt, true, scale, is_causal, wl, wr, cap, splits, plan, std::nullopt, 0,
               std::nullopt);

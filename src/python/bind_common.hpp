@@ -70,6 +70,10 @@ bool is_tensor(py::handle x);
 bool same_tensor_kind(py::handle a, py::handle b);
 // True for a numpy array that may not be written.
 bool is_readonly_array(py::handle x);
+// TensorArg of a tensor this module just made with empty_tensor (C-contiguous, of that
+// shape and type): only its data pointer is asked for.
+TensorArg fresh_tensor_arg(py::handle x, const std::string& name,
+                           const std::vector<std::int64_t>& shape, ElemType type);
 // An uninitialised tensor of `ref`'s kind (torch or numpy), C-contiguous.
 py::object empty_tensor(py::handle ref, const std::vector<std::int64_t>& shape, ElemType type);
 

@@ -93,6 +93,24 @@ bool same_tensor_kind(py::handle a, py::handle b) {
   return py::isinstance<py::array>(a) && py::isinstance<py::array>(b);
 }
 
+TensorArg fresh_tensor_arg(py::handle x, const std::string& name,
+                           const std::vector<std::int64_t>& shape, ElemType type) {
+  TensorArg t;
+  t.name = name;
+  t.type = type;
+  t.shape = shape;
+  t.strides.assign(shape.size(), 1);
+  for (int i = static_cast<int>(shape.size()) - 2; i >= 0; --i)
+    t.strides[static_cast<std::size_t>(i)] =
+        t.strides[static_cast<std::size_t>(i) + 1] * std::max<std::int64_t>(shape[i + 1], 1);
+  if (py::isinstance<py::array>(x)) {
+    t.ptr = reinterpret_cast<std::uintptr_t>(py::reinterpret_borrow<py::array>(x).data());
+  } else {
+    t.ptr = x.attr("data_ptr")().cast<std::uintptr_t>();
+  }
+  return t;
+}
+
 bool is_readonly_array(py::handle x) {
   return py::isinstance<py::array>(x) && !py::reinterpret_borrow<py::array>(x).writeable();
 }
