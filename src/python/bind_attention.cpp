@@ -150,15 +150,39 @@ void fwd_kvcache(const TensorArg& q, const TensorArg& k_cache, const TensorArg& 
                  const std::optional<TensorArg>& rotary_sin, bool rotary_interleaved, float scale,
                  bool causal, int window_left, int window_right, float softcap, int num_splits,
                  const std::optional<TensorArg>& plan, const std::optional<TensorArg>& sinks,
-                 int attention_chunk, const std::optional<TensorArg>& rotary_seqlens) {
-  q.expect_ndim(4, "[b, s_q, h, d]");
+                 int attention_chunk, const std::optional<TensorArg>& rotary_seqlens,
+                 const std::optional<TensorArg>& cu_seqlens_q, int max_seqlen_q,
+                 const std::optional<TensorArg>& cu_seqlens_k_new) {
+  // Packed forms (FA3 chunked prefill): cu_seqlens_q [b + 1] makes q [total_q, h, d], out
+  // [total_q, h, d_v], lse [h, total_q]; cu_seqlens_k_new [b + 1] makes k / v
+  // [total_new, h_k, d / d_v]. Offsets are checked by the engine (naming the entry).
+  const bool vq = cu_seqlens_q.has_value(), vk = cu_seqlens_k_new.has_value();
+  // Longest segment of a [b + 1] offsets vector.
+  const auto longest = [](const TensorArg& cu) {
+    const auto* c = cu.data<const std::int32_t>();
+    std::int64_t m = 0;
+    for (std::int64_t i = 0; i + 1 < cu.dim(0); ++i) m = std::max<std::int64_t>(m, c[i + 1] - c[i]);
+    return m;
+  };
+  for (const auto* cu : {&cu_seqlens_q, &cu_seqlens_k_new}) {
+    if (!*cu) continue;
+    RA_CHECK_ARG((*cu)->type == ElemType::kI32,
+                 (*cu)->name << ": expected int32, got " << elem_type_name((*cu)->type));
+    (*cu)->expect_ndim(1, "[b + 1]");
+    (*cu)->expect_contiguous();
+    RA_CHECK_ARG((*cu)->dim(0) >= 2,
+                 (*cu)->name << ": needs b + 1 >= 2 entries, got " << (*cu)->dim(0));
+  }
+  q.expect_ndim(vq ? 3 : 4, vq ? "[total_q, h, d]" : "[b, s_q, h, d]");
   k_cache.expect_ndim(4, "[b_cache, s_cache, h_k, d] or [num_blocks, page_size, h_k, d]");
   v_cache.expect_ndim(4, "[b_cache, s_cache, h_k, d_v] or [num_blocks, page_size, h_k, d_v]");
   KvCacheParams p;
-  p.b = static_cast<int>(q.dim(0));
-  p.s_q = static_cast<int>(q.dim(1));
-  p.h = static_cast<int>(q.dim(2));
-  p.d = static_cast<int>(q.dim(3));
+  p.b = static_cast<int>(vq ? cu_seqlens_q->dim(0) - 1 : q.dim(0));
+  p.s_q = static_cast<int>(vq ? std::max<std::int64_t>(max_seqlen_q, longest(*cu_seqlens_q))
+                              : q.dim(1));
+  p.h = static_cast<int>(q.dim(-2));
+  p.d = static_cast<int>(q.dim(-1));
+  if (vq) p.cu_seqlens_q = cu_seqlens_q->data<const std::int32_t>();
   p.h_k = static_cast<int>(k_cache.dim(2));
   p.d_v = static_cast<int>(v_cache.dim(3));
   RA_CHECK_ARG(k_cache.dim(3) == p.d,
@@ -180,39 +204,51 @@ void fwd_kvcache(const TensorArg& q, const TensorArg& k_cache, const TensorArg& 
   p.k_cache = k_cache.data<void>();
   p.v_cache = v_cache.data<void>();
   p.out = out.data<void>();
-  strides3(q, false, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  out.expect_ndim(q.ndim(), vq ? "[total_q, h, d_v]" : "[b, s_q, h, d_v]");
+  strides3(q, vq, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
   strides3(k_cache, false, p.k_cache_batch_stride, p.k_cache_row_stride, p.k_cache_head_stride);
   strides3(v_cache, false, p.v_cache_batch_stride, p.v_cache_row_stride, p.v_cache_head_stride);
-  strides3(out, false, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
+  strides3(out, vq, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
 
   RA_CHECK_ARG(k_new.has_value() == v_new.has_value(),
                "k, v: new keys and values must be given together (k "
                    << (k_new ? "set" : "None") << ", v " << (v_new ? "set" : "None") << ")");
+  RA_CHECK_ARG(!vk || k_new, "cu_seqlens_k_new: needs new keys and values k, v");
   if (k_new) {
-    k_new->expect_ndim(4, "[b, s_new, h_k, d]");
-    v_new->expect_ndim(4, "[b, s_new, h_k, d_v]");
-    const std::int64_t want_k[4] = {p.b, k_new->dim(1), p.h_k, p.d};
-    const std::int64_t want_v[4] = {p.b, k_new->dim(1), p.h_k, p.d_v};
-    for (int i = 0; i < 4; ++i) {
-      RA_CHECK_ARG(k_new->dim(i) == want_k[i], k_new->name << ": shape dim " << i << " is "
-                                                           << k_new->dim(i) << ", expected "
-                                                           << want_k[i] << " ([b, s_new, h_k, d])");
-      RA_CHECK_ARG(v_new->dim(i) == want_v[i],
+    const int lead = vk ? 1 : 2;
+    k_new->expect_ndim(lead + 2, vk ? "[total_new, h_k, d]" : "[b, s_new, h_k, d]");
+    v_new->expect_ndim(lead + 2, vk ? "[total_new, h_k, d_v]" : "[b, s_new, h_k, d_v]");
+    std::vector<std::int64_t> want_k{p.b, k_new->dim(1), p.h_k, p.d};
+    std::vector<std::int64_t> want_v{p.b, k_new->dim(1), p.h_k, p.d_v};
+    if (vk) {
+      want_k = {k_new->dim(0), p.h_k, p.d};
+      want_v = {k_new->dim(0), p.h_k, p.d_v};
+    }
+    for (int i = 0; i < lead + 2; ++i) {
+      RA_CHECK_ARG(k_new->dim(i) == want_k[static_cast<std::size_t>(i)],
+                   k_new->name << ": shape dim " << i << " is " << k_new->dim(i) << ", expected "
+                               << want_k[static_cast<std::size_t>(i)]);
+      RA_CHECK_ARG(v_new->dim(i) == want_v[static_cast<std::size_t>(i)],
                    v_new->name << ": shape dim " << i << " is " << v_new->dim(i) << ", expected "
-                               << want_v[i] << " ([b, s_new, h_k, d_v])");
+                               << want_v[static_cast<std::size_t>(i)]);
     }
     for (const TensorArg* t : {&*k_new, &*v_new}) {
       RA_CHECK_ARG(t->type == q.type, t->name << ": dtype " << elem_type_name(t->type)
                                               << " must equal q's " << elem_type_name(q.type));
     }
-    p.s_new = static_cast<int>(k_new->dim(1));
+    p.s_new = static_cast<int>(vk ? longest(*cu_seqlens_k_new) : k_new->dim(1));
+    if (vk) {
+      RA_CHECK_ARG_EQ(cu_seqlens_k_new->dim(0) - 1, std::int64_t{p.b},
+                      "cu_seqlens_k_new: sequences (entries - 1) vs the batch");
+      p.cu_seqlens_k_new = cu_seqlens_k_new->data<const std::int32_t>();
+    }
     p.k_new = k_new->data<const void>();
     p.v_new = v_new->data<const void>();
-    strides3(*k_new, false, p.k_new_batch_stride, p.k_new_row_stride, p.k_new_head_stride);
-    strides3(*v_new, false, p.v_new_batch_stride, p.v_new_row_stride, p.v_new_head_stride);
+    strides3(*k_new, vk, p.k_new_batch_stride, p.k_new_row_stride, p.k_new_head_stride);
+    strides3(*v_new, vk, p.v_new_batch_stride, p.v_new_row_stride, p.v_new_head_stride);
   }
   if (lse) {
-    lse->expect_ndim(3, "[b, h, s_q]");
+    lse->expect_ndim(vq ? 2 : 3, vq ? "[h, total_q]" : "[b, h, s_q]");
     lse->expect_contiguous();
     p.lse = lse->data<float>();
   }
@@ -580,7 +616,7 @@ py::object kvcache_fast(py::handle q, py::handle k_cache, py::handle v_cache, py
   }
   fwd_kvcache(*qa, *kca, *vca, ka, va, out_arg, lse_arg, *cs, cb, lp, pt, std::nullopt,
               std::nullopt, true, scale, is_causal, wl, wr, cap, splits, plan, std::nullopt, 0,
-              std::nullopt);
+              std::nullopt, std::nullopt, 0, std::nullopt);
   if (!want_lse) return out;
   py::object none0 = empty_tensor(q, {0}, ElemType::kF32);
   py::object none1 = empty_tensor(q, {0}, ElemType::kF32);
@@ -601,7 +637,9 @@ void register_attention(py::module_& m) {
         py::arg("rotary_cos"), py::arg("rotary_sin"), py::arg("rotary_interleaved"),
         py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
         py::arg("softcap"), py::arg("num_splits"), py::arg("plan"), py::arg("sinks") = py::none(),
-        py::arg("attention_chunk") = 0, py::arg("rotary_seqlens") = py::none());
+        py::arg("attention_chunk") = 0, py::arg("rotary_seqlens") = py::none(),
+        py::arg("cu_seqlens_q") = py::none(), py::arg("max_seqlen_q") = 0,
+        py::arg("cu_seqlens_k_new") = py::none());
   m.def("kvcache_fast", &kvcache_fast, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("k"), py::arg("v"), py::arg("rotary_cos"), py::arg("rotary_sin"),
         py::arg("cache_seqlens"), py::arg("cache_batch_idx"), py::arg("cache_leftpad"),

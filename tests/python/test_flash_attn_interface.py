@@ -734,12 +734,13 @@ def test_unsupported_arguments_raise_value_error_naming_them():
                         ("dropout_p", 0.1), ("alibi_slopes", torch.ones(4))]:
         with pytest.raises(ValueError, match=name):
             fai.flash_attn_func(**_dense(), **{name: value})
-    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
-    for name, value in [("cu_seqlens_q", cu), ("cu_seqlens_k_new", cu), ("max_seqlen_q", 1),
-                        ("rotary_seqlens", cu), ("attention_chunk", 2), ("sinks", torch.ones(4)),
-                        ("s_aux", torch.ones(4)), ("q_descale", t)]:
+    for name, value in [("q_descale", t), ("qv", make((2, 1, 4, 16), "fp32", "torch", rng_for("qv")))]:
         with pytest.raises(ValueError, match=name):
             fai.flash_attn_with_kvcache(**_kv(), **{name: value})
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        fai.flash_attn_with_kvcache(**_kv(), max_seqlen_q=1)
+    with pytest.raises(ValueError, match="sinks"):
+        fai.flash_attn_with_kvcache(**_kv(), sinks=torch.ones(3))  # [h] with h = 4
     if hasattr(torch, "float8_e4m3fn"):
         with pytest.raises(ValueError, match="q"):
             fai.flash_attn_func(**_dense(q=torch.zeros(2, 3, 4, 16).to(torch.float8_e4m3fn)))
@@ -809,3 +810,46 @@ def test_bad_inputs_raise_errors_naming_the_argument():
         fai.flash_attn_combine(torch.zeros(2, 1, 1, 1, 8), torch.zeros(3, 1, 1, 1))
     with pytest.raises(ValueError, match="out"):
         fai.flash_attn_combine(torch.zeros(2, 1, 1, 1, 8), torch.zeros(2, 1, 1, 1), out=torch.zeros(1, 1, 1, 4))
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_kvcache_packed_queries_sinks_chunk_match_per_sequence_calls(kind):
+    # FA3 chunked prefill: cu_seqlens_q / cu_seqlens_k_new pack each sequence's own query
+    # rows and new keys; with sinks and attention_chunk the packed call must equal one
+    # call per sequence (each checked against float64 elsewhere), outputs and caches.
+    rng = rng_for("kv-packed", kind)
+    h, h_k, d, cap = 4, 2, 16, 40
+    nq, nn, seqlens = [2, 1, 3], [2, 0, 3], np.array([5, 20, 0], dtype=np.int32)
+    b = len(nq)
+    cu_q = np.concatenate([[0], np.cumsum(nq)]).astype(np.int32)
+    cu_n = np.concatenate([[0], np.cumsum(nn)]).astype(np.int32)
+    conv = (lambda a: a) if kind == "numpy" else torch.from_numpy
+    copy = (lambda x: x.copy()) if kind == "numpy" else (lambda x: x.clone())
+    q = make((int(cu_q[-1]), h, d), "fp32", kind, rng)
+    kn, vn = make((int(cu_n[-1]), h_k, d), "fp32", kind, rng), make((int(cu_n[-1]), h_k, d), "fp32", kind, rng)
+    kc0, vc0 = make((b, cap, h_k, d), "fp32", kind, rng), make((b, cap, h_k, d), "fp32", kind, rng)
+    sinks = conv(np.linspace(-1.0, 1.5, h).astype(np.float32))
+    kc, vc = copy(kc0), copy(vc0)
+    out, lse, *_ = fai.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=conv(seqlens), causal=True,
+                                               cu_seqlens_q=conv(cu_q), max_seqlen_q=3,
+                                               cu_seqlens_k_new=conv(cu_n), sinks=sinks, attention_chunk=4,
+                                               return_softmax_lse=True)
+    assert tuple(out.shape) == (int(cu_q[-1]), h, d) and tuple(lse.shape) == (h, int(cu_q[-1]))
+    for s in range(b):
+        kc1, vc1 = copy(kc0[s:s + 1]), copy(vc0[s:s + 1])
+        qs = q[cu_q[s]:cu_q[s + 1]][None]
+        ks = kn[cu_n[s]:cu_n[s + 1]][None] if nn[s] else None
+        vs = vn[cu_n[s]:cu_n[s + 1]][None] if nn[s] else None
+        o1, l1, *_ = fai.flash_attn_with_kvcache(qs, kc1, vc1, ks, vs, cache_seqlens=int(seqlens[s]),
+                                                 causal=True, sinks=sinks, attention_chunk=4,
+                                                 return_softmax_lse=True)
+        assert np.abs(f64(out[cu_q[s]:cu_q[s + 1]]) - f64(o1[0])).max() <= 1e-5
+        assert np.abs(f64(lse[:, cu_q[s]:cu_q[s + 1]]) - f64(l1[0])).max() <= 1e-5
+        assert np.array_equal(f64(kc[s:s + 1]), f64(kc1)) and np.array_equal(f64(vc[s:s + 1]), f64(vc1))
+    # And against float64: each sequence's rows over its cached keys and new keys.
+    for s in range(b):
+        keys = np.concatenate([f64(kc0[s, :seqlens[s]]), f64(kn[cu_n[s]:cu_n[s + 1]])])
+        vals = np.concatenate([f64(vc0[s, :seqlens[s]]), f64(vn[cu_n[s]:cu_n[s + 1]])])
+        ro, rl = ref_attention(f64(q[cu_q[s]:cu_q[s + 1]]), keys, vals, causal=True, sinks=f64(sinks), chunk=4)
+        assert np.abs(f64(out[cu_q[s]:cu_q[s + 1]]) - ro).max() <= 1e-5
+        assert np.abs(f64(lse[:, cu_q[s]:cu_q[s + 1]]) - rl).max() <= 1e-5

@@ -454,28 +454,28 @@ def flash_attn_with_kvcache(
     [s_rotary, rotary_dim / 2] rotate k at positions cache_seqlens + i and q at the same
     positions when causal or windowed, else at cache_seqlens (rotary_interleaved picks
     GPT-J pairs (2i, 2i+1) or GPT-NeoX halves). Cache slots outside [leftpad,
-    cache_seqlens + s_new) are never read (may hold NaN).
+    cache_seqlens + s_new) are never read (may hold NaN). Chunked prefill: cu_seqlens_q
+    [b + 1] packs each sequence's query rows (q [total_q, h, d], out [total_q, h, d_v], LSE
+    [h, total_q]); cu_seqlens_k_new [b + 1] packs each sequence's new keys (k / v
+    [total_new, h_k, d / d_v]); rotary_seqlens [b] replaces cache_seqlens as rotary position.
+    sinks= / s_aux= and attention_chunk as in flash_attn_func.
 
     Returns out [b, s_q, h, d_v] in q's dtype, or, when return_softmax_lse, FA3's tuple
     (out, softmax_lse [b, h, s_q] fp32, out_accum, softmax_lse_accum) where the two split
     accumulators are empty fp32 tensors (the CPU kernel merges its splits internally).
     scheduler_metadata from get_scheduler_metadata is used as the split plan.
     """
-    if not (qv is None and q_descale is None and k_descale is None and v_descale is None
-            and attention_chunk == 0 and cu_seqlens_q is None and cu_seqlens_k_new is None
-            and max_seqlen_q is None and rotary_seqlens is None and sinks is None
-            and s_aux is None):  # one test on the common path, the named error otherwise
+    if not (qv is None and q_descale is None and k_descale is None and v_descale is None):
         _unsupported(qv=(qv, None), q_descale=(q_descale, None), k_descale=(k_descale, None),
-                     v_descale=(v_descale, None), attention_chunk=(attention_chunk, 0),
-                     cu_seqlens_q=(cu_seqlens_q, None), cu_seqlens_k_new=(cu_seqlens_k_new, None),
-                     max_seqlen_q=(max_seqlen_q, None), rotary_seqlens=(rotary_seqlens, None),
-                     sinks=(sinks, None), s_aux=(s_aux, None))
-    # The common decode call runs in one C++ call (None: this Python path applies).
-    r = _C.kvcache_fast(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
-                        cache_batch_idx, cache_leftpad, page_table, softmax_scale, causal,
-                        window_size, softcap, scheduler_metadata, num_splits, return_softmax_lse)
-    if r is not None:
-        return r
+                     v_descale=(v_descale, None))
+    if (attention_chunk == 0 and cu_seqlens_q is None and cu_seqlens_k_new is None
+            and max_seqlen_q is None and rotary_seqlens is None and sinks is None and s_aux is None):
+        # The common decode call runs in one C++ call (None: this Python path applies).
+        r = _C.kvcache_fast(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                            cache_batch_idx, cache_leftpad, page_table, softmax_scale, causal,
+                            window_size, softcap, scheduler_metadata, num_splits, return_softmax_lse)
+        if r is not None:
+            return r
     _tensor.type_of(q, "q")
     _tensor.same_kind(q, {"k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v,
                           "rotary_cos": rotary_cos, "rotary_sin": rotary_sin})
@@ -484,17 +484,30 @@ def flash_attn_with_kvcache(
                          f"{'None' if k is None else 'set'}, v is {'None' if v is None else 'set'})")
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos, rotary_sin: must be given together")
-    qa = _float_arg(q, "q", 4, "[b, s_q, h, d]")
+    vq, vk = cu_seqlens_q is not None, cu_seqlens_k_new is not None
+    if max_seqlen_q is not None and not vq:
+        raise ValueError("max_seqlen_q: only used with cu_seqlens_q")
+    if vk and k is None:
+        raise ValueError("cu_seqlens_k_new: needs new keys and values k, v")
+    qa = _float_arg(q, "q", 3 if vq else 4, "[total_q, h, d]" if vq else "[b, s_q, h, d]")
     kca = _float_arg(k_cache, "k_cache", 4, "[b_cache, s_cache, h_k, d] or [num_blocks, page_size, h_k, d]")
     vca = _float_arg(v_cache, "v_cache", 4, "[b_cache, s_cache, h_k, d_v] or [num_blocks, page_size, h_k, d_v]")
-    ka = None if k is None else _float_arg(k, "k", 4, "[b, s_new, h_k, d]")
-    va = None if v is None else _float_arg(v, "v", 4, "[b, s_new, h_k, d_v]")
+    kn_dims, kn_text = (3, "[total_new, h_k, d]") if vk else (4, "[b, s_new, h_k, d]")
+    ka = None if k is None else _float_arg(k, "k", kn_dims, kn_text)
+    va = None if v is None else _float_arg(v, "v", kn_dims, kn_text.replace(" d]", " d_v]"))
     _same_dtype(qa, {"k_cache": kca, "v_cache": vca, "k": ka, "v": va})
     if k is not None:
         for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
             if isinstance(x, np.ndarray) and not x.flags.writeable:
                 raise ValueError(f"{name}: is read-only, but new k/v are written into it")
-    b, s_q, h, d = (int(x) for x in q.shape)
+    cq, cqa = _index(cu_seqlens_q, "cu_seqlens_q", lo=0)
+    ckn, ckna = _index(cu_seqlens_k_new, "cu_seqlens_k_new", lo=0)
+    if vq:
+        b, total_q = int(cq.shape[0]) - 1, int(q.shape[0])
+        h, d = int(q.shape[1]), int(q.shape[2])
+        s_q = 0 if max_seqlen_q is None else _tensor.check_scalar_int(max_seqlen_q, "max_seqlen_q")
+    else:
+        b, s_q, h, d = (int(x) for x in q.shape)
     d_v = int(v_cache.shape[-1])
     _check_head_dims(d, d_v, "q", "v_cache")
 
@@ -514,9 +527,12 @@ def flash_attn_with_kvcache(
     cos = sin = None
     if rotary_cos is not None:
         cos, sin = _fp32_table(rotary_cos, "rotary_cos"), _fp32_table(rotary_sin, "rotary_sin")
+    rs, rsa = _index(rotary_seqlens, "rotary_seqlens")
+    sk, ska = _tensor.sinks_arg(sinks, s_aux, h, q)
+    chunk = _tensor.check_scalar_int(attention_chunk, "attention_chunk")
     typ = qa.type
-    out = _tensor.empty(q, (b, s_q, h, d_v), typ)
-    lse = _tensor.empty(q, (b, h, s_q), "fp32")
+    out = _tensor.empty(q, (total_q, h, d_v) if vq else (b, s_q, h, d_v), typ)
+    lse = _tensor.empty(q, (h, total_q) if vq else (b, h, s_q), "fp32")
     wl, wr = _tensor.window_pair(window_size)
     if b == 0:  # nothing to compute or append (the kernels take b >= 1)
         return (out, lse, _lse_empty(q), _lse_empty(q)) if return_softmax_lse else out
@@ -524,8 +540,9 @@ def flash_attn_with_kvcache(
                    None if cos is None else _tensor.arg(cos, "rotary_cos", types=("fp32",)),
                    None if sin is None else _tensor.arg(sin, "rotary_sin", types=("fp32",)),
                    bool(rotary_interleaved), _scale(softmax_scale), bool(causal), wl, wr,
-                   _softcap(softcap), _num_splits(num_splits), plana)
-    del cs, cb, lp, pt  # kept alive through the call
+                   _softcap(softcap), _num_splits(num_splits), plana, ska, chunk, rsa, cqa,
+                   s_q if vq else 0, ckna)
+    del cs, cb, lp, pt, cq, ckn, rs, sk  # kept alive through the call
     if return_softmax_lse:
         return out, lse, _lse_empty(q), _lse_empty(q)
     return out
