@@ -239,10 +239,12 @@ StepStats KvSession::prefill(const std::vector<std::int64_t>& prompt_lens, const
     cache_.begin(s, len);
     const std::int64_t n = cache_.local_count(s, len);
     // This rank's K/V rows go straight into its cache; the ring reads them there.
-    std::memcpy(cache_.k_row(s, 0), static_cast<const std::byte*>(k) + row * kr * es,
-                static_cast<std::size_t>(n * kr) * es);
-    std::memcpy(cache_.v_row(s, 0), static_cast<const std::byte*>(v) + row * vr * es,
-                static_cast<std::size_t>(n * vr) * es);
+    if (n > 0) {  // (a rank without rows may pass null tensors)
+      std::memcpy(cache_.k_row(s, 0), static_cast<const std::byte*>(k) + row * kr * es,
+                  static_cast<std::size_t>(n * kr) * es);
+      std::memcpy(cache_.v_row(s, 0), static_cast<const std::byte*>(v) + row * vr * es,
+                  static_cast<std::size_t>(n * vr) * es);
+    }
     if (len > 0 && attend) {
       const std::int32_t cu[2] = {0, static_cast<std::int32_t>(len)};
       RingAttentionParams p;
@@ -270,7 +272,7 @@ StepStats KvSession::prefill(const std::vector<std::int64_t>& prompt_lens, const
         st.merge_s += step.wait_s;
         st.bytes += static_cast<double>(step.bytes);
       }
-      if (lse)  // [h, n] of this sequence -> [h, t_r] at column `row`
+      if (lse && n > 0)  // [h, n] of this sequence -> [h, t_r] at column `row`
         for (int hh = 0; hh < c.h; ++hh)
           std::memcpy(lse + hh * t_r + row, lse_s.data() + hh * n,
                       sizeof(float) * static_cast<std::size_t>(n));
