@@ -4,7 +4,6 @@
 #include <mpi.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -24,10 +23,6 @@
 namespace ringattn {
 
 namespace {
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 double max_over_ranks(const comm::Communicator& comm, double x) {
   double y = x;
@@ -211,7 +206,7 @@ std::vector<std::int64_t> KvSession::prefill_positions(std::int64_t len) const {
 StepStats KvSession::prefill(const std::vector<std::int64_t>& prompt_lens, const void* q,
                              const void* k, const void* v, float* out, float* lse, bool attend) {
   const SessionConfig& c = cache_.config();
-  const double t0 = now_s();
+  const double t0 = detail::ring_now_s();
   comm::run_collectively(comm_, [&] {
     RA_CHECK_ARG_EQ(static_cast<int>(prompt_lens.size()), c.b, "session prefill: prompt lengths");
     for (int s = 0; s < c.b; ++s) {
@@ -279,7 +274,7 @@ StepStats KvSession::prefill(const std::vector<std::int64_t>& prompt_lens, const
     }
     row += n;
   }
-  st.total_s = max_over_ranks(comm_, now_s() - t0);
+  st.total_s = max_over_ranks(comm_, detail::ring_now_s() - t0);
   return st;
 }
 
@@ -435,7 +430,7 @@ void attend_new(const Engine& engine, const SessionConfig& c, int t, int lo, int
 StepStats KvSession::decode(int t, const void* q, const void* k, const void* v, float* out,
                             float* lse, int root) {
   const SessionConfig& c = cache_.config();
-  const double t0 = now_s();
+  const double t0 = detail::ring_now_s();
   comm::run_collectively(comm_, [&] {
     RA_CHECK_ARG_GE(t, 1, "session decode: tokens per step t");
     RA_CHECK_ARG(root >= -1 && root < comm_.size(),
@@ -458,24 +453,24 @@ StepStats KvSession::decode(int t, const void* q, const void* k, const void* v, 
       from.push_back(static_cast<std::int32_t>(cache_.local_count(s, first)));
     }
   }
-  double tc = now_s();
+  double tc = detail::ring_now_s();
   std::vector<float> records, fresh;
   attend_local(t, q, to, from, records);
   // The step's own tokens, causally: rank 0 adds them (they are tiny).
   attend_new(engine_, c, t, 0, comm_.rank() == 0 ? t : 0, q, k, v, fresh);
   merge_records_into(records, fresh, c.d_v);
-  st.compute_s = now_s() - tc;
+  st.compute_s = detail::ring_now_s() - tc;
   append(t, k, v);
-  tc = now_s();
+  tc = detail::ring_now_s();
   const std::int64_t rows = std::int64_t{c.b} * t * c.h;
   merge_across_ranks(comm_, records.data(), rows, c.d_v, root);
   // Attention sinks: once, on the merged rows ([b, t, h] records; head = row % h).
   apply_sinks(records.data(), c.d_v + 1, records.data() + c.d_v, c.d_v + 1, c.mask.sinks, rows, c.h,
               c.d_v);
-  st.merge_s = now_s() - tc;
+  st.merge_s = detail::ring_now_s() - tc;
   st.bytes = static_cast<double>(rows) * (c.d_v + 1) * 4.0;
   if (root < 0 || comm_.rank() == root) from_records(records, c.b, t, c.h, c.d_v, out, lse);
-  st.total_s = max_over_ranks(comm_, now_s() - t0);
+  st.total_s = max_over_ranks(comm_, detail::ring_now_s() - t0);
   return st;
 }
 
@@ -484,7 +479,7 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
                             const CostConstants& constants) {
   const SessionConfig& c = cache_.config();
   const int P = comm_.size(), rank = comm_.rank();
-  const double t0 = now_s();
+  const double t0 = detail::ring_now_s();
   comm::run_collectively(comm_, [&] {
     RA_CHECK_ARG_GE(s1, 1, "session extend: new tokens S1");
     RA_CHECK(
@@ -505,7 +500,7 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
   const int lo = static_cast<int>(std::int64_t{s1} * rank / P);
   const int hi = static_cast<int>(std::int64_t{s1} * (rank + 1) / P);
   std::vector<float> records, fresh;
-  double tc = now_s();
+  double tc = detail::ring_now_s();
   if (plan.mode == ExtendMode::kPassQ) {
     // Every new query against this rank's cached keys (all visible: they precede it).
     std::vector<std::int32_t> to, from(static_cast<std::size_t>(c.b), 0);
@@ -613,9 +608,9 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
                             l_rows.data(), srows, c.d_v);
       }
       if (j < P - 1) {
-        const double tw = now_s();
+        const double tw = detail::ring_now_s();
         ex.finish();
-        st.merge_s += now_s() - tw;
+        st.merge_s += detail::ring_now_s() - tw;
         st.bytes += static_cast<double>(max_bytes);
       }
     }
@@ -631,9 +626,9 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
   }
   attend_new(engine_, c, s1, lo, hi, q, k, v, fresh);
   merge_records_into(records, fresh, c.d_v);
-  st.compute_s = now_s() - tc - st.merge_s;
+  st.compute_s = detail::ring_now_s() - tc - st.merge_s;
   append(s1, k, v);
-  tc = now_s();
+  tc = detail::ring_now_s();
   const std::int64_t rows = std::int64_t{c.b} * s1 * c.h;
   const int rec = c.d_v + 1;
   if (plan.mode == ExtendMode::kPassQ) {
@@ -682,9 +677,9 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
     st.bytes += static_cast<double>(mine.size()) * 4.0;
   }
   apply_sinks(records.data(), rec, records.data() + c.d_v, rec, c.mask.sinks, rows, c.h, c.d_v);
-  st.merge_s += now_s() - tc;
+  st.merge_s += detail::ring_now_s() - tc;
   if (root < 0 || rank == root) from_records(records, c.b, s1, c.h, c.d_v, out, lse);
-  st.total_s = max_over_ranks(comm_, now_s() - t0);
+  st.total_s = max_over_ranks(comm_, detail::ring_now_s() - t0);
   return st;
 }
 

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "mpi_test_main.hpp"
 #include "ringattn/comm/communicator.hpp"
 #include "ringattn/distributed_decode.hpp"
 #include "ringattn/engine.hpp"
@@ -19,8 +20,6 @@
 
 namespace ringattn {
 namespace {
-
-comm::Communicator* g_comm = nullptr;
 
 struct Case {
   std::string name;
@@ -32,7 +31,7 @@ struct Case {
 };
 
 void run_case(const Case& c) {
-  const comm::Communicator& comm = *g_comm;
+  const comm::Communicator& comm = test::world();
   const int P = comm.size(), rank = comm.rank();
   const int b = static_cast<int>(c.lens.size());
   const std::size_t es = dtype_size(c.kv);
@@ -166,7 +165,7 @@ INSTANTIATE_TEST_SUITE_P(Grid, MlaMpi, ::testing::ValuesIn(cases()),
                          [](const auto& info) { return info.param.name; });
 
 TEST(MlaMpiErrors, CausalSliceOverlappingQueries) {
-  const comm::Communicator& comm = *g_comm;
+  const comm::Communicator& comm = test::world();
   if (comm.size() < 2) GTEST_SKIP() << "needs 2 ranks";
   Case c{"overlap"};
   c.lens = {4, 4};
@@ -177,22 +176,3 @@ TEST(MlaMpiErrors, CausalSliceOverlappingQueries) {
 
 }  // namespace
 }  // namespace ringattn
-
-int main(int argc, char** argv) {
-  ringattn::comm::MpiRuntime runtime(&argc, &argv);
-  int rc = 0;
-  {
-    ringattn::comm::Communicator comm(MPI_COMM_WORLD);
-    ringattn::g_comm = &comm;
-    ::testing::InitGoogleTest(&argc, argv);
-    if (comm.rank() != 0) {
-      auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-      delete listeners.Release(listeners.default_result_printer());
-    }
-    rc = RUN_ALL_TESTS();
-    int any = 0;
-    MPI_Allreduce(&rc, &any, 1, MPI_INT, MPI_MAX, comm.get());
-    rc = any;
-  }
-  return rc;
-}

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "mpi_test_main.hpp"
 #include "ringattn/comm/collectives.hpp"
 #include "ringattn/comm/communicator.hpp"
 #include "ringattn/distributed_decode.hpp"
@@ -25,8 +26,6 @@
 
 namespace ringattn {
 namespace {
-
-comm::Communicator* g_comm = nullptr;
 
 struct Case {
   std::string name;
@@ -62,7 +61,7 @@ std::vector<std::byte> random_tensor(std::mt19937& rng, std::int64_t n, DType t)
 }
 
 void run_case(const Case& c) {
-  const comm::Communicator& comm = *g_comm;
+  const comm::Communicator& comm = test::world();
   const int P = comm.size(), rank = comm.rank();
   // Global problem (identical on every rank: same seed).
   std::vector<std::int32_t> cu{0};
@@ -301,7 +300,7 @@ INSTANTIATE_TEST_SUITE_P(Grid, RingMpi, ::testing::ValuesIn(cases()),
 
 // One rank disagreeing on a shape stops every rank with the same message.
 TEST(RingMpiErrors, MismatchedShapeOnOneRank) {
-  const comm::Communicator& comm = *g_comm;
+  const comm::Communicator& comm = test::world();
   if (comm.size() < 2) GTEST_SKIP() << "needs 2 ranks";
   RingAttentionParams p;
   p.b = 1;
@@ -326,7 +325,7 @@ TEST(RingMpiErrors, MismatchedShapeOnOneRank) {
 // A Ulysses degree that differs on one rank, or does not divide P or h, stops every
 // rank with the same message naming the numbers.
 TEST(RingMpiErrors, UlyssesDegreeChecks) {
-  const comm::Communicator& comm = *g_comm;
+  const comm::Communicator& comm = test::world();
   RingAttentionParams p;
   p.b = 1;
   p.s = 16;
@@ -370,7 +369,7 @@ TEST(RingMpiErrors, UlyssesDegreeChecks) {
 // single-process kernel over the whole cache: the sink is applied once after the
 // reduction.
 TEST(DecodeMpi, SinksAppliedOnceAfterTheReduction) {
-  const comm::Communicator& comm = *g_comm;
+  const comm::Communicator& comm = test::world();
   const int P = comm.size(), rank = comm.rank();
   const int b = 2, s_q = 3, h = 6, h_k = 2, d = 32;
   const std::int64_t s = 157;
@@ -444,7 +443,7 @@ TEST(DecodeMpi, SinksAppliedOnceAfterTheReduction) {
 }
 
 TEST(RingMpiErrors, TooManyRanksForSequence) {
-  const comm::Communicator& comm = *g_comm;
+  const comm::Communicator& comm = test::world();
   if (comm.size() < 2) GTEST_SKIP() << "needs 2 ranks";
   RingAttentionParams p;
   p.b = 1;
@@ -475,22 +474,3 @@ TEST(RingBlockMask, Classification) {
 
 }  // namespace
 }  // namespace ringattn
-
-int main(int argc, char** argv) {
-  ringattn::comm::MpiRuntime runtime(&argc, &argv);
-  int rc = 0;
-  {
-    ringattn::comm::Communicator comm(MPI_COMM_WORLD);
-    ringattn::g_comm = &comm;
-    ::testing::InitGoogleTest(&argc, argv);
-    if (comm.rank() != 0) {
-      auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-      delete listeners.Release(listeners.default_result_printer());
-    }
-    rc = RUN_ALL_TESTS();
-    int any = 0;
-    MPI_Allreduce(&rc, &any, 1, MPI_INT, MPI_MAX, comm.get());
-    rc = any;
-  }
-  return rc;
-}

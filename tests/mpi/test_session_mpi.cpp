@@ -12,14 +12,13 @@
 #include <string>
 #include <vector>
 
+#include "mpi_test_main.hpp"
 #include "ringattn/comm/communicator.hpp"
 #include "ringattn/engine.hpp"
 #include "ringattn/kv_session.hpp"
 
 namespace ringattn {
 namespace {
-
-comm::Communicator* g_comm = nullptr;
 
 struct Case {
   std::string name;
@@ -44,7 +43,7 @@ std::vector<std::byte> rand_rows(std::mt19937& rng, std::int64_t n, DType t) {
 }
 
 void run_case(const Case& c) {
-  const comm::Communicator& comm = *g_comm;
+  const comm::Communicator& comm = test::world();
   const int b = static_cast<int>(c.prompt.size());
   const std::size_t es = dtype_size(c.dtype);
   const std::int64_t qr = std::int64_t{c.h} * c.d, kr = std::int64_t{c.h_k} * c.d,
@@ -238,7 +237,7 @@ INSTANTIATE_TEST_SUITE_P(Grid, SessionMpi, ::testing::ValuesIn(cases()),
                          [](const auto& info) { return info.param.name; });
 
 TEST(SessionErrors, OverflowAndUnsupported) {
-  const comm::Communicator& comm = *g_comm;
+  const comm::Communicator& comm = test::world();
   Engine engine(EngineOptions{"reference", 1});
   SessionConfig cfg;
   cfg.b = 1;
@@ -293,22 +292,3 @@ TEST(SessionPlan, CostModel) {
 
 }  // namespace
 }  // namespace ringattn
-
-int main(int argc, char** argv) {
-  ringattn::comm::MpiRuntime runtime(&argc, &argv);
-  int rc = 0;
-  {
-    ringattn::comm::Communicator comm(MPI_COMM_WORLD);
-    ringattn::g_comm = &comm;
-    ::testing::InitGoogleTest(&argc, argv);
-    if (comm.rank() != 0) {
-      auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-      delete listeners.Release(listeners.default_result_printer());
-    }
-    rc = RUN_ALL_TESTS();
-    int any = 0;
-    MPI_Allreduce(&rc, &any, 1, MPI_INT, MPI_MAX, comm.get());
-    rc = any;
-  }
-  return rc;
-}
