@@ -17,14 +17,13 @@
 #include <string>
 #include <vector>
 
+#include "cli/args.hpp"
 #include "ringattn/attention_params.hpp"
 #include "ringattn/dtype.hpp"
 #include "ringattn/engine.hpp"
 #include "ringattn/npy.hpp"
 
 namespace ringattn::cli {
-
-namespace po = boost::program_options;
 
 // ---- argument parsing ----
 
@@ -41,8 +40,8 @@ void require(const po::variables_map& vm, const char* name);
 // "1,2,4" -> {1, 2, 4}; InvalidArgument naming `opt` on anything else.
 std::vector<int> parse_int_list(const std::string& opt, const std::string& text);
 
-// Mask / score options shared by attn, kvcache, ring and decode: --causal, --window L R,
-// --softcap C, --scale S, --sinks S.npy, --attention-chunk N.
+// Mask / score options shared by attn, kvcache, ring, decode and session: --causal,
+// --window L R, --softcap C, --scale S, --sinks S.npy, --attention-chunk N.
 struct MaskArgs {
   bool causal = false;
   std::vector<int> window;  // empty or {left, right}
@@ -50,7 +49,25 @@ struct MaskArgs {
   float scale = 0.0f;
   std::string sinks;        // --sinks path, empty = none
   int attention_chunk = 0;  // --attention-chunk, 0 = off
+
+  template <class V>
+  void for_each(V& v) {
+    v(causal, {"causal", "bottom-right causal mask (sets the right window to 0)"});
+    v(window, {"window",
+               "local window: two values L R, keys j with i+shift-L <= j <= i+shift+R are "
+               "visible; -1 = unbounded"});
+    v(softcap, {"softcap", "score soft-capping: score = C * tanh(score / C); 0 = off"});
+    v(scale, {"scale", "softmax scale; 0 = 1/sqrt(head dim)"});
+    v(sinks, {"sinks",
+              "attention-sink logits [h] fp32 (one per query head): out *= exp(lse) / "
+              "(exp(lse) + exp(sink)); the LSE excludes the sink",
+              kNoDefault});
+    v(attention_chunk, {"attention-chunk",
+                        "chunked local attention: row i sees only keys in the size-N chunk of "
+                        "its diagonal key (FA3 attention_chunk); 0 = off"});
+  }
 };
+// The MaskArgs flags added to `desc` (for commands that build their groups by hand).
 void add_mask_options(po::options_description& desc, MaskArgs* args);
 // Validates (window values >= -1, softcap >= 0, scale >= 0) and converts; sinks are
 // loaded separately (load_sinks) once the number of query heads is known.
@@ -65,6 +82,17 @@ struct KernelArgs {
   std::string dtype = "fp32";
   std::string backend = "auto";
   int threads = 0;
+
+  template <class V>
+  void for_each(V& v) {
+    v(dtype, {"dtype",
+              "storage dtype of the kernel inputs: fp32 | bf16 | fp16 (file values are rounded "
+              "to it)"});
+    v(backend, {"backend",
+                "kernel backend: auto | cpu | cpu-amx | cpu-avx512-bf16 | cpu-avx512 | cpu-avx2 | "
+                "cpu-scalar | reference"});
+    v(threads, {"threads", "OpenMP threads; 0 = all"});
+  }
 };
 void add_kernel_options(po::options_description& desc, KernelArgs* args);
 // Storage dtype from --dtype (fp32, bf16 or fp16; fp8 is refused here).
