@@ -72,6 +72,7 @@ class OptionsBuilder {
   }
 
   po::options_description all() const {
+    if (groups_.size() == 1) return groups_[0];  // printed as the one group it is
     po::options_description all;
     for (const auto& g : groups_) all.add(g);
     return all;
