@@ -12,7 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <nlohmann/json_fwd.hpp>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -194,6 +194,25 @@ using Json = nlohmann::ordered_json;
 // a fraction when the rounded value is integral ("3", not "3.0"), and null when not
 // finite (NaN, +-inf), e.g. json_number(0.1 + 0.2) == 0.3, json_number(NAN) == null.
 Json json_number(double x);
+
+// The visitor that writes an args struct's fields into a JSON object, keyed by the
+// flag name with '_' for '-' (--kv-heads -> "kv_heads"): write_json(j, HeadArgs{...}).
+struct JsonWriter {
+  Json& j;
+  void group(const char*) {}
+  template <class T>
+  void operator()(const T& field, const Flag& f) {
+    std::string key = f.name;
+    for (char& c : key)
+      if (c == '-') c = '_';
+    j[key] = field;
+  }
+};
+template <class Args>
+void write_json(Json& j, Args args) {
+  JsonWriter w{j};
+  args.for_each(w);
+}
 
 // j as compact JSON text; bytes that are not valid UTF-8 in strings become U+FFFD
 // (the text is always valid JSON, the output never throws).

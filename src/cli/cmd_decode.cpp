@@ -25,7 +25,6 @@
 #include "ringattn/comm/mpi_check.hpp"
 #include "ringattn/distributed_decode.hpp"
 #include "ringattn/error.hpp"
-#include "ringattn/version.hpp"
 
 namespace ringattn::cli {
 
@@ -294,27 +293,16 @@ void print_result(const DecodeArgs& a, const DecodeSetup& st, double t_med,
   const double bytes = static_cast<double>(sh.b) * sh.s * (sh.k_row() + sh.v_row()) *
                        static_cast<double>(dtype_size(st.p.dtype));
   if (a.json) {
-    Json j;
-    j["command"] = "decode";
-    j["version"] = version();
-    j["ranks"] = st.ranks;
-    j["threads"] = engine.threads();
-    j["backend"] = engine.backend_name();
+    Json j = result_json("decode", st.ranks, engine);
     j["dtype"] = dtype_name(st.p.dtype);
     j["batch"] = sh.b;
     j["q_len"] = sh.s_q;
     j["cache_len"] = sh.s;
-    j["heads"] = sh.h;
-    j["kv_heads"] = sh.h_k;
-    j["dim"] = sh.d;
-    j["dim_v"] = sh.d_v;
+    write_json(j, HeadArgs{sh.h, sh.h_k, sh.d, sh.d_v});
     j["iters"] = a.iters;
     j["time_s"] = json_number(t_med);
     j["cache_gbps"] = json_number(bytes / t_med / 1e9);
-    if (a.check) {
-      j["max_abs_err"] = json_number(err.max_abs);
-      j["max_lse_rel_err"] = json_number(err.max_lse_rel);
-    }
+    if (a.check) err.to_json(j);
     std::printf("%s\n", json_dump(j).c_str());
     return;
   }
@@ -324,8 +312,7 @@ void print_result(const DecodeArgs& a, const DecodeSetup& st, double t_med,
       st.ranks, engine.threads(), engine.backend_name().c_str(), dtype_name(st.p.dtype), sh.b,
       sh.s_q, static_cast<long long>(sh.s), sh.h, sh.h_k, sh.d, sh.d_v, t_med, a.iters,
       bytes / t_med / 1e9);
-  if (a.check)
-    std::printf(" | check: max abs err %.3g, max LSE rel err %.3g", err.max_abs, err.max_lse_rel);
+  if (a.check) err.print();
   std::printf("\n");
 }
 

@@ -25,7 +25,6 @@
 #include "ringattn/error.hpp"
 #include "ringattn/ring_attention.hpp"
 #include "ringattn/ulysses_attention.hpp"
-#include "ringattn/version.hpp"
 
 namespace ringattn::cli {
 
@@ -530,12 +529,7 @@ struct RingReport {
 
 void print_json(const RingReport& r) {
   const Problem& pr = r.st.pr;
-  Json j;
-  j["command"] = "ring";
-  j["version"] = version();
-  j["ranks"] = r.st.ranks;
-  j["threads"] = r.engine.threads();
-  j["backend"] = r.engine.backend_name();
+  Json j = result_json("ring", r.st.ranks, r.engine);
   j["layout"] = layout_name(r.st.layout);
   j["mode"] = ring_mode_name(r.st.mode);
   j["ulysses"] = r.a.ulysses;
@@ -549,10 +543,7 @@ void print_json(const RingReport& r) {
   j["batch"] = pr.b;
   j["seqlen"] = pr.s;
   j["total_tokens"] = pr.total();
-  j["heads"] = pr.h;
-  j["kv_heads"] = pr.h_k;
-  j["dim"] = pr.d;
-  j["dim_v"] = pr.d_v;
+  write_json(j, HeadArgs{pr.h, pr.h_k, pr.d, pr.d_v});
   j["progress"] = !r.a.no_progress;
   j["iters"] = r.a.iters;
   j["time_s"] = json_number(r.f.time_s);
@@ -564,10 +555,7 @@ void print_json(const RingReport& r) {
   j["max_rank_compute_s"] = json_number(r.f.max_rank_compute_s);
   j["min_rank_compute_s"] = json_number(r.f.min_rank_compute_s);
   j["kernel_calls_per_rank"] = json_number(r.f.kernel_calls_per_rank);
-  if (r.a.check) {
-    j["max_abs_err"] = json_number(r.err.max_abs);
-    j["max_lse_rel_err"] = json_number(r.err.max_lse_rel);
-  }
+  if (r.a.check) r.err.to_json(j);
   std::printf("%s\n", json_dump(j).c_str());
 }
 
@@ -586,9 +574,7 @@ void print_line(const RingReport& r) {
   if (r.a.ulysses > 1)
     std::printf(" | ulysses U=%d x ring R=%d: all-to-all %.2f ms, %.2f MB sent per rank",
                 r.a.ulysses, r.st.ranks / r.a.ulysses, f.alltoall_s * 1e3, f.alltoall_bytes / 1e6);
-  if (r.a.check)
-    std::printf(" | check: max abs err %.3g, max LSE rel err %.3g", r.err.max_abs,
-                r.err.max_lse_rel);
+  if (r.a.check) r.err.print();
   std::printf("\n");
 }
 

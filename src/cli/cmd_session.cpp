@@ -29,7 +29,6 @@
 #include "ringattn/comm/communicator.hpp"
 #include "ringattn/comm/mpi_check.hpp"
 #include "ringattn/kv_session.hpp"
-#include "ringattn/version.hpp"
 
 namespace ringattn::cli {
 
@@ -670,19 +669,11 @@ struct SessionReport {
 void print_json(const SessionReport& r) {
   const Shape& sh = r.st.sh;
   const SessionResults& res = r.res;
-  Json j;
-  j["command"] = "session";
-  j["version"] = version();
-  j["ranks"] = r.st.ranks;
-  j["threads"] = r.engine.threads();
-  j["backend"] = r.engine.backend_name();
+  Json j = result_json("session", r.st.ranks, r.engine);
   j["dtype"] = dtype_name(r.st.dtype);
   j["batch"] = sh.b;
   j["prompt_max"] = sh.prompt_max();
-  j["heads"] = sh.h;
-  j["kv_heads"] = sh.h_k;
-  j["dim"] = sh.d;
-  j["dim_v"] = sh.d_v;
+  write_json(j, HeadArgs{sh.h, sh.h_k, sh.d, sh.d_v});
   j["page_size"] = r.a.page_size;
   j["cache_layout"] = cache_layout_name(r.st.cache_layout);
   j["prefill_layout"] = layout_name(r.st.prefill_layout);
@@ -704,10 +695,7 @@ void print_json(const SessionReport& r) {
     j["extend_why"] = res.plan.why;
     j["extend_bytes_per_rank"] = json_number(res.est.bytes);
   }
-  if (r.a.check) {
-    j["max_abs_err"] = json_number(r.err.max_abs);
-    j["max_lse_rel_err"] = json_number(r.err.max_lse_rel);
-  }
+  if (r.a.check) r.err.to_json(j);
   std::printf("%s\n", json_dump(j).c_str());
 }
 
@@ -725,9 +713,7 @@ void print_line(const SessionReport& r) {
   if (sh.s1 > 0)
     std::printf(" | extend %d tok: %.4f s %s (%s)", sh.s1, res.est.total_s,
                 extend_mode_name(res.plan.mode), res.plan.why.c_str());
-  if (r.a.check)
-    std::printf(" | check: max abs err %.3g, max LSE rel err %.3g", r.err.max_abs,
-                r.err.max_lse_rel);
+  if (r.a.check) r.err.print();
   std::printf("\n");
 }
 

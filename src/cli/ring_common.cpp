@@ -13,6 +13,7 @@
 #include "ringattn/comm/collectives.hpp"
 #include "ringattn/comm/mpi_check.hpp"
 #include "ringattn/error.hpp"
+#include "ringattn/version.hpp"
 
 namespace ringattn::cli {
 
@@ -146,6 +147,25 @@ bool CheckErrors::failed(DType t, const char* command, bool print) const {
     std::fprintf(stderr, "ringattn %s: error: --check failed: max abs err %g (tolerance %g)\n",
                  command, max_abs, tol);
   return true;
+}
+
+void CheckErrors::to_json(Json& j) const {
+  j["max_abs_err"] = json_number(max_abs);
+  j["max_lse_rel_err"] = json_number(max_lse_rel);
+}
+
+void CheckErrors::print() const {
+  std::printf(" | check: max abs err %.3g, max LSE rel err %.3g", max_abs, max_lse_rel);
+}
+
+Json result_json(const char* command, int ranks, const Engine& engine) {
+  Json j;
+  j["command"] = command;
+  j["version"] = version();
+  j["ranks"] = ranks;
+  j["threads"] = engine.threads();
+  j["backend"] = engine.backend_name();
+  return j;
 }
 
 double allreduce_max(const comm::Communicator& comm, double x) {

@@ -58,7 +58,15 @@ struct CheckErrors {
   // Above the tolerance of storage dtype t (fp32 1e-4, 16-bit 3e-2): prints
   // "ringattn <command>: error: --check failed: ..." to stderr when `print` is set.
   bool failed(DType t, const char* command, bool print) const;
+  // The JSON fields max_abs_err and max_lse_rel_err; the result line's
+  // " | check: max abs err ..., max LSE rel err ..." part.
+  void to_json(Json& j) const;
+  void print() const;
 };
+
+// The first fields of the JSON result of ring, decode and session: command, version,
+// ranks, threads, backend.
+Json result_json(const char* command, int ranks, const Engine& engine);
 
 // The maximum / sum of x over the ranks (collective).
 double allreduce_max(const comm::Communicator& comm, double x);
