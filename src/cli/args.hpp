@@ -49,17 +49,13 @@ struct Flag {
 //                        flagged kNoDefault
 class OptionsBuilder {
  public:
-  OptionsBuilder() = default;
-  // Flags visited before the first group() go straight into `into`.
-  explicit OptionsBuilder(po::options_description* into) : into_(into) {}
-
   // Flags visited from now on go into a new group with this caption (printed by --help).
   void group(const char* caption) { groups_.emplace_back(caption); }
 
   template <class T>
   void operator()(T& field, const Flag& f) {
-    if (groups_.empty() && !into_) groups_.emplace_back();
-    auto add = groups_.empty() ? into_->add_options() : groups_.back().add_options();
+    if (groups_.empty()) groups_.emplace_back();
+    auto add = groups_.back().add_options();
     if constexpr (std::is_same_v<T, bool>) {
       add(f.name, po::bool_switch(&field), f.help);
     } else if constexpr (std::is_same_v<T, std::vector<int>>) {
@@ -79,7 +75,6 @@ class OptionsBuilder {
   }
 
  private:
-  po::options_description* into_ = nullptr;
   std::vector<po::options_description> groups_;
 };
 
@@ -89,6 +84,15 @@ template <class Args>
 po::options_description options(Args& args) {
   OptionsBuilder b;
   args.for_each(b);
+  return b.all();
+}
+
+// The same for flags listed by a function object, fn(builder), where a command keeps its
+// options in local variables: fn calls builder.group() and builder(variable, flag).
+template <class Fn>
+po::options_description options_of(Fn&& fn) {
+  OptionsBuilder b;
+  fn(b);
   return b.all();
 }
 
