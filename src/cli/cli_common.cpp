@@ -54,11 +54,6 @@ std::vector<int> parse_int_list(const std::string& opt, const std::string& text)
   return out;
 }
 
-void add_mask_options(po::options_description& desc, MaskArgs* a) {
-  OptionsBuilder b(&desc);
-  a->for_each(b);
-}
-
 MaskParams to_mask_params(const MaskArgs& a) {
   MaskParams m;
   m.causal = a.causal;
@@ -91,11 +86,6 @@ std::vector<float> load_sinks(const MaskArgs& a, std::int64_t h) {
   for (std::size_t i = 0; i < v.size(); ++i)
     RA_CHECK_ARG(!std::isnan(v[i]), "--sinks: entry " << i << " is NaN (use -inf for no sink)");
   return v;
-}
-
-void add_kernel_options(po::options_description& desc, KernelArgs* a) {
-  OptionsBuilder b(&desc);
-  a->for_each(b);
 }
 
 DType tensor_dtype(const KernelArgs& a) {

@@ -67,8 +67,6 @@ struct MaskArgs {
                         "its diagonal key (FA3 attention_chunk); 0 = off"});
   }
 };
-// The MaskArgs flags added to `desc` (for commands that build their groups by hand).
-void add_mask_options(po::options_description& desc, MaskArgs* args);
 // Validates (window values >= -1, softcap >= 0, scale >= 0) and converts; sinks are
 // loaded separately (load_sinks) once the number of query heads is known.
 MaskParams to_mask_params(const MaskArgs& args);
@@ -94,7 +92,6 @@ struct KernelArgs {
     v(threads, {"threads", "OpenMP threads; 0 = all"});
   }
 };
-void add_kernel_options(po::options_description& desc, KernelArgs* args);
 // Storage dtype from --dtype (fp32, bf16 or fp16; fp8 is refused here).
 DType tensor_dtype(const KernelArgs& args);
 Engine make_engine(const KernelArgs& args);
