@@ -92,6 +92,22 @@ struct KernelArgs {
     v(threads, {"threads", "OpenMP threads; 0 = all"});
   }
 };
+// What ring, decode and session share: the Mask and Kernel groups and the parsed
+// command line (their args structs derive from it).
+struct MpiCommandArgs {
+  MaskArgs mask;
+  KernelArgs kernel;
+  po::variables_map vm;  // what the command line gave
+
+  template <class V>
+  void mask_and_kernel(V& f, const char* mask_caption) {
+    f.group(mask_caption);
+    mask.for_each(f);
+    f.group("Kernel (per rank)");
+    kernel.for_each(f);
+  }
+};
+
 // Storage dtype from --dtype (fp32, bf16 or fp16; fp8 is refused here).
 DType tensor_dtype(const KernelArgs& args);
 Engine make_engine(const KernelArgs& args);

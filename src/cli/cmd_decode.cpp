@@ -37,7 +37,7 @@ constexpr const char* kUsage =
     "by an MPI reduction whose operation is the LSE merge.";
 
 // The options of `ringattn decode`, each declared once (cli/args.hpp).
-struct DecodeArgs {
+struct DecodeArgs : MpiCommandArgs {
   // files mode
   std::string q, k_cache, v_cache, out, lse;
   // synthetic mode
@@ -50,9 +50,6 @@ struct DecodeArgs {
   int iters = 1;
   bool check = false;
   bool json = false;
-  MaskArgs mask;
-  KernelArgs kernel;
-  po::variables_map vm;  // what the command line gave
 
   template <class V>
   void for_each(V& f) {
@@ -72,10 +69,7 @@ struct DecodeArgs {
     f(iters, kItersFlag);
     f(check, {"check", "verify every row against a float64 computation"});
     f(json, kJsonFlag);
-    f.group("Mask");
-    mask.for_each(f);
-    f.group("Kernel (per rank)");
-    kernel.for_each(f);
+    mask_and_kernel(f, "Mask");
   }
   bool files() const { return given(vm, "q") || given(vm, "k-cache") || given(vm, "v-cache"); }
 };

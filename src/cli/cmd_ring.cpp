@@ -96,7 +96,7 @@ double visible_pairs(std::int64_t len, const MaskParams& m) {
 }
 
 // The options of `ringattn ring`, each declared once (cli/args.hpp).
-struct RingArgs {
+struct RingArgs : MpiCommandArgs {
   // files mode
   std::string q, k, v, cu_seqlens, out, lse;
   // synthetic mode
@@ -115,9 +115,6 @@ struct RingArgs {
   bool no_progress = false;
   int piece_rows = 0;
   bool json = false;
-  MaskArgs mask;
-  KernelArgs kernel;
-  po::variables_map vm;  // what the command line gave
 
   template <class V>
   void for_each(V& f) {
@@ -146,10 +143,7 @@ struct RingArgs {
     f(no_progress, {"no-progress", "do not drive MPI progress between or inside kernel calls"});
     f(piece_rows, {"piece-rows", "query rows per kernel call (0 = auto)"});
     f(json, {"json", "print the result as one JSON object instead of a line"});
-    f.group("Mask");
-    mask.for_each(f);
-    f.group("Kernel (per rank)");
-    kernel.for_each(f);
+    mask_and_kernel(f, "Mask");
   }
   bool files() const { return given(vm, "q") || given(vm, "k") || given(vm, "v"); }
 };

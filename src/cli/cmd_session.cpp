@@ -48,7 +48,7 @@ double percentile(std::vector<double> v, double p) {
 }
 
 // The options of `ringattn session`, each declared once (cli/args.hpp).
-struct SessionArgs {
+struct SessionArgs : MpiCommandArgs {
   // files mode
   std::string prompt_q, prompt_k, prompt_v, prompt_cu_seqlens;
   std::string decode_q, decode_k, decode_v, extend_q, extend_k, extend_v, out_dir;
@@ -68,9 +68,6 @@ struct SessionArgs {
   bool reduce_to_root = false;
   bool skip_prefill = false;
   bool json = false;
-  MaskArgs mask;
-  KernelArgs kernel;
-  po::variables_map vm;  // what the command line gave
 
   template <class V>
   void for_each(V& f) {
@@ -112,10 +109,7 @@ struct SessionArgs {
                      "store the prompt's K/V without computing its attention (decode/extend "
                      "benchmarks over long contexts; no prefill outputs)"});
     f(json, kJsonFlag);
-    f.group("Mask (the session is causal)");
-    mask.for_each(f);
-    f.group("Kernel (per rank)");
-    kernel.for_each(f);
+    mask_and_kernel(f, "Mask (the session is causal)");
   }
   bool files() const {
     return given(vm, "prompt-q") || given(vm, "prompt-k") || given(vm, "prompt-v");
