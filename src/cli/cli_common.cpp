@@ -54,25 +54,6 @@ std::vector<int> parse_int_list(const std::string& opt, const std::string& text)
   return out;
 }
 
-void add_mask_options(po::options_description& desc, MaskArgs* a) {
-  auto add = desc.add_options();
-  add("causal", po::bool_switch(&a->causal),
-      "bottom-right causal mask (sets the right window to 0)");
-  add("window", po::value<std::vector<int>>(&a->window)->multitoken(),
-      "local window: two values L R, keys j with i+shift-L <= j <= i+shift+R are visible; -1 = "
-      "unbounded");
-  add("softcap", po::value<float>(&a->softcap)->default_value(0.0f),
-      "score soft-capping: score = C * tanh(score / C); 0 = off");
-  add("scale", po::value<float>(&a->scale)->default_value(0.0f),
-      "softmax scale; 0 = 1/sqrt(head dim)");
-  add("sinks", po::value<std::string>(&a->sinks),
-      "attention-sink logits [h] fp32 (one per query head): out *= exp(lse) / (exp(lse) + "
-      "exp(sink)); the LSE excludes the sink");
-  add("attention-chunk", po::value<int>(&a->attention_chunk)->default_value(0),
-      "chunked local attention: row i sees only keys in the size-N chunk of its diagonal key "
-      "(FA3 attention_chunk); 0 = off");
-}
-
 MaskParams to_mask_params(const MaskArgs& a) {
   MaskParams m;
   m.causal = a.causal;
@@ -105,16 +86,6 @@ std::vector<float> load_sinks(const MaskArgs& a, std::int64_t h) {
   for (std::size_t i = 0; i < v.size(); ++i)
     RA_CHECK_ARG(!std::isnan(v[i]), "--sinks: entry " << i << " is NaN (use -inf for no sink)");
   return v;
-}
-
-void add_kernel_options(po::options_description& desc, KernelArgs* a) {
-  auto add = desc.add_options();
-  add("dtype", po::value<std::string>(&a->dtype)->default_value("fp32"),
-      "storage dtype of the kernel inputs: fp32 | bf16 | fp16 (file values are rounded to it)");
-  add("backend", po::value<std::string>(&a->backend)->default_value("auto"),
-      "kernel backend: auto | cpu | cpu-amx | cpu-avx512-bf16 | cpu-avx512 | cpu-avx2 | "
-      "cpu-scalar | reference");
-  add("threads", po::value<int>(&a->threads)->default_value(0), "OpenMP threads; 0 = all");
 }
 
 DType tensor_dtype(const KernelArgs& a) {

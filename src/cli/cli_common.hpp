@@ -12,19 +12,18 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <nlohmann/json_fwd.hpp>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "cli/args.hpp"
 #include "ringattn/attention_params.hpp"
 #include "ringattn/dtype.hpp"
 #include "ringattn/engine.hpp"
 #include "ringattn/npy.hpp"
 
 namespace ringattn::cli {
-
-namespace po = boost::program_options;
 
 // ---- argument parsing ----
 
@@ -41,8 +40,8 @@ void require(const po::variables_map& vm, const char* name);
 // "1,2,4" -> {1, 2, 4}; InvalidArgument naming `opt` on anything else.
 std::vector<int> parse_int_list(const std::string& opt, const std::string& text);
 
-// Mask / score options shared by attn, kvcache, ring and decode: --causal, --window L R,
-// --softcap C, --scale S, --sinks S.npy, --attention-chunk N.
+// Mask / score options shared by attn, kvcache, ring, decode and session: --causal,
+// --window L R, --softcap C, --scale S, --sinks S.npy, --attention-chunk N.
 struct MaskArgs {
   bool causal = false;
   std::vector<int> window;  // empty or {left, right}
@@ -50,8 +49,24 @@ struct MaskArgs {
   float scale = 0.0f;
   std::string sinks;        // --sinks path, empty = none
   int attention_chunk = 0;  // --attention-chunk, 0 = off
+
+  template <class V>
+  void for_each(V& v) {
+    v(causal, {"causal", "bottom-right causal mask (sets the right window to 0)"});
+    v(window, {"window",
+               "local window: two values L R, keys j with i+shift-L <= j <= i+shift+R are "
+               "visible; -1 = unbounded"});
+    v(softcap, {"softcap", "score soft-capping: score = C * tanh(score / C); 0 = off"});
+    v(scale, {"scale", "softmax scale; 0 = 1/sqrt(head dim)"});
+    v(sinks, {"sinks",
+              "attention-sink logits [h] fp32 (one per query head): out *= exp(lse) / "
+              "(exp(lse) + exp(sink)); the LSE excludes the sink",
+              kNoDefault});
+    v(attention_chunk, {"attention-chunk",
+                        "chunked local attention: row i sees only keys in the size-N chunk of "
+                        "its diagonal key (FA3 attention_chunk); 0 = off"});
+  }
 };
-void add_mask_options(po::options_description& desc, MaskArgs* args);
 // Validates (window values >= -1, softcap >= 0, scale >= 0) and converts; sinks are
 // loaded separately (load_sinks) once the number of query heads is known.
 MaskParams to_mask_params(const MaskArgs& args);
@@ -65,8 +80,34 @@ struct KernelArgs {
   std::string dtype = "fp32";
   std::string backend = "auto";
   int threads = 0;
+
+  template <class V>
+  void for_each(V& v) {
+    v(dtype, {"dtype",
+              "storage dtype of the kernel inputs: fp32 | bf16 | fp16 (file values are rounded "
+              "to it)"});
+    v(backend, {"backend",
+                "kernel backend: auto | cpu | cpu-amx | cpu-avx512-bf16 | cpu-avx512 | cpu-avx2 | "
+                "cpu-scalar | reference"});
+    v(threads, {"threads", "OpenMP threads; 0 = all"});
+  }
 };
-void add_kernel_options(po::options_description& desc, KernelArgs* args);
+// What ring, decode and session share: the Mask and Kernel groups and the parsed
+// command line (their args structs derive from it).
+struct MpiCommandArgs {
+  MaskArgs mask;
+  KernelArgs kernel;
+  po::variables_map vm;  // what the command line gave
+
+  template <class V>
+  void mask_and_kernel(V& f, const char* mask_caption) {
+    f.group(mask_caption);
+    mask.for_each(f);
+    f.group("Kernel (per rank)");
+    kernel.for_each(f);
+  }
+};
+
 // Storage dtype from --dtype (fp32, bf16 or fp16; fp8 is refused here).
 DType tensor_dtype(const KernelArgs& args);
 Engine make_engine(const KernelArgs& args);
@@ -166,6 +207,25 @@ using Json = nlohmann::ordered_json;
 // a fraction when the rounded value is integral ("3", not "3.0"), and null when not
 // finite (NaN, +-inf), e.g. json_number(0.1 + 0.2) == 0.3, json_number(NAN) == null.
 Json json_number(double x);
+
+// The visitor that writes an args struct's fields into a JSON object, keyed by the
+// flag name with '_' for '-' (--kv-heads -> "kv_heads"): write_json(j, HeadArgs{...}).
+struct JsonWriter {
+  Json& j;
+  void group(const char*) {}
+  template <class T>
+  void operator()(const T& field, const Flag& f) {
+    std::string key = f.name;
+    for (char& c : key)
+      if (c == '-') c = '_';
+    j[key] = field;
+  }
+};
+template <class Args>
+void write_json(Json& j, Args args) {
+  JsonWriter w{j};
+  args.for_each(w);
+}
 
 // j as compact JSON text; bytes that are not valid UTF-8 in strings become U+FFFD
 // (the text is always valid JSON, the output never throws).

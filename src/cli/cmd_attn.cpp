@@ -53,37 +53,30 @@ int cmd_attn(int argc, char** argv) {
   MaskArgs mask_args;
   KernelArgs kernel_args;
 
-  po::options_description io("Inputs and outputs");
-  auto add = io.add_options();
-  add("q", po::value<std::string>(&q_path), "queries: [b, s_q, h, d] or varlen [total_q, h, d]");
-  add("k", po::value<std::string>(&k_path), "keys: [b, s_k, h_k, d] or varlen [total_k, h_k, d]");
-  add("v", po::value<std::string>(&v_path),
-      "values: [b, s_k, h_k, d_v] or varlen [total_k, h_k, d_v]");
-  add("out", po::value<std::string>(&out_path),
-      "output fp32 [b, s_q, h, d_v] or [total_q, h, d_v]");
-  add("lse", po::value<std::string>(&lse_path), "log-sum-exp fp32 [b, h, s_q] or [h, total_q]");
-  add("cu-seqlens-q", po::value<std::string>(&cu_q_path),
-      "varlen: query segment offsets [b+1] int32/int64");
-  add("cu-seqlens-k", po::value<std::string>(&cu_k_path),
-      "varlen: key segment offsets [b+1] int32/int64");
-  add("seqused-q", po::value<std::string>(&used_q_path), "varlen: query rows used per segment [b]");
-  add("seqused-k", po::value<std::string>(&used_k_path), "varlen: keys used per segment [b]");
-  add("max-seqlen-q", po::value<int>(&max_seqlen_q)->default_value(0),
-      "varlen: longest query segment; 0 = from cu_seqlens");
-  add("max-seqlen-k", po::value<int>(&max_seqlen_k)->default_value(0),
-      "varlen: longest key segment; 0 = from cu_seqlens");
-  add("num-splits", po::value<int>(&num_splits)->default_value(0),
-      "key splits: 0 = engine decides, 1 = none");
-  add("json", po::bool_switch(&json),
-      "print the result as one JSON object (kernel_s = seconds in the kernel call)");
-  po::options_description mask("Mask");
-  add_mask_options(mask, &mask_args);
-  po::options_description kern("Kernel");
-  add_kernel_options(kern, &kernel_args);
-  po::options_description all;
-  all.add(io).add(mask).add(kern);
+  // Each flag once: name, help; the default is the variable's initial value.
+  const auto flags = [&](auto& f) {
+    f.group("Inputs and outputs");
+    f(q_path, {"q", "queries: [b, s_q, h, d] or varlen [total_q, h, d]", kNoDefault});
+    f(k_path, {"k", "keys: [b, s_k, h_k, d] or varlen [total_k, h_k, d]", kNoDefault});
+    f(v_path, {"v", "values: [b, s_k, h_k, d_v] or varlen [total_k, h_k, d_v]", kNoDefault});
+    f(out_path, {"out", "output fp32 [b, s_q, h, d_v] or [total_q, h, d_v]", kNoDefault});
+    f(lse_path, {"lse", "log-sum-exp fp32 [b, h, s_q] or [h, total_q]", kNoDefault});
+    f(cu_q_path, {"cu-seqlens-q", "varlen: query segment offsets [b+1] int32/int64", kNoDefault});
+    f(cu_k_path, {"cu-seqlens-k", "varlen: key segment offsets [b+1] int32/int64", kNoDefault});
+    f(used_q_path, {"seqused-q", "varlen: query rows used per segment [b]", kNoDefault});
+    f(used_k_path, {"seqused-k", "varlen: keys used per segment [b]", kNoDefault});
+    f(max_seqlen_q, {"max-seqlen-q", "varlen: longest query segment; 0 = from cu_seqlens"});
+    f(max_seqlen_k, {"max-seqlen-k", "varlen: longest key segment; 0 = from cu_seqlens"});
+    f(num_splits, {"num-splits", "key splits: 0 = engine decides, 1 = none"});
+    f(json,
+      {"json", "print the result as one JSON object (kernel_s = seconds in the kernel call)"});
+    f.group("Mask");
+    mask_args.for_each(f);
+    f.group("Kernel");
+    kernel_args.for_each(f);
+  };
   po::variables_map vm;
-  if (!parse_args(argc, argv, all, kUsage, &vm)) return 0;
+  if (!parse_args(argc, argv, options_of(flags), kUsage, &vm)) return 0;
   require(vm, "q");
   require(vm, "k");
   require(vm, "v");

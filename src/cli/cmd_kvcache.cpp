@@ -47,53 +47,54 @@ int cmd_kvcache(int argc, char** argv) {
   MaskArgs mask_args;
   KernelArgs kernel_args;
 
-  po::options_description io("Inputs and outputs");
-  auto add = io.add_options();
-  add("q", po::value<std::string>(&q_path), "queries [b, s_q, h, d]");
-  add("k-cache", po::value<std::string>(&kc_path),
-      "key cache: dense [b_cache, s_cache, h_k, d] or paged [num_blocks, page_size, h_k, d]");
-  add("v-cache", po::value<std::string>(&vc_path),
-      "value cache, same layout as --k-cache with head dim d_v");
-  add("cache-seqlens", po::value<std::string>(&seqlens_path),
-      "[b] int32/int64: valid tokens per sequence before the append");
-  add("page-table", po::value<std::string>(&page_table_path),
-      "[b, max_pages] int32/int64: makes the cache paged");
-  add("k-new", po::value<std::string>(&k_new_path),
-      "new keys [b, s_new, h_k, d] appended in place");
-  add("v-new", po::value<std::string>(&v_new_path),
-      "new values [b, s_new, h_k, d_v] appended in place");
-  add("cache-batch-idx", po::value<std::string>(&batch_idx_path),
-      "[b] int: cache sequence used by each batch element (dense cache)");
-  add("cache-leftpad", po::value<std::string>(&leftpad_path),
-      "[b] int: first valid cache token per sequence");
-  add("rotary-cos", po::value<std::string>(&cos_path), "rotary cos table [s_rotary, rotary_dim/2]");
-  add("rotary-sin", po::value<std::string>(&sin_path), "rotary sin table [s_rotary, rotary_dim/2]");
-  add("rotary-seqlens", po::value<std::string>(&rot_seqlens_path),
-      "[b] int: rotary position of each sequence's first new row (default --cache-seqlens)");
-  add("rotary-interleaved", po::bool_switch(&rotary_interleaved),
-      "rotate pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)");
-  add("num-splits", po::value<int>(&num_splits)->default_value(0),
-      "split-KV: 0 = engine decides, 1 = none, n = n splits");
-  add("cu-seqlens-q", po::value<std::string>(&cu_q_path),
-      "varlen queries: [b+1] int32/int64 offsets into --q [total_q, h, d] (chunked prefill)");
-  add("max-seqlen-q", po::value<int>(&max_seqlen_q)->default_value(0),
-      "varlen queries: longest query segment; 0 = from --cu-seqlens-q");
-  add("cu-seqlens-k-new", po::value<std::string>(&cu_new_path),
-      "varlen new keys: [b+1] offsets into --k-new/--v-new [total_new, h_k, d]");
-  add("out", po::value<std::string>(&out_path), "output fp32 [b, s_q, h, d_v]");
-  add("lse", po::value<std::string>(&lse_path), "log-sum-exp fp32 [b, h, s_q]");
-  add("k-cache-out", po::value<std::string>(&kc_out_path),
-      "updated key cache (dtype of --k-cache)");
-  add("v-cache-out", po::value<std::string>(&vc_out_path),
-      "updated value cache (dtype of --v-cache)");
-  po::options_description mask("Mask");
-  add_mask_options(mask, &mask_args);
-  po::options_description kern("Kernel");
-  add_kernel_options(kern, &kernel_args);
-  po::options_description all;
-  all.add(io).add(mask).add(kern);
+  // Each flag once: name, help; the default is the variable's initial value.
+  const auto flags = [&](auto& f) {
+    f.group("Inputs and outputs");
+    f(q_path, {"q", "queries [b, s_q, h, d]", kNoDefault});
+    f(kc_path,
+      {"k-cache",
+       "key cache: dense [b_cache, s_cache, h_k, d] or paged [num_blocks, page_size, h_k, d]",
+       kNoDefault});
+    f(vc_path, {"v-cache", "value cache, same layout as --k-cache with head dim d_v", kNoDefault});
+    f(seqlens_path, {"cache-seqlens",
+                     "[b] int32/int64: valid tokens per sequence before the append", kNoDefault});
+    f(page_table_path,
+      {"page-table", "[b, max_pages] int32/int64: makes the cache paged", kNoDefault});
+    f(k_new_path, {"k-new", "new keys [b, s_new, h_k, d] appended in place", kNoDefault});
+    f(v_new_path, {"v-new", "new values [b, s_new, h_k, d_v] appended in place", kNoDefault});
+    f(batch_idx_path,
+      {"cache-batch-idx", "[b] int: cache sequence used by each batch element (dense cache)",
+       kNoDefault});
+    f(leftpad_path, {"cache-leftpad", "[b] int: first valid cache token per sequence", kNoDefault});
+    f(cos_path, {"rotary-cos", "rotary cos table [s_rotary, rotary_dim/2]", kNoDefault});
+    f(sin_path, {"rotary-sin", "rotary sin table [s_rotary, rotary_dim/2]", kNoDefault});
+    f(rot_seqlens_path,
+      {"rotary-seqlens",
+       "[b] int: rotary position of each sequence's first new row (default --cache-seqlens)",
+       kNoDefault});
+    f(rotary_interleaved,
+      {"rotary-interleaved", "rotate pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)"});
+    f(num_splits, {"num-splits", "split-KV: 0 = engine decides, 1 = none, n = n splits"});
+    f(cu_q_path,
+      {"cu-seqlens-q",
+       "varlen queries: [b+1] int32/int64 offsets into --q [total_q, h, d] (chunked prefill)",
+       kNoDefault});
+    f(max_seqlen_q,
+      {"max-seqlen-q", "varlen queries: longest query segment; 0 = from --cu-seqlens-q"});
+    f(cu_new_path,
+      {"cu-seqlens-k-new",
+       "varlen new keys: [b+1] offsets into --k-new/--v-new [total_new, h_k, d]", kNoDefault});
+    f(out_path, {"out", "output fp32 [b, s_q, h, d_v]", kNoDefault});
+    f(lse_path, {"lse", "log-sum-exp fp32 [b, h, s_q]", kNoDefault});
+    f(kc_out_path, {"k-cache-out", "updated key cache (dtype of --k-cache)", kNoDefault});
+    f(vc_out_path, {"v-cache-out", "updated value cache (dtype of --v-cache)", kNoDefault});
+    f.group("Mask");
+    mask_args.for_each(f);
+    f.group("Kernel");
+    kernel_args.for_each(f);
+  };
   po::variables_map vm;
-  if (!parse_args(argc, argv, all, kUsage, &vm)) return 0;
+  if (!parse_args(argc, argv, options_of(flags), kUsage, &vm)) return 0;
   require(vm, "q");
   require(vm, "k-cache");
   require(vm, "v-cache");

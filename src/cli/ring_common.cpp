@@ -1,12 +1,19 @@
 #include "cli/ring_common.hpp"
 
+#include <mpi.h>
+
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <iostream>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "ringattn/comm/collectives.hpp"
+#include "ringattn/comm/mpi_check.hpp"
 #include "ringattn/error.hpp"
+#include "ringattn/version.hpp"
 
 namespace ringattn::cli {
 
@@ -113,6 +120,70 @@ void reference_row(const RowRefProblem& p, const std::function<double(int, int)>
     for (int c = 0; c < p.d_v; ++c) o[c] /= denom;
     lse[hh] = m + std::log(sum);
   }
+}
+
+void CheckErrors::add_row(const float* out, const float* lse, std::int64_t lse_stride,
+                          const std::vector<double>& ref_out, const std::vector<double>& ref_lse) {
+  for (std::size_t e = 0; e < ref_out.size(); ++e)
+    max_abs = std::max(max_abs, std::abs(double(out[e]) - ref_out[e]));
+  for (std::size_t hh = 0; hh < ref_lse.size(); ++hh) {
+    const double a = lse[static_cast<std::int64_t>(hh) * lse_stride], b = ref_lse[hh];
+    const double err = (std::isinf(a) && std::isinf(b) && a == b)
+                           ? 0.0
+                           : std::abs(a - b) / std::max(1.0, std::abs(b));
+    max_lse_rel = std::max(max_lse_rel, std::isnan(err) ? 1e30 : err);
+  }
+}
+
+void CheckErrors::max_over(const comm::Communicator& comm) {
+  max_abs = allreduce_max(comm, max_abs);
+  max_lse_rel = allreduce_max(comm, max_lse_rel);
+}
+
+bool CheckErrors::failed(DType t, const char* command, bool print) const {
+  const double tol = t == DType::kF32 ? 1e-4 : 3e-2;
+  if (max_abs <= tol && max_lse_rel <= tol) return false;
+  if (print)
+    std::fprintf(stderr, "ringattn %s: error: --check failed: max abs err %g (tolerance %g)\n",
+                 command, max_abs, tol);
+  return true;
+}
+
+void CheckErrors::to_json(Json& j) const {
+  j["max_abs_err"] = json_number(max_abs);
+  j["max_lse_rel_err"] = json_number(max_lse_rel);
+}
+
+void CheckErrors::print() const {
+  std::printf(" | check: max abs err %.3g, max LSE rel err %.3g", max_abs, max_lse_rel);
+}
+
+Json result_json(const char* command, int ranks, const Engine& engine) {
+  Json j;
+  j["command"] = command;
+  j["version"] = version();
+  j["ranks"] = ranks;
+  j["threads"] = engine.threads();
+  j["backend"] = engine.backend_name();
+  return j;
+}
+
+double allreduce_max(const comm::Communicator& comm, double x) {
+  double r = 0.0;
+  RA_MPI_CHECK(MPI_Allreduce(&x, &r, 1, MPI_DOUBLE, MPI_MAX, comm.get()));
+  return r;
+}
+
+double allreduce_sum(const comm::Communicator& comm, double x) {
+  double r = 0.0;
+  RA_MPI_CHECK(MPI_Allreduce(&x, &r, 1, MPI_DOUBLE, MPI_SUM, comm.get()));
+  return r;
+}
+
+Engine make_engine_mpi(const comm::Communicator& comm, const KernelArgs& args) {
+  std::unique_ptr<Engine> e;
+  comm::run_collectively(comm, [&] { e = std::make_unique<Engine>(make_engine(args)); });
+  return std::move(*e);
 }
 
 }  // namespace ringattn::cli

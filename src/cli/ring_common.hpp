@@ -6,6 +6,7 @@
 #include <boost/program_options.hpp>
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 #include "cli/cli_common.hpp"
 #include "ringattn/comm/communicator.hpp"
@@ -42,5 +43,37 @@ void reference_row(const RowRefProblem& p, const std::function<double(int, int)>
                    const std::function<double(std::int64_t, int, int)>& k_at,
                    const std::function<double(std::int64_t, int, int)>& v_at, double* out,
                    double* lse);
+
+// --check: the largest errors of the checked rows against reference_row.
+struct CheckErrors {
+  double max_abs = 0.0;      // max |out - ref|
+  double max_lse_rel = 0.0;  // max |lse - ref| / max(1, |ref|); equal infinities 0, NaN 1e30
+
+  // One row: out [h, d_v] and its h LSE entries lse[i * lse_stride] against the
+  // reference ref_out [h * d_v], ref_lse [h].
+  void add_row(const float* out, const float* lse, std::int64_t lse_stride,
+               const std::vector<double>& ref_out, const std::vector<double>& ref_lse);
+  // The maximum over the ranks (collective).
+  void max_over(const comm::Communicator& comm);
+  // Above the tolerance of storage dtype t (fp32 1e-4, 16-bit 3e-2): prints
+  // "ringattn <command>: error: --check failed: ..." to stderr when `print` is set.
+  bool failed(DType t, const char* command, bool print) const;
+  // The JSON fields max_abs_err and max_lse_rel_err; the result line's
+  // " | check: max abs err ..., max LSE rel err ..." part.
+  void to_json(Json& j) const;
+  void print() const;
+};
+
+// The first fields of the JSON result of ring, decode and session: command, version,
+// ranks, threads, backend.
+Json result_json(const char* command, int ranks, const Engine& engine);
+
+// The maximum / sum of x over the ranks (collective).
+double allreduce_max(const comm::Communicator& comm, double x);
+double allreduce_sum(const comm::Communicator& comm, double x);
+
+// The engine of --dtype/--backend/--threads, made on every rank collectively (a bad
+// --backend on one rank is the same error on all).
+Engine make_engine_mpi(const comm::Communicator& comm, const KernelArgs& args);
 
 }  // namespace ringattn::cli
