@@ -319,12 +319,7 @@ int cmd_session(int argc, char** argv) {
   // --sinks [h]: every rank reads the file (the session checks that they agree); applied
   // once per output row, after the merge.
   std::vector<float> sinks;
-  comm::run_collectively(comm, [&] {
-    RA_CHECK(
-        mask_params.attention_chunk == 0, UnsupportedError,
-        "--attention-chunk: not supported by sessions (got " << mask_params.attention_chunk << ")");
-    sinks = load_sinks(mask_args, sh.h);
-  });
+  comm::run_collectively(comm, [&] { sinks = load_sinks(mask_args, sh.h); });
   if (!sinks.empty()) cfg.mask.sinks = sinks.data();
   cfg.mask.causal = false;  // the session's own rule (always causal)
   Engine engine = [&] {
