@@ -235,7 +235,16 @@ int cmd_decode(int argc, char** argv) {
   out_file->commit();
   lse_file->commit();
   const double t_med = median(times);
-  const double bytes = static_cast<double>(b) * s * (kr + vr) * static_cast<double>(es);
+  // Cache bytes the query rows reach (positions s - s_q .. s - 1): all of it, or from the
+  // left window's / attention chunk's first key on (the decode reads no other key).
+  std::int64_t first_key = 0;
+  if (p.mask.window_left >= 0) first_key = std::max<std::int64_t>(0, s - s_q - p.mask.window_left);
+  if (p.mask.attention_chunk > 0)
+    first_key =
+        std::max<std::int64_t>(first_key, std::max<std::int64_t>(0, s - s_q) /
+                                              p.mask.attention_chunk * p.mask.attention_chunk);
+  const double bytes = static_cast<double>(b) * static_cast<double>(s - first_key) * (kr + vr) *
+                       static_cast<double>(es);
   if (json) {
     Json j;
     j["command"] = "decode";
