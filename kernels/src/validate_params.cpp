@@ -115,7 +115,7 @@ void validate(const FwdParams& p) {
   RA_CHECK_ARG_GE(p.s_q, 0, "s_q: query length must be >= 0");
   RA_CHECK_ARG_GE(p.s_k, 0, "s_k: key length must be >= 0");
   check_heads(p.h, p.h_k, p.d, p.d_v);
-  validate_mask(p.mask, p.h);
+  validate_mask(p.mask, p.h, p.b);
   RA_CHECK_ARG_GE(p.num_splits, 0, "num_splits: must be >= 0 (0 = engine decides)");
 
   std::int64_t rows;  // query rows in the whole call
@@ -176,7 +176,7 @@ void validate(const KvCacheParams& p) {
   RA_CHECK_ARG_GE(p.s_q, 0, "s_q: query length must be >= 0");
   RA_CHECK_ARG_GE(p.s_new, 0, "s_new: rows of k_new/v_new must be >= 0");
   check_heads(p.h, p.h_k, p.d, p.d_v);
-  validate_mask(p.mask, p.h);
+  validate_mask(p.mask, p.h, p.b);
   RA_CHECK_ARG_GE(p.num_splits, 0, "num_splits: must be >= 0 (0 = engine decides)");
   // Variable query rows / new keys per sequence: each segment within max_seqlen_q (s_q)
   // / s_new, so the max-based loops and plans cover it.
@@ -340,13 +340,34 @@ void validate(const KvCacheParams& p) {
 
 namespace ringattn {
 
-void validate_mask(const MaskParams& m, int h) {
+void validate_mask(const MaskParams& m, int h, int b) {
   RA_CHECK_ARG_GE(m.window_left, -1, "window_left: must be >= -1 (-1 = unbounded)");
   RA_CHECK_ARG_GE(m.window_right, -1, "window_right: must be >= -1 (-1 = unbounded)");
   RA_CHECK_ARG(std::isfinite(m.softcap) && m.softcap >= 0.0f,
                "softcap: must be finite and >= 0 (0 = off), got " << m.softcap);
   RA_CHECK_ARG(std::isfinite(m.scale), "scale: must be finite (0 = 1/sqrt(d)), got " << m.scale);
   RA_CHECK_ARG_GE(m.attention_chunk, 0, "attention_chunk: must be >= 0 (0 = off)");
+  RA_CHECK_ARG((m.chunk_q_pos == nullptr) == (m.chunk_k_pos == nullptr),
+               "chunk_q_pos / chunk_k_pos: must be set together (chunk_q_pos "
+                   << (m.chunk_q_pos ? "set" : "null") << ", chunk_k_pos "
+                   << (m.chunk_k_pos ? "set" : "null") << ")");
+  RA_CHECK_ARG(m.chunk_q_pos == nullptr || m.attention_chunk > 0,
+               "chunk_q_pos / chunk_k_pos: only valid with attention_chunk > 0, got "
+               "attention_chunk = "
+                   << m.attention_chunk);
+  RA_CHECK_ARG_GE(m.chunk_stride, 1, "chunk_stride");
+  RA_CHECK_ARG(m.chunk_stride == 1 || m.chunk_q_pos != nullptr,
+               "chunk_stride = " << m.chunk_stride
+                                 << ": only valid with chunk_q_pos / chunk_k_pos (1 otherwise)");
+  if (m.chunk_q_pos != nullptr) {
+    constexpr std::int64_t kLimit = std::int64_t{1} << 60;
+    for (int i = 0; i < b; ++i) {
+      RA_CHECK_ARG(m.chunk_q_pos[i] > -kLimit && m.chunk_q_pos[i] < kLimit,
+                   "chunk_q_pos[" << i << "] = " << m.chunk_q_pos[i] << " outside (-2^60, 2^60)");
+      RA_CHECK_ARG(m.chunk_k_pos[i] > -kLimit && m.chunk_k_pos[i] < kLimit,
+                   "chunk_k_pos[" << i << "] = " << m.chunk_k_pos[i] << " outside (-2^60, 2^60)");
+    }
+  }
   if (m.sinks != nullptr) {
     for (int i = 0; i < h; ++i) {
       RA_CHECK_ARG(!std::isnan(m.sinks[i]),

@@ -284,8 +284,18 @@ void print_result(const DecodeArgs& a, const DecodeSetup& st, double t_med,
                   const CheckErrors& err) {
   const DecodeShape& sh = st.sh;
   const Engine& engine = *st.engine;
-  const double bytes = static_cast<double>(sh.b) * sh.s * (sh.k_row() + sh.v_row()) *
-                       static_cast<double>(dtype_size(st.p.dtype));
+  // Cache bytes the query rows reach (positions s - s_q .. s - 1): all of it, or from the
+  // left window's / attention chunk's first key on (the decode reads no other key).
+  const std::int64_t s = sh.s;
+  std::int64_t first_key = 0;
+  if (st.p.mask.window_left >= 0)
+    first_key = std::max<std::int64_t>(0, s - sh.s_q - st.p.mask.window_left);
+  if (st.p.mask.attention_chunk > 0)
+    first_key = std::max<std::int64_t>(first_key, std::max<std::int64_t>(0, s - sh.s_q) /
+                                                      st.p.mask.attention_chunk *
+                                                      st.p.mask.attention_chunk);
+  const double bytes = static_cast<double>(sh.b) * static_cast<double>(s - first_key) *
+                       (sh.k_row() + sh.v_row()) * static_cast<double>(dtype_size(st.p.dtype));
   if (a.json) {
     Json j = result_json("decode", st.ranks, engine);
     j["dtype"] = dtype_name(st.p.dtype);

@@ -88,8 +88,13 @@ double visible_pairs(std::int64_t len, const MaskParams& m) {
   const int wl = m.window_left;
   double n = 0.0;
   for (std::int64_t i = 0; i < len; ++i) {
-    const std::int64_t hi = wr < 0 ? len - 1 : std::min(len - 1, i + wr);
-    const std::int64_t lo = wl < 0 ? 0 : std::max<std::int64_t>(0, i - wl);
+    std::int64_t hi = wr < 0 ? len - 1 : std::min(len - 1, i + wr);
+    std::int64_t lo = wl < 0 ? 0 : std::max<std::int64_t>(0, i - wl);
+    if (m.attention_chunk > 0) {  // keys of row i's chunk only
+      const std::int64_t c0 = i / m.attention_chunk * m.attention_chunk;
+      lo = std::max(lo, c0);
+      hi = std::min(hi, c0 + m.attention_chunk - 1);
+    }
     if (hi >= lo) n += static_cast<double>(hi - lo + 1);
   }
   return n;
@@ -534,6 +539,7 @@ void print_json(const RingReport& r) {
   j["causal"] = r.st.mask.causal;
   j["window_left"] = r.st.mask.window_left;
   j["window_right"] = r.st.mask.window_right;
+  j["attention_chunk"] = r.st.mask.attention_chunk;
   j["batch"] = pr.b;
   j["seqlen"] = pr.s;
   j["total_tokens"] = pr.total();

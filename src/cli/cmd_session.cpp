@@ -378,12 +378,7 @@ SessionConfig session_config(const comm::Communicator& comm, const SessionArgs& 
   cfg.layout = st.cache_layout;
   cfg.prefill_layout = st.prefill_layout;
   cfg.mask = st.mask;
-  comm::run_collectively(comm, [&] {
-    RA_CHECK(
-        st.mask.attention_chunk == 0, UnsupportedError,
-        "--attention-chunk: not supported by sessions (got " << st.mask.attention_chunk << ")");
-    st.sinks = load_sinks(a.mask, sh.h);
-  });
+  comm::run_collectively(comm, [&] { st.sinks = load_sinks(a.mask, sh.h); });
   if (!st.sinks.empty()) cfg.mask.sinks = st.sinks.data();
   cfg.mask.causal = false;  // the session's own rule (always causal)
   st.cap = cfg.capacity;

@@ -40,6 +40,9 @@ bool parse_args_mpi(const comm::Communicator& comm, int argc, char** argv,
 }
 
 namespace {
+std::int64_t floor_div(std::int64_t a, std::int64_t b) {
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
 std::uint64_t splitmix64(std::uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -84,6 +87,7 @@ void reference_row(const RowRefProblem& p, const std::function<double(int, int)>
   const double scale = p.mask.scale > 0.0f ? p.mask.scale : 1.0 / std::sqrt(double(p.d));
   const int wr = p.mask.causal ? 0 : p.mask.window_right;
   const int wl = p.mask.window_left;
+  const std::int64_t chunk = p.mask.attention_chunk;
   const int group = p.h / p.h_k;
   std::vector<double> s(static_cast<std::size_t>(p.s_k));
   for (int hh = 0; hh < p.h; ++hh) {
@@ -93,6 +97,8 @@ void reference_row(const RowRefProblem& p, const std::function<double(int, int)>
     for (std::int64_t j = 0; j < p.s_k; ++j) {
       if (wr >= 0 && j > p.row + p.shift + wr) continue;
       if (wl >= 0 && j < p.row + p.shift - wl) continue;
+      // attention_chunk: key j in the chunk of the row's diagonal key row + shift.
+      if (chunk > 0 && j / chunk != floor_div(p.row + p.shift, chunk)) continue;
       double dot = 0.0;
       for (int c = 0; c < p.d; ++c) dot += q_at(hh, c) * k_at(j, kh, c);
       double sc = dot * scale;

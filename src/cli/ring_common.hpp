@@ -31,7 +31,8 @@ void fill_synthetic(std::uint64_t seed, int tensor, std::int64_t first, std::int
 
 // float64 reference for one query row against keys [0, s_k) of one sequence
 // (docs/semantics.md section 1 with an explicit diagonal shift: key j visible iff
-// j <= i + shift + wr and j >= i + shift - wl; causal => wr = 0).
+// j <= i + shift + wr and j >= i + shift - wl; causal => wr = 0; with attention_chunk C
+// also floor(j / C) == floor((i + shift) / C); sinks applied).
 //   q_at(head, c), k_at(j, kv_head, c), v_at(j, kv_head, c) give element values.
 //   out [h, d_v] and lse [h] (natural log, -inf for an empty row).
 struct RowRefProblem {

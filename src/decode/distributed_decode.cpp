@@ -6,6 +6,7 @@
 #include <sstream>
 #include <vector>
 
+#include "ring/block_mask.hpp"
 #include "ring/ring_blocks.hpp"
 #include "ringattn/comm/collectives.hpp"
 #include "ringattn/comm/mpi_check.hpp"
@@ -72,15 +73,16 @@ void distributed_decode(const comm::Communicator& comm, const Engine& engine,
                                      << p.s_cache << " is smaller than the number of ranks " << P);
     RA_CHECK(p.mask.mask_shift == nullptr, UnsupportedError,
              "decode: mask.mask_shift is set by the decode itself and must be nullptr");
+    RA_CHECK(
+        p.mask.chunk_q_pos == nullptr && p.mask.chunk_k_pos == nullptr && p.mask.chunk_stride == 1,
+        UnsupportedError,
+        "decode: mask.chunk_q_pos / chunk_k_pos / chunk_stride are set by the decode itself "
+        "(nullptr, nullptr, 1); attention_chunk alone selects chunked attention");
     RA_CHECK_ARG(p.root >= -1 && p.root < P,
                  "decode: root " << p.root << " outside [-1, " << P << ")");
     RA_CHECK_ARG(p.q && p.k_cache && p.v_cache, "decode: q, k_cache and v_cache must be non-null");
     RA_CHECK_ARG(p.out || (p.root >= 0 && rank != p.root), "decode: out must be non-null");
     validate_mask(p.mask, p.h);
-    RA_CHECK(
-        p.mask.attention_chunk == 0, UnsupportedError,
-        "decode: attention_chunk = " << p.mask.attention_chunk
-                                     << " is not supported by distributed decode yet (0 = off)");
   });
   const auto str = [](auto v) {
     std::ostringstream os;
@@ -100,6 +102,7 @@ void distributed_decode(const comm::Communicator& comm, const Engine& engine,
                           {"v head dim", str(p.d_v)},
                           {"causal", p.mask.causal ? "yes" : "no"},
                           {"window", str(p.mask.window_left) + "," + str(p.mask.window_right)},
+                          {"attention chunk", str(p.mask.attention_chunk)},
                           {"softcap", str(p.mask.softcap)},
                           {"scale", str(p.mask.scale)},
                           {"sinks", detail::sinks_fingerprint(p.mask.sinks, p.h)},
@@ -113,31 +116,52 @@ void distributed_decode(const comm::Communicator& comm, const Engine& engine,
   // packed as records [b, s_q, h][o, lse] for the reduction.
   std::vector<float> o(static_cast<std::size_t>(rows * p.d_v), 0.0f);
   std::vector<float> l(static_cast<std::size_t>(rows), kNegInf);
-  const BlockMask bm = classify_block(p.s_cache - p.s_q, p.s_q, k0, n, 1, p.mask.window_left,
-                                      p.mask.causal ? 0 : p.mask.window_right);
-  if (bm.kind != BlockMask::kHidden && n > 0) {
+  // The query rows sit at positions q0 + i of the whole cache, this rank's keys at
+  // k0 + j. Keys no row sees (window, attention_chunk: only the chunks of the query rows
+  // matter, so a long cache reads one or two chunks' keys) are trimmed off; a shard with
+  // none skips the kernel and contributes the empty state.
+  const std::int64_t q0 = p.s_cache - p.s_q;
+  const int wr = p.mask.causal ? 0 : p.mask.window_right;
+  const detail::KeySpan span =
+      detail::visible_key_span(q0, p.s_q, k0, n, 1, p.mask.window_left, wr, p.mask.attention_chunk);
+  if (!span.empty()) {
+    const std::int64_t kb = k0 + span.lo, nk = span.hi - span.lo + 1;  // keys of the call
+    const BlockMask bm = classify_block(q0, p.s_q, kb, nk, 1, p.mask.window_left, wr);
     std::vector<std::int64_t> shifts(static_cast<std::size_t>(p.b), bm.shift);
+    std::vector<std::int64_t> q_pos(static_cast<std::size_t>(p.b), q0);
+    std::vector<std::int64_t> k_pos(static_cast<std::size_t>(p.b), kb);
+    const std::size_t es = dtype_size(p.dtype);
     FwdParams f;
     f.dtype = p.dtype;
     f.q = p.q;
-    f.k = p.k_cache;
-    f.v = p.v_cache;
+    f.k = static_cast<const std::byte*>(p.k_cache) +
+          static_cast<std::size_t>(span.lo * p.h_k * p.d) * es;
+    f.v = static_cast<const std::byte*>(p.v_cache) +
+          static_cast<std::size_t>(span.lo * p.h_k * p.d_v) * es;
     f.out = o.data();
     f.lse = l.data();
     f.b = p.b;
     f.s_q = p.s_q;
-    f.s_k = static_cast<int>(n);
+    f.s_k = static_cast<int>(nk);
     f.h = p.h;
     f.h_k = p.h_k;
     f.d = p.d;
     f.d_v = p.d_v;
-    set_contiguous_strides(f);  // q [b, s_q, h, d], shard k/v [b, n, h_k, d(_v)]
+    set_contiguous_strides(f);  // q [b, s_q, h, d], k/v [b, nk, h_k, d(_v)]
+    // The shard's rows are n apart per sequence, not nk.
+    f.k_batch_stride = n * p.h_k * p.d;
+    f.v_batch_stride = n * p.h_k * p.d_v;
     f.mask.scale = p.mask.scale;
     f.mask.softcap = p.mask.softcap;
     if (bm.kind == BlockMask::kPartial) {
       f.mask.mask_shift = shifts.data();
       f.mask.window_left = bm.window_left;
       f.mask.window_right = bm.window_right;
+    }
+    if (p.mask.attention_chunk > 0) {
+      f.mask.attention_chunk = p.mask.attention_chunk;
+      f.mask.chunk_q_pos = q_pos.data();
+      f.mask.chunk_k_pos = k_pos.data();
     }
     engine.forward(f);
   }

@@ -148,9 +148,10 @@ void ring_forward(std::int64_t comm_handle, const TensorArg& q, const TensorArg&
                   const std::optional<TensorArg>& cu_seqlens, std::int64_t s,
                   const std::string& layout, const std::string& mode, float scale, bool causal,
                   int window_left, int window_right, float softcap, int piece_rows, int ulysses,
-                  const std::optional<TensorArg>& sinks) {
+                  const std::optional<TensorArg>& sinks, int attention_chunk) {
   auto eng = engine();
-  const MaskParams mask = mask_params(scale, causal, window_left, window_right, softcap);
+  MaskParams mask = mask_params(scale, causal, window_left, window_right, softcap);
+  mask.attention_chunk = attention_chunk;  // checked by the ring (>= 0)
   run_kernel([&] {
     comm::Communicator comm(comm_from_handle(comm_handle));
     RingAttentionParams p;
@@ -176,7 +177,7 @@ void decode_forward(std::int64_t comm_handle, const TensorArg& q, const TensorAr
                     const TensorArg& v_cache, const std::optional<TensorArg>& out,
                     const std::optional<TensorArg>& lse, std::int64_t s_cache, float scale,
                     bool causal, int window_left, int window_right, float softcap, int root,
-                    const std::optional<TensorArg>& sinks) {
+                    const std::optional<TensorArg>& sinks, int attention_chunk) {
   auto eng = engine();
   run_kernel([&] {
     comm::Communicator comm(comm_from_handle(comm_handle));
@@ -231,7 +232,8 @@ void decode_forward(std::int64_t comm_handle, const TensorArg& q, const TensorAr
       p.k_cache = k_cache.data<const void>();
       p.v_cache = v_cache.data<const void>();
       p.mask = mask_params(scale, causal, window_left, window_right, softcap);
-      p.mask.sinks = sinks_data(sinks, p.h);  // applied once, after the reduction
+      p.mask.attention_chunk = attention_chunk;  // checked by the decode (>= 0)
+      p.mask.sinks = sinks_data(sinks, p.h);     // applied once, after the reduction
     });
     distributed_decode(comm, *eng, p);
   });
@@ -272,11 +274,11 @@ void register_ring(py::module_& m) {
         py::arg("out"), py::arg("lse"), py::arg("cu_seqlens"), py::arg("s"), py::arg("layout"),
         py::arg("mode"), py::arg("scale"), py::arg("causal"), py::arg("window_left"),
         py::arg("window_right"), py::arg("softcap"), py::arg("piece_rows"), py::arg("ulysses") = 1,
-        py::arg("sinks") = py::none());
+        py::arg("sinks") = py::none(), py::arg("attention_chunk") = 0);
   m.def("distributed_decode", &decode_forward, py::arg("comm"), py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("out"), py::arg("lse"), py::arg("s_cache"), py::arg("scale"),
         py::arg("causal"), py::arg("window_left"), py::arg("window_right"), py::arg("softcap"),
-        py::arg("root"), py::arg("sinks") = py::none());
+        py::arg("root"), py::arg("sinks") = py::none(), py::arg("attention_chunk") = 0);
   m.def("shard_positions", &shard_positions_binding, py::arg("layout"), py::arg("len"),
         py::arg("ranks"), py::arg("rank"), py::arg("ulysses") = 1);
   m.def("shard_length", &shard_length_binding, py::arg("layout"), py::arg("len"), py::arg("ranks"),

@@ -31,7 +31,7 @@ class PySession {
   PySession(std::int64_t comm_handle, const std::string& dtype, int b, int h, int h_k, int d,
             int d_v, std::int64_t capacity, int page_size, const std::string& cache_layout,
             const std::string& prefill_layout, float scale, int window_left, float softcap,
-            const std::optional<TensorArg>& sinks)
+            const std::optional<TensorArg>& sinks, int attention_chunk)
       : engine_(engine()) {
     if (sinks) {  // kept for the session's lifetime (the config points at them)
       const float* x = sinks_data(sinks, h);
@@ -57,6 +57,7 @@ class PySession {
       c.mask.window_left = window_left;
       c.mask.window_right = 0;
       c.mask.softcap = softcap;
+      c.mask.attention_chunk = attention_chunk;  // checked by the session (>= 0)
       if (!sinks_.empty()) c.mask.sinks = sinks_.data();
       session_ = std::make_unique<KvSession>(*comm_, *engine_, c);
     });
@@ -173,11 +174,12 @@ void register_session(py::module_& m) {
   py::class_<PySession>(m, "KvSession")
       .def(py::init<std::int64_t, const std::string&, int, int, int, int, int, std::int64_t, int,
                     const std::string&, const std::string&, float, int, float,
-                    const std::optional<TensorArg>&>(),
+                    const std::optional<TensorArg>&, int>(),
            py::arg("comm"), py::arg("dtype"), py::arg("b"), py::arg("h"), py::arg("h_k"),
            py::arg("d"), py::arg("d_v"), py::arg("capacity"), py::arg("page_size"),
            py::arg("cache_layout"), py::arg("prefill_layout"), py::arg("scale"),
-           py::arg("window_left"), py::arg("softcap"), py::arg("sinks") = py::none())
+           py::arg("window_left"), py::arg("softcap"), py::arg("sinks") = py::none(),
+           py::arg("attention_chunk") = 0)
       .def("prefill", &PySession::prefill, py::arg("lens"), py::arg("q"), py::arg("k"),
            py::arg("v"), py::arg("out"), py::arg("lse"))
       .def("decode", &PySession::decode, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),

@@ -102,6 +102,42 @@ bool combine_mask(std::int64_t q0, std::int64_t qs, std::int64_t nq, const Chunk
   return true;
 }
 
+KeySpan visible_key_span(std::int64_t q0, std::int64_t nq, std::int64_t k0, std::int64_t nk,
+                         std::int64_t st, int wl, int wr, int chunk) {
+  KeySpan span;
+  if (nq <= 0 || nk <= 0) return span;
+  if (chunk <= 0) {
+    if (classify_block(q0, nq, k0, nk, st, wl, wr).kind == BlockMask::kHidden) return span;
+    // The first query's lowest and the last query's highest visible key bound the rest.
+    span.lo = wl >= 0 ? std::max<std::int64_t>(0, ceil_div(q0 - wl - k0, st)) : 0;
+    span.hi = wr >= 0 ? std::min(nk - 1, floor_div(q0 + (nq - 1) * st + wr - k0, st)) : nk - 1;
+    return span;
+  }
+  // Chunks that hold both a query and a key of the block; in chunk c the queries
+  // i in [ia, ib] and the keys j in [ja, jb] (positions in [c*C, c*C + C)).
+  const std::int64_t q_last = q0 + (nq - 1) * st, k_last = k0 + (nk - 1) * st;
+  const std::int64_t c_first = std::max(floor_div(q0, chunk), floor_div(k0, chunk));
+  const std::int64_t c_last = std::min(floor_div(q_last, chunk), floor_div(k_last, chunk));
+  for (std::int64_t c = c_first; c <= c_last; ++c) {
+    const std::int64_t lo = c * chunk, hi = lo + chunk;  // positions [lo, hi)
+    const std::int64_t ia = std::max<std::int64_t>(0, ceil_div(lo - q0, st));
+    const std::int64_t ib = std::min(nq - 1, ceil_div(hi - q0, st) - 1);
+    const std::int64_t ja = std::max<std::int64_t>(0, ceil_div(lo - k0, st));
+    const std::int64_t jb = std::min(nk - 1, ceil_div(hi - k0, st) - 1);
+    if (ia > ib || ja > jb) continue;
+    const KeySpan sub =
+        visible_key_span(q0 + ia * st, ib - ia + 1, k0 + ja * st, jb - ja + 1, st, wl, wr, 0);
+    if (sub.empty()) continue;
+    if (span.empty()) {
+      span = KeySpan{ja + sub.lo, ja + sub.hi};
+    } else {
+      span.lo = std::min(span.lo, ja + sub.lo);
+      span.hi = std::max(span.hi, ja + sub.hi);
+    }
+  }
+  return span;
+}
+
 }  // namespace detail
 
 BlockMask classify_block(std::int64_t q0, std::int64_t nq, std::int64_t k0, std::int64_t nk,

@@ -48,10 +48,12 @@ void validate_local(const RingAttentionParams& p, int ranks, int rank) {
   RA_CHECK_ARG(p.mask.window_left >= -1 && p.mask.window_right >= -1,
                "ring: window (" << p.mask.window_left << ", " << p.mask.window_right
                                 << ") must be >= -1 (-1 = unbounded)");
+  RA_CHECK(
+      p.mask.chunk_q_pos == nullptr && p.mask.chunk_k_pos == nullptr && p.mask.chunk_stride == 1,
+      UnsupportedError,
+      "ring: mask.chunk_q_pos / chunk_k_pos / chunk_stride are set by the ring itself "
+      "(nullptr, nullptr, 1); attention_chunk alone selects chunked attention");
   validate_mask(p.mask, p.h);
-  RA_CHECK(p.mask.attention_chunk == 0, UnsupportedError,
-           "ring: attention_chunk = " << p.mask.attention_chunk
-                                      << " is not supported by ring attention yet (0 = off)");
   if (p.cu_seqlens) {
     RA_CHECK_ARG_EQ(p.cu_seqlens[0], 0, "ring: cu_seqlens[0]");
     for (int i = 0; i < p.b; ++i)
@@ -116,6 +118,7 @@ comm::Fields config_fields(const RingAttentionParams& p, int ranks, const char* 
           {"v head dim", str(p.d_v)},
           {"causal", p.mask.causal ? "yes" : "no"},
           {"window", str(p.mask.window_left) + "," + str(p.mask.window_right)},
+          {"attention chunk", str(p.mask.attention_chunk)},
           {"softcap", str(p.mask.softcap)},
           {"scale", str(p.mask.scale)},
           {"sinks", detail::sinks_fingerprint(p.mask.sinks, p.h)}};
@@ -186,6 +189,7 @@ RingPlan make_ring_plan(const RingAttentionParams& p, int ranks) {
   plan.o_row = std::int64_t{p.h} * p.d_v;
   plan.wl = p.mask.window_left;
   plan.wr = p.mask.causal ? 0 : p.mask.window_right;
+  plan.chunk = p.mask.attention_chunk;
   return plan;
 }
 
@@ -215,7 +219,9 @@ RingScratch::RingScratch(const RingPlan& plan, std::int64_t piece_rows)
     : piece(piece_rows),
       rows_cap(std::max<std::int64_t>(piece_rows, std::min(2 * piece_rows, plan.max_rows))),
       lse_rows(static_cast<std::size_t>(rows_cap * plan.p->h)),
-      shifts(static_cast<std::size_t>(plan.max_nb)) {
+      shifts(static_cast<std::size_t>(plan.max_nb)),
+      chunk_q_pos(static_cast<std::size_t>(plan.max_nb)),
+      chunk_k_pos(static_cast<std::size_t>(plan.max_nb)) {
   o = take_floats(static_cast<std::size_t>(plan.max_nb * rows_cap * plan.o_row), o_lease);
   lse = take_floats(static_cast<std::size_t>(plan.max_nb * rows_cap * plan.p->h), lse_lease);
 }
@@ -245,6 +251,7 @@ ShardPlan plan_shard(const RingPlan& plan, int q_rank, int k_rank, std::int64_t 
   const RingAttentionParams& p = *plan.p;
   const auto& qoff = plan.offsets[static_cast<std::size_t>(q_rank)];
   const auto& koff = plan.offsets[static_cast<std::size_t>(k_rank)];
+  const bool chunked = plan.chunk > 0;
   ShardPlan out;
   // For every group of sequences, every query chunk of q_rank, every piece of `piece`
   // rows of it, and every run of k_rank's key chunks: chunks the mask hides for the
@@ -252,7 +259,11 @@ ShardPlan plan_shard(const RingPlan& plan, int q_rank, int k_rank, std::int64_t 
   // becomes ONE call when one kernel mask describes it exactly (combine_mask), else each
   // chunk gets its own call (fully visible: unmasked; else the kernel's mask shifted onto
   // the block diagonal). Each call's keys are trimmed to those some row sees (the kernel
-  // packs every key it is given).
+  // packs every key it is given). With attention_chunk the visibility scan also applies
+  // the chunk rule (visible_key_span: a key chunk the chunk rule hides from the whole
+  // piece is skipped), every visible key chunk is its own call, trimmed to the keys of
+  // the piece's chunks, and the kernel applies the chunk rule at the call's sequence
+  // positions (ShardCall::q_pos, k_pos).
   for (int gi = 0; gi < static_cast<int>(plan.groups.size()); ++gi) {
     const RingGroup& g = plan.groups[static_cast<std::size_t>(gi)];
     const auto q_chunks = shard_chunks(p.layout, g.len, plan.ranks, q_rank);
@@ -260,74 +271,82 @@ ShardPlan plan_shard(const RingPlan& plan, int q_rank, int k_rank, std::int64_t 
     const int nk = static_cast<int>(k_chunks.size());
     std::vector<std::int64_t> k_lo(k_chunks.size() + 1, 0);  // local row of each chunk
     for (int c = 0; c < nk; ++c) k_lo[c + 1] = k_lo[c] + k_chunks[c].count;
-    const auto emit = [&](std::int64_t q_row0, std::int64_t np, int c0, int c1, BlockMask bm) {
-      std::int64_t k_first = 0, k_last = k_lo[c1] - k_lo[c0] - 1;
+    // A call's key rows: chunks [c0, c1), of which local keys [span.lo, span.hi] of the
+    // run (everything without attention_chunk) can be visible.
+    const auto emit = [&](std::int64_t q_row0, std::int64_t np, std::int64_t q_pos, int c0, int c1,
+                          KeySpan span, BlockMask bm) {
+      std::int64_t k_first = span.lo, k_last = span.hi;
       if (bm.kind == BlockMask::kPartial) {
         if (bm.window_right >= 0) k_last = std::min(k_last, np - 1 + bm.shift + bm.window_right);
-        if (bm.window_left >= 0) k_first = std::max<std::int64_t>(0, bm.shift - bm.window_left);
-        if (k_first > k_last) return;
-        bm.shift -= k_first;
+        if (bm.window_left >= 0)
+          k_first = std::max(k_first, std::max<std::int64_t>(0, bm.shift - bm.window_left));
       }
+      if (k_first > k_last) return;
+      if (bm.kind == BlockMask::kPartial) bm.shift -= k_first;
+      const Chunk& kc = k_chunks[static_cast<std::size_t>(c0)];
       out.calls.push_back(ShardCall{gi, q_row0 - qoff[0], np, koff[g.first] + k_lo[c0] + k_first,
-                                    k_last - k_first + 1, bm});
+                                    k_last - k_first + 1, bm, q_pos, kc.first + k_first * kc.stride,
+                                    kc.stride});
     };
     // Calls wait in `pending` so that whole query chunks stored back to back which see
     // the same key run fully become ONE call (zigzag: both query chunks of a rank see an
     // earlier rank's key chunk; one call packs those keys once). Pieces smaller than a
-    // chunk (--piece-rows) are never joined. Merge order per row is unchanged: a
-    // different call flushes the pending one first.
+    // chunk (--piece-rows) are never joined, nor are any with attention_chunk (a call's
+    // query rows must be evenly spaced for the kernel's chunk positions). Merge order per
+    // row is unchanged: a different call flushes the pending one first.
     struct Pending {
-      std::int64_t q_row0 = 0, np = 0;
+      std::int64_t q_row0 = 0, np = 0, q_pos = 0;
       int c0 = 0, c1 = 0;
+      KeySpan span;
       BlockMask bm;
       bool whole = false;  // a whole query chunk
       bool set = false;
     } pending;
     const auto flush = [&] {
-      if (pending.set) emit(pending.q_row0, pending.np, pending.c0, pending.c1, pending.bm);
+      if (pending.set)
+        emit(pending.q_row0, pending.np, pending.q_pos, pending.c0, pending.c1, pending.span,
+             pending.bm);
       pending.set = false;
     };
-    const auto enqueue = [&](std::int64_t q_row0, std::int64_t np, bool whole, int c0, int c1,
-                             BlockMask bm) {
-      if (pending.set && whole && pending.whole && bm.kind == BlockMask::kFull &&
+    const auto enqueue = [&](std::int64_t q_row0, std::int64_t np, std::int64_t q_pos, bool whole,
+                             int c0, int c1, KeySpan span, BlockMask bm) {
+      if (!chunked && pending.set && whole && pending.whole && bm.kind == BlockMask::kFull &&
           pending.bm.kind == BlockMask::kFull && pending.c0 == c0 && pending.c1 == c1 &&
           pending.q_row0 + pending.np == q_row0 && pending.np + np <= rows_cap) {
         pending.np += np;
         return;
       }
       flush();
-      pending = Pending{q_row0, np, c0, c1, bm, whole, true};
+      pending = Pending{q_row0, np, q_pos, c0, c1, span, bm, whole, true};
     };
     std::int64_t q_lo = 0;
-    std::vector<char> visible(k_chunks.size());
+    std::vector<KeySpan> spans(k_chunks.size());
     for (const auto& cq : q_chunks) {
       for (std::int64_t i0 = 0; i0 < cq.count; i0 += piece) {
         const std::int64_t np = std::min(piece, cq.count - i0);
         const std::int64_t qp0 = cq.first + i0 * cq.stride;
         for (int c = 0; c < nk; ++c) {
-          visible[c] =
-              k_chunks[c].count > 0 && classify_block(qp0, np, k_chunks[c].first, k_chunks[c].count,
-                                                      cq.stride, plan.wl, plan.wr)
-                                               .kind != BlockMask::kHidden;
-          if (!visible[c] && k_chunks[c].count > 0) ++out.skipped_blocks;
+          spans[c] = visible_key_span(qp0, np, k_chunks[c].first, k_chunks[c].count, cq.stride,
+                                      plan.wl, plan.wr, plan.chunk);
+          if (spans[c].empty() && k_chunks[c].count > 0) ++out.skipped_blocks;
         }
-        const auto call = [&](int c0, int c1, BlockMask bm) {
-          enqueue(qoff[g.first] + q_lo + i0, np, np == cq.count, c0, c1, bm);
+        const auto call = [&](int c0, int c1, KeySpan span, BlockMask bm) {
+          enqueue(qoff[g.first] + q_lo + i0, np, qp0, np == cq.count, c0, c1, span, bm);
         };
         for (int c0 = 0; c0 < nk;) {
-          if (!visible[c0]) {
+          if (spans[c0].empty()) {
             ++c0;
             continue;
           }
           int c1 = c0 + 1;
-          while (c1 < nk && visible[c1]) ++c1;
+          while (c1 < nk && !spans[c1].empty()) ++c1;
           BlockMask bm;
-          if (combine_mask(qp0, cq.stride, np, k_chunks.data() + c0, c1 - c0, plan.wl, plan.wr,
-                           &bm)) {
-            call(c0, c1, bm);
+          if (!chunked && combine_mask(qp0, cq.stride, np, k_chunks.data() + c0, c1 - c0, plan.wl,
+                                       plan.wr, &bm)) {
+            call(c0, c1, KeySpan{0, k_lo[c1] - k_lo[c0] - 1}, bm);
           } else {
             for (int c = c0; c < c1; ++c)
-              call(c, c + 1,
+              call(c, c + 1, chunked ? spans[c] : KeySpan{0, k_chunks[c].count - 1},
                    classify_block(qp0, np, k_chunks[c].first, k_chunks[c].count, cq.stride, plan.wl,
                                   plan.wr));
           }
@@ -398,6 +417,14 @@ void attend_shard(const RingPlan& plan, const Engine& engine, int q_rank, const 
       f.mask.mask_shift = scratch.shifts.data();
       f.mask.window_left = c.mask.window_left;
       f.mask.window_right = c.mask.window_right;
+    }
+    if (plan.chunk > 0) {  // the chunk rule at the call's sequence positions
+      std::fill(scratch.chunk_q_pos.begin(), scratch.chunk_q_pos.begin() + g.count, c.q_pos);
+      std::fill(scratch.chunk_k_pos.begin(), scratch.chunk_k_pos.begin() + g.count, c.k_pos);
+      f.mask.attention_chunk = plan.chunk;
+      f.mask.chunk_q_pos = scratch.chunk_q_pos.data();
+      f.mask.chunk_k_pos = scratch.chunk_k_pos.data();
+      f.mask.chunk_stride = static_cast<int>(c.pos_stride);
     }
     ProgressBridge bridge;
     if (progress) {

@@ -38,6 +38,7 @@ struct RingPlan {
   std::int64_t max_chunk = 0;  // largest chunk of any rank (rows), for scratch
   int max_nb = 1;              // largest group (sequences)
   int wl = -1, wr = -1;        // global window; causal folded into wr = 0
+  int chunk = 0;               // attention_chunk (0 = off)
   std::int64_t rows(int rank) const { return offsets[static_cast<std::size_t>(rank)].back(); }
 };
 
@@ -73,18 +74,23 @@ struct RingScratch {
   float* lse = nullptr;  // [max_nb, h, rows_cap] its LSE
   std::vector<float> lse_rows;
   std::vector<std::int64_t> shifts;
+  std::vector<std::int64_t> chunk_q_pos, chunk_k_pos;  // [max_nb] kernel chunk positions
 };
 
 // One kernel call of attend_shard: query rows [q_row, q_row + rows) of the q shard
 // (row index into the shard, first sequence of the group) against key rows [k_row,
 // k_row + keys) of the k shard, for every sequence of group `group` (a dense group's
 // sequences: the same rows of each, one shard length apart), under `mask` (never
-// kHidden; kPartial: the kernel's rule with that diagonal shift and window).
+// kHidden; kPartial: the kernel's rule with that diagonal shift and window). With
+// attention_chunk, every call has one query chunk's piece and one key chunk: its first
+// query sits at sequence position q_pos, its first key at k_pos, both advancing by
+// pos_stride (the kernel's chunk positions, MaskParams::chunk_q_pos).
 struct ShardCall {
   int group = 0;
   std::int64_t q_row = 0, rows = 0;
   std::int64_t k_row = 0, keys = 0;
   BlockMask mask;
+  std::int64_t q_pos = 0, k_pos = 0, pos_stride = 1;
 };
 struct ShardPlan {
   std::vector<ShardCall> calls;  // in merge order
@@ -92,7 +98,7 @@ struct ShardPlan {
 };
 // Pure planner (no MPI, unit-tested): the kernel calls that attend the queries of shard
 // q_rank to the keys of shard k_rank, `piece` query rows at a time, joining whole query
-// chunks that see the same keys fully up to rows_cap rows.
+// chunks that see the same keys fully up to rows_cap rows (without attention_chunk).
 ShardPlan plan_shard(const RingPlan& plan, int q_rank, int k_rank, std::int64_t piece,
                      std::int64_t rows_cap);
 

@@ -74,6 +74,15 @@ void from_records(const std::vector<float>& records, int b, int t, int h, int d_
       }
 }
 
+// Position of the first key that the row at position `pos` may see: 0, or the start of
+// its left window, or of its attention chunk (docs/semantics.md sections 1 and 7).
+std::int64_t first_visible_pos(const MaskParams& m, std::int64_t pos) {
+  std::int64_t first = 0;
+  if (m.window_left >= 0) first = std::max(first, pos - m.window_left);
+  if (m.attention_chunk > 0) first = std::max(first, pos / m.attention_chunk * m.attention_chunk);
+  return first;
+}
+
 std::string str(double x) {
   std::ostringstream os;
   os << x;
@@ -174,22 +183,26 @@ const SessionConfig& validated(const comm::Communicator& comm, const SessionConf
                      << c.mask.window_right);
     RA_CHECK(c.mask.mask_shift == nullptr, UnsupportedError,
              "session: mask.mask_shift must be nullptr");
-    RA_CHECK(c.mask.attention_chunk == 0, UnsupportedError,
-             "session: attention_chunk = " << c.mask.attention_chunk << " is not supported");
+    RA_CHECK(
+        c.mask.chunk_q_pos == nullptr && c.mask.chunk_k_pos == nullptr && c.mask.chunk_stride == 1,
+        UnsupportedError,
+        "session: mask.chunk_q_pos / chunk_k_pos / chunk_stride must stay nullptr, nullptr, "
+        "1 (attention_chunk alone selects chunked attention)");
     validate_mask(c.mask, c.h);
   });
-  comm::check_consistent(comm, {{"version", version()},
-                                {"dtype", dtype_name(c.dtype)},
-                                {"batch", str(c.b)},
-                                {"heads", str(c.h) + "/" + str(c.h_k)},
-                                {"head dims", str(c.d) + "/" + str(c.d_v)},
-                                {"page size", str(c.page_size)},
-                                {"capacity", str(double(c.capacity))},
-                                {"cache layout", cache_layout_name(c.layout)},
-                                {"prefill layout", layout_name(c.prefill_layout)},
-                                {"mask", str(c.mask.scale) + "," + str(c.mask.softcap) + "," +
-                                             str(c.mask.window_left)},
-                                {"sinks", detail::sinks_fingerprint(c.mask.sinks, c.h)}});
+  comm::check_consistent(comm,
+                         {{"version", version()},
+                          {"dtype", dtype_name(c.dtype)},
+                          {"batch", str(c.b)},
+                          {"heads", str(c.h) + "/" + str(c.h_k)},
+                          {"head dims", str(c.d) + "/" + str(c.d_v)},
+                          {"page size", str(c.page_size)},
+                          {"capacity", str(double(c.capacity))},
+                          {"cache layout", cache_layout_name(c.layout)},
+                          {"prefill layout", layout_name(c.prefill_layout)},
+                          {"mask", str(c.mask.scale) + "," + str(c.mask.softcap) + "," +
+                                       str(c.mask.window_left) + "," + str(c.mask.attention_chunk)},
+                          {"sinks", detail::sinks_fingerprint(c.mask.sinks, c.h)}});
   return c;
 }
 
@@ -278,24 +291,59 @@ StepStats KvSession::prefill(const std::vector<std::int64_t>& prompt_lens, const
   return st;
 }
 
-void KvSession::attend_local(int t, const void* q, const std::vector<std::int32_t>& to,
-                             const std::vector<std::int32_t>& from, std::vector<float>& records) {
-  // One kernel call over the paged cache. Each "sequence" j of the call is either a
-  // whole sequence's t rows (to/from have b entries: every row sees the same keys) or a
-  // single row (b * t entries: per-row key ranges).
+std::vector<std::int64_t> KvSession::lengths() const {
+  std::vector<std::int64_t> n;
+  for (int s = 0; s < cache_.config().b; ++s) n.push_back(cache_.length(s));
+  return n;
+}
+
+std::vector<KvSession::LocalRun> KvSession::local_runs(int t) const {
+  const MaskParams& m = cache_.config().mask;
+  std::vector<LocalRun> runs;
+  for (int s = 0; s < cache_.config().b; ++s) {
+    const std::int64_t L = cache_.length(s);
+    const auto to = static_cast<std::int32_t>(cache_.local_count(s, L));
+    std::int64_t last_first = -1;  // first visible position of the previous row
+    for (int i = 0; i < t; ++i) {
+      const std::int64_t first = std::min(L, first_visible_pos(m, L + i));
+      const auto from = first == last_first
+                            ? runs.back().from
+                            : static_cast<std::int32_t>(cache_.local_count(s, first));
+      last_first = first;
+      if (i > 0 && runs.back().from == from) {
+        ++runs.back().rows;
+      } else {
+        runs.push_back(LocalRun{s, i, 1, to, from});
+      }
+    }
+  }
+  return runs;
+}
+
+void KvSession::attend_local(int t, const void* q, const std::vector<LocalRun>& runs,
+                             std::vector<float>& records) {
+  // One kernel call over the paged cache with variable query lengths (cu_seqlens_q): each
+  // "sequence" j of the call is one run, its rows the next rows of q [b, t, h, d] (the runs
+  // tile them in order), its keys the local slots [from, to) of its sequence (leftpad =
+  // from, cache_seqlens = to, no mask: every key of the range precedes every row).
   const SessionConfig& c = cache_.config();
-  const bool per_row = static_cast<int>(to.size()) != c.b;
-  const int nb = static_cast<int>(to.size());
-  const int s_q = per_row ? 1 : t;
+  const int nb = static_cast<int>(runs.size());
   const int pages = cache_.pages_per_seq();
   std::vector<std::int32_t> table(static_cast<std::size_t>(nb) * pages);
+  std::vector<std::int32_t> cu_q(static_cast<std::size_t>(nb) + 1, 0), to, from;
+  int max_rows = 1;
   for (int j = 0; j < nb; ++j) {
-    const int s = per_row ? j / t : j;
-    std::copy_n(cache_.page_table().begin() + std::int64_t{s} * pages, pages,
+    const LocalRun& r = runs[static_cast<std::size_t>(j)];
+    std::copy_n(cache_.page_table().begin() + std::int64_t{r.s} * pages, pages,
                 table.begin() + std::int64_t{j} * pages);
+    cu_q[static_cast<std::size_t>(j) + 1] = cu_q[static_cast<std::size_t>(j)] + r.rows;
+    to.push_back(r.to);
+    from.push_back(r.from);
+    max_rows = std::max(max_rows, r.rows);
   }
-  std::vector<float> out(static_cast<std::size_t>(nb) * s_q * c.h * c.d_v);
-  std::vector<float> lse(static_cast<std::size_t>(nb) * c.h * s_q);
+  const std::int64_t total = std::int64_t{c.b} * t;
+  std::vector<float> out(static_cast<std::size_t>(total) * c.h * c.d_v);
+  std::vector<float> lse(static_cast<std::size_t>(total) * c.h);
   KvCacheParams p;
   p.dtype = c.dtype;
   p.out_dtype = DType::kF32;
@@ -306,7 +354,6 @@ void KvSession::attend_local(int t, const void* q, const std::vector<std::int32_
   p.lse = lse.data();
   p.q_head_stride = c.d;
   p.q_row_stride = std::int64_t{c.h} * c.d;
-  p.q_batch_stride = s_q * p.q_row_stride;
   p.k_cache_head_stride = c.d;
   p.k_cache_row_stride = std::int64_t{c.h_k} * c.d;
   p.k_cache_batch_stride = std::int64_t{cache_.page_size()} * p.k_cache_row_stride;
@@ -315,9 +362,9 @@ void KvSession::attend_local(int t, const void* q, const std::vector<std::int32_
   p.v_cache_batch_stride = std::int64_t{cache_.page_size()} * p.v_cache_row_stride;
   p.out_head_stride = c.d_v;
   p.out_row_stride = std::int64_t{c.h} * c.d_v;
-  p.out_batch_stride = s_q * p.out_row_stride;
   p.b = nb;
-  p.s_q = s_q;
+  p.s_q = max_rows;
+  p.cu_seqlens_q = cu_q.data();
   p.h = c.h;
   p.h_k = c.h_k;
   p.d = c.d;
@@ -332,16 +379,11 @@ void KvSession::attend_local(int t, const void* q, const std::vector<std::int32_
   p.mask.scale = c.mask.scale;
   p.mask.softcap = c.mask.softcap;
   engine_.forward_kvcache(p);
-  // out [nb, s_q, h, d_v] is already [b, t, h] row order; lse [nb, h, s_q].
-  records.resize(static_cast<std::size_t>(c.b) * t * c.h * (c.d_v + 1));
+  // out [total, h, d_v] is already [b, t, h] row order; lse [h, total].
+  records.resize(static_cast<std::size_t>(total) * c.h * (c.d_v + 1));
   to_records(
-      out.data(), lse.data(), std::int64_t{c.b} * t * c.h, c.d_v,
-      [&](std::int64_t r) {
-        const std::int64_t hh = r % c.h, row = r / c.h;  // row = j * s_q + i
-        const std::int64_t j = row / s_q, i = row % s_q;
-        return (j * c.h + hh) * s_q + i;
-      },
-      records.data());
+      out.data(), lse.data(), total * c.h, c.d_v,
+      [&](std::int64_t r) { return (r % c.h) * total + r / c.h; }, records.data());
 }
 
 void KvSession::append(int t, const void* k, const void* v) {
@@ -367,10 +409,12 @@ void KvSession::append(int t, const void* k, const void* v) {
 namespace {
 
 // Records [b, t, h][d_v + 1] of query rows [lo, hi) of t new tokens per sequence against
-// the new tokens' own keys [0, t), causal (query i sees new keys j <= i) and windowed,
-// computed from the replicated new q/k/v; other rows stay empty states.
-void attend_new(const Engine& engine, const SessionConfig& c, int t, int lo, int hi, const void* q,
-                const void* k, const void* v, std::vector<float>& records) {
+// the new tokens' own keys [0, t), causal (query i sees new keys j <= i), windowed and
+// chunked (the new tokens of sequence s sit at positions base[s] + i), computed from the
+// replicated new q/k/v; other rows stay empty states.
+void attend_new(const Engine& engine, const SessionConfig& c, const std::vector<std::int64_t>& base,
+                int t, int lo, int hi, const void* q, const void* k, const void* v,
+                std::vector<float>& records) {
   records.resize(static_cast<std::size_t>(c.b) * t * c.h * (c.d_v + 1));
   clear_records(records, c.d_v);
   if (hi <= lo) return;
@@ -410,6 +454,13 @@ void attend_new(const Engine& engine, const SessionConfig& c, int t, int lo, int
   f.mask.causal = true;
   f.mask.window_left = c.mask.window_left;
   f.mask.mask_shift = shift.data();
+  std::vector<std::int64_t> q_pos(base), k_pos(base);
+  for (auto& x : q_pos) x += lo;
+  if (c.mask.attention_chunk > 0) {
+    f.mask.attention_chunk = c.mask.attention_chunk;
+    f.mask.chunk_q_pos = q_pos.data();
+    f.mask.chunk_k_pos = k_pos.data();
+  }
   engine.forward(f);
   const int rec = c.d_v + 1;
   for (int s = 0; s < c.b; ++s)
@@ -439,25 +490,13 @@ StepStats KvSession::decode(int t, const void* q, const void* k, const void* v, 
   });
   StepStats st;
   // History: row i of sequence s (position L_s + i) sees every cached key, from
-  // position L_s + i - w_left on with a window: one call with t rows per sequence, or
-  // per-row key ranges when a window makes them differ.
-  const bool per_row = c.mask.window_left >= 0 && t > 1;
-  std::vector<std::int32_t> to, from;
-  for (int s = 0; s < c.b; ++s) {
-    const std::int64_t L = cache_.length(s);
-    const std::int64_t n = cache_.local_count(s, L);
-    for (int i = 0; i < (per_row ? t : 1); ++i) {
-      to.push_back(static_cast<std::int32_t>(n));
-      const std::int64_t first =
-          c.mask.window_left >= 0 ? std::max<std::int64_t>(0, L + i - c.mask.window_left) : 0;
-      from.push_back(static_cast<std::int32_t>(cache_.local_count(s, first)));
-    }
-  }
+  // position L_s + i - w_left on with a window and from the start of its chunk with
+  // attention_chunk: one call whose runs group the rows with the same first key.
   double tc = detail::ring_now_s();
   std::vector<float> records, fresh;
-  attend_local(t, q, to, from, records);
+  attend_local(t, q, local_runs(t), records);
   // The step's own tokens, causally: rank 0 adds them (they are tiny).
-  attend_new(engine_, c, t, 0, comm_.rank() == 0 ? t : 0, q, k, v, fresh);
+  attend_new(engine_, c, lengths(), t, 0, comm_.rank() == 0 ? t : 0, q, k, v, fresh);
   merge_records_into(records, fresh, c.d_v);
   st.compute_s = detail::ring_now_s() - tc;
   append(t, k, v);
@@ -502,11 +541,9 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
   std::vector<float> records, fresh;
   double tc = detail::ring_now_s();
   if (plan.mode == ExtendMode::kPassQ) {
-    // Every new query against this rank's cached keys (all visible: they precede it).
-    std::vector<std::int32_t> to, from(static_cast<std::size_t>(c.b), 0);
-    for (int s = 0; s < c.b; ++s)
-      to.push_back(static_cast<std::int32_t>(cache_.local_count(s, cache_.length(s))));
-    attend_local(s1, q, to, from, records);
+    // Every new query against this rank's cached keys (all visible: they precede it;
+    // with attention_chunk those from the start of the query's chunk on).
+    attend_local(s1, q, local_runs(s1), records);
   } else {
     // Pass-KV: this rank's queries [lo, hi) stay; the cached context travels. At step j
     // rank r holds the context shard of rank (r - j) mod P (all b sequences, K then V,
@@ -569,43 +606,59 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
         const std::byte* vp = kp + static_cast<std::size_t>(n * kr) * es;
         base = vp + static_cast<std::size_t>(n * vr) * es;
         if (n == 0) continue;
-        FwdParams f;
-        f.dtype = c.dtype;
-        f.q = static_cast<const std::byte*>(q) +
-              static_cast<std::size_t>((std::int64_t{s} * s1 + lo) * c.h * c.d) * es;
-        f.k = kp;
-        f.v = vp;
-        f.out = o.data();
-        f.lse = l.data();
-        f.b = 1;
-        f.s_q = rows;
-        f.s_k = static_cast<int>(n);
-        f.h = c.h;
-        f.h_k = c.h_k;
-        f.d = c.d;
-        f.d_v = c.d_v;
-        f.q_head_stride = c.d;
-        f.q_row_stride = std::int64_t{c.h} * c.d;
-        f.k_head_stride = c.d;
-        f.k_row_stride = kr;
-        f.v_head_stride = c.d_v;
-        f.v_row_stride = vr;
-        f.out_head_stride = c.d_v;
-        f.out_row_stride = std::int64_t{c.h} * c.d_v;
-        f.mask.scale = c.mask.scale;
-        f.mask.softcap = c.mask.softcap;
-        if (j < P - 1) {
-          f.progress.fn = &Progress::call;
-          f.progress.ctx = &progress;
+        // Rows [i0, i1) of [lo, hi) that share their first visible position (all of them
+        // without attention_chunk; the rows of one chunk with it) see the shard's keys
+        // [kf, n): its keys are in position order, so "position >= first" is a suffix.
+        const std::int64_t L = cache_.length(s);
+        for (int i0 = lo; i0 < hi;) {
+          const std::int64_t first = std::min(L, first_visible_pos(c.mask, L + i0));
+          int i1 = i0 + 1;
+          while (i1 < hi && std::min(L, first_visible_pos(c.mask, L + i1)) == first) ++i1;
+          const int nr = i1 - i0;
+          const std::int64_t kf = first > 0 ? cache_.count(s, first, src) : 0;
+          const std::int64_t nk = n - kf;
+          const int r0 = i0 - lo;
+          i0 = i1;
+          if (nk <= 0) continue;
+          FwdParams f;
+          f.dtype = c.dtype;
+          f.q = static_cast<const std::byte*>(q) +
+                static_cast<std::size_t>((std::int64_t{s} * s1 + lo + r0) * c.h * c.d) * es;
+          f.k = kp + static_cast<std::size_t>(kf * kr) * es;
+          f.v = vp + static_cast<std::size_t>(kf * vr) * es;
+          f.out = o.data();
+          f.lse = l.data();
+          f.b = 1;
+          f.s_q = nr;
+          f.s_k = static_cast<int>(nk);
+          f.h = c.h;
+          f.h_k = c.h_k;
+          f.d = c.d;
+          f.d_v = c.d_v;
+          f.q_head_stride = c.d;
+          f.q_row_stride = std::int64_t{c.h} * c.d;
+          f.k_head_stride = c.d;
+          f.k_row_stride = kr;
+          f.v_head_stride = c.d_v;
+          f.v_row_stride = vr;
+          f.out_head_stride = c.d_v;
+          f.out_row_stride = std::int64_t{c.h} * c.d_v;
+          f.mask.scale = c.mask.scale;
+          f.mask.softcap = c.mask.softcap;
+          if (j < P - 1) {
+            f.progress.fn = &Progress::call;
+            f.progress.ctx = &progress;
+          }
+          engine_.forward(f);
+          if (progress.error) std::rethrow_exception(progress.error);
+          for (int i = 0; i < nr; ++i)  // kernel lse [h, nr] -> [nr, h]
+            for (int hh = 0; hh < c.h; ++hh)
+              l_rows[static_cast<std::size_t>(i * c.h + hh)] =
+                  l[static_cast<std::size_t>(hh * nr + i)];
+          const std::int64_t acc = s * srows + std::int64_t{r0} * c.h;  // first record
+          merge_state_inplace(acc_o.data() + acc * c.d_v, acc_l.data() + acc, o.data(),
+                              l_rows.data(), std::int64_t{nr} * c.h, c.d_v);
         }
-        engine_.forward(f);
-        if (progress.error) std::rethrow_exception(progress.error);
-        for (int i = 0; i < rows; ++i)  // kernel lse [h, rows] -> [rows, h]
-          for (int hh = 0; hh < c.h; ++hh)
-            l_rows[static_cast<std::size_t>(i * c.h + hh)] =
-                l[static_cast<std::size_t>(hh * rows + i)];
-        merge_state_inplace(acc_o.data() + s * srows * c.d_v, acc_l.data() + s * srows, o.data(),
-                            l_rows.data(), srows, c.d_v);
       }
       if (j < P - 1) {
         const double tw = detail::ring_now_s();
@@ -624,7 +677,7 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
         x[c.d_v] = acc_l[static_cast<std::size_t>(s * srows + r)];
       }
   }
-  attend_new(engine_, c, s1, lo, hi, q, k, v, fresh);
+  attend_new(engine_, c, lengths(), s1, lo, hi, q, k, v, fresh);
   merge_records_into(records, fresh, c.d_v);
   st.compute_s = detail::ring_now_s() - tc - st.merge_s;
   append(s1, k, v);

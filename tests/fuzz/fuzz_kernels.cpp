@@ -168,6 +168,7 @@ void fuzz_forward(FuzzBytes& in, bool varlen) {
   if (p.b < 0 || p.s_q < 0 || p.s_k < 0 || p.h < 0 || p.h_k < 0 || p.d < 0 || p.d_v < 0) return;
 
   std::vector<std::int32_t> cu_q, cu_k, used_q, used_k;
+  std::vector<std::int64_t> chunk_q_pos, chunk_k_pos;
   std::vector<std::int64_t> shift;
   // Varlen tensors are [total, h, *]: rank 4 with a leading dim of 1. Allocate the
   // largest total the max_seqlen bounds allow; longer segments must be rejected.
@@ -203,6 +204,18 @@ void fuzz_forward(FuzzBytes& in, bool varlen) {
         0, 3, -5, 11, std::int64_t{1} << 40, -(std::int64_t{1} << 40)};
     for (int i = 0; i < p.b; ++i) shift.push_back(in.pick(kShifts));
     p.mask.mask_shift = shift.data();
+  }
+  if (in.u8() % 4 == 0) {  // attention_chunk positions (a block of a longer sequence)
+    constexpr std::array<std::int64_t, 6> kPos{
+        0, 7, -9, 1000, std::int64_t{1} << 40, std::int64_t{1} << 61};  // 2^61: rejected
+    constexpr std::array<int, 4> kStrides{1, 1, 3, 0};                  // 0: rejected
+    for (int i = 0; i < p.b; ++i) {
+      chunk_q_pos.push_back(in.pick(kPos));
+      chunk_k_pos.push_back(in.pick(kPos));
+    }
+    p.mask.chunk_q_pos = chunk_q_pos.data();
+    p.mask.chunk_k_pos = in.u8() % 8 == 0 ? nullptr : chunk_k_pos.data();  // nullptr: rejected
+    p.mask.chunk_stride = in.pick(kStrides);
   }
   std::vector<float> sinks;
   p.mask.sinks = decode_sinks(in, p.h, sinks);

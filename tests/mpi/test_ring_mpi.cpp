@@ -4,6 +4,8 @@
 // for Ulysses x ring grids (U = 2, 4 where U divides the ranks), K/V heads replicated
 // when U > h_k. Attention sinks must be applied once, after the last merge: a sink
 // applied per block would scale the output several times and fail these comparisons.
+// attention_chunk (chunked local attention) at global positions: chunks smaller than a
+// shard, not dividing it or the striped stride, with causal, windows, varlen, GQA, sinks.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -42,6 +44,7 @@ struct Case {
   int piece = 16;      // RingOptions::piece_rows (0 = automatic)
   int ulysses = 0;     // > 0: hybrid_attention_forward with this U (skipped unless U | P)
   bool sinks = false;  // attention-sink logits on every head
+  int chunk = 0;       // attention_chunk (0 = off)
 };
 
 // Sink logits [h]: finite values near the LSE, plus -inf (none) and +inf (output 0).
@@ -96,6 +99,7 @@ void run_case(const Case& c) {
   f.mask.window_left = c.wl;
   f.mask.window_right = c.wr;
   f.mask.softcap = c.softcap;
+  f.mask.attention_chunk = c.chunk;
   const std::vector<float> sinks = sink_logits(c.h);
   if (c.sinks) f.mask.sinks = sinks.data();
   if (c.varlen) {
@@ -230,6 +234,42 @@ std::vector<Case> cases() {
   }
   out.push_back(
       {"zigzag_fp16", ShardLayout::kZigzag, {33}, 1, 4, 4, 32, true, -1, -1, 0.0f, DType::kF16});
+  // Chunked local attention (attention_chunk): the ring applies the chunk rule at global
+  // positions and skips the blocks it hides.
+  for (ShardLayout l : {ShardLayout::kContiguous, ShardLayout::kZigzag, ShardLayout::kStriped}) {
+    const std::string ln = layout_name(l);
+    Case c{ln + "_full_chunk", l, {61}, 2};
+    c.chunk = 8;
+    out.push_back(c);
+    c = {ln + "_causal_chunk", l, {67}, 1, 4, 4, 32, true};
+    c.chunk = 13;
+    out.push_back(c);
+    c = {ln + "_causal_window_chunk", l, {53}, 1, 4, 2, 32, true, 9, -1};
+    c.chunk = 20;
+    out.push_back(c);
+    c = {ln + "_window_both_chunk", l, {45}, 1, 4, 4, 32, false, 6, 3};
+    c.chunk = 5;
+    out.push_back(c);
+    c = {ln + "_varlen_chunk_sinks",
+         l,
+         {23, 1, 0, 40, 9},
+         1,
+         6,
+         2,
+         32,
+         true,
+         -1,
+         -1,
+         0.0f,
+         DType::kF32,
+         true};
+    c.chunk = 7;
+    c.sinks = true;
+    out.push_back(c);
+    c = {ln + "_causal_chunk_bf16_gqa", l, {50}, 1, 6, 2, 32, true, -1, -1, 0.0f, DType::kBF16};
+    c.chunk = 16;
+    out.push_back(c);
+  }
   // Whole chunks per kernel call: several key chunks merged into one call.
   const std::size_t n_pass_kv = out.size();
   for (std::size_t i = 0; i < n_pass_kv; ++i) {
@@ -264,6 +304,10 @@ std::vector<Case> cases() {
       c = {pre + "_varlen", l,   {23, 1, 0, 40, 9}, 1, 8, 8, 32, true, -1, -1, 0.0f,
            DType::kF32,     true};
       c.ulysses = u;
+      out.push_back(c);
+      c = {pre + "_causal_gqa_chunk", l, {67}, 2, 8, 2, 32, true};
+      c.ulysses = u;
+      c.chunk = 11;
       out.push_back(c);
     }
     Case c{"ulysses" + std::to_string(u) + "_zigzag_bf16_mqa",
@@ -439,6 +483,119 @@ TEST(DecodeMpi, SinksAppliedOnceAfterTheReduction) {
         ASSERT_NEAR(lse[i], ref_lse[i], 1e-5 * std::max(1.0f, std::abs(ref_lse[i])))
             << "root " << root << " lse element " << i;
     }
+  }
+}
+
+// Distributed decode with attention_chunk: each rank's shard applies the chunk rule at
+// its global key offsets (s_q rows near the end of the cache, chunks that cut shards and
+// the query rows), the result equals the single-process kernel; with a window too.
+TEST(DecodeMpi, AttentionChunkAtGlobalPositions) {
+  const comm::Communicator& comm = test::world();
+  const int P = comm.size(), rank = comm.rank();
+  const int b = 2, h = 6, h_k = 2, d = 32;
+  const std::int64_t s = 157;
+  Engine engine(EngineOptions{"auto", 1});
+  struct Run {
+    int s_q, chunk, wl;
+    bool causal;
+  };
+  for (const Run& run : {Run{1, 40, -1, true}, Run{5, 13, -1, true}, Run{4, 60, -1, false},
+                         Run{7, 16, 9, true}, Run{3, 157, -1, true}, Run{2, 1, -1, false}}) {
+    SCOPED_TRACE("s_q " + std::to_string(run.s_q) + " chunk " + std::to_string(run.chunk));
+    const int s_q = run.s_q;
+    std::mt19937 rng(7 + run.chunk);
+    const auto q = random_tensor(rng, std::int64_t{b} * s_q * h * d, DType::kF32);
+    const auto k = random_tensor(rng, b * s * h_k * d, DType::kF32);
+    const auto v = random_tensor(rng, b * s * h_k * d, DType::kF32);
+    std::vector<float> ref_out(static_cast<std::size_t>(b * s_q * h * d)),
+        ref_lse(static_cast<std::size_t>(b * s_q * h));
+    FwdParams f;
+    f.q = q.data();
+    f.k = k.data();
+    f.v = v.data();
+    f.out = ref_out.data();
+    f.lse = ref_lse.data();
+    f.b = b;
+    f.s_q = s_q;
+    f.s_k = static_cast<int>(s);
+    f.h = h;
+    f.h_k = h_k;
+    f.d = f.d_v = d;
+    f.q_head_stride = f.out_head_stride = f.k_head_stride = f.v_head_stride = d;
+    f.q_row_stride = f.out_row_stride = std::int64_t{h} * d;
+    f.q_batch_stride = f.out_batch_stride = std::int64_t{s_q} * h * d;
+    f.k_row_stride = f.v_row_stride = std::int64_t{h_k} * d;
+    f.k_batch_stride = f.v_batch_stride = s * h_k * d;
+    f.mask.causal = run.causal;
+    f.mask.window_left = run.wl;
+    f.mask.attention_chunk = run.chunk;
+    engine.forward(f);
+    const std::int64_t k0 = decode_shard_first(s, P, rank), n = decode_shard_length(s, P, rank);
+    std::vector<float> kc(static_cast<std::size_t>(b * n * h_k * d)), vc(kc.size());
+    for (int bi = 0; bi < b; ++bi) {
+      const std::size_t row = static_cast<std::size_t>(h_k) * d * sizeof(float);
+      std::memcpy(&kc[static_cast<std::size_t>(bi * n * h_k * d)], k.data() + (bi * s + k0) * row,
+                  static_cast<std::size_t>(n) * row);
+      std::memcpy(&vc[static_cast<std::size_t>(bi * n * h_k * d)], v.data() + (bi * s + k0) * row,
+                  static_cast<std::size_t>(n) * row);
+    }
+    DecodeParams p;
+    p.q = q.data();
+    p.k_cache = kc.data();
+    p.v_cache = vc.data();
+    std::vector<float> out(ref_out.size(), NAN), lse(ref_lse.size(), NAN);
+    p.out = out.data();
+    p.lse = lse.data();
+    p.b = b;
+    p.s_q = s_q;
+    p.h = h;
+    p.h_k = h_k;
+    p.d = p.d_v = d;
+    p.s_cache = s;
+    p.mask = f.mask;
+    distributed_decode(comm, engine, p);
+    for (std::size_t i = 0; i < out.size(); ++i)
+      ASSERT_NEAR(out[i], ref_out[i], 1e-5) << "out element " << i;
+    for (std::size_t i = 0; i < lse.size(); ++i) {
+      if (std::isinf(ref_lse[i])) {
+        ASSERT_EQ(lse[i], ref_lse[i]) << "lse element " << i;
+      } else {
+        ASSERT_NEAR(lse[i], ref_lse[i], 1e-5 * std::max(1.0f, std::abs(ref_lse[i])))
+            << "lse element " << i;
+      }
+    }
+  }
+}
+
+// A negative attention_chunk, or chunk positions the ring sets itself, stop every rank
+// with the same message naming the field.
+TEST(RingMpiErrors, BadAttentionChunk) {
+  const comm::Communicator& comm = test::world();
+  RingAttentionParams p;
+  p.b = 1;
+  p.s = 16;
+  p.h = p.h_k = 4;
+  p.d = p.d_v = 32;
+  std::vector<float> buf(16 * 8 * 32);
+  p.q = p.k = p.v = buf.data();
+  p.out = buf.data();
+  Engine engine(EngineOptions{"reference", 1});
+  p.mask.attention_chunk = -3;
+  try {
+    ring_attention_forward(comm, engine, p);
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("attention_chunk"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("-3"), std::string::npos) << e.what();
+  }
+  p.mask.attention_chunk = 4;
+  const std::int64_t pos = 0;
+  p.mask.chunk_q_pos = p.mask.chunk_k_pos = &pos;
+  try {
+    ring_attention_forward_pass_q(comm, engine, p);
+    FAIL() << "expected UnsupportedError";
+  } catch (const UnsupportedError& e) {
+    EXPECT_NE(std::string(e.what()).find("chunk_q_pos"), std::string::npos) << e.what();
   }
 }
 

@@ -1,7 +1,8 @@
 // KvSession under MPI (mpirun -np 1..4): prefill, decode steps (1 and several tokens),
 // extend (pass-Q and pass-KV) and decode again, for both cache layouts, every prefill
 // layout, page sizes that do and do not divide the lengths, GQA, windows (prefill and
-// decode), softcap and bf16. Every output row equals single-process causal attention over
+// decode), softcap, bf16 and attention_chunk (chunks cutting the prompt, decode steps and
+// the extend; with windows). Every output row equals single-process causal attention over
 // the sequence's whole history: row p of the full-sequence kernel result.
 #include <gtest/gtest.h>
 #include <mpi.h>
@@ -33,6 +34,7 @@ struct Case {
   DType dtype = DType::kF32;
   ExtendMode mode = ExtendMode::kPassQ;
   bool sinks = false;  // attention-sink logits per head (applied once per output row)
+  int chunk = 0;       // attention_chunk (0 = off)
 };
 
 std::vector<std::byte> rand_rows(std::mt19937& rng, std::int64_t n, DType t) {
@@ -93,6 +95,7 @@ void run_case(const Case& c) {
     f.mask.causal = true;
     f.mask.window_left = c.wl;
     f.mask.softcap = c.softcap;
+    f.mask.attention_chunk = c.chunk;
     if (c.sinks) f.mask.sinks = sinks.data();
     engine.forward(f);
   }
@@ -122,6 +125,7 @@ void run_case(const Case& c) {
   cfg.prefill_layout = c.prefill;
   cfg.mask.window_left = c.wl;
   cfg.mask.softcap = c.softcap;
+  cfg.mask.attention_chunk = c.chunk;
   if (c.sinks) cfg.mask.sinks = sinks.data();
   KvSession session(comm, engine, cfg);
 
@@ -223,6 +227,36 @@ std::vector<Case> cases() {
   c.wl = 9;
   c.s1 = 0;
   c.t = 2;
+  out.push_back(c);
+  // attention_chunk: chunk boundaries inside the prompt, the decode steps and the extend
+  // (prompts 29 and 13, then 3 steps of 1 token, an extend of 9 and 2 steps of 2).
+  for (ExtendMode m : {ExtendMode::kPassQ, ExtendMode::kPassKV})
+    for (CacheLayout cl : {CacheLayout::kRoundRobin, CacheLayout::kContiguous}) {
+      c = Case{};
+      c.name = std::string("chunk_") + (m == ExtendMode::kPassQ ? "pass_q" : "pass_kv") + "_" +
+               (cl == CacheLayout::kRoundRobin ? "round_robin" : "contiguous");
+      c.chunk = 8;
+      c.mode = m;
+      c.layout = cl;
+      out.push_back(c);
+    }
+  c = Case{};
+  c.name = "chunk_striped_sinks_bf16";
+  c.prefill = ShardLayout::kStriped;
+  c.chunk = 5;
+  c.sinks = true;
+  c.dtype = DType::kBF16;
+  c.mode = ExtendMode::kPassKV;
+  c.s1 = 17;
+  out.push_back(c);
+  c = Case{};
+  c.name = "chunk_window_decode_multi_token";
+  c.chunk = 6;
+  c.wl = 4;
+  c.s1 = 0;
+  c.t = 3;
+  c.steps2 = 3;
+  c.t2 = 4;
   out.push_back(c);
   c = Case{};
   c.name = "short_prompts_page1";

@@ -72,7 +72,7 @@ def max_err(a, b):
     return float(d.max()) if d.size else 0.0
 
 
-def reference(q, k, v, scale, causal, window, softcap, sinks=None):
+def reference(q, k, v, scale, causal, window, softcap, sinks=None, chunk=0):
     """float64 attention of one sequence: q [s_q, h, d], k/v [s_k, h_k, *]; bottom-right mask
     (docs/semantics.md section 1). Returns out [s_q, h, d_v], lse [h, s_q] (natural log);
     rows that see no key give 0 / -inf."""
@@ -97,6 +97,8 @@ def reference(q, k, v, scale, causal, window, softcap, sinks=None):
         vis &= j <= i + wr
     if wl >= 0:
         vis &= j >= i - wl
+    if chunk > 0:  # attention_chunk: key j in the chunk of the row's diagonal key i
+        vis &= (j // chunk) == (i // chunk)
     sc = np.where(vis[None], sc, -np.inf)
     m = sc.max(axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
@@ -113,8 +115,8 @@ def reference(q, k, v, scale, causal, window, softcap, sinks=None):
     return out, np.where(den[..., 0] > 0, lse, -np.inf)
 
 
-def reference_batch(q, k, v, scale, causal, window, softcap, sinks=None):
-    outs, lses = zip(*(reference(q[i], k[i], v[i], scale, causal, window, softcap, sinks)
+def reference_batch(q, k, v, scale, causal, window, softcap, sinks=None, chunk=0):
+    outs, lses = zip(*(reference(q[i], k[i], v[i], scale, causal, window, softcap, sinks, chunk)
                        for i in range(q.shape[0])))
     return np.stack(outs), np.stack(lses)
 
@@ -305,6 +307,64 @@ def test_sinks():
     check(e_o <= 2e-5 and e_l <= 1e-4, f"decode sinks: out err {e_o:.3g} lse err {e_l:.3g}")
 
 
+def test_attention_chunk():
+    # attention_chunk=C through every ring function (pass-KV and pass-Q, varlen, Ulysses where
+    # it divides the ranks) and decode: chunked local attention over the global sequence,
+    # equal to the float64 reference with the same chunk. Chunks that cut the shards.
+    b, s, h, h_k, d = 2, 23 + 4 * SIZE, 4, 2, 16
+    for n, (layout, causal, chunk) in enumerate(itertools.product(RING_FUNCS, (False, True),
+                                                                   (5, 16))):
+        kind = "torch" if n % 2 else "numpy"
+        dtype = torch.float32 if kind == "torch" else np.float32
+        window = (9, -1) if n % 4 == 3 else (-1, -1)
+        q, k, v = (randn((b, s, hh, d), 60 + i, dtype, kind) for i, hh in enumerate((h, h_k, h_k)))
+        what = f"chunk {chunk} {layout} causal={causal} window={window} {kind}"
+        u = 2 if n % 3 == 0 and SIZE % 2 == 0 else 1
+        ql, kl, vl = (ring.shard(x, layout, RANK, SIZE, ulysses_degree=u) for x in (q, k, v))
+        out, lse, _ = RING_FUNCS[layout](ql, kl, vl, 0.0, 0.3, causal, window, None, False, True,
+                                         None, mode="pass-q" if n % 2 == 0 else "pass-kv",
+                                         ulysses_degree=u, attention_chunk=chunk)
+        ro, rl = reference_batch(q, k, v, 0.3, causal, window, 0.0, chunk=chunk)
+        e_o = max_err(out, ring.shard(ro, layout, RANK, SIZE, ulysses_degree=u))
+        e_l = max_err(lse, ring.shard(rl, layout, RANK, SIZE, dim=2, ulysses_degree=u))
+        check(e_o <= tol(dtype) and e_l <= 2e-4,
+              f"{what} U={u}: out err {e_o:.3g} lse err {e_l:.3g}")
+        if flash_attn_func is not None and kind == "numpy":  # the single-process kernel agrees
+            fo = flash_attn_func(q, k, v, softmax_scale=0.3, causal=causal, window_size=window,
+                                 attention_chunk=chunk)
+            e_f = max_err(out, ring.shard(as_f64(fo), layout, RANK, SIZE, ulysses_degree=u))
+            check(e_f <= tol(dtype), f"{what}: vs flash_attn_func err {e_f:.3g}")
+        cu = np.array([0, s, 2 * s], np.int32)
+        pack = (lambda x: x.reshape(-1, *x.shape[2:]))
+        qv, kv_, vv = (ring.shard(pack(x), layout, RANK, SIZE, dim=0, cu_seqlens=cu)
+                       for x in (q, k, v))
+        cul = ring.shard_cu_seqlens(cu, layout, RANK, SIZE)
+        vo = VARLEN_FUNCS[layout](qv, kv_, vv, cul, int(np.diff(cul).max()), 0.0, 0.3, causal,
+                                  window, attention_chunk=chunk)
+        e_v = max_err(vo, ring.shard(pack(ro), layout, RANK, SIZE, dim=0, cu_seqlens=cu))
+        check(e_v <= tol(dtype), f"{what} varlen: out err {e_v:.3g}")
+    s_cache = 13 + 5 * SIZE
+    for s_q, chunk in ((1, 8), (4, 6), (3, 64)):
+        q = randn((b, s_q, h, d), 70, np.float32, "numpy")
+        kc = randn((b, s_cache, h_k, d), 71, np.float32, "numpy")
+        vc = randn((b, s_cache, h_k, d), 72, np.float32, "numpy")
+        out, lse = ring.decode(q, ring.shard(kc, "contiguous", RANK, SIZE),
+                               ring.shard(vc, "contiguous", RANK, SIZE), softmax_scale=0.25,
+                               causal=True, attention_chunk=chunk)
+        ro, rl = reference_batch(q, kc, vc, 0.25, True, (-1, -1), 0.0, chunk=chunk)
+        e_o, e_l = max_err(out, ro), max_err(lse, rl)
+        check(e_o <= 2e-5 and e_l <= 1e-4,
+              f"decode chunk {chunk} s_q={s_q}: out err {e_o:.3g} lse err {e_l:.3g}")
+    # A negative chunk on one rank: every rank raises, naming the option.
+    q = randn((1, 4 * SIZE, h, d), 73, np.float32, "numpy")
+    ql = ring.shard(q, "zigzag", RANK, SIZE)
+    bad = SIZE - 1
+    expect_all_raise("attention_chunk < 0",
+                     lambda: ring.zigzag_ring_flash_attn_func(
+                         ql, ql, ql, attention_chunk=-2 if RANK == bad else 4),
+                     ValueError, "attention_chunk: must be >= 0", bad)
+
+
 # ---- shard / unshard ----
 
 
@@ -472,7 +532,8 @@ def test_ulysses():
 def main():
     ringattn.set_num_threads(1)
     tests = [test_divisible_matches_extract_local, test_shard_roundtrip, test_dense,
-             test_low_precision, test_varlen, test_decode, test_ulysses, test_sinks, test_errors]
+             test_low_precision, test_varlen, test_decode, test_ulysses, test_sinks,
+             test_attention_chunk, test_errors]
     t0 = time.time()
     for t in tests:
         try:

@@ -39,7 +39,7 @@ def f64(x):
     return np.asarray(x, dtype=np.float64)
 
 
-def causal_ref(q, k, v, scale, wl=-1):
+def causal_ref(q, k, v, scale, wl=-1, chunk=0):
     """q [L, h, d], k/v [L, h_k, *] (float64) -> out [L, h, d_v], lse [h, L]."""
     L, h, _ = q.shape
     g = h // k.shape[1]
@@ -49,13 +49,15 @@ def causal_ref(q, k, v, scale, wl=-1):
     vis = j <= i
     if wl >= 0:
         vis &= j >= i - wl
+    if chunk > 0:  # attention_chunk: the history from the start of the token's chunk
+        vis &= j // chunk == i // chunk
     s = np.where(vis[None], s, -np.inf)
     m = s.max(axis=2, keepdims=True)
     p = np.exp(s - m)
     return np.einsum("hij,jhd->ihd", p / p.sum(axis=2, keepdims=True), vv), np.log(p.sum(axis=2)) + m[..., 0]
 
 
-def run(kind, dtype, cache_layout, mode, wl, sinks=False):
+def run(kind, dtype, cache_layout, mode, wl, sinks=False, chunk=0):
     rng = np.random.default_rng(11)
     h, h_k, d, d_v = 4, 2, 16, 8
     lens = [19 + SIZE, 7]
@@ -76,16 +78,17 @@ def run(kind, dtype, cache_layout, mode, wl, sinks=False):
     # bf16 inputs: the reference sees the rounded values.
     rnd = (lambda a: f64(conv(a))) if dtype == "bf16" else (lambda a: a)
     Q, K, V = [rnd(x) for x in Q], [rnd(x) for x in K], [rnd(x) for x in V]
-    refs = [causal_ref(Q[s], K[s], V[s], 1 / math.sqrt(d), wl) for s in range(b)]
+    refs = [causal_ref(Q[s], K[s], V[s], 1 / math.sqrt(d), wl, chunk) for s in range(b)]
     sink = np.linspace(-1.0, 2.0, h) if sinks else None
     if sinks:  # out *= exp(lse) / (exp(lse) + exp(sink)); the LSE excludes the sink
         refs = [(o * (1.0 / (1.0 + np.exp(sink[None, :] - l.T)))[..., None], l) for o, l in refs]
     tol = 2e-5 if dtype == "fp32" else 3e-2
-    what = f"{kind} {dtype} {cache_layout} {mode} wl={wl}"
+    what = f"{kind} {dtype} {cache_layout} {mode} wl={wl} chunk={chunk}"
     sink_t = None if sink is None else (torch.tensor(sink, dtype=torch.float32) if kind == "torch"
                                         else sink.astype(np.float32))
     sess = rs.KvSession(b, h, h_k, d, max(total), head_dim_v=d_v, dtype=dtype, page_size=3,
-                        cache_layout=cache_layout, window_size=(wl, 0), sinks=sink_t)
+                        cache_layout=cache_layout, window_size=(wl, 0), sinks=sink_t,
+                        attention_chunk=chunk)
     full = lambda X: np.concatenate([X[s][:lens[s]] for s in range(b)])  # noqa: E731
     ql, kl, vl = (sess.shard_prompt(conv(full(X)), lens) for X in (Q, K, V))
     out, lse = sess.prefill(ql, kl, vl, lens)
@@ -148,6 +151,10 @@ def main():
                 run(kind, dtype, layout, mode, -1)
         run(kind, "fp32", "round-robin", "auto", 5)
         run(kind, "fp32", "contiguous", "pass-kv", -1, sinks=True)
+        # attention_chunk: chunks cutting the prompts, the decode steps and the extend.
+        run(kind, "fp32", "round-robin", "pass-q", -1, chunk=5)
+        run(kind, "fp32", "contiguous", "pass-kv", -1, sinks=True, chunk=8)
+        run(kind, "fp32", "round-robin", "auto", 4, chunk=6)
     test_errors()
     counts = COMM.allgather((CHECKS, len(FAILURES)))
     failed = sum(f for _, f in counts)

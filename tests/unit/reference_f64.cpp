@@ -27,9 +27,11 @@ struct Segment {
   int s_q = 0;
   int s_k = 0;
   std::int64_t shift = 0;  // key j is on row i's diagonal when j == i + shift
-  std::vector<T> q;        // [s_q, h, d]
-  std::vector<T> k;        // [s_k, h_k, d]
-  std::vector<T> v;        // [s_k, h_k, d_v]
+  // attention_chunk positions: row i at q_pos + i * pos_stride, key j at k_pos + j * pos_stride.
+  std::int64_t q_pos = 0, k_pos = 0, pos_stride = 1;
+  std::vector<T> q;  // [s_q, h, d]
+  std::vector<T> k;  // [s_k, h_k, d]
+  std::vector<T> v;  // [s_k, h_k, d_v]
 };
 
 struct Dims {
@@ -39,20 +41,31 @@ struct Dims {
 // docs/semantics.md section 1 mask, literally: row i sees key j iff 0 <= j < s_k and
 // j <= i + shift + w_right (w_right >= 0) and j >= i + shift - w_left (w_left >= 0);
 // causal forces w_right = 0.
-bool visible(std::int64_t i, std::int64_t j, std::int64_t s_k, std::int64_t shift,
-             const MaskParams& m) {
+template <typename T>
+bool visible(std::int64_t i, std::int64_t j, const Segment<T>& seg, const MaskParams& m) {
   const int w_right = m.causal ? 0 : m.window_right;
   const int w_left = m.window_left;
-  if (j < 0 || j >= s_k) return false;
+  const std::int64_t shift = seg.shift;
+  if (j < 0 || j >= seg.s_k) return false;
   if (w_right >= 0 && j > i + shift + w_right) return false;
   if (w_left >= 0 && j < i + shift - w_left) return false;
   if (m.attention_chunk > 0) {
-    // Chunked local attention: j and the diagonal key i + shift in the same chunk.
+    // Chunked local attention: the positions of key j and row i in the same chunk
+    // (by default the row's position is its diagonal key i + shift, key j's is j).
     const double c = m.attention_chunk;
-    if (std::floor(static_cast<double>(j) / c) != std::floor(static_cast<double>(i + shift) / c))
-      return false;
+    const double qp = static_cast<double>(seg.q_pos + i * seg.pos_stride);
+    const double kp = static_cast<double>(seg.k_pos + j * seg.pos_stride);
+    if (std::floor(kp / c) != std::floor(qp / c)) return false;
   }
   return true;
+}
+
+// Fills the segment's chunk-rule positions from the mask (after seg.shift is set).
+template <typename T>
+void set_chunk_positions(Segment<T>& seg, const MaskParams& m, int bi) {
+  seg.q_pos = m.chunk_q_pos ? m.chunk_q_pos[bi] : seg.shift;
+  seg.k_pos = m.chunk_k_pos ? m.chunk_k_pos[bi] : 0;
+  seg.pos_stride = m.chunk_stride;
 }
 
 float round_to(DType t, float x) {
@@ -83,7 +96,7 @@ void attend(const Segment<T>& seg, const Dims& dm, const MaskParams& mask, std::
       T m = -std::numeric_limits<T>::infinity();
       bool any = false;
       for (int j = 0; j < seg.s_k; ++j) {
-        vis[j] = visible(i, j, seg.s_k, seg.shift, mask);
+        vis[j] = visible(i, j, seg, mask);
         if (!vis[j]) continue;
         const T* krow = &seg.k[(static_cast<std::size_t>(j) * dm.h_k + kh) * dm.d];
         T dot = 0;
@@ -166,6 +179,7 @@ RefResult forward_impl(const FwdParams& p, RefPrecision prec) {
       seg.s_k = p.s_k;
       seg.shift =
           p.mask.mask_shift ? p.mask.mask_shift[bi] : static_cast<std::int64_t>(p.s_k) - p.s_q;
+      set_chunk_positions(seg, p.mask, bi);
       seg.q.resize(static_cast<std::size_t>(p.s_q) * p.h * p.d);
       seg.k.resize(static_cast<std::size_t>(p.s_k) * p.h_k * p.d);
       seg.v.resize(static_cast<std::size_t>(p.s_k) * p.h_k * p.d_v);
@@ -206,6 +220,7 @@ RefResult forward_impl(const FwdParams& p, RefPrecision prec) {
     seg.s_k = p.seqused_k ? p.seqused_k[bi] : p.cu_seqlens_k[bi + 1] - p.cu_seqlens_k[bi];
     seg.shift =
         p.mask.mask_shift ? p.mask.mask_shift[bi] : static_cast<std::int64_t>(seg.s_k) - seg.s_q;
+    set_chunk_positions(seg, p.mask, bi);
     seg.q.resize(static_cast<std::size_t>(seg.s_q) * p.h * p.d);
     seg.k.resize(static_cast<std::size_t>(seg.s_k) * p.h_k * p.d);
     seg.v.resize(static_cast<std::size_t>(seg.s_k) * p.h_k * p.d_v);
@@ -308,6 +323,7 @@ RefResult kvcache_impl(const KvCacheParams& p, RefPrecision prec) {
     seg.s_k = static_cast<int>(seqlen - leftpad + n_new);
     seg.shift =
         p.mask.mask_shift ? p.mask.mask_shift[bi] : static_cast<std::int64_t>(seg.s_k) - seg.s_q;
+    set_chunk_positions(seg, p.mask, bi);
     // Rotary position of the first new row: its absolute slot, or rotary_seqlens (FA3).
     const std::int64_t rot_pos0 = p.rotary_seqlens ? p.rotary_seqlens[bi] : seqlen;
     seg.q.resize(static_cast<std::size_t>(seg.s_q) * p.h * p.d);

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -27,6 +28,10 @@ struct ChunkCount {
   bool causal;
   int wl;
   std::vector<int> visible;  // [s_q]
+  // Chunk positions (MaskParams::chunk_q_pos / chunk_k_pos), used when `positions`.
+  bool positions = false;
+  std::int64_t q_pos = 0, k_pos = 0;
+  int stride = 1;
 };
 
 const std::vector<ChunkCount>& chunk_counts() {
@@ -42,12 +47,22 @@ const std::vector<ChunkCount>& chunk_counts() {
       {"full_4x4_c1", 4, 4, 1, false, -1, {1, 1, 1, 1}},
       // Chunk larger than the sequence: no effect.
       {"causal_3x5_c64", 3, 5, 64, true, -1, {3, 4, 5}},
+      // Chunk positions (a block of a longer sequence). Rows at 5, 6, 7 (chunk [4, 8)),
+      // keys at 2..7: keys j = 2..5 for every row.
+      {"pos_3x6_c4", 3, 6, 4, false, -1, {4, 4, 4}, true, 5, 2, 1},
+      // The same with the local causal rule (shift 3: row i sees j <= i + 3).
+      {"pos_causal_3x6_c4", 3, 6, 4, true, -1, {2, 3, 4}, true, 5, 2, 1},
+      // Stride 2: rows at 5, 7 (chunks [0, 6), [6, 12)), keys at 0, 2, 4, 6, 8.
+      {"pos_stride2_2x5_c6", 2, 5, 6, false, -1, {3, 2}, true, 5, 0, 2},
+      // Negative positions: rows at -3, -2, -1 (chunk [-4, 0)), keys at -6 .. -1.
+      {"pos_negative_3x6_c4", 3, 6, 4, false, -1, {4, 4, 4}, true, -3, -6, 1},
   };
   return cases;
 }
 
 FwdParams zero_q_problem(const ChunkCount& cc, std::vector<float>& q, std::vector<float>& kv,
-                         std::vector<float>& out, std::vector<float>& lse) {
+                         std::vector<float>& out, std::vector<float>& lse,
+                         std::vector<std::int64_t>& pos) {
   const int d = 8;
   q.assign(static_cast<std::size_t>(cc.s_q) * d, 0.0f);
   kv.assign(static_cast<std::size_t>(cc.s_k) * d, 1.0f);
@@ -70,6 +85,12 @@ FwdParams zero_q_problem(const ChunkCount& cc, std::vector<float>& q, std::vecto
   p.mask.causal = cc.causal;
   p.mask.window_left = cc.wl;
   p.mask.attention_chunk = cc.chunk;
+  if (cc.positions) {
+    pos = {cc.q_pos, cc.k_pos};
+    p.mask.chunk_q_pos = &pos[0];
+    p.mask.chunk_k_pos = &pos[1];
+    p.mask.chunk_stride = cc.stride;
+  }
   return p;
 }
 
@@ -79,7 +100,8 @@ TEST_P(AttentionChunk, LseCountsTheKeysOfTheChunk) {
   for (const ChunkCount& cc : chunk_counts()) {
     SCOPED_TRACE(cc.name);
     std::vector<float> q, kv, out, lse;
-    const FwdParams p = zero_q_problem(cc, q, kv, out, lse);
+    std::vector<std::int64_t> pos;
+    const FwdParams p = zero_q_problem(cc, q, kv, out, lse, pos);
     std::vector<double> expect(static_cast<std::size_t>(cc.s_q));
     for (int i = 0; i < cc.s_q; ++i)
       expect[static_cast<std::size_t>(i)] =
@@ -104,7 +126,8 @@ TEST_P(AttentionChunk, LseCountsTheKeysOfTheChunk) {
 TEST_P(AttentionChunk, NegativeChunkIsRejected) {
   const ChunkCount cc{"bad", 2, 3, -4, false, -1, {0, 0}};
   std::vector<float> q, kv, out, lse;
-  const FwdParams p = zero_q_problem(cc, q, kv, out, lse);
+  std::vector<std::int64_t> pos;
+  const FwdParams p = zero_q_problem(cc, q, kv, out, lse, pos);
   const Engine engine(EngineOptions{GetParam(), 0});
   try {
     engine.forward(p);
@@ -112,6 +135,51 @@ TEST_P(AttentionChunk, NegativeChunkIsRejected) {
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("attention_chunk"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("-4"), std::string::npos) << e.what();
+  }
+}
+
+// Bad chunk positions: each check names the field and the value.
+TEST_P(AttentionChunk, BadChunkPositionsAreRejected) {
+  const ChunkCount cc{"pos", 2, 3, 4, false, -1, {0, 0}, true, 0, 0, 1};
+  std::vector<float> q, kv, out, lse;
+  std::vector<std::int64_t> pos;
+  const FwdParams good = zero_q_problem(cc, q, kv, out, lse, pos);
+  const Engine engine(EngineOptions{GetParam(), 0});
+  const std::int64_t huge = std::int64_t{1} << 61;
+  struct Bad {
+    const char* what;
+    std::function<void(FwdParams&)> edit;
+    std::vector<std::string> words;
+  };
+  const std::vector<Bad> bad = {
+      {"no chunk",
+       [](FwdParams& p) { p.mask.attention_chunk = 0; },
+       {"chunk_q_pos", "attention_chunk = 0"}},
+      {"one array",
+       [](FwdParams& p) { p.mask.chunk_k_pos = nullptr; },
+       {"chunk_k_pos", "together"}},
+      {"stride 0", [](FwdParams& p) { p.mask.chunk_stride = 0; }, {"chunk_stride", "0"}},
+      {"stride without positions",
+       [](FwdParams& p) {
+         p.mask.chunk_q_pos = p.mask.chunk_k_pos = nullptr;
+         p.mask.chunk_stride = 2;
+       },
+       {"chunk_stride = 2"}},
+      {"huge position",
+       [&](FwdParams& p) { p.mask.chunk_k_pos = &huge; },
+       {"chunk_k_pos[0]", std::to_string(huge)}},
+  };
+  for (const Bad& b : bad) {
+    SCOPED_TRACE(b.what);
+    FwdParams p = good;
+    b.edit(p);
+    try {
+      engine.forward(p);
+      ADD_FAILURE() << "expected InvalidArgument";
+    } catch (const InvalidArgument& e) {
+      for (const auto& w : b.words)
+        EXPECT_NE(std::string(e.what()).find(w), std::string::npos) << e.what();
+    }
   }
 }
 

@@ -29,9 +29,11 @@ struct VarlenCase {
   int window_left = -1, window_right = -1;
   float softcap = 0.0f;
   std::int64_t pad = 0;
-  std::vector<std::int64_t> mask_shift;  // [b] or empty
-  std::vector<float> sinks;              // [h] or empty
-  int chunk = 0;                         // attention_chunk (0 = off)
+  std::vector<std::int64_t> mask_shift;                // [b] or empty
+  std::vector<float> sinks;                            // [h] or empty
+  int chunk = 0;                                       // attention_chunk (0 = off)
+  std::vector<std::int64_t> chunk_q_pos, chunk_k_pos;  // [b] or empty
+  int chunk_stride = 1;
 };
 
 std::ostream& operator<<(std::ostream& os, const VarlenCase& c) { return os << c.name; }
@@ -145,6 +147,24 @@ std::vector<VarlenCase> varlen_cases() {
     c.chunk = 7;
     c.sinks = test_sinks(c.h);
     cs.push_back(c);
+    // Chunk positions (ring blocks of a longer sequence): rows and keys at global offsets
+    // (negative ones too), a diagonal shift for the causal rule apart from them, and a
+    // strided block (every 3rd token, a striped ring layout).
+    c = base("chunk_positions", DType::kF32, 6, 2, 64, 64, {40, 33, 17}, {50, 20, 64});
+    c.causal = true;
+    c.mask_shift = {10, 40, -3};
+    c.chunk = 16;
+    c.chunk_q_pos = {1000, 37, -20};
+    c.chunk_k_pos = {990, 0, -25};
+    cs.push_back(c);
+    c = base("chunk_positions_strided", DType::kBF16, 6, 1, 64, 64, {45, 12}, {45, 70});
+    c.window_left = 9;
+    c.window_right = 2;
+    c.chunk = 20;
+    c.chunk_stride = 3;
+    c.chunk_q_pos = {2, 100};
+    c.chunk_k_pos = {1, 0};
+    cs.push_back(c);
   }
   for (auto& c : cs) c.name = sanitize_name(c.name);
   return cs;
@@ -214,6 +234,9 @@ VarlenProblem make_problem(const VarlenCase& c) {
   p.mask.mask_shift = c.mask_shift.empty() ? nullptr : c.mask_shift.data();
   p.mask.sinks = c.sinks.empty() ? nullptr : c.sinks.data();
   p.mask.attention_chunk = c.chunk;
+  p.mask.chunk_q_pos = c.chunk_q_pos.empty() ? nullptr : c.chunk_q_pos.data();
+  p.mask.chunk_k_pos = c.chunk_k_pos.empty() ? nullptr : c.chunk_k_pos.data();
+  p.mask.chunk_stride = c.chunk_stride;
   return pr;
 }
 

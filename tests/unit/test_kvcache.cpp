@@ -152,6 +152,20 @@ std::vector<KvCase> kv_cases() {
     c.chunk = 700;
     c.sinks = test_sinks(c.h);
     cs.push_back(c);
+    // Chunk positions (a cache shard of a longer sequence, as distributed decode and
+    // sessions pass them): rows and keys at global offsets, one sequence strided.
+    c = kv("chunk_positions_paged", DType::kF32, 6, 2, 32, 5, 3, {90, 40}, 8);
+    c.causal = true;
+    c.chunk = 24;
+    c.chunk_q_pos = {1000, -7};
+    c.chunk_k_pos = {950, -50};
+    cs.push_back(c);
+    c = kv("chunk_positions_strided", DType::kBF16, 6, 6, 32, 4, 0, {70}, 0);
+    c.chunk = 10;
+    c.chunk_q_pos = {203};
+    c.chunk_k_pos = {1};
+    c.chunk_stride = 3;
+    cs.push_back(c);
   }
   {
     // Variable query lengths and new-key counts per sequence (FA3 cu_seqlens_q /

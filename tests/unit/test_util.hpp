@@ -332,6 +332,9 @@ struct KvCase {
   float softcap = 0.0f;
   std::vector<float> sinks;  // [h] attention-sink logits or empty
   int chunk = 0;             // attention_chunk (0 = off)
+  // attention_chunk positions (MaskParams::chunk_q_pos / chunk_k_pos, [b] each) or empty.
+  std::vector<std::int64_t> chunk_q_pos, chunk_k_pos;
+  int chunk_stride = 1;
   // Variable lengths (FA3 cu_seqlens_q / cu_seqlens_k_new), [b] each or empty: query rows
   // and new keys per sequence; q / out become [total_q, h, *], k_new / v_new
   // [total_new, h_k, *]; s_q / s_new are then taken as the maxima.
@@ -348,6 +351,7 @@ struct KvProblem {
   Tensor q, k_cache, v_cache, k_new, v_new, out;
   std::vector<float> lse, cos, sin;
   std::vector<std::int32_t> seqlens, leftpad, batch_idx, page_table, cu_q, cu_new, rot_seqlens;
+  std::vector<std::int64_t> chunk_q_pos, chunk_k_pos;
   KvCacheParams p;
   // Dims of out and lse for messages: [b, s_q, h, d_v] / [b, h, s_q], or with varlen
   // queries [1, total_q, h, d_v] / [1, h, total_q].
@@ -530,6 +534,11 @@ inline KvProblem make_kv_problem(const KvCase& c) {
   p.mask.softcap = c.softcap;
   p.mask.sinks = c.sinks.empty() ? nullptr : c.sinks.data();
   p.mask.attention_chunk = c.chunk;
+  pr.chunk_q_pos = c.chunk_q_pos;
+  pr.chunk_k_pos = c.chunk_k_pos;
+  p.mask.chunk_q_pos = pr.chunk_q_pos.empty() ? nullptr : pr.chunk_q_pos.data();
+  p.mask.chunk_k_pos = pr.chunk_k_pos.empty() ? nullptr : pr.chunk_k_pos.data();
+  p.mask.chunk_stride = c.chunk_stride;
   return pr;
 }
 

@@ -16,6 +16,9 @@
 //    attention_chunk C > 0 (chunked local attention, FA3) adds: key j must lie in the
 //    chunk of row i's diagonal key p = i + shift, i.e. floor(j / C) == floor(p / C)
 //                        (C * floor(p / C) <= j < C * floor(p / C) + C).
+//    With chunk positions (chunk_q_pos / chunk_k_pos, for blocks of a longer sequence)
+//    the chunk rule reads floor(kpos(j) / C) == floor(qpos(i) / C) instead, with
+//    qpos(i) = chunk_q_pos[b] + i * chunk_stride, kpos(j) = chunk_k_pos[b] + j * chunk_stride.
 //  - softcap > 0: score = softcap * tanh(score / softcap), before masking.
 //  - sinks (optional, [h] fp32): one attention-sink logit per query head. The output
 //    row of head h is multiplied by exp(lse) / (exp(lse) + exp(sinks[h])) exactly
@@ -48,17 +51,29 @@ struct MaskParams {
   const std::int64_t* mask_shift = nullptr;
   // Chunked local attention (FA3 attention_chunk, Llama 4): 0 = off; C > 0 restricts row
   // i to the keys of the size-C chunk holding its diagonal key (rule above), combined
-  // with causal / windows. Dense, varlen and KV cache; ring and decode reject it.
+  // with causal / windows. Dense, varlen and KV cache; ring attention, distributed
+  // decode and sessions pass it on through the chunk positions below.
   int attention_chunk = 0;
+  // Optional global positions of the chunk rule, for a call whose rows and keys are a
+  // block of a longer sequence (ring attention, sharded caches): [b] int64 each, set
+  // together and only with attention_chunk > 0. Row i of batch element b sits at
+  // chunk_q_pos[b] + i * chunk_stride, key j at chunk_k_pos[b] + j * chunk_stride, and
+  // row i may see key j only if both positions lie in the same size-C chunk (C > 0
+  // and |positions| < 2^60). The windows and causal keep their local rule (shift).
+  // nullptr = row i at i + shift, key j at j, stride 1 (the rule above).
+  const std::int64_t* chunk_q_pos = nullptr;
+  const std::int64_t* chunk_k_pos = nullptr;
+  int chunk_stride = 1;  // >= 1 (a striped ring block: every P-th token of the sequence)
   // Attention-sink logits [h] fp32 (gpt-oss; FA3 s_aux, FlashInfer sinks), nullable.
   // NaN is rejected; +inf zeroes the row, -inf is no sink.
   const float* sinks = nullptr;
 };
 
 // Checks the MaskParams fields of a call with `h` query heads (windows, softcap,
-// scale, sinks) and throws InvalidArgument naming the field and the value. Engine
-// calls it for every family; ring attention and distributed decode call it too.
-void validate_mask(const MaskParams& m, int h);
+// scale, sinks, attention_chunk and its positions) and throws InvalidArgument naming
+// the field and the value; with b >= 0 also the b chunk positions. Engine calls it
+// for every family; ring attention and distributed decode call it too.
+void validate_mask(const MaskParams& m, int h, int b = -1);
 
 // Optional callback a kernel calls from the calling thread while it runs: between
 // key tiles and between tasks, at most once per `interval_us`. Ring attention uses it

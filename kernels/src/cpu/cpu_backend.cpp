@@ -78,6 +78,13 @@ void set_mask(AttnProblem& a, const MaskParams& m, int d) {
   a.w_right = m.causal ? 0 : m.window_right;
   a.sinks = m.sinks;
   a.chunk = m.attention_chunk;
+  a.chunk_stride = m.chunk_stride;
+}
+
+// The chunk-rule positions of batch element bi (MaskParams::chunk_q_pos), after sd.shift.
+void set_chunk_pos(SeqDesc& sd, const MaskParams& m, int bi) {
+  sd.q_pos = m.chunk_q_pos ? m.chunk_q_pos[bi] : sd.shift;
+  sd.k_pos = m.chunk_k_pos ? m.chunk_k_pos[bi] : 0;
 }
 
 // Tasks a call has without splitting keys (cpu::unsplit_tasks per sequence).
@@ -144,6 +151,7 @@ AttnProblem make_problem(const FwdParams& p, int threads) {
       v_off = bi * p.v_batch_stride;
     }
     sd.shift = p.mask.mask_shift ? p.mask.mask_shift[bi] : sd.s_k - sd.s_q;
+    set_chunk_pos(sd, p.mask, bi);
     sd.k.base = static_cast<const char*>(p.k) + k_off * esize;
     sd.k.row_stride = p.k_row_stride;
     sd.k.head_stride = p.k_head_stride;
@@ -210,6 +218,7 @@ class CpuBackend final : public Backend {
       sd.s_q = sd.s_q_slots = static_cast<int>(kv_s_q(p, bi));
       sd.s_k = kv_num_keys(p, bi);
       sd.shift = p.mask.mask_shift ? p.mask.mask_shift[bi] : sd.s_k - sd.s_q;
+      set_chunk_pos(sd, p.mask, bi);
       // Varlen queries: rows packed on one axis (cu_seqlens_q), batch strides unused.
       const std::int64_t row0 = kv_q_row0(p, bi);
       sd.q_off = p.cu_seqlens_q ? row0 * q_row : bi * q_batch;

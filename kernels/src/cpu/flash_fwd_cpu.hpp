@@ -37,6 +37,9 @@ struct SeqDesc {
   int s_q_slots = 0;       // rows of the output slot (>= s_q); rows past s_q get 0 / -inf
   std::int64_t s_k = 0;    // keys
   std::int64_t shift = 0;  // mask diagonal: key j is on the diagonal of row i when j == i + shift
+  // attention_chunk positions: row i at q_pos + i * pos_stride, key j at k_pos + j * pos_stride
+  // (default q_pos = shift, k_pos = 0, stride 1; MaskParams::chunk_q_pos).
+  std::int64_t q_pos = 0, k_pos = 0;
   std::int64_t q_off = 0, out_off = 0, lse_off = 0;
   KvRows k, v;
   int num_splits = 1;  // key splits (>= 1)
@@ -57,6 +60,7 @@ struct AttnProblem {
   int w_left = -1;               // -1 = unbounded
   int w_right = -1;              // causal already folded in (0)
   int chunk = 0;                 // attention_chunk, 0 = off
+  int chunk_stride = 1;          // MaskParams::chunk_stride
   const float* sinks = nullptr;  // [h] attention-sink logits, nullable (applied in write_row)
   std::vector<SeqDesc> seqs;
   ProgressHook progress;          // polled by the calling thread (progress_throttle.hpp)

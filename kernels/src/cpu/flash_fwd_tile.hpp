@@ -97,6 +97,12 @@ class AlignedBuf {
 };
 using AlignedFloats = AlignedBuf<float>;
 
+// a / b rounded towards -inf and towards +inf (b > 0).
+inline std::int64_t div_floor(std::int64_t a, std::int64_t b) {
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+inline std::int64_t div_ceil(std::int64_t a, std::int64_t b) { return -div_floor(-a, b); }
+
 // Visible key range [lo, hi) of query row i (docs/semantics.md section 1); empty when lo >= hi.
 struct RowRange {
   std::int64_t lo, hi;
@@ -105,11 +111,14 @@ inline RowRange visible_keys(const AttnProblem& p, const SeqDesc& sd, std::int64
   RowRange r{0, sd.s_k};
   if (p.w_left >= 0) r.lo = std::max<std::int64_t>(0, i + sd.shift - p.w_left);
   if (p.w_right >= 0) r.hi = std::min<std::int64_t>(sd.s_k, i + sd.shift + p.w_right + 1);
-  if (p.chunk > 0) {  // the chunk [c0, c0 + chunk) holding the diagonal key i + shift
-    const std::int64_t a = i + sd.shift;
-    const std::int64_t c0 = (a >= 0 ? a / p.chunk : -((-a + p.chunk - 1) / p.chunk)) * p.chunk;
-    r.lo = std::max(r.lo, c0);
-    r.hi = std::min(r.hi, c0 + p.chunk);
+  if (p.chunk > 0) {
+    // The chunk [c0, c0 + chunk) holding row i's position a; its keys j are those with
+    // c0 <= k_pos + j * st < c0 + chunk (default positions: a = i + shift, k_pos = 0, st = 1).
+    const std::int64_t st = p.chunk_stride;
+    const std::int64_t a = sd.q_pos + i * st;
+    const std::int64_t c0 = div_floor(a, p.chunk) * p.chunk;
+    r.lo = std::max(r.lo, div_ceil(c0 - sd.k_pos, st));
+    r.hi = std::min(r.hi, div_ceil(c0 + p.chunk - sd.k_pos, st));
   }
   return r;
 }

@@ -25,13 +25,16 @@ inline std::int64_t floor_div(std::int64_t a, std::int64_t b) {
 //   row i sees key j  iff  0 <= j < s_k
 //                     and (w_right < 0 or j <= i + shift + w_right)
 //                     and (w_left  < 0 or j >= i + shift - w_left)
-//                     and (chunk == 0 or floor(j / chunk) == floor((i + shift) / chunk))
+//                     and (chunk == 0 or floor(kpos(j) / chunk) == floor(qpos(i) / chunk))
+// with qpos(i) = q_pos + i * pos_stride, kpos(j) = k_pos + j * pos_stride (MaskParams
+// chunk positions; by default q_pos = shift, k_pos = 0, stride 1).
 struct RowMask {
   std::int64_t s_k = 0;
   std::int64_t shift = 0;  // s_k - s_q (bottom-right) unless MaskParams::mask_shift overrides
   int w_left = -1;
   int w_right = -1;
-  int chunk = 0;  // attention_chunk, 0 = off
+  int chunk = 0;                                      // attention_chunk, 0 = off
+  std::int64_t q_pos = 0, k_pos = 0, pos_stride = 1;  // chunk-rule positions
 
   static RowMask make(const MaskParams& m, int batch, std::int64_t s_q, std::int64_t s_k) {
     RowMask r;
@@ -40,6 +43,9 @@ struct RowMask {
     r.w_left = m.window_left;
     r.w_right = m.causal ? 0 : m.window_right;
     r.chunk = m.attention_chunk;
+    r.q_pos = m.chunk_q_pos ? m.chunk_q_pos[batch] : r.shift;
+    r.k_pos = m.chunk_k_pos ? m.chunk_k_pos[batch] : 0;
+    r.pos_stride = m.chunk_stride;
     return r;
   }
 
@@ -47,7 +53,9 @@ struct RowMask {
     if (j < 0 || j >= s_k) return false;
     if (w_right >= 0 && j > i + shift + w_right) return false;
     if (w_left >= 0 && j < i + shift - w_left) return false;
-    if (chunk > 0 && floor_div(j, chunk) != floor_div(i + shift, chunk)) return false;
+    if (chunk > 0 &&
+        floor_div(k_pos + j * pos_stride, chunk) != floor_div(q_pos + i * pos_stride, chunk))
+      return false;
     return true;
   }
 };

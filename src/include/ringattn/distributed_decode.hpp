@@ -5,8 +5,9 @@
 // log(P) combining steps.
 //
 // Mask: docs/semantics.md section 1 over the whole cache (bottom-right: query row i sits
-// at position s_cache - s_q + i; section 8.4). Rows that see no key: out 0, LSE -inf
-// (natural log).
+// at position s_cache - s_q + i; section 8.4), attention_chunk at those global positions
+// (each rank reads only the keys of the query rows' chunks). Rows that see no key: out 0,
+// LSE -inf (natural log).
 #pragma once
 
 #include <cstdint>
@@ -32,7 +33,7 @@ struct DecodeParams {
   float* lse = nullptr;
   int b = 0, s_q = 1, h = 0, h_k = 0, d = 0, d_v = 0;
   std::int64_t s_cache = 0;  // global cache length per sequence (>= number of ranks)
-  MaskParams mask;           // mask_shift must stay nullptr
+  MaskParams mask;           // mask_shift and the chunk positions must stay unset
   int root = -1;             // -1: allreduce (result everywhere); else reduce to this rank
 };
 

@@ -53,8 +53,8 @@ struct SessionConfig {
   std::int64_t capacity = 0;  // tokens per sequence, prompt included
   CacheLayout layout = CacheLayout::kRoundRobin;
   ShardLayout prefill_layout = ShardLayout::kZigzag;
-  // scale, softcap and window_left apply; the session is always causal (window_right
-  // = 0). Windows are not supported by extend.
+  // scale, softcap, window_left, attention_chunk and sinks apply; the session is always
+  // causal (window_right = 0). Windows are not supported by extend.
   MaskParams mask;
 };
 
@@ -178,10 +178,22 @@ class KvSession {
                    const CostConstants& constants = {});
 
  private:
+  // Rows [row0, row0 + rows) of sequence s's t new rows, which all see this rank's
+  // local keys [from, to).
+  struct LocalRun {
+    int s = 0, row0 = 0, rows = 0;
+    std::int32_t to = 0, from = 0;
+  };
+  // The runs of t new rows per sequence (at positions length(s) + i) against this rank's
+  // cached keys: each row sees the keys from its window's or attention chunk's first
+  // position on; consecutive rows with the same first key form one run.
+  std::vector<LocalRun> local_runs(int t) const;
+  // Global tokens of every sequence, [b].
+  std::vector<std::int64_t> lengths() const;
   // Partial (o, lse) records [b, t, h][d_v + 1] of t query rows per sequence against this
-  // rank's keys: row i of sequence s sees local keys [from(s, i), to(s, i)).
-  void attend_local(int t, const void* q, const std::vector<std::int32_t>& to,
-                    const std::vector<std::int32_t>& from, std::vector<float>& records);
+  // rank's keys, for runs that tile the b * t rows in order.
+  void attend_local(int t, const void* q, const std::vector<LocalRun>& runs,
+                    std::vector<float>& records);
   // Appends t tokens per sequence (k [b, t, h_k, d], v [b, t, h_k, d_v]) on their owners.
   void append(int t, const void* k, const void* v);
 

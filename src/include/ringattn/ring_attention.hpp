@@ -7,8 +7,9 @@
 //
 // Self-attention over the global sequence (s_q == s_k per sequence; docs/semantics.md
 // section 8): the mask is the section 1 rule with shift 0: row i sees key j iff
-// j <= i + w_right and j >= i - w_left (causal: w_right = 0). Fully masked rows give
-// out 0, LSE -inf. LSE is natural log.
+// j <= i + w_right and j >= i - w_left (causal: w_right = 0), and with attention_chunk
+// C > 0 also floor(j / C) == floor(i / C) (chunks of the global sequence). Fully masked
+// rows give out 0, LSE -inf. LSE is natural log.
 #pragma once
 
 #include <cstdint>
@@ -55,7 +56,9 @@ struct RingAttentionParams {
   int h = 0, h_k = 0, d = 0, d_v = 0;
   const std::int32_t* cu_seqlens = nullptr;  // [b + 1] varlen only
 
-  // scale, softcap, causal, window_left, window_right; mask_shift must stay nullptr.
+  // scale, softcap, causal, window_left, window_right, attention_chunk, sinks; mask_shift
+  // and the chunk positions (chunk_q_pos / chunk_k_pos / chunk_stride) must stay unset:
+  // the ring sets them per block.
   MaskParams mask;
   ShardLayout layout = ShardLayout::kZigzag;
   LseLayout lse_layout = LseLayout::kApi;  // kRows: lse [rows, h] in local row order

@@ -28,6 +28,12 @@ exactly ring-flash-attention's ``extract_local``):
     zigzag      chunks c = [c*L/(2P), (c+1)*L/(2P)); rank r holds chunk r then 2P-1-r
     striped     rank r holds tokens r, r+P, r+2P, ... (ring-flash-attention's stripe)
 
+Every forward and ``decode`` also take ``attention_chunk=C`` (keyword, default 0 = off;
+FlashAttention-3's chunked local attention, Llama 4): a token sees only the keys of its
+size-C chunk of the global sequence, combined with causal and windows; the ranks apply
+the chunk at global positions and skip the blocks it hides, so the result is exactly the
+single-process one.
+
 Errors are collective: when the arguments are wrong on any rank, every rank raises
 the same exception, its message prefixed with the first failing rank ("rank 2: ...").
 Results are exact single-process attention over the whole sequence (docs/semantics.md
@@ -134,6 +140,14 @@ def _softcap(softcap):
     return c
 
 
+def _attention_chunk(attention_chunk):
+    """attention_chunk: 0 = off, C > 0 = chunked local attention (module docstring)."""
+    c = _tensor.check_scalar_int(attention_chunk, "attention_chunk")
+    if c < 0:
+        raise ValueError(f"attention_chunk: must be >= 0 (0 = off), got {c}")
+    return c
+
+
 def _unsupported(dropout_p, alibi_slopes):
     if dropout_p != 0:
         raise ValueError(f"dropout_p: only 0.0 is supported (inference forward), got {dropout_p!r}")
@@ -205,7 +219,8 @@ def _same_degree(infos, rank_of_u=-1):
 
 
 def _dense(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-           return_attn_probs, group, softcap, mode, ulysses_degree, sinks=None):
+           return_attn_probs, group, softcap, mode, ulysses_degree, sinks=None,
+           attention_chunk=0):
     comm = _comm(group)
     size, rank = comm.Get_size(), comm.Get_rank()
     layout = _layout(layout)
@@ -216,6 +231,7 @@ def _dense(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi
         _options(softmax_scale, int(q.shape[-1]), causal, window_size, softcap,
                  dropout_p, alibi_slopes)
         _tensor.sinks_arg(sinks, None, int(q.shape[2]), q)
+        _attention_chunk(attention_chunk)
         return typ, int(q.shape[1]), _ulysses(ulysses_degree, size, q, k)
 
     infos = _collective(comm, local)
@@ -245,7 +261,8 @@ def _dense(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi
     arg = _tensor.arg
     _C.ring_forward(comm.py2f(), arg(qc, "q"), arg(kc, "k"), arg(vc, "v"), arg(out, "out", types=("fp32",)),
                     None if lse is None else arg(lse, "softmax_lse", types=("fp32",)), None, s,
-                    layout, mode, scale, causal_b, wl, wr, cap, 0, u, sink_arg)
+                    layout, mode, scale, causal_b, wl, wr, cap, 0, u, sink_arg,
+                    _attention_chunk(attention_chunk))
     del sink
     out = _tensor.to_type(out, typ)
     return (out, lse, None) if return_attn_probs else out
@@ -254,7 +271,7 @@ def _dense(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi
 def ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                          window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                          return_attn_probs=False, group=None, *, softcap=0.0, mode="pass-kv",
-                         ulysses_degree=1, sinks=None):
+                         ulysses_degree=1, sinks=None, attention_chunk=0):
     """Ring attention over contiguous shards (ring-flash-attention's ``ring_flash_attn_func``).
 
     q [b, s_local, h, d], k [b, s_local, h_k, d], v [b, s_local, h_k, d_v]: this rank's
@@ -266,38 +283,45 @@ def ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fals
     or "pass-q" (queries travel, K/V stay): same result. ulysses_degree=U > 1 runs the
     Ulysses x ring grid (module docstring; shards from shard(..., ulysses_degree=U)). sinks:
     optional [h] fp32 attention-sink logits, applied once after the ring's last merge (the
-    LSE excludes them; flash_attn_interface docstring). dropout_p must be 0 and
+    LSE excludes them; flash_attn_interface docstring). attention_chunk=C > 0: chunked
+    local attention (FA3, Llama 4) over the global sequence: token i sees only keys in
+    [C floor(i / C), C floor(i / C) + C), with causal / windows. dropout_p must be 0 and
     alibi_slopes None (ValueError otherwise); deterministic is accepted and ignored (the
     forward is deterministic).
     """
     return _dense("contiguous", q, k, v, dropout_p, softmax_scale, causal, window_size,
-                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree, sinks)
+                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree, sinks,
+                  attention_chunk)
 
 
 def zigzag_ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                                 window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                                 return_attn_probs=False, group=None, *, softcap=0.0,
-                                mode="pass-kv", ulysses_degree=1, sinks=None):
+                                mode="pass-kv", ulysses_degree=1, sinks=None,
+                                attention_chunk=0):
     """Ring attention over zigzag shards: the sequence cut in 2P chunks, rank r holding
     chunk r followed by chunk 2P-1-r (equal causal work per rank). Otherwise as
     ring_flash_attn_func."""
     return _dense("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size,
-                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree, sinks)
+                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree, sinks,
+                  attention_chunk)
 
 
 def stripe_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                            window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                            return_attn_probs=False, group=None, *, softcap=0.0, mode="pass-kv",
-                         ulysses_degree=1, sinks=None):
+                         ulysses_degree=1, sinks=None, attention_chunk=0):
     """Ring attention over striped shards: rank r holds tokens r, r+P, r+2P, ... (the
     order of ring-flash-attention's stripe ``extract_local``). Unlike the original,
     causal=False and windows are supported too. Otherwise as ring_flash_attn_func."""
     return _dense("striped", q, k, v, dropout_p, softmax_scale, causal, window_size,
-                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree, sinks)
+                  alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree, sinks,
+                  attention_chunk)
 
 
 def _varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-            window_size, alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree, sinks=None):
+            window_size, alibi_slopes, return_attn_probs, group, softcap, mode, ulysses_degree,
+            sinks=None, attention_chunk=0):
     comm = _comm(group)
     size, rank = comm.Get_size(), comm.Get_rank()
     layout = _layout(layout)
@@ -308,6 +332,7 @@ def _varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, c
         _options(softmax_scale, int(q.shape[-1]), causal, window_size, softcap, dropout_p,
                  alibi_slopes)
         _tensor.sinks_arg(sinks, None, int(q.shape[1]), q)
+        _attention_chunk(attention_chunk)
         cu, _ = _tensor.index_array(cu_seqlens, "cu_seqlens", ndim=1, shape_text="[b + 1]", lo=0)
         if cu.shape[0] < 2:
             raise ValueError(f"cu_seqlens: needs at least 2 entries [b + 1], got {cu.shape[0]}")
@@ -359,7 +384,8 @@ def _varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, c
     arg = _tensor.arg
     _C.ring_forward(comm.py2f(), arg(qc, "q"), arg(kc, "k"), arg(vc, "v"), arg(out, "out", types=("fp32",)),
                     None if lse is None else arg(lse, "softmax_lse", types=("fp32",)), cu_arg, 0,
-                    layout, mode, scale, causal_b, wl, wr, cap, 0, u, sink_arg)
+                    layout, mode, scale, causal_b, wl, wr, cap, 0, u, sink_arg,
+                    _attention_chunk(attention_chunk))
     del sink
     del cu_keep
     out = _tensor.to_type(out, typ)
@@ -369,7 +395,8 @@ def _varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, c
 def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0,
                                 softmax_scale=None, causal=False, window_size=(-1, -1),
                                 alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                                group=None, *, softcap=0.0, mode="pass-kv", ulysses_degree=1, sinks=None):
+                                group=None, *, softcap=0.0, mode="pass-kv", ulysses_degree=1,
+                                sinks=None, attention_chunk=0):
     """Varlen ring attention (ring-flash-attention's ``ring_flash_attn_varlen_func``).
 
     Packed sequences; as in ring-flash-attention every rank holds its contiguous shard of
@@ -384,33 +411,36 @@ def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0,
     """
     return _varlen("contiguous", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                    causal, window_size, alibi_slopes, return_attn_probs, group, softcap, mode,
-                   ulysses_degree, sinks)
+                   ulysses_degree, sinks, attention_chunk)
 
 
 def zigzag_ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0,
                                        softmax_scale=None, causal=False, window_size=(-1, -1),
                                        alibi_slopes=None, deterministic=False,
                                        return_attn_probs=False, group=None, *, softcap=0.0,
-                                       mode="pass-kv", ulysses_degree=1, sinks=None):
+                                       mode="pass-kv", ulysses_degree=1, sinks=None,
+                                       attention_chunk=0):
     """As ring_flash_attn_varlen_func with each sequence cut in zigzag order."""
     return _varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                    causal, window_size, alibi_slopes, return_attn_probs, group, softcap, mode,
-                   ulysses_degree, sinks)
+                   ulysses_degree, sinks, attention_chunk)
 
 
 def stripe_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0,
                                   softmax_scale=None, causal=False, window_size=(-1, -1),
                                   alibi_slopes=None, deterministic=False,
                                   return_attn_probs=False, group=None, *, softcap=0.0,
-                                  mode="pass-kv", ulysses_degree=1, sinks=None):
+                                  mode="pass-kv", ulysses_degree=1, sinks=None,
+                                  attention_chunk=0):
     """As ring_flash_attn_varlen_func with each sequence striped over the ranks."""
     return _varlen("striped", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                    causal, window_size, alibi_slopes, return_attn_probs, group, softcap, mode,
-                   ulysses_degree, sinks)
+                   ulysses_degree, sinks, attention_chunk)
 
 
 def decode(q, k_cache_shard, v_cache_shard, softmax_scale=None, causal=False,
-           window_size=(-1, -1), softcap=0.0, root=None, group=None, *, sinks=None):
+           window_size=(-1, -1), softcap=0.0, root=None, group=None, *, sinks=None,
+           attention_chunk=0):
     """Distributed decode (tree attention) over a KV cache sharded across the ranks.
 
     q [b, s_q, h, d]: the new query rows, identical on every rank. k_cache_shard
@@ -422,6 +452,8 @@ def decode(q, k_cache_shard, v_cache_shard, softmax_scale=None, causal=False,
     Returns (out [b, s_q, h, d_v] in q's dtype, lse [b, h, s_q] fp32 natural log) on every
     rank, or with root=R only on rank R ((None, None) on the others). sinks: optional
     [h] fp32 attention-sink logits, applied once after the reduction (the LSE excludes them).
+    attention_chunk=C > 0: chunked local attention at cache positions (query row i sees
+    only the keys of the size-C chunk holding position S - s_q + i).
     """
     comm = _comm(group)
     size, rank = comm.Get_size(), comm.Get_rank()
@@ -451,6 +483,7 @@ def decode(q, k_cache_shard, v_cache_shard, softmax_scale=None, causal=False,
         _softcap(softcap)
         _tensor.window_pair(window_size)
         _tensor.sinks_arg(sinks, None, h, q)
+        _attention_chunk(attention_chunk)
         if root is not None:
             rt = _tensor.check_scalar_int(root, "root")
             if not 0 <= rt < size:
@@ -488,7 +521,7 @@ def decode(q, k_cache_shard, v_cache_shard, softmax_scale=None, causal=False,
                           None if out is None else arg(out, "out", types=("fp32",)),
                           None if lse is None else arg(lse, "lse", types=("fp32",)), s_cache,
                           _scale(softmax_scale, d), bool(causal), wl, wr, _softcap(softcap), rt,
-                          sink_arg)
+                          sink_arg, _attention_chunk(attention_chunk))
     del sink
     if not writes:
         return None, None

@@ -51,12 +51,15 @@ class KvSession:
     prompt shard each rank holds (zigzag by default). The session is causal;
     ``window_size=(left, 0)`` adds a sliding window (decode and prefill only). ``sinks``:
     optional [h] fp32 attention-sink logits, the same on every rank, applied once per
-    output row after the merge (the LSE excludes them).
+    output row after the merge (the LSE excludes them). ``attention_chunk=C > 0``: chunked
+    local attention (FA3, Llama 4) at absolute positions: the token at position p sees only
+    the history in [C floor(p / C), p] (prefill, decode and extend).
     """
 
     def __init__(self, batch, num_heads, num_kv_heads, head_dim, capacity, *, head_dim_v=None,
                  dtype="bf16", page_size=256, cache_layout="round-robin", prefill_layout="zigzag",
-                 softmax_scale=None, window_size=(-1, 0), softcap=0.0, sinks=None, group=None):
+                 softmax_scale=None, window_size=(-1, 0), softcap=0.0, sinks=None, group=None,
+                 attention_chunk=0):
         self._comm = _comm(group)
         d = _tensor.check_scalar_int(head_dim, "head_dim")
         d_v = d if head_dim_v is None else _tensor.check_scalar_int(head_dim_v, "head_dim_v")
@@ -80,18 +83,22 @@ class KvSession:
                 raise ValueError(f"softcap: must be finite and >= 0, got {softcap!r}")
             if sinks is not None:
                 _tensor.sinks_arg(sinks, None, _tensor.check_scalar_int(num_heads, "num_heads"), sinks)
+            chunk = _tensor.check_scalar_int(attention_chunk, "attention_chunk")
+            if chunk < 0:
+                raise ValueError(f"attention_chunk: must be >= 0 (0 = off), got {chunk}")
             ints = [_tensor.check_scalar_int(x, n) for x, n in
                     ((batch, "batch"), (num_heads, "num_heads"), (num_kv_heads, "num_kv_heads"),
                      (capacity, "capacity"), (page_size, "page_size"))]
-            return _dtype_name(dtype), ints, scale, wl, cap
+            return _dtype_name(dtype), ints, scale, wl, cap, chunk
 
-        typ, (b, h, h_k, capacity, page_size), scale, wl, cap = _collective(self._comm, local)[
-            self._comm.Get_rank()]
+        typ, (b, h, h_k, capacity, page_size), scale, wl, cap, chunk = _collective(
+            self._comm, local)[self._comm.Get_rank()]
         self._dtype = typ
         self._shape = (b, h, h_k, d, d_v)
         sink_keep, sink_arg = (None, None) if sinks is None else _tensor.sinks_arg(sinks, None, h, sinks)
         self._s = _C.KvSession(self._comm.py2f(), typ, b, h, h_k, d, d_v, capacity, page_size,
-                               cache_layout, _PREFILL_LAYOUTS[prefill_layout], scale, wl, cap, sink_arg)
+                               cache_layout, _PREFILL_LAYOUTS[prefill_layout], scale, wl, cap, sink_arg,
+                               chunk)
         del sink_keep
 
     @property
