@@ -1,6 +1,8 @@
 // MLA decode (dense paged and sparse) against a float64 reference written here,
 // over the MLA grid of docs/semantics.md section 6, for every MLA kernel path this machine
-// runs (reference, cpu-scalar, cpu-avx2). Unused cache slots hold NaN, outputs are
+// runs (reference, cpu-scalar, cpu-avx2, and the matrix tiers cpu-avx512-bf16 / cpu-amx,
+// whose bf16 path serves bf16 q with a bf16 cache; cpu-amx is skipped where the CPU
+// lacks AMX). Unused cache slots hold NaN, outputs are
 // poisoned with NaN, inputs are fresh random on every run (RINGATTN_TEST_SEED
 // replays a run).
 #include <gtest/gtest.h>
@@ -24,6 +26,7 @@
 #include "ringattn/engine.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/mla_params.hpp"
+#include "test_util.hpp"
 
 namespace ringattn {
 namespace {
@@ -298,6 +301,25 @@ std::vector<Path> decode_paths() {
   return paths;
 }
 
+// The matrix tiers this CPU runs (their names are the backends').
+std::vector<Path> matrix_paths() {
+  std::vector<Path> paths;
+  for (detail::CpuIsa isa : {detail::CpuIsa::kAvx512Bf16, detail::CpuIsa::kAmx})
+    if (detail::cpu_supports(isa))
+      paths.push_back(
+          {std::string("cpu-") + detail::isa_name(isa), [isa](const MlaDecodeParams& p) {
+             detail::validate(p);
+             detail::mla_decode_cpu(p, isa, 2);
+           }});
+  return paths;
+}
+
+std::vector<Path> all_paths() {
+  std::vector<Path> paths = decode_paths();
+  for (Path& p : matrix_paths()) paths.push_back(std::move(p));
+  return paths;
+}
+
 // Runs p through `run` with poisoned outputs and checks against the reference.
 void check_decode(Problem& pb, const Path& path, const std::vector<double>& ref_o,
                   const std::vector<double>& ref_lse, MlaDecodeParams p,
@@ -313,8 +335,19 @@ void check_decode(Problem& pb, const Path& path, const std::vector<double>& ref_
   path.run(p);
   double ref_max = 0.0;
   for (double v : ref_o) ref_max = std::max(ref_max, std::fabs(v));
+  // Paths that round P to bf16 (the matrix tiers on bf16 q and cache) add 2^-8 max|v|
+  // (test_util.hpp, p_rounding_atol; docs/semantics.md section 6).
+  const DType storage = c.q_dtype == DType::kBF16 && c.kv_dtype == DType::kBF16 &&
+                                c.layout == MlaCacheLayout::kDense576
+                            ? DType::kBF16
+                            : DType::kF32;
+  double v_max = 0.0;
+  for (std::size_t i = 0; i < pb.slot_val.size(); ++i)
+    if (i % D < DV && std::isfinite(pb.slot_val[i]))
+      v_max = std::max(v_max, std::fabs(pb.slot_val[i]));
   const double atol =
-      out_dtype == DType::kF32 ? 2e-5 * std::max(1.0, ref_max) : 8e-3 * std::max(1.0, ref_max);
+      (out_dtype == DType::kF32 ? 2e-5 * std::max(1.0, ref_max) : 8e-3 * std::max(1.0, ref_max)) +
+      test::p_rounding_atol(path.name, storage, v_max);
   double worst = 0.0;
   std::size_t worst_i = 0;
   for (std::size_t i = 0; i < n_out; ++i) {
@@ -339,7 +372,7 @@ void run_case(const Case& c) {
   Problem pb = make_problem(c);
   std::vector<double> ro, rl;
   reference(pb, ro, rl);
-  for (const Path& path : decode_paths()) check_decode(pb, path, ro, rl, pb.params());
+  for (const Path& path : all_paths()) check_decode(pb, path, ro, rl, pb.params());
 }
 
 // docs/semantics.md section 6 MLA row: b {1, 2, 6, 64} x s_q {1, 2, 4} x s_k {20, 140, 4096} x
@@ -357,6 +390,46 @@ TEST(MlaDecode, SpecGridFp32) {
           c.page = (s_k + h) % 3 == 0 ? 1 : 64;
           run_case(c);
         }
+}
+
+// The bf16 path of the matrix tiers (bf16 q and cache) over the SPEC grid b {1, 2} x s_q
+// {1, 2, 4} x s_k {20, 140, 4096} x h_q {16, 64, 128}, causal MTP on every other case,
+// page 1 or 64, NaN in unused slots, plus sparse indices; the float64 reference stays
+// cheap enough by skipping the largest products of rows and keys.
+TEST(MlaDecode, SpecGridBf16MatrixTiers) {
+  const std::vector<Path> paths = matrix_paths();
+  if (paths.empty()) GTEST_SKIP() << "no matrix tier (cpu-avx512-bf16 / cpu-amx) on this CPU";
+  auto run = [&](const Case& c) {
+    Problem pb = make_problem(c);
+    std::vector<double> ro, rl;
+    reference(pb, ro, rl);
+    for (const Path& path : paths) {
+      check_decode(pb, path, ro, rl, pb.params());
+      if (c.q_dtype == DType::kBF16) check_decode(pb, path, ro, rl, pb.params(), DType::kBF16);
+    }
+  };
+  for (int b : {1, 2})
+    for (int s_q : {1, 2, 4})
+      for (int s_k : {20, 140, 4096})
+        for (int h : {16, 64, 128}) {
+          if (static_cast<double>(b) * s_q * h * s_k > 6e5) continue;
+          Case c;
+          c.b = b, c.s_q = s_q, c.s_k = s_k, c.h_q = h;
+          c.q_dtype = c.kv_dtype = DType::kBF16;
+          c.causal = (b + s_q + h / 16) % 2 == 0;
+          c.page = (s_k + h) % 3 == 0 ? 1 : 64;
+          run(c);
+        }
+  for (int h : {16, 128}) {
+    Case c;
+    c.b = 2, c.s_q = 2, c.h_q = h, c.s_k = 700, c.topk = 192, c.page = 64;
+    c.q_dtype = c.kv_dtype = DType::kBF16;
+    run(c);
+  }
+  // The fp32 tiles serve fp32 q on these tiers (exact scores).
+  Case c;
+  c.b = 2, c.s_q = 2, c.h_q = 64, c.s_k = 140, c.kv_dtype = DType::kBF16, c.causal = true;
+  run(c);
 }
 
 TEST(MlaDecode, PageSizesAndCausalMtp) {
@@ -389,7 +462,7 @@ TEST(MlaDecode, Bf16QueryAndOutput) {
   Problem pb = make_problem(c);
   std::vector<double> ro, rl;
   reference(pb, ro, rl);
-  for (const Path& path : decode_paths()) {
+  for (const Path& path : all_paths()) {
     check_decode(pb, path, ro, rl, pb.params(), DType::kF32);
     check_decode(pb, path, ro, rl, pb.params(), DType::kBF16);
   }
@@ -426,7 +499,7 @@ TEST(MlaDecode, SplitsAgree) {
   const SchedulerMetadata plan = engine.plan_mla_decode(base);
   ASSERT_EQ(plan.num_splits.size(), 1u);
   EXPECT_GT(plan.num_splits[0], 1) << "a long single sequence must be split across threads";
-  for (const Path& path : decode_paths()) {
+  for (const Path& path : all_paths()) {
     if (path.name == "reference") continue;
     for (int ns : {1, 3, 17}) {
       MlaDecodeParams p = base;

@@ -32,6 +32,26 @@ struct SimdAvx512Bf16 : SimdAvx512 {
   static V dot2(V acc, P a, P b) {
     return _mm512_dpbf16_ps(acc, __builtin_bit_cast(__m512bh, a), __builtin_bit_cast(__m512bh, b));
   }
+  static void store_pairs(bf16_t* p, P v) { _mm512_storeu_si512(p, v); }
+  // The pair vector (lo[i], hi[i]) of two fp32 vectors, each rounded to nearest even.
+  static P pack_pairs(V lo, V hi) {
+    // cvtne2ps puts bf16(lo) in elements 0..15 and bf16(hi) in 16..31; the permute
+    // interleaves them: element 2i <- i, 2i + 1 <- 16 + i.
+    const __m512i x = __builtin_bit_cast(__m512i, _mm512_cvtne2ps_pbh(hi, lo));
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
+                                         8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(idx, x);
+  }
+  // dst[2c] = a[c], dst[2c + 1] = b[c] for c < 32: two rows of 32 bf16 -> 32 pairs
+  // (two pair vectors), the pair layout of a reduction over the row index.
+  static void interleave_rows(const bf16_t* a, const bf16_t* b, bf16_t* dst) {
+    const __m512i va = _mm512_loadu_si512(a), vb = _mm512_loadu_si512(b);
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40,
+                                        8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(va, lo, vb));
+    _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(va, hi, vb));
+  }
   // 16 fp32 -> 16 bf16 at dst, round to nearest even.
   static void store_bf16(bf16_t* dst, V v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),

@@ -38,6 +38,12 @@ TokenSource make_source(const MlaDecodeParams& p) {
   return s;
 }
 
+bool decode_uses_dpbf16(CpuIsa tier, const MlaDecodeParams& p) {
+  return (tier == CpuIsa::kAvx512Bf16 || tier == CpuIsa::kAmx) &&
+         p.cache_layout == MlaCacheLayout::kDense576 && p.kv_dtype == DType::kBF16 &&
+         p.q_dtype == DType::kBF16;
+}
+
 float decode_score_scale(const MlaDecodeParams& p) {
   if (p.bmm1_scale > 0.0f) return p.bmm1_scale;
   if (p.scale > 0.0f) return p.scale;
@@ -104,6 +110,10 @@ void run_unit(const Ops& ops, const TokenSource& src, const KeyList& keys, const
     }
   }
 
+  finish_unit(ws, R, o, lse, max_logit);
+}
+
+void finish_unit(const Workspace& ws, int R, float* o, float* lse, float* max_logit) {
   for (int r = 0; r < R; ++r) {
     SoftmaxState st;
     st.m = ws.m[r];
