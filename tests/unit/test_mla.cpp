@@ -337,7 +337,7 @@ void check_decode(Problem& pb, const Path& path, const std::vector<double>& ref_
   for (double v : ref_o) ref_max = std::max(ref_max, std::fabs(v));
   // Paths that round P to bf16 (the matrix tiers on bf16 q and cache) add 2^-8 max|v|
   // (test_util.hpp, p_rounding_atol; docs/semantics.md section 6).
-  const DType storage = c.q_dtype == DType::kBF16 && c.kv_dtype == DType::kBF16 &&
+  const DType storage = c.q_dtype == DType::kBF16 && c.kv_dtype != DType::kF32 &&
                                 c.layout == MlaCacheLayout::kDense576
                             ? DType::kBF16
                             : DType::kF32;
@@ -424,6 +424,13 @@ TEST(MlaDecode, SpecGridBf16MatrixTiers) {
     Case c;
     c.b = 2, c.s_q = 2, c.h_q = h, c.s_k = 700, c.topk = 192, c.page = 64;
     c.q_dtype = c.kv_dtype = DType::kBF16;
+    run(c);
+  }
+  // A dense fp8 cache with bf16 q (its rows converted to bf16 exactly).
+  for (int h : {16, 128}) {
+    Case c;
+    c.b = 2, c.s_q = 2, c.h_q = h, c.s_k = 333, c.page = 64, c.causal = true;
+    c.q_dtype = DType::kBF16, c.kv_dtype = DType::kFP8E4M3;
     run(c);
   }
   // The fp32 tiles serve fp32 q on these tiers (exact scores).

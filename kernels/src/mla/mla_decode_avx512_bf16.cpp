@@ -1,5 +1,6 @@
 // MLA decode on the bf16 dot-product instruction (vdpbf16ps, AVX512-BF16): the unit loop
-// of the cpu-avx512-bf16 tier (and of cpu-amx) for bf16 caches with bf16 q, written over
+// of the cpu-avx512-bf16 tier (and of cpu-amx) for bf16 q with a bf16 or dense fp8 cache
+// (fp8 rows converted to bf16 per tile, exactly), written over
 // the pair-vector vocabulary B (cpu/simd_avx512_bf16.hpp). Built with the avx512 and
 // avx512bf16 flags; reached only through decode_uses_dpbf16() after run-time detection.
 //
@@ -15,7 +16,8 @@
 //                       dims (2i, 2i + 1) of 16 query rows (Rp = R rounded up to 16,
 //                       rows past R zero). Packed once per unit.
 //   K   the cache rows themselves: the pair (k[2i], k[2i + 1]) of a key is adjacent in
-//       its row and is broadcast to all lanes, so K is never packed or decoded.
+//       its row and is broadcast to all lanes, so a bf16 K is never packed or decoded
+//       (an fp8 row is converted to bf16 once per tile).
 //   St  [kKeys][Rp] fp32 scores, rows (query heads) along the lanes: the online softmax
 //       runs vertically, 16 query rows per vector.
 //   Pp  [kKeys / 2][Rp][2] P rounded to bf16, pairs of keys (what P V reduces over).
@@ -44,7 +46,7 @@ constexpr int DV = kMlaValueDim;
 constexpr int kDimPairs = D / 2;
 // Keys per tile: the P V products reduce over kKeys / 2 pairs between two passes over
 // the accumulator.
-constexpr int kKeys = 32;
+constexpr int kKeys = 64;
 constexpr int kKeyPairs = kKeys / 2;
 // Register blocks: Q K^T kQkKeys keys x kQkVecs row vectors (16 accumulators, per pair of
 // dims kQkVecs loads + kQkKeys broadcasts); P V kPvRows rows x kPvVecs column vectors
@@ -191,6 +193,7 @@ void run_unit_dpbf16(const TokenSource& src, const KeyList& keys, const UnitSpec
   ws.ppairs.resize(static_cast<std::size_t>(kKeyPairs) * rp * 2);
   ws.vpairs.resize(static_cast<std::size_t>(kKeyPairs) * DV * 2);
   ws.krow.resize(kKeys);
+  if (src.kind == SourceKind::kFP8) ws.kconv.resize(static_cast<std::size_t>(kKeys) * D);
 
   // Qp[i][r] = (q[r][2i], q[r][2i + 1]) rounded to bf16 (exact for bf16 q).
   for (int r = 0; r < R; ++r) {
@@ -208,10 +211,18 @@ void run_unit_dpbf16(const TokenSource& src, const KeyList& keys, const UnitSpec
   float* const st = ws.s.data();
   for (std::int64_t j0 = u.key_begin; j0 < hi; j0 += kKeys) {
     const int T = static_cast<int>(std::min<std::int64_t>(kKeys, hi - j0));
-    for (int t = 0; t < kKeys; ++t)
-      ws.krow[t] =
-          t < T ? reinterpret_cast<const bf16_t*>(src.base + keys.slot(j0 + t) * src.row_bytes)
-                : kZeroRow;
+    for (int t = 0; t < kKeys; ++t) {
+      const std::uint8_t* row = t < T ? src.base + keys.slot(j0 + t) * src.row_bytes : nullptr;
+      if (row == nullptr) {
+        ws.krow[t] = kZeroRow;
+      } else if (src.kind == SourceKind::kBF16) {
+        ws.krow[t] = reinterpret_cast<const bf16_t*>(row);
+      } else {  // fp8 e4m3 -> bf16, exact (3 mantissa bits, exponents within bf16's)
+        bf16_t* dst = ws.kconv.data() + static_cast<std::int64_t>(t) * D;
+        for (int c = 0; c < D; c += L) B::store_bf16(dst + c, B::load_fp8(row + c));
+        ws.krow[t] = dst;
+      }
+    }
     for (int k = 0; k < kKeyPairs; ++k)
       for (int c = 0; c < DV; c += 2 * L)
         B::interleave_rows(ws.krow[2 * k] + c, ws.krow[2 * k + 1] + c,

@@ -100,6 +100,7 @@ struct Workspace {
   std::vector<bf16_t> qpairs;  // [288 pairs][Rp][2] the unit's queries, pair-major
   std::vector<bf16_t> vpairs;  // [keys / 2][512][2] V of one key tile, pairs of keys
   std::vector<bf16_t> ppairs;  // [keys / 2][Rp][2] P of one key tile, pairs of keys
+  std::vector<bf16_t> kconv;   // [keys][576] fp8 rows of one key tile as bf16
   std::vector<const bf16_t*> krow;
 };
 
@@ -113,16 +114,17 @@ void run_unit(const Ops& ops, const TokenSource& src, const KeyList& keys, const
 // max_logit from the online-softmax state ws.m, ws.d (run_unit documents the outputs).
 void finish_unit(const Workspace& ws, int R, float* o, float* lse, float* max_logit);
 
-// run_unit for bf16 caches on the bf16 dot-product instruction (vdpbf16ps): the same
-// outputs, with the unit's queries taken as bf16 (exact for bf16 q) and the softmax
-// weights P rounded to bf16 before P V (docs/cpu-backend.md, "MLA decode").
-// Preconditions: cpu_supports(kAvx512Bf16), src.kind == kBF16.
+// run_unit on the bf16 dot-product instruction (vdpbf16ps): the same outputs, with the
+// unit's queries taken as bf16 (exact for bf16 q) and the softmax weights P rounded to
+// bf16 before P V (docs/cpu-backend.md, "MLA decode").
+// Preconditions: cpu_supports(kAvx512Bf16), src.kind is kBF16 or kFP8.
 void run_unit_dpbf16(const TokenSource& src, const KeyList& keys, const UnitSpec& u, Workspace& ws,
                      float* o, float* lse, float* max_logit = nullptr);
 
 // Whether a decode call on tier `tier` runs run_unit_dpbf16: the matrix tiers
-// (cpu-avx512-bf16, cpu-amx) with bf16 storage, i.e. a dense bf16 cache and bf16 q
-// (fp32 q keeps the fp32 tiles, whose scores are exact in fp32).
+// (cpu-avx512-bf16, cpu-amx) with bf16 q and a dense bf16 or fp8 cache (fp8 e4m3 values
+// are exact in bf16). fp32 q keeps the fp32 tiles (scores exact in fp32), and so does
+// the packed fp8 layout (its scaled values are not bf16 values).
 bool decode_uses_dpbf16(CpuIsa tier, const MlaDecodeParams& p);
 
 // Converts n values of q (fp32 or bf16) to fp32.
