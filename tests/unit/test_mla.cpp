@@ -439,6 +439,45 @@ TEST(MlaDecode, SpecGridBf16MatrixTiers) {
   run(c);
 }
 
+// cpu-amx's MLA decode on the AMX tiles (the same grid as above is also run through
+// matrix_paths()): key blocks copied (page 1, sparse) or read in place (page 64), rows
+// padded to 32, fp8 rows. Skipped where the CPU (or the OS) lacks AMX.
+TEST(MlaDecode, AmxTilesBf16) {
+  std::string missing;
+  if (!detail::cpu_supports(detail::CpuIsa::kAmx, &missing))
+    GTEST_SKIP() << "cpu-amx not available here (missing: " << missing
+                 << "); its MLA decode tests run on a CPU with AMX";
+  const Path amx{"cpu-amx", [](const MlaDecodeParams& p) {
+                   detail::validate(p);
+                   detail::mla_decode_cpu(p, detail::CpuIsa::kAmx, 2);
+                 }};
+  auto run = [&](const Case& c) {
+    Problem pb = make_problem(c);
+    std::vector<double> ro, rl;
+    reference(pb, ro, rl);
+    check_decode(pb, amx, ro, rl, pb.params());
+    check_decode(pb, amx, ro, rl, pb.params(), DType::kBF16);
+    MlaDecodeParams p = pb.params();
+    p.num_splits = 3;
+    check_decode(pb, amx, ro, rl, p);
+  };
+  for (int h : {16, 40, 64, 128})
+    for (int s_k : {20, 140, 1000})
+      for (int page : {1, 64}) {
+        Case c;
+        c.b = 2, c.s_q = h == 128 ? 2 : 3, c.h_q = h, c.s_k = s_k, c.page = page;
+        c.causal = (h + s_k + page) % 2 == 0;
+        c.q_dtype = c.kv_dtype = DType::kBF16;
+        run(c);
+      }
+  Case c;
+  c.b = 2, c.s_q = 2, c.h_q = 128, c.s_k = 700, c.topk = 192, c.page = 64;
+  c.q_dtype = c.kv_dtype = DType::kBF16;
+  run(c);
+  c.topk = 0, c.kv_dtype = DType::kFP8E4M3, c.causal = true;
+  run(c);
+}
+
 TEST(MlaDecode, PageSizesAndCausalMtp) {
   for (int page : {1, 4, 7, 64, 128})
     for (bool causal : {false, true}) {

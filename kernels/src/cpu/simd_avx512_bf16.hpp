@@ -52,6 +52,39 @@ struct SimdAvx512Bf16 : SimdAvx512 {
     _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(va, lo, vb));
     _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(va, hi, vb));
   }
+  // dst pair (j, i) = src pair (i, j) for i, j < 16: a 16 x 16 transpose of pairs (32-bit
+  // lanes), rows lds / ldd pairs apart. Two unpack stages transpose the 4 x 4 blocks
+  // inside each 128-bit lane (r[4g + k], lane c = column 4c + k of rows 4g .. 4g + 3), two
+  // 128-bit shuffle stages gather the four lanes of an output row.
+  static void transpose_pairs16(const bf16_t* src, std::int64_t lds, bf16_t* dst,
+                                std::int64_t ldd) {
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + 2 * i * lds);
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+      r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+      r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+      r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+      r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int k = 0; k < 4; ++k) {
+      const __m512i a_lo = _mm512_shuffle_i32x4(r[k], r[4 + k], _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512i a_hi = _mm512_shuffle_i32x4(r[k], r[4 + k], _MM_SHUFFLE(3, 2, 3, 2));
+      const __m512i b_lo = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512i b_hi = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], _MM_SHUFFLE(3, 2, 3, 2));
+      _mm512_storeu_si512(dst + 2 * k * ldd,
+                          _mm512_shuffle_i32x4(a_lo, b_lo, _MM_SHUFFLE(2, 0, 2, 0)));
+      _mm512_storeu_si512(dst + 2 * (4 + k) * ldd,
+                          _mm512_shuffle_i32x4(a_lo, b_lo, _MM_SHUFFLE(3, 1, 3, 1)));
+      _mm512_storeu_si512(dst + 2 * (8 + k) * ldd,
+                          _mm512_shuffle_i32x4(a_hi, b_hi, _MM_SHUFFLE(2, 0, 2, 0)));
+      _mm512_storeu_si512(dst + 2 * (12 + k) * ldd,
+                          _mm512_shuffle_i32x4(a_hi, b_hi, _MM_SHUFFLE(3, 1, 3, 1)));
+    }
+  }
   // 16 fp32 -> 16 bf16 at dst, round to nearest even.
   static void store_bf16(bf16_t* dst, V v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),

@@ -223,7 +223,9 @@ void mla_decode_cpu(const MlaDecodeParams& p, CpuIsa isa, int threads) {
       lse.resize(R);
       mx.resize(R);
       float* const mxp = p.max_logits != nullptr ? mx.data() : nullptr;
-      if (dpbf16)
+      if (dpbf16 && isa == CpuIsa::kAmx)
+        mla::run_unit_amx(src, keys, u, ws, o.data(), lse.data(), mxp);
+      else if (dpbf16)
         mla::run_unit_dpbf16(src, keys, u, ws, o.data(), lse.data(), mxp);
       else
         mla::run_unit(ops, src, keys, u, ws, o.data(), lse.data(), mxp);

@@ -102,6 +102,7 @@ struct Workspace {
   std::vector<bf16_t> ppairs;  // [keys / 2][Rp][2] P of one key tile, pairs of keys
   std::vector<bf16_t> kconv;   // [keys][576] fp8 rows of one key tile as bf16
   std::vector<const bf16_t*> krow;
+  std::vector<bf16_t> prow;  // AMX: [Rp][keys] P of one key tile, row-major
 };
 
 // Runs one unit: o [R, 512] normalised (0 for rows that saw nothing), lse [R]
@@ -121,7 +122,13 @@ void finish_unit(const Workspace& ws, int R, float* o, float* lse, float* max_lo
 void run_unit_dpbf16(const TokenSource& src, const KeyList& keys, const UnitSpec& u, Workspace& ws,
                      float* o, float* lse, float* max_logit = nullptr);
 
-// Whether a decode call on tier `tier` runs run_unit_dpbf16: the matrix tiers
+// The same on the AMX tiles (mla_decode_amx.cpp), same results up to the order of the fp32
+// sums. Preconditions: cpu_supports(kAmx), src.kind is kBF16 or kFP8.
+void run_unit_amx(const TokenSource& src, const KeyList& keys, const UnitSpec& u, Workspace& ws,
+                  float* o, float* lse, float* max_logit = nullptr);
+
+// Whether a decode call on tier `tier` runs run_unit_dpbf16 (cpu-avx512-bf16) or
+// run_unit_amx (cpu-amx): the matrix tiers
 // (cpu-avx512-bf16, cpu-amx) with bf16 q and a dense bf16 or fp8 cache (fp8 e4m3 values
 // are exact in bf16). fp32 q keeps the fp32 tiles (scores exact in fp32), and so does
 // the packed fp8 layout (its scaled values are not bf16 values).
