@@ -38,7 +38,7 @@ TokenSource make_source(const MlaDecodeParams& p) {
   return s;
 }
 
-bool decode_uses_dpbf16(CpuIsa tier, const MlaDecodeParams& p) {
+bool decode_uses_bf16_path(CpuIsa tier, const MlaDecodeParams& p) {
   return (tier == CpuIsa::kAvx512Bf16 || tier == CpuIsa::kAmx) &&
          p.cache_layout == MlaCacheLayout::kDense576 &&
          (p.kv_dtype == DType::kBF16 || p.kv_dtype == DType::kFP8E4M3) && p.q_dtype == DType::kBF16;

@@ -2,7 +2,7 @@
 // dense fp8 cache, the policy of the shared unit loop (mla_bf16_unit.hpp documents the
 // loop and the layouts; the online softmax is the same vector code), written over the
 // tile helpers of cpu/amx_tiles.hpp. Built with the amx flags; reached only through
-// decode_uses_dpbf16() on the cpu-amx tier (cpu_supports(kAmx): the tile state and the
+// decode_uses_bf16_path() on the cpu-amx tier (cpu_supports(kAmx): the tile state and the
 // process's permission to use it).
 //
 // Both products take the unit loop's layouts as tile operands, per 32 x 32 fp32 block

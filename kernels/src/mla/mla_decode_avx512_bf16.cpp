@@ -2,7 +2,7 @@
 // of the cpu-avx512-bf16 tier for bf16 q with a bf16 or dense fp8 cache, the policy of the
 // shared unit loop (mla_bf16_unit.hpp documents the loop and the layouts), written over the
 // pair-vector vocabulary B (cpu/simd_avx512_bf16.hpp). Built with the avx512 and
-// avx512bf16 flags; reached only through decode_uses_dpbf16() after run-time detection.
+// avx512bf16 flags; reached only through decode_uses_bf16_path() after run-time detection.
 //
 //   S^T = K Qp^T: per pair of dims, a key's pair is broadcast from its cache row and meets
 //                 16 query rows of Qp per vector (register block 4 keys x 64 rows).
