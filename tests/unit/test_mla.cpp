@@ -426,6 +426,13 @@ TEST(MlaDecode, SpecGridBf16MatrixTiers) {
     c.q_dtype = c.kv_dtype = DType::kBF16;
     run(c);
   }
+  // Few query rows per key list: 8 (bf16 path, rows padded to 16) and 4 (fp32 tiles).
+  for (int h : {2, 4}) {
+    Case c;
+    c.b = 2, c.s_q = 2, c.h_q = h, c.s_k = 300, c.page = 7, c.causal = true;
+    c.q_dtype = c.kv_dtype = DType::kBF16;
+    run(c);
+  }
   // A dense fp8 cache with bf16 q (its rows converted to bf16 exactly).
   for (int h : {16, 128}) {
     Case c;

@@ -39,7 +39,13 @@ TokenSource make_source(const MlaDecodeParams& p) {
 }
 
 bool decode_uses_bf16_path(CpuIsa tier, const MlaDecodeParams& p) {
-  return (tier == CpuIsa::kAvx512Bf16 || tier == CpuIsa::kAmx) &&
+  // Query rows that share a key list (a unit has at most this many): the bf16 products
+  // pad them to 16 (AMX: 32), which at twice the multiply-adds per instruction costs the
+  // fp32 tiles' time at 8 rows; below that (h_q = 1 .. 4) the fp32 tiles are faster
+  // (h_q = 1, s_q = 1 measured 1.5-2x slower on the bf16 path).
+  constexpr int kMinRows = 8;
+  const int rows = p.h_q * (p.is_sparse() ? 1 : p.s_q);
+  return rows >= kMinRows && (tier == CpuIsa::kAvx512Bf16 || tier == CpuIsa::kAmx) &&
          p.cache_layout == MlaCacheLayout::kDense576 &&
          (p.kv_dtype == DType::kBF16 || p.kv_dtype == DType::kFP8E4M3) && p.q_dtype == DType::kBF16;
 }

@@ -129,8 +129,9 @@ void run_unit_amx(const TokenSource& src, const KeyList& keys, const UnitSpec& u
 
 // Whether a decode call on tier `tier` runs the bf16 products, run_unit_dpbf16
 // (cpu-avx512-bf16) or run_unit_amx (cpu-amx): bf16 q with a dense bf16 or fp8 cache
-// (fp8 e4m3 values are exact in bf16). fp32 q keeps the fp32 tiles (scores exact in
-// fp32), and so does the packed fp8 layout (its scaled values are not bf16 values).
+// (fp8 e4m3 values are exact in bf16) and at least 8 query rows per key list. fp32 q keeps the fp32
+// tiles (scores exact in fp32), and so does the packed fp8 layout (its scaled values are not bf16
+// values).
 bool decode_uses_bf16_path(CpuIsa tier, const MlaDecodeParams& p);
 
 // Converts n values of q (fp32 or bf16) to fp32.
