@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu_features.hpp"
+#include "mla/mla_internal.hpp"
 #include "mla/mla_kernels.hpp"
 #include "ringattn/dtype.hpp"
 #include "ringattn/engine.hpp"
@@ -483,6 +484,99 @@ TEST(MlaDecode, AmxTilesBf16) {
   run(c);
   c.topk = 0, c.kv_dtype = DType::kFP8E4M3, c.causal = true;
   run(c);
+}
+
+}  // namespace
+namespace detail::mla {
+// mla_decode_amx.cpp compiled against unit/amx_emulation/cpu/amx_tiles.hpp (tests/CMakeLists.txt).
+void run_unit_amx_emulated(const TokenSource& src, const KeyList& keys, const UnitSpec& u,
+                           Workspace& ws, float* o, float* lse, float* max_logit);
+}  // namespace detail::mla
+namespace {
+
+// The AMX path's layouts and loops on emulated tiles, against the vdpbf16ps path on the
+// same unit (the two differ by the bf16 rounding of P against different running maxima:
+// at most 2 * 2^-8 * max|v| apart; LSE and max_logit to fp32 rounding): paged keys read in
+// place and copied (page 64 / 1), a key list, a split that starts inside a page, causal
+// limits and key bitmasks, rows padded to 32, an fp8 cache. Runs where AVX512-BF16 does.
+TEST(MlaDecode, AmxLayoutsEmulated) {
+  if (!detail::cpu_supports(detail::CpuIsa::kAvx512Bf16))
+    GTEST_SKIP() << "needs avx512_bf16 (the vdpbf16ps path it is compared with)";
+  using namespace detail::mla;
+  std::mt19937_64 rng(mla_seed());
+  std::normal_distribution<float> nd;
+  struct Unit {
+    int h, ntok, page;
+    std::int64_t begin, end;
+    RowMask::Kind mask;
+    bool list, fp8;
+  };
+  const Unit units[] = {{128, 1, 64, 0, 300, RowMask::Kind::kNone, false, false},
+                        {40, 2, 64, 16, 300, RowMask::Kind::kLimit, false, false},
+                        {128, 2, 1, 0, 200, RowMask::Kind::kLimit, false, false},
+                        {16, 3, 64, 0, 150, RowMask::Kind::kBits, false, false},
+                        {64, 1, 64, 0, 260, RowMask::Kind::kNone, true, false},
+                        {128, 1, 64, 32, 170, RowMask::Kind::kNone, false, true}};
+  for (const Unit& c : units) {
+    const int slots = 1024, R = c.ntok * c.h;
+    const std::int64_t row_bytes = c.fp8 ? D : 2 * D;
+    std::vector<std::uint8_t> cache(static_cast<std::size_t>(slots) * row_bytes);
+    double v_max = 0.0;
+    for (int s = 0; s < slots; ++s)
+      for (int k = 0; k < D; ++k) {
+        const float x = nd(rng);
+        std::uint8_t* t = cache.data() + s * row_bytes;
+        const double v = c.fp8
+                             ? (t[k] = f32_to_fp8e4m3(x), fp8e4m3_to_f32(t[k]))
+                             : (put_value(t, k, DType::kBF16, x), load_as_f32(t, k, DType::kBF16));
+        if (k < DV) v_max = std::max(v_max, std::fabs(v));
+      }
+    std::vector<std::int32_t> table(slots);
+    for (int i = 0; i < slots; ++i) table[i] = c.page == 1 ? (i * 7) % slots : (i * 5) % 16;
+    std::vector<std::int64_t> list(slots);
+    for (int i = 0; i < slots; ++i) list[i] = (i * 13 + 5) % slots;
+    std::vector<float> q(static_cast<std::size_t>(R) * D);
+    for (float& x : q) x = bf16_to_f32(f32_to_bf16(0.1f * nd(rng)));
+    TokenSource src;
+    src.kind = c.fp8 ? SourceKind::kFP8 : SourceKind::kBF16;
+    src.base = cache.data();
+    src.row_bytes = row_bytes;
+    KeyList keys;
+    if (c.list) {
+      keys.kind = KeyList::Kind::kList;
+      keys.list = list.data();
+    } else {
+      keys.kind = KeyList::Kind::kPaged;
+      keys.block_table = table.data();
+      keys.page_size = c.page;
+    }
+    std::vector<std::int64_t> limit(c.ntok);
+    for (int t = 0; t < c.ntok; ++t) limit[t] = c.end - c.ntok + t + 1;
+    const std::int64_t words = (c.end + 63) / 64;
+    std::vector<std::uint64_t> bits(static_cast<std::size_t>(c.ntok * words));
+    for (auto& w : bits) w = rng();
+    UnitSpec u;
+    u.q = q.data(), u.ntok = c.ntok, u.h_q = c.h, u.key_begin = c.begin, u.key_end = c.end;
+    u.sc = 0.07f;
+    u.mask.kind = c.mask;
+    u.mask.limit = limit.data();
+    u.mask.bits = bits.data();
+    u.mask.words = words;
+    Workspace w1, w2;
+    std::vector<float> o1(static_cast<std::size_t>(R) * DV), o2(o1.size(), kNaN), l1(R),
+        l2(R, kNaN), m1(R), m2(R, kNaN);
+    run_unit_dpbf16(src, keys, u, w1, o1.data(), l1.data(), m1.data());
+    run_unit_amx_emulated(src, keys, u, w2, o2.data(), l2.data(), m2.data());
+    const std::string what = "h" + std::to_string(c.h) + " ntok" + std::to_string(c.ntok) +
+                             " page" + std::to_string(c.page) + seed_note();
+    const double tol = 2 * std::ldexp(v_max, -8) + 1e-5;
+    for (std::size_t i = 0; i < o1.size(); ++i)
+      ASSERT_NEAR(o2[i], o1[i], tol) << what << " out " << i;
+    for (int r = 0; r < R; ++r) {
+      ASSERT_NEAR(l2[r], l1[r], 1e-5 * std::max(1.0f, std::fabs(l1[r]))) << what << " lse " << r;
+      ASSERT_NEAR(m2[r], m1[r], 1e-5 * std::max(1.0f, std::fabs(m1[r]))) << what << " max " << r;
+    }
+  }
 }
 
 TEST(MlaDecode, PageSizesAndCausalMtp) {
