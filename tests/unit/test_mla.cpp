@@ -1,6 +1,8 @@
 // MLA decode (dense paged and sparse) against a float64 reference written here,
 // over the MLA grid of docs/semantics.md section 6, for every MLA kernel path this machine
-// runs (reference, cpu-scalar, cpu-avx2). Unused cache slots hold NaN, outputs are
+// runs (reference, cpu-scalar, cpu-avx2, and the matrix tiers cpu-avx512-bf16 / cpu-amx,
+// whose bf16 path serves bf16 q with a bf16 cache; cpu-amx is skipped where the CPU
+// lacks AMX). Unused cache slots hold NaN, outputs are
 // poisoned with NaN, inputs are fresh random on every run (RINGATTN_TEST_SEED
 // replays a run).
 #include <gtest/gtest.h>
@@ -19,11 +21,13 @@
 #include <vector>
 
 #include "cpu_features.hpp"
+#include "mla/mla_internal.hpp"
 #include "mla/mla_kernels.hpp"
 #include "ringattn/dtype.hpp"
 #include "ringattn/engine.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/mla_params.hpp"
+#include "test_util.hpp"
 
 namespace ringattn {
 namespace {
@@ -298,6 +302,25 @@ std::vector<Path> decode_paths() {
   return paths;
 }
 
+// The matrix tiers this CPU runs (their names are the backends').
+std::vector<Path> matrix_paths() {
+  std::vector<Path> paths;
+  for (detail::CpuIsa isa : {detail::CpuIsa::kAvx512Bf16, detail::CpuIsa::kAmx})
+    if (detail::cpu_supports(isa))
+      paths.push_back(
+          {std::string("cpu-") + detail::isa_name(isa), [isa](const MlaDecodeParams& p) {
+             detail::validate(p);
+             detail::mla_decode_cpu(p, isa, 2);
+           }});
+  return paths;
+}
+
+std::vector<Path> all_paths() {
+  std::vector<Path> paths = decode_paths();
+  for (Path& p : matrix_paths()) paths.push_back(std::move(p));
+  return paths;
+}
+
 // Runs p through `run` with poisoned outputs and checks against the reference.
 void check_decode(Problem& pb, const Path& path, const std::vector<double>& ref_o,
                   const std::vector<double>& ref_lse, MlaDecodeParams p,
@@ -313,8 +336,19 @@ void check_decode(Problem& pb, const Path& path, const std::vector<double>& ref_
   path.run(p);
   double ref_max = 0.0;
   for (double v : ref_o) ref_max = std::max(ref_max, std::fabs(v));
+  // Paths that round P to bf16 (the matrix tiers on bf16 q and cache) add 2^-8 max|v|
+  // (test_util.hpp, p_rounding_atol; docs/semantics.md section 6).
+  const DType storage = c.q_dtype == DType::kBF16 && c.kv_dtype != DType::kF32 &&
+                                c.layout == MlaCacheLayout::kDense576
+                            ? DType::kBF16
+                            : DType::kF32;
+  double v_max = 0.0;
+  for (std::size_t i = 0; i < pb.slot_val.size(); ++i)
+    if (i % D < DV && std::isfinite(pb.slot_val[i]))
+      v_max = std::max(v_max, std::fabs(pb.slot_val[i]));
   const double atol =
-      out_dtype == DType::kF32 ? 2e-5 * std::max(1.0, ref_max) : 8e-3 * std::max(1.0, ref_max);
+      (out_dtype == DType::kF32 ? 2e-5 * std::max(1.0, ref_max) : 8e-3 * std::max(1.0, ref_max)) +
+      test::p_rounding_atol(path.name, storage, v_max);
   double worst = 0.0;
   std::size_t worst_i = 0;
   for (std::size_t i = 0; i < n_out; ++i) {
@@ -339,7 +373,7 @@ void run_case(const Case& c) {
   Problem pb = make_problem(c);
   std::vector<double> ro, rl;
   reference(pb, ro, rl);
-  for (const Path& path : decode_paths()) check_decode(pb, path, ro, rl, pb.params());
+  for (const Path& path : all_paths()) check_decode(pb, path, ro, rl, pb.params());
 }
 
 // docs/semantics.md section 6 MLA row: b {1, 2, 6, 64} x s_q {1, 2, 4} x s_k {20, 140, 4096} x
@@ -357,6 +391,192 @@ TEST(MlaDecode, SpecGridFp32) {
           c.page = (s_k + h) % 3 == 0 ? 1 : 64;
           run_case(c);
         }
+}
+
+// The bf16 path of the matrix tiers (bf16 q and cache) over the SPEC grid b {1, 2} x s_q
+// {1, 2, 4} x s_k {20, 140, 4096} x h_q {16, 64, 128}, causal MTP on every other case,
+// page 1 or 64, NaN in unused slots, plus sparse indices; the float64 reference stays
+// cheap enough by skipping the largest products of rows and keys.
+TEST(MlaDecode, SpecGridBf16MatrixTiers) {
+  const std::vector<Path> paths = matrix_paths();
+  if (paths.empty()) GTEST_SKIP() << "no matrix tier (cpu-avx512-bf16 / cpu-amx) on this CPU";
+  auto run = [&](const Case& c) {
+    Problem pb = make_problem(c);
+    std::vector<double> ro, rl;
+    reference(pb, ro, rl);
+    for (const Path& path : paths) {
+      check_decode(pb, path, ro, rl, pb.params());
+      if (c.q_dtype == DType::kBF16) check_decode(pb, path, ro, rl, pb.params(), DType::kBF16);
+    }
+  };
+  for (int b : {1, 2})
+    for (int s_q : {1, 2, 4})
+      for (int s_k : {20, 140, 4096})
+        for (int h : {16, 64, 128}) {
+          if (static_cast<double>(b) * s_q * h * s_k > 6e5) continue;
+          Case c;
+          c.b = b, c.s_q = s_q, c.s_k = s_k, c.h_q = h;
+          c.q_dtype = c.kv_dtype = DType::kBF16;
+          c.causal = (b + s_q + h / 16) % 2 == 0;
+          c.page = (s_k + h) % 3 == 0 ? 1 : 64;
+          run(c);
+        }
+  for (int h : {16, 128}) {
+    Case c;
+    c.b = 2, c.s_q = 2, c.h_q = h, c.s_k = 700, c.topk = 192, c.page = 64;
+    c.q_dtype = c.kv_dtype = DType::kBF16;
+    run(c);
+  }
+  // Few query rows per key list: 8 (bf16 path, rows padded to 16) and 4 (fp32 tiles).
+  for (int h : {2, 4}) {
+    Case c;
+    c.b = 2, c.s_q = 2, c.h_q = h, c.s_k = 300, c.page = 7, c.causal = true;
+    c.q_dtype = c.kv_dtype = DType::kBF16;
+    run(c);
+  }
+  // A dense fp8 cache with bf16 q (its rows converted to bf16 exactly).
+  for (int h : {16, 128}) {
+    Case c;
+    c.b = 2, c.s_q = 2, c.h_q = h, c.s_k = 333, c.page = 64, c.causal = true;
+    c.q_dtype = DType::kBF16, c.kv_dtype = DType::kFP8E4M3;
+    run(c);
+  }
+  // The fp32 tiles serve fp32 q on these tiers (exact scores).
+  Case c;
+  c.b = 2, c.s_q = 2, c.h_q = 64, c.s_k = 140, c.kv_dtype = DType::kBF16, c.causal = true;
+  run(c);
+}
+
+// cpu-amx's MLA decode on the AMX tiles (the same grid as above is also run through
+// matrix_paths()): key blocks copied (page 1, sparse) or read in place (page 64), rows
+// padded to 32, fp8 rows. Skipped where the CPU (or the OS) lacks AMX.
+TEST(MlaDecode, AmxTilesBf16) {
+  std::string missing;
+  if (!detail::cpu_supports(detail::CpuIsa::kAmx, &missing))
+    GTEST_SKIP() << "cpu-amx not available here (missing: " << missing
+                 << "); its MLA decode tests run on a CPU with AMX";
+  const Path amx{"cpu-amx", [](const MlaDecodeParams& p) {
+                   detail::validate(p);
+                   detail::mla_decode_cpu(p, detail::CpuIsa::kAmx, 2);
+                 }};
+  auto run = [&](const Case& c) {
+    Problem pb = make_problem(c);
+    std::vector<double> ro, rl;
+    reference(pb, ro, rl);
+    check_decode(pb, amx, ro, rl, pb.params());
+    check_decode(pb, amx, ro, rl, pb.params(), DType::kBF16);
+    MlaDecodeParams p = pb.params();
+    p.num_splits = 3;
+    check_decode(pb, amx, ro, rl, p);
+  };
+  for (int h : {16, 40, 64, 128})
+    for (int s_k : {20, 140, 1000})
+      for (int page : {1, 64}) {
+        Case c;
+        c.b = 2, c.s_q = h == 128 ? 2 : 3, c.h_q = h, c.s_k = s_k, c.page = page;
+        c.causal = (h + s_k + page) % 2 == 0;
+        c.q_dtype = c.kv_dtype = DType::kBF16;
+        run(c);
+      }
+  Case c;
+  c.b = 2, c.s_q = 2, c.h_q = 128, c.s_k = 700, c.topk = 192, c.page = 64;
+  c.q_dtype = c.kv_dtype = DType::kBF16;
+  run(c);
+  c.topk = 0, c.kv_dtype = DType::kFP8E4M3, c.causal = true;
+  run(c);
+}
+
+}  // namespace
+namespace detail::mla {
+// mla_decode_amx.cpp compiled against unit/amx_emulation/cpu/amx_tiles.hpp (tests/CMakeLists.txt).
+void run_unit_amx_emulated(const TokenSource& src, const KeyList& keys, const UnitSpec& u,
+                           Workspace& ws, float* o, float* lse, float* max_logit);
+}  // namespace detail::mla
+namespace {
+
+// The AMX path's layouts and loops on emulated tiles, against the vdpbf16ps path on the
+// same unit (the two differ by the bf16 rounding of P against different running maxima:
+// at most 2 * 2^-8 * max|v| apart; LSE and max_logit to fp32 rounding): paged keys read in
+// place and copied (page 64 / 1), a key list, a split that starts inside a page, causal
+// limits and key bitmasks, rows padded to 32, an fp8 cache. Runs where AVX512-BF16 does.
+TEST(MlaDecode, AmxLayoutsEmulated) {
+  if (!detail::cpu_supports(detail::CpuIsa::kAvx512Bf16))
+    GTEST_SKIP() << "needs avx512_bf16 (the vdpbf16ps path it is compared with)";
+  using namespace detail::mla;
+  std::mt19937_64 rng(mla_seed());
+  std::normal_distribution<float> nd;
+  struct Unit {
+    int h, ntok, page;
+    std::int64_t begin, end;
+    RowMask::Kind mask;
+    bool list, fp8;
+  };
+  const Unit units[] = {{128, 1, 64, 0, 300, RowMask::Kind::kNone, false, false},
+                        {40, 2, 64, 16, 300, RowMask::Kind::kLimit, false, false},
+                        {128, 2, 1, 0, 200, RowMask::Kind::kLimit, false, false},
+                        {16, 3, 64, 0, 150, RowMask::Kind::kBits, false, false},
+                        {64, 1, 64, 0, 260, RowMask::Kind::kNone, true, false},
+                        {128, 1, 64, 32, 170, RowMask::Kind::kNone, false, true}};
+  for (const Unit& c : units) {
+    const int slots = 1024, R = c.ntok * c.h;
+    const std::int64_t row_bytes = c.fp8 ? D : 2 * D;
+    std::vector<std::uint8_t> cache(static_cast<std::size_t>(slots) * row_bytes);
+    double v_max = 0.0;
+    for (int s = 0; s < slots; ++s)
+      for (int k = 0; k < D; ++k) {
+        const float x = nd(rng);
+        std::uint8_t* t = cache.data() + s * row_bytes;
+        const double v = c.fp8
+                             ? (t[k] = f32_to_fp8e4m3(x), fp8e4m3_to_f32(t[k]))
+                             : (put_value(t, k, DType::kBF16, x), load_as_f32(t, k, DType::kBF16));
+        if (k < DV) v_max = std::max(v_max, std::fabs(v));
+      }
+    std::vector<std::int32_t> table(slots);
+    for (int i = 0; i < slots; ++i) table[i] = c.page == 1 ? (i * 7) % slots : (i * 5) % 16;
+    std::vector<std::int64_t> list(slots);
+    for (int i = 0; i < slots; ++i) list[i] = (i * 13 + 5) % slots;
+    std::vector<float> q(static_cast<std::size_t>(R) * D);
+    for (float& x : q) x = bf16_to_f32(f32_to_bf16(0.1f * nd(rng)));
+    TokenSource src;
+    src.kind = c.fp8 ? SourceKind::kFP8 : SourceKind::kBF16;
+    src.base = cache.data();
+    src.row_bytes = row_bytes;
+    KeyList keys;
+    if (c.list) {
+      keys.kind = KeyList::Kind::kList;
+      keys.list = list.data();
+    } else {
+      keys.kind = KeyList::Kind::kPaged;
+      keys.block_table = table.data();
+      keys.page_size = c.page;
+    }
+    std::vector<std::int64_t> limit(c.ntok);
+    for (int t = 0; t < c.ntok; ++t) limit[t] = c.end - c.ntok + t + 1;
+    const std::int64_t words = (c.end + 63) / 64;
+    std::vector<std::uint64_t> bits(static_cast<std::size_t>(c.ntok * words));
+    for (auto& w : bits) w = rng();
+    UnitSpec u;
+    u.q = q.data(), u.ntok = c.ntok, u.h_q = c.h, u.key_begin = c.begin, u.key_end = c.end;
+    u.sc = 0.07f;
+    u.mask.kind = c.mask;
+    u.mask.limit = limit.data();
+    u.mask.bits = bits.data();
+    u.mask.words = words;
+    Workspace w1, w2;
+    std::vector<float> o1(static_cast<std::size_t>(R) * DV), o2(o1.size(), kNaN), l1(R),
+        l2(R, kNaN), m1(R), m2(R, kNaN);
+    run_unit_dpbf16(src, keys, u, w1, o1.data(), l1.data(), m1.data());
+    run_unit_amx_emulated(src, keys, u, w2, o2.data(), l2.data(), m2.data());
+    const std::string what = "h" + std::to_string(c.h) + " ntok" + std::to_string(c.ntok) +
+                             " page" + std::to_string(c.page) + seed_note();
+    const double tol = 2 * std::ldexp(v_max, -8) + 1e-5;
+    for (std::size_t i = 0; i < o1.size(); ++i)
+      ASSERT_NEAR(o2[i], o1[i], tol) << what << " out " << i;
+    for (int r = 0; r < R; ++r) {
+      ASSERT_NEAR(l2[r], l1[r], 1e-5 * std::max(1.0f, std::fabs(l1[r]))) << what << " lse " << r;
+      ASSERT_NEAR(m2[r], m1[r], 1e-5 * std::max(1.0f, std::fabs(m1[r]))) << what << " max " << r;
+    }
+  }
 }
 
 TEST(MlaDecode, PageSizesAndCausalMtp) {
@@ -389,7 +609,7 @@ TEST(MlaDecode, Bf16QueryAndOutput) {
   Problem pb = make_problem(c);
   std::vector<double> ro, rl;
   reference(pb, ro, rl);
-  for (const Path& path : decode_paths()) {
+  for (const Path& path : all_paths()) {
     check_decode(pb, path, ro, rl, pb.params(), DType::kF32);
     check_decode(pb, path, ro, rl, pb.params(), DType::kBF16);
   }
@@ -426,7 +646,7 @@ TEST(MlaDecode, SplitsAgree) {
   const SchedulerMetadata plan = engine.plan_mla_decode(base);
   ASSERT_EQ(plan.num_splits.size(), 1u);
   EXPECT_GT(plan.num_splits[0], 1) << "a long single sequence must be split across threads";
-  for (const Path& path : decode_paths()) {
+  for (const Path& path : all_paths()) {
     if (path.name == "reference") continue;
     for (int ns : {1, 3, 17}) {
       MlaDecodeParams p = base;

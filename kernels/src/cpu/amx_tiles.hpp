@@ -131,6 +131,46 @@ inline void pv(const std::uint16_t* pm, int ldp, const std::uint16_t* vp, int nk
   }
 }
 
+// ---- one 32 x 32 fp32 block on any row strides (MLA decode, mla_decode_amx.cpp) ----
+// tmm0-3 hold C: tmm0 rows 0-15 x columns 0-15, tmm1 rows 0-15 x 16-31, tmm2 rows 16-31 x
+// 0-15, tmm3 rows 16-31 x 16-31.
+
+inline void zero_block() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+// C <- c (fp32 rows ldc floats apart) / c <- C.
+inline void load_block(const float* c, long ldc) {
+  const long cs = ldc * 4;
+  _tile_loadd(0, c, cs);
+  _tile_loadd(1, c + kTileRows, cs);
+  _tile_loadd(2, c + kTileRows * ldc, cs);
+  _tile_loadd(3, c + kTileRows * ldc + kTileRows, cs);
+}
+inline void store_block(float* c, long ldc) {
+  const long cs = ldc * 4;
+  _tile_stored(0, c, cs);
+  _tile_stored(1, c + kTileRows, cs);
+  _tile_stored(2, c + kTileRows * ldc, cs);
+  _tile_stored(3, c + kTileRows * ldc + kTileRows, cs);
+}
+// C += [A0; A1] [B0 B1] over 32 bf16 of depth: a0 / a1 16-row A tiles (32 bf16 per row,
+// row-major, rows sa bytes apart), b0 / b1 B tiles in the pair layout (16 pairs x 16
+// columns x 2, rows sb bytes apart).
+inline void block_step(const void* a0, const void* a1, long sa, const void* b0, const void* b1,
+                       long sb) {
+  _tile_loadd(4, a0, sa);
+  _tile_loadd(5, a1, sa);
+  _tile_loadd(6, b0, sb);
+  _tile_loadd(7, b1, sb);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
 // ---- AVX-512 helpers of the fused softmax ----
 
 // Lanes c .. c + 15 that lie in [a, b): bit i set when a <= c + i < b.

@@ -263,7 +263,7 @@ class CpuBackend final : public Backend {
     mla_sparse_prefill_cpu(p, vector_isa(isa_), threads);
   }
   void mla_decode(const MlaDecodeParams& p, int threads) override {
-    mla_decode_cpu(p, vector_isa(isa_), threads);
+    mla_decode_cpu(p, isa_, threads);  // the tier: bf16 storage runs its matrix path
   }
 
  private:

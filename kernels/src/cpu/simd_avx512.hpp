@@ -32,6 +32,14 @@ struct SimdAvx512 {
   static V load(const f16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
+  // kLanes e4m3 bytes -> fp32 values (exact, through fp16: see kFp8ViaHalfScale).
+  static V load_fp8(const std::uint8_t* p) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8);
+    const __m256i mag = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7);
+    return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(sign, mag)),
+                         _mm512_set1_ps(kFp8ViaHalfScale));
+  }
   // Loads the first n (< kLanes) elements, zero in the other lanes (masked load:
   // never touches memory past element n).
   static __mmask16 first_n(int n) { return static_cast<__mmask16>((1u << n) - 1u); }

@@ -38,6 +38,18 @@ TokenSource make_source(const MlaDecodeParams& p) {
   return s;
 }
 
+bool decode_uses_bf16_path(CpuIsa tier, const MlaDecodeParams& p) {
+  // Query rows that share a key list (a unit has at most this many): the bf16 products
+  // pad them to 16 (AMX: 32), which at twice the multiply-adds per instruction costs the
+  // fp32 tiles' time at 8 rows; below that (h_q = 1 .. 4) the fp32 tiles are faster
+  // (h_q = 1, s_q = 1 measured 1.5-2x slower on the bf16 path).
+  constexpr int kMinRows = 8;
+  const int rows = p.h_q * (p.is_sparse() ? 1 : p.s_q);
+  return rows >= kMinRows && (tier == CpuIsa::kAvx512Bf16 || tier == CpuIsa::kAmx) &&
+         p.cache_layout == MlaCacheLayout::kDense576 &&
+         (p.kv_dtype == DType::kBF16 || p.kv_dtype == DType::kFP8E4M3) && p.q_dtype == DType::kBF16;
+}
+
 float decode_score_scale(const MlaDecodeParams& p) {
   if (p.bmm1_scale > 0.0f) return p.bmm1_scale;
   if (p.scale > 0.0f) return p.scale;
@@ -104,6 +116,10 @@ void run_unit(const Ops& ops, const TokenSource& src, const KeyList& keys, const
     }
   }
 
+  finish_unit(ws, R, o, lse, max_logit);
+}
+
+void finish_unit(const Workspace& ws, int R, float* o, float* lse, float* max_logit) {
   for (int r = 0; r < R; ++r) {
     SoftmaxState st;
     st.m = ws.m[r];

@@ -111,6 +111,7 @@ SchedulerMetadata mla_plan_decode(const MlaDecodeParams& p, int threads) {
 
 void mla_decode_cpu(const MlaDecodeParams& p, CpuIsa isa, int threads) {
   const mla::Ops& ops = mla::ops_for(isa);
+  const bool bf16_path = mla::decode_uses_bf16_path(isa, p);
   const mla::TokenSource src = mla::make_source(p);
   std::vector<Problem> probs = make_problems(p);
   const int np = static_cast<int>(probs.size());
@@ -221,8 +222,13 @@ void mla_decode_cpu(const MlaDecodeParams& p, CpuIsa isa, int threads) {
       o.resize(static_cast<std::size_t>(R) * kMlaValueDim);
       lse.resize(R);
       mx.resize(R);
-      mla::run_unit(ops, src, keys, u, ws, o.data(), lse.data(),
-                    p.max_logits != nullptr ? mx.data() : nullptr);
+      float* const mxp = p.max_logits != nullptr ? mx.data() : nullptr;
+      if (bf16_path && isa == CpuIsa::kAmx)
+        mla::run_unit_amx(src, keys, u, ws, o.data(), lse.data(), mxp);
+      else if (bf16_path)
+        mla::run_unit_dpbf16(src, keys, u, ws, o.data(), lse.data(), mxp);
+      else
+        mla::run_unit(ops, src, keys, u, ws, o.data(), lse.data(), mxp);
 
       const int r0 = task.tok0 * p.h_q;
       if (part_off[task.prob] < 0) {

@@ -96,6 +96,13 @@ struct Workspace {
   std::vector<float> qbuf;  // [R, 576]
   std::vector<float> acc;   // [R, 512]
   std::vector<float> lse;   // [R]
+  // The bf16 paths (mla_bf16_unit.hpp documents the layouts).
+  std::vector<bf16_t> qpairs;  // [288 pairs][Rp][2] the unit's queries, pair-major
+  std::vector<bf16_t> vpairs;  // [keys / 2][512][2] V of one key tile, pairs of keys
+  std::vector<bf16_t> ppairs;  // [keys / 2][Rp][2] P of one key tile, pairs of keys
+  std::vector<bf16_t> kconv;   // [keys][576] fp8 rows of one key tile as bf16
+  std::vector<const bf16_t*> krow;
+  std::vector<bf16_t> prow;  // AMX: [Rp][keys] P of one key tile, row-major
 };
 
 // Runs one unit: o [R, 512] normalised (0 for rows that saw nothing), lse [R]
@@ -103,6 +110,29 @@ struct Workspace {
 // scaled score [R] (-inf for those rows).
 void run_unit(const Ops& ops, const TokenSource& src, const KeyList& keys, const UnitSpec& u,
               Workspace& ws, float* o, float* lse, float* max_logit = nullptr);
+
+// The last step of a unit: o = acc / d per row (0 for rows that saw nothing), lse and
+// max_logit from the online-softmax state ws.m, ws.d (run_unit documents the outputs).
+void finish_unit(const Workspace& ws, int R, float* o, float* lse, float* max_logit);
+
+// run_unit on the bf16 dot-product instruction (vdpbf16ps): the same outputs, with the
+// unit's queries taken as bf16 (exact for bf16 q) and the softmax weights P rounded to
+// bf16 before P V (docs/cpu-backend.md, "MLA decode on the matrix tiers").
+// Preconditions: cpu_supports(kAvx512Bf16), src.kind is kBF16 or kFP8.
+void run_unit_dpbf16(const TokenSource& src, const KeyList& keys, const UnitSpec& u, Workspace& ws,
+                     float* o, float* lse, float* max_logit = nullptr);
+
+// The same on the AMX tiles (mla_decode_amx.cpp), same results up to the order of the fp32
+// sums. Preconditions: cpu_supports(kAmx), src.kind is kBF16 or kFP8.
+void run_unit_amx(const TokenSource& src, const KeyList& keys, const UnitSpec& u, Workspace& ws,
+                  float* o, float* lse, float* max_logit = nullptr);
+
+// Whether a decode call on tier `tier` runs the bf16 products, run_unit_dpbf16
+// (cpu-avx512-bf16) or run_unit_amx (cpu-amx): bf16 q with a dense bf16 or fp8 cache
+// (fp8 e4m3 values are exact in bf16) and at least 8 query rows per key list. fp32 q keeps the fp32
+// tiles (scores exact in fp32), and so does the packed fp8 layout (its scaled values are not bf16
+// values).
+bool decode_uses_bf16_path(CpuIsa tier, const MlaDecodeParams& p);
 
 // Converts n values of q (fp32 or bf16) to fp32.
 void convert_to_f32(const void* src, DType t, std::int64_t offset, std::int64_t n, float* dst);

@@ -12,7 +12,8 @@ namespace ringattn::detail {
 // Plain loops in double precision; what the tests compare against.
 void mla_decode_reference(const MlaDecodeParams& p, int threads);
 
-// Optimised CPU path for the given ISA (mla_decode.cpp).
+// Optimised CPU path for the given tier (mla_decode.cpp): the vector tiles of its ISA, or
+// the bf16 products (vdpbf16ps or AMX) where decode_uses_bf16_path (mla_internal.hpp) says so.
 void mla_decode_cpu(const MlaDecodeParams& p, CpuIsa isa, int threads);
 
 // Split-KV plan: num_splits has one entry per decode problem (b for dense decode,

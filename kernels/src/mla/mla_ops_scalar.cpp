@@ -13,9 +13,9 @@ const Ops& ops_scalar() {
 const Ops& ops_for(CpuIsa isa) {
   // AVX-512 machines run the AVX2 tiles: the decode is bound by memory (small h_q)
   // or by FMA throughput with 12 live accumulators, which AVX2 already keeps busy.
-  // isa is a vector ISA: cpu_backend.cpp maps the matrix tiers (cpu-amx,
-  // cpu-avx512-bf16) to kAvx512 with vector_isa().
-  if (isa == CpuIsa::kAvx2 || isa == CpuIsa::kAvx512) return ops_avx2();
+  // The matrix tiers (cpu-amx, cpu-avx512-bf16) run them too where their bf16 path
+  // does not apply (decode_uses_bf16_path).
+  if (isa != CpuIsa::kScalar) return ops_avx2();
   return ops_scalar();
 }
 
