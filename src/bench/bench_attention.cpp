@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -147,33 +148,50 @@ double median_of(std::vector<double> v) {
 // alternately (fp8, bf16, fp8, bf16, ...; the machine's load swings hit both alike).
 // The reported time and GB/s are fp8's; the note gives bf16's median GB/s and the
 // median over pairs of the speed ratio t_bf16 / t_fp8 (the cache bytes halve, so a
-// memory-bound kernel would approach 2).
+// memory-bound kernel would approach 2), in wall time and in process CPU time.
 BenchMeasurement run_decode_fp8_vs_bf16(const BenchContext& ctx, int s_k) {
   const Engine engine(EngineOptions{ctx.backend, ctx.threads});
   DecodeProblem fp8(engine, DType::kFP8E4M3, s_k);
   DecodeProblem bf16(engine, DType::kBF16, s_k);
+  // Wall time, and the CPU time of the whole process (all threads) over the same call:
+  // on a shared machine the wall time also holds the time slices other processes took,
+  // the CPU time only what this call's threads ran (memory stalls included).
+  const auto cpu_now = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+  };
+  double cpu_s = 0.0;
   const auto timed = [&](DecodeProblem& pr) {
+    const double c0 = cpu_now();
     const auto t0 = std::chrono::steady_clock::now();
     engine.forward_kvcache(pr.p);
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double wall =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    cpu_s = cpu_now() - c0;
+    return wall;
   };
   timed(fp8);  // warm-up
   timed(bf16);
   BenchMeasurement m;
-  std::vector<double> t_bf16, ratio;
+  std::vector<double> t_bf16, ratio, cpu_ratio;
   for (int r = 0; r < ctx.repeats; ++r) {
     if (ctx.before_run) ctx.before_run();
     const double a = timed(fp8);
+    const double ca = cpu_s;
     const double b = timed(bf16);
+    const double cb = cpu_s;
     m.seconds.push_back(a);
     t_bf16.push_back(b);
     ratio.push_back(a > 0 ? b / a : 0.0);
+    cpu_ratio.push_back(ca > 0 ? cb / ca : 0.0);
   }
   m.work = fp8.bytes;
   const double tb = median_of(t_bf16);
-  char buf[160];
-  std::snprintf(buf, sizeof buf, "; bf16 %.2f GB/s (median %.3f ms); fp8/bf16 speed %.2fx",
-                tb > 0 ? bf16.bytes / tb / 1e9 : 0.0, tb * 1e3, median_of(ratio));
+  char buf[200];
+  std::snprintf(
+      buf, sizeof buf, "; bf16 %.2f GB/s (median %.3f ms); fp8/bf16 speed %.2fx (CPU time %.2fx)",
+      tb > 0 ? bf16.bytes / tb / 1e9 : 0.0, tb * 1e3, median_of(ratio), median_of(cpu_ratio));
   m.note = decode_note(engine, DType::kFP8E4M3, s_k) + buf;
   return m;
 }

@@ -861,14 +861,20 @@ struct FlashFwd {
   // in flight while this tile computes and the prefetches come at the rate the data
   // is consumed (a burst of prefetches per tile, as tried first, stalled the loads
   // behind it). Measurements: docs/cpu-backend.md, fourth round.
+  // Keys the head-major decode prefetches ahead: kDecodePrefetchTiles tiles for 2- and
+  // 4-byte rows; for 1-byte (fp8) rows twice as many keys, the same bytes in flight as
+  // bf16 (with the same key distance fp8 had half the bytes in flight and, where memory
+  // latency bounds the loop, read no faster than bf16).
+  static constexpr std::int64_t kDecodePrefetchKeys =
+      std::int64_t{kDecodePrefetchTiles} * kDecodeKeyTile * (sizeof(T) == 1 ? 2 : 1);
+
   void decode_tile_head_major(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq,
                               std::int64_t j0, int nc, bool full) const {
     const int mh = M / t.nh;  // rows of one KV head
     const int ncv = static_cast<int>(round_up(nc, L));
     const std::int64_t khs = kv_head_stride(sd.k), vhs = kv_head_stride(sd.v);
     // Prefetch rows for the padded key count too (the score kernel takes KB at a time).
-    decode_tile_rows_of(sd, t, sc, j0, nc, ncv,
-                        std::int64_t{kDecodePrefetchTiles} * kDecodeKeyTile);
+    decode_tile_rows_of(sd, t, sc, j0, nc, ncv, kDecodePrefetchKeys);
     const T* const* kb = sc.kbase.get();
     const T* const* vb = sc.vbase.get();
     const T* const* kfb = sc.kpf_base.get();
