@@ -25,13 +25,50 @@ struct Dim {
 };
 
 void check_storage_dtypes(DType dtype, DType out_dtype) {
-  RA_CHECK_ARG(dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16,
+  RA_CHECK_ARG(dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16 ||
+                   dtype == DType::kFP8E4M3,
                "dtype: " << dtype_name(dtype)
-                         << " is not supported here (expected fp32, bf16 or fp16; fp8 is for MLA "
-                            "caches only)");
+                         << " is not supported here (expected fp32, bf16, fp16 or fp8)");
+  if (dtype == DType::kFP8E4M3) {
+    RA_CHECK_ARG(out_dtype == DType::kF32 || out_dtype == DType::kBF16,
+                 "out_dtype: fp8 inputs write fp32 or bf16 outputs, got " << dtype_name(out_dtype));
+    return;
+  }
   RA_CHECK_ARG(out_dtype == DType::kF32 || out_dtype == dtype,
                "out_dtype: must be fp32 or equal to dtype (" << dtype_name(dtype) << "), got "
                                                              << dtype_name(out_dtype));
+}
+
+// fp8 descales (Fp8Descale): only with fp8 storage; [b, h_k] with batch stride >= 0
+// (0 = broadcast) and h_k when the row is not broadcast over more than one sequence;
+// every value finite (a NaN descale would silently turn the whole head into NaN).
+void check_descale(const Fp8Descale& ds, DType dtype, int b, int h_k) {
+  if (!ds.any()) return;
+  RA_CHECK_ARG(dtype == DType::kFP8E4M3,
+               "q_descale/k_descale/v_descale: only fp8 (e4m3) storage takes descales, dtype is "
+                   << dtype_name(dtype) << " (q_descale " << (ds.q ? "set" : "null")
+                   << ", k_descale " << (ds.k ? "set" : "null") << ", v_descale "
+                   << (ds.v ? "set" : "null") << ")");
+  const struct {
+    const char* name;
+    const float* ptr;
+    std::int64_t stride;
+  } list[] = {{"q_descale", ds.q, ds.q_batch_stride},
+              {"k_descale", ds.k, ds.k_batch_stride},
+              {"v_descale", ds.v, ds.v_batch_stride}};
+  for (const auto& t : list) {
+    if (!t.ptr) continue;
+    RA_CHECK_ARG(t.stride == 0 || t.stride >= h_k || b == 1,
+                 t.name << ": batch stride " << t.stride << " must be 0 (broadcast) or >= h_k="
+                        << h_k << " (a [b, h_k] tensor, strides in elements)");
+    for (int bi = 0; bi < b; ++bi) {
+      for (int g = 0; g < h_k; ++g) {
+        const float x = t.ptr[bi * t.stride + g];
+        RA_CHECK_ARG(std::isfinite(x),
+                     t.name << "[" << bi << ", " << g << "]=" << x << " must be finite");
+      }
+    }
+  }
 }
 
 void check_heads(int h, int h_k, int d, int d_v) {
@@ -112,6 +149,8 @@ void check_seqused(const char* name, const std::int32_t* used, int b, LenFn&& le
 void validate(const FwdParams& p) {
   check_storage_dtypes(p.dtype, p.out_dtype);
   RA_CHECK_ARG_GE(p.b, 1, "b: batch size must be >= 1");
+  RA_CHECK_ARG_GE(p.h_k, 1, "h_k: number of key/value heads must be >= 1");
+  check_descale(p.descale, p.dtype, p.b, p.h_k);
   RA_CHECK_ARG_GE(p.s_q, 0, "s_q: query length must be >= 0");
   RA_CHECK_ARG_GE(p.s_k, 0, "s_k: key length must be >= 0");
   check_heads(p.h, p.h_k, p.d, p.d_v);
@@ -173,6 +212,8 @@ void validate(const FwdParams& p) {
 void validate(const KvCacheParams& p) {
   check_storage_dtypes(p.dtype, p.out_dtype);
   RA_CHECK_ARG_GE(p.b, 1, "b: batch size must be >= 1");
+  RA_CHECK_ARG_GE(p.h_k, 1, "h_k: number of key/value heads must be >= 1");
+  check_descale(p.descale, p.dtype, p.b, p.h_k);
   RA_CHECK_ARG_GE(p.s_q, 0, "s_q: query length must be >= 0");
   RA_CHECK_ARG_GE(p.s_new, 0, "s_new: rows of k_new/v_new must be >= 0");
   check_heads(p.h, p.h_k, p.d, p.d_v);
@@ -272,6 +313,9 @@ void validate(const KvCacheParams& p) {
   RA_CHECK_ARG(p.rotary_seqlens == nullptr || p.rotary_cos != nullptr,
                "rotary_seqlens: set without rotary_cos / rotary_sin");
   if (p.rotary_cos || p.rotary_sin) {
+    RA_CHECK_ARG(p.dtype != DType::kFP8E4M3,
+                 "rotary_cos/rotary_sin: rotary embedding is not supported with fp8 storage "
+                 "(rotate q and k before quantising them)");
     RA_CHECK_ARG(p.rotary_cos && p.rotary_sin, "rotary_cos/rotary_sin: must be set together");
     RA_CHECK_ARG(p.rotary_dim >= 2 && p.rotary_dim % 2 == 0 && p.rotary_dim <= p.d,
                  "rotary_dim: must be even and in [2, d=" << p.d << "], got " << p.rotary_dim);

@@ -4,8 +4,15 @@
 //     each per visible pair; causal counts only the S*(S+1)/2 visible pairs.
 //   decode_<dtype>_s<S>: one query token against a dense KV cache of S tokens with
 //     split-KV (engine-chosen splits); work = bytes of K and V read (memory bound).
+//     decode_fp8: an e4m3 cache (descales 0.5). decode_fp8_vs_bf16: fp8 and bf16
+//     caches timed alternately; fp8's GB/s, with bf16's GB/s and the speed ratio in
+//     the note.
 // --quick shrinks S (prefill 256, decode 2048) for CI smoke runs.
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -67,42 +74,125 @@ BenchMeasurement run_prefill(const BenchContext& ctx, DType t, bool causal, int 
   return m;
 }
 
-BenchMeasurement run_decode(const BenchContext& ctx, DType t, int s_k) {
-  const int b = 1, h = kHeads, h_k = kKvHeads, d = kHeadDim;
-  const auto q = random_tensor(std::int64_t{b} * h * d, t, 4);
-  auto kc = random_tensor(std::int64_t{b} * s_k * h_k * d, t, 5);
-  auto vc = random_tensor(std::int64_t{b} * s_k * h_k * d, t, 6);
-  std::vector<float> out(static_cast<std::size_t>(b) * h * d);
-  std::vector<float> lse(static_cast<std::size_t>(b) * h);
-  const std::vector<std::int32_t> seqlens(b, s_k);
+// One decode call (b = 1, s_q = 1, h = 32, h_k = 8, d = 128) against a dense cache of
+// s_k tokens in dtype t, split-KV planned by the engine. fp8 runs with descales of 0.5
+// (the factors only change the per-head scale).
+struct DecodeProblem {
+  std::vector<std::byte> q, kc, vc;
+  std::vector<float> out, lse, descale;
+  std::vector<std::int32_t> seqlens;
   KvCacheParams p;
-  p.dtype = t;
-  p.out_dtype = DType::kF32;
-  p.q = q.data();
-  p.k_cache = kc.data();
-  p.v_cache = vc.data();
-  p.out = out.data();
-  p.lse = lse.data();
-  p.b = b;
-  p.s_q = 1;
-  p.h = h;
-  p.h_k = h_k;
-  p.d = d;
-  p.d_v = d;
-  p.b_cache = b;
-  p.s_cache = s_k;
-  p.cache_seqlens = seqlens.data();
-  set_contiguous_strides(p);
-  p.num_splits = 0;  // split-KV, engine-chosen
+  SchedulerMetadata plan;
+  double bytes = 0.0;  // K and V bytes read per call
+
+  DecodeProblem(const Engine& engine, DType t, int s_k) {
+    const int b = 1, h = kHeads, h_k = kKvHeads, d = kHeadDim;
+    q = random_tensor(std::int64_t{b} * h * d, t, 4);
+    kc = random_tensor(std::int64_t{b} * s_k * h_k * d, t, 5);
+    vc = random_tensor(std::int64_t{b} * s_k * h_k * d, t, 6);
+    out.resize(static_cast<std::size_t>(b) * h * d);
+    lse.resize(static_cast<std::size_t>(b) * h);
+    seqlens.assign(b, s_k);
+    p.dtype = t;
+    p.out_dtype = DType::kF32;
+    p.q = q.data();
+    p.k_cache = kc.data();
+    p.v_cache = vc.data();
+    p.out = out.data();
+    p.lse = lse.data();
+    p.b = b;
+    p.s_q = 1;
+    p.h = h;
+    p.h_k = h_k;
+    p.d = d;
+    p.d_v = d;
+    p.b_cache = b;
+    p.s_cache = s_k;
+    p.cache_seqlens = seqlens.data();
+    set_contiguous_strides(p);
+    if (t == DType::kFP8E4M3) {
+      descale.assign(static_cast<std::size_t>(b) * h_k, 0.5f);
+      p.descale.q = p.descale.k = p.descale.v = descale.data();
+      p.descale.q_batch_stride = p.descale.k_batch_stride = p.descale.v_batch_stride = h_k;
+    }
+    p.num_splits = 0;  // split-KV, engine-chosen
+    plan = engine.plan_kvcache(p);
+    p.plan = &plan;
+    bytes = 2.0 * b * s_k * h_k * d * static_cast<double>(dtype_size(t));
+  }
+};
+
+std::string decode_note(const Engine& engine, DType t, int s_k) {
+  // fp32 follows EngineOptions::decode_order; 1- and 2-byte caches always run head-major.
+  return "s_k=" + std::to_string(s_k) + " " + engine.backend_name() + " " +
+         (t == DType::kF32 ? engine.decode_order() : std::string("head-major"));
+}
+
+BenchMeasurement run_decode(const BenchContext& ctx, DType t, int s_k) {
   const Engine engine(EngineOptions{ctx.backend, ctx.threads});
-  const SchedulerMetadata plan = engine.plan_kvcache(p);
-  p.plan = &plan;
+  DecodeProblem pr(engine, t, s_k);
   BenchMeasurement m;
-  m.seconds = time_runs(ctx, [&] { engine.forward_kvcache(p); });
-  m.work = 2.0 * b * s_k * h_k * d * static_cast<double>(dtype_size(t));
-  // fp32 follows EngineOptions::decode_order; 2-byte caches always run head-major.
-  m.note = "s_k=" + std::to_string(s_k) + " " + engine.backend_name() + " " +
-           (t == DType::kF32 ? engine.decode_order() : std::string("head-major"));
+  m.seconds = time_runs(ctx, [&] { engine.forward_kvcache(pr.p); });
+  m.work = pr.bytes;
+  m.note = decode_note(engine, t, s_k);
+  return m;
+}
+
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n == 0 ? 0.0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
+}
+
+// decode_fp8_vs_bf16: the same decode call on an fp8 and on a bf16 cache, timed
+// alternately (fp8, bf16, fp8, bf16, ...; the machine's load swings hit both alike).
+// The reported time and GB/s are fp8's; the note gives bf16's median GB/s and the
+// median over pairs of the speed ratio t_bf16 / t_fp8 (the cache bytes halve, so a
+// memory-bound kernel would approach 2), in wall time and in process CPU time.
+BenchMeasurement run_decode_fp8_vs_bf16(const BenchContext& ctx, int s_k) {
+  const Engine engine(EngineOptions{ctx.backend, ctx.threads});
+  DecodeProblem fp8(engine, DType::kFP8E4M3, s_k);
+  DecodeProblem bf16(engine, DType::kBF16, s_k);
+  // Wall time, and the CPU time of the whole process (all threads) over the same call:
+  // on a shared machine the wall time also holds the time slices other processes took,
+  // the CPU time only what this call's threads ran (memory stalls included).
+  const auto cpu_now = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+  };
+  double cpu_s = 0.0;
+  const auto timed = [&](DecodeProblem& pr) {
+    const double c0 = cpu_now();
+    const auto t0 = std::chrono::steady_clock::now();
+    engine.forward_kvcache(pr.p);
+    const double wall =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    cpu_s = cpu_now() - c0;
+    return wall;
+  };
+  timed(fp8);  // warm-up
+  timed(bf16);
+  BenchMeasurement m;
+  std::vector<double> t_bf16, ratio, cpu_ratio;
+  for (int r = 0; r < ctx.repeats; ++r) {
+    if (ctx.before_run) ctx.before_run();
+    const double a = timed(fp8);
+    const double ca = cpu_s;
+    const double b = timed(bf16);
+    const double cb = cpu_s;
+    m.seconds.push_back(a);
+    t_bf16.push_back(b);
+    ratio.push_back(a > 0 ? b / a : 0.0);
+    cpu_ratio.push_back(ca > 0 ? cb / ca : 0.0);
+  }
+  m.work = fp8.bytes;
+  const double tb = median_of(t_bf16);
+  char buf[200];
+  std::snprintf(
+      buf, sizeof buf, "; bf16 %.2f GB/s (median %.3f ms); fp8/bf16 speed %.2fx (CPU time %.2fx)",
+      tb > 0 ? bf16.bytes / tb / 1e9 : 0.0, tb * 1e3, median_of(ratio), median_of(cpu_ratio));
+  m.note = decode_note(engine, DType::kFP8E4M3, s_k) + buf;
   return m;
 }
 
@@ -122,6 +212,12 @@ std::vector<BenchCase> attention_bench_cases() {
                        return run_decode(ctx, t, ctx.quick ? 2048 : 32768);
                      }});
   }
+  cases.push_back({"decode_fp8", "GB/s", [](const BenchContext& ctx) {
+                     return run_decode(ctx, DType::kFP8E4M3, ctx.quick ? 2048 : 32768);
+                   }});
+  cases.push_back({"decode_fp8_vs_bf16", "GB/s", [](const BenchContext& ctx) {
+                     return run_decode_fp8_vs_bf16(ctx, ctx.quick ? 2048 : 32768);
+                   }});
   return cases;
 }
 

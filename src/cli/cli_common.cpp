@@ -95,6 +95,8 @@ DType tensor_dtype(const KernelArgs& a) {
   return t;
 }
 
+DType attn_tensor_dtype(const KernelArgs& a) { return parse_dtype(a.dtype, "--dtype"); }
+
 Engine make_engine(const KernelArgs& a) {
   RA_CHECK_ARG_GE(a.threads, 0, "--threads: must be >= 0 (0 = all)");
   EngineOptions o;
@@ -156,13 +158,56 @@ NpyFile open_tensor(const std::string& opt, const std::string& path, int ndim) {
   try {
     NpyFile f(path);
     const NpyHeader& a = f.header();
-    RA_CHECK_ARG(a.is_float(), opt << ": " << path << ": expected a float tensor (<f4 or <f2), got "
-                                   << npy_descr(a.dtype));
+    RA_CHECK_ARG(a.is_float(),
+                 opt << ": " << path << ": expected a float tensor (<f4 or <f2), got "
+                     << npy_descr(a.dtype)
+                     << (a.dtype == NpyDType::kU8 ? " (e4m3 bytes need --dtype fp8)" : ""));
     RA_CHECK_ARG(a.ndim() == ndim, opt << ": " << path << ": expected a " << ndim
                                        << "-d tensor, got shape " << shape_to_string(a.shape));
     return f;
   } catch (const IoError& e) {
     throw IoError(opt + ": " + e.message(), __FILE__, __LINE__);
+  }
+}
+
+NpyFile open_attn_tensor(const std::string& opt, const std::string& path, int ndim, DType t) {
+  if (t != DType::kFP8E4M3) return open_tensor(opt, path, ndim);  // |u1 named there
+  try {
+    NpyFile f(path);
+    const NpyHeader& a = f.header();
+    RA_CHECK_ARG(a.dtype == NpyDType::kU8, opt << ": " << path
+                                               << ": --dtype fp8 expects e4m3 bytes (|u1), got "
+                                               << npy_descr(a.dtype));
+    RA_CHECK_ARG(a.ndim() == ndim, opt << ": " << path << ": expected a " << ndim
+                                       << "-d tensor, got shape " << shape_to_string(a.shape));
+    return f;
+  } catch (const IoError& e) {
+    throw IoError(opt + ": " + e.message(), __FILE__, __LINE__);
+  }
+}
+
+void load_descales(const std::string& q_path, const std::string& k_path, const std::string& v_path,
+                   DType t, std::int64_t b, std::int64_t h_k, Descales& out, Fp8Descale& ds) {
+  const struct {
+    const char* opt;
+    const std::string& path;
+    std::vector<float>& dst;
+    const float** ptr;
+    std::int64_t* stride;
+  } list[] = {{"--q-descale", q_path, out.q, &ds.q, &ds.q_batch_stride},
+              {"--k-descale", k_path, out.k, &ds.k, &ds.k_batch_stride},
+              {"--v-descale", v_path, out.v, &ds.v, &ds.v_batch_stride}};
+  for (const auto& e : list) {
+    if (e.path.empty()) continue;
+    RA_CHECK_ARG(t == DType::kFP8E4M3,
+                 e.opt << ": only with --dtype fp8 (got --dtype " << dtype_name(t) << ")");
+    const NpyArray a = load_npy_arg(e.opt, e.path);
+    RA_CHECK_ARG(a.is_float() && a.ndim() == 2 && a.shape[0] == b && a.shape[1] == h_k,
+                 e.opt << ": expected a float tensor [b, h_k] = [" << b << ", " << h_k << "], got "
+                       << npy_descr(a.dtype) << " " << shape_to_string(a.shape));
+    e.dst = a.to_f32();
+    *e.ptr = e.dst.data();
+    *e.stride = h_k;
   }
 }
 
@@ -200,8 +245,12 @@ StoredTensor load_storage(const std::string& opt, const NpyFile& f, DType t, boo
     const std::size_t n = static_cast<std::size_t>(h.numel());
     StoredTensor s;
     s.bytes_ = n * dtype_size(t);
+    RA_CHECK_ARG((h.dtype == NpyDType::kU8) == (t == DType::kFP8E4M3),
+                 opt << ": " << npy_descr(h.dtype) << " data cannot be stored as " << dtype_name(t)
+                     << " (fp8 takes e4m3 bytes, |u1, as they are)");
     const bool same = (h.dtype == NpyDType::kF32 && t == DType::kF32) ||
-                      (h.dtype == NpyDType::kF16 && t == DType::kF16);
+                      (h.dtype == NpyDType::kF16 && t == DType::kF16) ||
+                      (h.dtype == NpyDType::kU8 && t == DType::kFP8E4M3);
     RA_CHECK_ARG(!same || divisor == 1.0f, opt << ": a divisor needs a dtype conversion");
     if (same && f.mappable()) {
       s.mapping_ = f.map(writable);
@@ -282,7 +331,8 @@ void commit_output(const std::string& opt, NpyOutput& file, const void* data, DT
   const std::int64_t n = static_cast<std::int64_t>(file.data_bytes() / item);
   auto* dst = static_cast<std::byte*>(file.data());
   if ((file_dtype == NpyDType::kF32 && t == DType::kF32) ||
-      (file_dtype == NpyDType::kF16 && t == DType::kF16)) {
+      (file_dtype == NpyDType::kF16 && t == DType::kF16) ||
+      (file_dtype == NpyDType::kU8 && t == DType::kFP8E4M3)) {
     if (n > 0) std::memcpy(dst, data, file.data_bytes());
   } else {
     for (std::int64_t i = 0; i < n; ++i) {

@@ -112,6 +112,22 @@ struct MpiCommandArgs {
 DType tensor_dtype(const KernelArgs& args);
 Engine make_engine(const KernelArgs& args);
 
+// ---- fp8 e4m3 (attn and kvcache only) ----
+
+// Storage dtype from --dtype for attn / kvcache: fp32, bf16, fp16 or fp8 (e4m3).
+DType attn_tensor_dtype(const KernelArgs& args);
+// open_tensor for attn / kvcache operands: with --dtype fp8 the file holds e4m3 bytes
+// (|u1, read as they are; "<u1" and "|V1" too), otherwise <f4 / <f2 (a |u1 file then
+// asks for --dtype fp8).
+NpyFile open_attn_tensor(const std::string& opt, const std::string& path, int ndim, DType t);
+// --q-descale / --k-descale / --v-descale FILE: [b, h_k] float .npy (empty path = none),
+// fp8 only; stored in `out`, pointed to by `ds` (batch stride h_k).
+struct Descales {
+  std::vector<float> q, k, v;
+};
+void load_descales(const std::string& q_path, const std::string& k_path, const std::string& v_path,
+                   DType t, std::int64_t b, std::int64_t h_k, Descales& out, Fp8Descale& ds);
+
 // ---- tensors ----
 
 // Reads the .npy file given for option `opt` (e.g. "--q"); errors are rethrown

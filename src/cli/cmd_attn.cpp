@@ -4,7 +4,8 @@
 //   varlen: --q [total_q, h, d] --k [total_k, h_k, d] --v [total_k, h_k, d_v]
 //           with --cu-seqlens-q/--cu-seqlens-k [b+1] (int32 or int64)
 //           -> --out [total_q, h, d_v], --lse [h, total_q]
-// Rows that see no key get output 0 and LSE -inf.
+// Rows that see no key get output 0 and LSE -inf. --dtype fp8: q/k/v files hold e4m3
+// bytes (|u1), --q-descale/--k-descale/--v-descale [b, h_k]; the output stays fp32.
 #include <algorithm>
 #include <cstdio>
 #include <memory>
@@ -25,7 +26,8 @@ constexpr const char* kUsage =
     "usage: ringattn attn --q Q.npy --k K.npy --v V.npy [--out O.npy] [--lse L.npy] [options]\n"
     "\n"
     "Dense ([b,s,h,d]) or varlen ([total,h,d] with --cu-seqlens-q/-k) attention.\n"
-    "Inputs are <f4 or <f2 .npy files; outputs are fp32.";
+    "Inputs are <f4 or <f2 .npy files (--dtype fp8: |u1 files of e4m3 bytes, with optional\n"
+    "--q-descale/--k-descale/--v-descale [b, h_k]); outputs are fp32.";
 
 // Checks a cu_seqlens array: starts >= 0, non-decreasing, last entry <= total.
 // Returns the longest segment.
@@ -48,6 +50,7 @@ int check_cu_seqlens(const std::string& opt, const std::vector<std::int32_t>& cu
 int cmd_attn(int argc, char** argv) {
   std::string q_path, k_path, v_path, out_path, lse_path;
   std::string cu_q_path, cu_k_path, used_q_path, used_k_path;
+  std::string q_ds_path, k_ds_path, v_ds_path;
   int max_seqlen_q = 0, max_seqlen_k = 0, num_splits = 0;
   bool json = false;
   MaskArgs mask_args;
@@ -67,6 +70,9 @@ int cmd_attn(int argc, char** argv) {
     f(used_k_path, {"seqused-k", "varlen: keys used per segment [b]", kNoDefault});
     f(max_seqlen_q, {"max-seqlen-q", "varlen: longest query segment; 0 = from cu_seqlens"});
     f(max_seqlen_k, {"max-seqlen-k", "varlen: longest key segment; 0 = from cu_seqlens"});
+    f(q_ds_path, {"q-descale", "--dtype fp8: q descale [b, h_k] fp32 (default 1)", kNoDefault});
+    f(k_ds_path, {"k-descale", "--dtype fp8: k descale [b, h_k] fp32 (default 1)", kNoDefault});
+    f(v_ds_path, {"v-descale", "--dtype fp8: v descale [b, h_k] fp32 (default 1)", kNoDefault});
     f(num_splits, {"num-splits", "key splits: 0 = engine decides, 1 = none"});
     f(json,
       {"json", "print the result as one JSON object (kernel_s = seconds in the kernel call)"});
@@ -91,15 +97,15 @@ int cmd_attn(int argc, char** argv) {
     RA_CHECK_ARG(!vm.count("seqused-q") && !vm.count("seqused-k"),
                  "--seqused-q/--seqused-k: only valid with --cu-seqlens-q/--cu-seqlens-k (varlen)");
   }
-  const DType dtype = tensor_dtype(kernel_args);
+  const DType dtype = attn_tensor_dtype(kernel_args);
   const MaskParams mask_params = to_mask_params(mask_args);
   const Engine engine = make_engine(kernel_args);
 
   // Headers first: every shape is checked before any data is read.
   const int rank = varlen ? 3 : 4;
-  const NpyFile q_file = open_tensor("--q", q_path, rank);
-  const NpyFile k_file = open_tensor("--k", k_path, rank);
-  const NpyFile v_file = open_tensor("--v", v_path, rank);
+  const NpyFile q_file = open_attn_tensor("--q", q_path, rank, dtype);
+  const NpyFile k_file = open_attn_tensor("--k", k_path, rank, dtype);
+  const NpyFile v_file = open_attn_tensor("--v", v_path, rank, dtype);
   const NpyHeader &q = q_file.header(), &k = k_file.header(), &v = v_file.header();
   const int hd = rank - 2;  // index of the head dim in the shapes
   if (!varlen) {
@@ -182,6 +188,9 @@ int cmd_attn(int argc, char** argv) {
     out_shape = {q.shape[0], q.shape[1], h, d_v};
     lse_shape = {q.shape[0], h, q.shape[1]};
   }
+
+  Descales descales;
+  load_descales(q_ds_path, k_ds_path, v_ds_path, dtype, p.b, h_k, descales, p.descale);
 
   // Output files are created before anything is computed (a bad path fails at once)
   // and the kernel writes into them directly. Dense: the kernel writes every element.

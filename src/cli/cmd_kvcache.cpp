@@ -9,6 +9,8 @@
 //   --cache-batch-idx [b], --cache-leftpad [b], --rotary-cos/--rotary-sin [s_rotary, rotary_dim/2]
 // Writes --out [b, s_q, h, d_v] fp32, --lse [b, h, s_q] fp32 (natural log), and the
 // updated caches (--k-cache-out/--v-cache-out) in the dtype of the input cache files.
+// --dtype fp8: every float operand is an e4m3 byte file (|u1), the caches written back
+// as bytes; --q-descale/--k-descale/--v-descale [b, h_k]; --out/--lse stay fp32.
 // Variable lengths (chunked prefill): --cu-seqlens-q [b+1] makes --q [total_q, h, d]
 // (--out [total_q, h, d_v], --lse [h, total_q]); --cu-seqlens-k-new [b+1] makes
 // --k-new/--v-new [total_new, h_k, d / d_v], sequence i appending its own segment.
@@ -33,7 +35,9 @@ constexpr const char* kUsage =
     "[options]\n"
     "\n"
     "Attention of --q against a KV cache (paged iff --page-table is given), appending\n"
-    "--k-new/--v-new in place first. Inputs are <f4 or <f2; index tensors <i4 or <i8.";
+    "--k-new/--v-new in place first. Inputs are <f4 or <f2 (--dtype fp8: |u1 files of e4m3\n"
+    "bytes, caches and new rows alike, with optional --q-descale/--k-descale/--v-descale\n"
+    "[b, h_k]); index tensors <i4 or <i8. --out/--lse are fp32.";
 
 }  // namespace
 
@@ -42,6 +46,7 @@ int cmd_kvcache(int argc, char** argv) {
   std::string batch_idx_path, leftpad_path, cos_path, sin_path;
   std::string out_path, lse_path, kc_out_path, vc_out_path;
   std::string cu_q_path, cu_new_path, rot_seqlens_path;
+  std::string q_ds_path, k_ds_path, v_ds_path;
   bool rotary_interleaved = false;
   int num_splits = 0, max_seqlen_q = 0;
   MaskArgs mask_args;
@@ -60,6 +65,9 @@ int cmd_kvcache(int argc, char** argv) {
                      "[b] int32/int64: valid tokens per sequence before the append", kNoDefault});
     f(page_table_path,
       {"page-table", "[b, max_pages] int32/int64: makes the cache paged", kNoDefault});
+    f(q_ds_path, {"q-descale", "--dtype fp8: q descale [b, h_k] fp32 (default 1)", kNoDefault});
+    f(k_ds_path, {"k-descale", "--dtype fp8: k descale [b, h_k] fp32 (default 1)", kNoDefault});
+    f(v_ds_path, {"v-descale", "--dtype fp8: v descale [b, h_k] fp32 (default 1)", kNoDefault});
     f(k_new_path, {"k-new", "new keys [b, s_new, h_k, d] appended in place", kNoDefault});
     f(v_new_path, {"v-new", "new values [b, s_new, h_k, d_v] appended in place", kNoDefault});
     f(batch_idx_path,
@@ -106,7 +114,7 @@ int cmd_kvcache(int argc, char** argv) {
   const bool paged = vm.count("page-table") > 0;
   RA_CHECK_ARG(!(paged && vm.count("cache-batch-idx")),
                "--cache-batch-idx: only valid with a dense cache (no --page-table)");
-  const DType dtype = tensor_dtype(kernel_args);
+  const DType dtype = attn_tensor_dtype(kernel_args);
   const MaskParams mask_params = to_mask_params(mask_args);
   const Engine engine = make_engine(kernel_args);
 
@@ -116,10 +124,10 @@ int cmd_kvcache(int argc, char** argv) {
   RA_CHECK_ARG(!vk || vm.count("k-new"), "--cu-seqlens-k-new: needs --k-new/--v-new");
   RA_CHECK_ARG_GE(max_seqlen_q, 0, "--max-seqlen-q: must be >= 0");
   // Headers first: every shape is checked before any data is read.
-  const NpyFile q_file = open_tensor("--q", q_path, vq ? 3 : 4);
+  const NpyFile q_file = open_attn_tensor("--q", q_path, vq ? 3 : 4, dtype);
   const int qh = vq ? 1 : 2;  // index of the heads dim of --q
-  const NpyFile kc_file = open_tensor("--k-cache", kc_path, 4);
-  const NpyFile vc_file = open_tensor("--v-cache", vc_path, 4);
+  const NpyFile kc_file = open_attn_tensor("--k-cache", kc_path, 4, dtype);
+  const NpyFile vc_file = open_attn_tensor("--v-cache", vc_path, 4, dtype);
   const NpyHeader &q = q_file.header(), &kc = kc_file.header(), &vc = vc_file.header();
   check_dim("--v-cache", vc, 0, "--k-cache", kc, 0, paged ? "blocks" : "cache sequences");
   check_dim("--v-cache", vc, 1, "--k-cache", kc, 1, paged ? "page size" : "cache capacity");
@@ -173,6 +181,9 @@ int cmd_kvcache(int argc, char** argv) {
   p.d = static_cast<int>(d);
   p.d_v = static_cast<int>(d_v);
 
+  Descales descales;
+  load_descales(q_ds_path, k_ds_path, v_ds_path, dtype, b, h_k, descales, p.descale);
+
   const std::vector<std::int32_t> seqlens = load_index("--cache-seqlens", seqlens_path, {b});
   p.cache_seqlens = seqlens.data();
   std::vector<std::int32_t> page_table, batch_idx, leftpad;
@@ -203,8 +214,8 @@ int cmd_kvcache(int argc, char** argv) {
   StoredTensor k_new_s, v_new_s;
   if (vm.count("k-new")) {
     const int nd = vk ? 3 : 4, nh = nd - 2;  // rank and heads dim of --k-new/--v-new
-    const NpyFile kn_file = open_tensor("--k-new", k_new_path, nd);
-    const NpyFile vn_file = open_tensor("--v-new", v_new_path, nd);
+    const NpyFile kn_file = open_attn_tensor("--k-new", k_new_path, nd, dtype);
+    const NpyFile vn_file = open_attn_tensor("--v-new", v_new_path, nd, dtype);
     const NpyHeader &kn = kn_file.header(), &vn = vn_file.header();
     if (!vk) {
       RA_CHECK_ARG_EQ(kn.shape[0], b, "--k-new: batch (dim 0) must equal the batch of --q");

@@ -164,6 +164,8 @@ bool parse_descr(const std::string& d, NpyDType* t) {
     *t = NpyDType::kI32;
   else if (d == "<i8")
     *t = NpyDType::kI64;
+  else if (d == "|u1" || d == "<u1" || d == "|V1")  // bytes: fp8 e4m3 bits
+    *t = NpyDType::kU8;
   else
     return false;
   return true;
@@ -244,6 +246,8 @@ const char* npy_descr(NpyDType t) {
       return "<i4";
     case NpyDType::kI64:
       return "<i8";
+    case NpyDType::kU8:
+      return "|u1";
   }
   return "?";
 }
@@ -258,6 +262,8 @@ std::size_t npy_itemsize(NpyDType t) {
       return 4;
     case NpyDType::kI64:
       return 8;
+    case NpyDType::kU8:
+      return 1;
   }
   return 0;
 }
@@ -304,6 +310,10 @@ std::vector<float> NpyArray::to_f32() const {
         out[i] = static_cast<float>(v);
         break;
       }
+      case NpyDType::kU8:
+        out[i] =
+            static_cast<float>(std::to_integer<std::uint8_t>(data[static_cast<std::size_t>(i)]));
+        break;
     }
   }
   return out;

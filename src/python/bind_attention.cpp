@@ -65,6 +65,36 @@ void strides3(const TensorArg& t, bool varlen, std::int64_t& batch, std::int64_t
   head = t.stride(-2);
 }
 
+// Storage dtype of an attention operand: fp32 / bf16 / fp16, or fp8 e4m3 given as
+// torch.float8_e4m3fn or as uint8 holding the e4m3 bits (torch builds without fp8).
+DType attn_dtype(const TensorArg& t) {
+  return t.type == ElemType::kU8 ? DType::kFP8E4M3 : storage_dtype(t.type, t.name);
+}
+
+// fp8 descale [b, h_k] fp32 (FA3 q_descale / k_descale / v_descale), last dim contiguous,
+// any batch stride (0: broadcast): its data and batch stride, or nullptr when absent.
+const float* descale_data(const std::optional<TensorArg>& t, int b, int h_k,
+                          std::int64_t& batch_stride) {
+  if (!t) return nullptr;
+  RA_CHECK_ARG(t->type == ElemType::kF32,
+               t->name << ": expected fp32, got " << elem_type_name(t->type));
+  t->expect_ndim(2, "[b, h_k]");
+  t->expect_dim(0, b, "batch");
+  t->expect_dim(1, h_k, "KV heads");
+  RA_CHECK_ARG(t->stride(1) == 1 || h_k == 1,
+               t->name << ": last dim must be contiguous, got stride " << t->stride(1));
+  batch_stride = t->stride(0);
+  return t->data<const float>();
+}
+
+void set_descales(Fp8Descale& ds, int b, int h_k, const std::optional<TensorArg>& q_descale,
+                  const std::optional<TensorArg>& k_descale,
+                  const std::optional<TensorArg>& v_descale) {
+  ds.q = descale_data(q_descale, b, h_k, ds.q_batch_stride);
+  ds.k = descale_data(k_descale, b, h_k, ds.k_batch_stride);
+  ds.v = descale_data(v_descale, b, h_k, ds.v_batch_stride);
+}
+
 // Dense: q [b, s_q, h, d], k [b, s_k, h_k, d], v [b, s_k, h_k, d_v] -> out
 // [b, s_q, h, d_v], lse [b, h, s_q] (contiguous fp32). Varlen (cu_seqlens_q set):
 // q [total_q, h, d], k/v [total_k, h_k, *], out [total_q, h, d_v], lse [h, total_q].
@@ -73,13 +103,15 @@ void fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const Tenso
          const std::optional<TensorArg>& cu_seqlens_k, const std::optional<TensorArg>& seqused_q,
          const std::optional<TensorArg>& seqused_k, int max_seqlen_q, int max_seqlen_k, float scale,
          bool causal, int window_left, int window_right, float softcap, int num_splits,
-         const std::optional<TensorArg>& sinks, int attention_chunk) {
+         const std::optional<TensorArg>& sinks, int attention_chunk,
+         const std::optional<TensorArg>& q_descale, const std::optional<TensorArg>& k_descale,
+         const std::optional<TensorArg>& v_descale) {
   const bool varlen = cu_seqlens_q.has_value();
   RA_CHECK_ARG(varlen == cu_seqlens_k.has_value(),
                "cu_seqlens_q and cu_seqlens_k must be given together");
   const FwdShapes s = fwd_shapes(q, k, v, varlen);
   FwdParams p;
-  p.dtype = storage_dtype(q.type, q.name);
+  p.dtype = attn_dtype(q);
   RA_CHECK_ARG(k.type == q.type && v.type == q.type, "k, v: dtype must equal q's "
                                                          << elem_type_name(q.type) << ", got "
                                                          << elem_type_name(k.type) << " and "
@@ -118,6 +150,7 @@ void fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const Tenso
   p.mask.sinks = sinks_data(sinks, p.h);
   p.mask.attention_chunk = attention_chunk;
   p.num_splits = num_splits;
+  set_descales(p.descale, p.b, p.h_k, q_descale, k_descale, v_descale);
   auto eng = engine();
   run_kernel([&] { eng->forward(p); });
 }
@@ -140,19 +173,19 @@ const std::int32_t* index_data(const std::optional<TensorArg>& t, std::int64_t n
 //   [b, s_new, h_k, d / d_v] appended in place; out [b, s_q, h, d_v]; lse [b, h, s_q].
 //   cache_seqlens/cache_batch_idx/cache_leftpad [b] int32; rotary_cos/sin
 //   [s_rotary, rotary_dim / 2] fp32 contiguous; plan [b] int32 key splits per sequence.
-void fwd_kvcache(const TensorArg& q, const TensorArg& k_cache, const TensorArg& v_cache,
-                 const std::optional<TensorArg>& k_new, const std::optional<TensorArg>& v_new,
-                 const TensorArg& out, const std::optional<TensorArg>& lse,
-                 const TensorArg& cache_seqlens, const std::optional<TensorArg>& cache_batch_idx,
-                 const std::optional<TensorArg>& cache_leftpad,
-                 const std::optional<TensorArg>& page_table,
-                 const std::optional<TensorArg>& rotary_cos,
-                 const std::optional<TensorArg>& rotary_sin, bool rotary_interleaved, float scale,
-                 bool causal, int window_left, int window_right, float softcap, int num_splits,
-                 const std::optional<TensorArg>& plan, const std::optional<TensorArg>& sinks,
-                 int attention_chunk, const std::optional<TensorArg>& rotary_seqlens,
-                 const std::optional<TensorArg>& cu_seqlens_q, int max_seqlen_q,
-                 const std::optional<TensorArg>& cu_seqlens_k_new) {
+void fwd_kvcache(
+    const TensorArg& q, const TensorArg& k_cache, const TensorArg& v_cache,
+    const std::optional<TensorArg>& k_new, const std::optional<TensorArg>& v_new,
+    const TensorArg& out, const std::optional<TensorArg>& lse, const TensorArg& cache_seqlens,
+    const std::optional<TensorArg>& cache_batch_idx, const std::optional<TensorArg>& cache_leftpad,
+    const std::optional<TensorArg>& page_table, const std::optional<TensorArg>& rotary_cos,
+    const std::optional<TensorArg>& rotary_sin, bool rotary_interleaved, float scale, bool causal,
+    int window_left, int window_right, float softcap, int num_splits,
+    const std::optional<TensorArg>& plan, const std::optional<TensorArg>& sinks,
+    int attention_chunk, const std::optional<TensorArg>& rotary_seqlens,
+    const std::optional<TensorArg>& cu_seqlens_q, int max_seqlen_q,
+    const std::optional<TensorArg>& cu_seqlens_k_new, const std::optional<TensorArg>& q_descale,
+    const std::optional<TensorArg>& k_descale, const std::optional<TensorArg>& v_descale) {
   // Packed forms (FA3 chunked prefill): cu_seqlens_q [b + 1] makes q [total_q, h, d], out
   // [total_q, h, d_v], lse [h, total_q]; cu_seqlens_k_new [b + 1] makes k / v
   // [total_new, h_k, d / d_v]. Offsets are checked by the engine (naming the entry).
@@ -194,7 +227,7 @@ void fwd_kvcache(const TensorArg& q, const TensorArg& k_cache, const TensorArg& 
                                                        << i << " is " << v_cache.dim(i)
                                                        << ", k_cache's is " << k_cache.dim(i));
   }
-  p.dtype = storage_dtype(q.type, q.name);
+  p.dtype = attn_dtype(q);
   p.out_dtype = storage_dtype(out.type, out.name);
   for (const TensorArg* t : {&k_cache, &v_cache}) {
     RA_CHECK_ARG(t->type == q.type, t->name << ": dtype " << elem_type_name(t->type)
@@ -299,6 +332,7 @@ void fwd_kvcache(const TensorArg& q, const TensorArg& k_cache, const TensorArg& 
   p.mask.sinks = sinks_data(sinks, p.h);
   p.mask.attention_chunk = attention_chunk;
   p.num_splits = num_splits;
+  set_descales(p.descale, p.b, p.h_k, q_descale, k_descale, v_descale);
   SchedulerMetadata md;
   auto eng = engine();
   if (plan) {
@@ -616,7 +650,8 @@ py::object kvcache_fast(py::handle q, py::handle k_cache, py::handle v_cache, py
   }
   fwd_kvcache(*qa, *kca, *vca, ka, va, out_arg, lse_arg, *cs, cb, lp, pt, std::nullopt,
               std::nullopt, true, scale, is_causal, wl, wr, cap, splits, plan, std::nullopt, 0,
-              std::nullopt, std::nullopt, 0, std::nullopt);
+              std::nullopt, std::nullopt, 0, std::nullopt, std::nullopt, std::nullopt,
+              std::nullopt);
   if (!want_lse) return out;
   py::object none0 = empty_tensor(q, {0}, ElemType::kF32);
   py::object none1 = empty_tensor(q, {0}, ElemType::kF32);
@@ -630,7 +665,9 @@ void register_attention(py::module_& m) {
         py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_q"),
         py::arg("seqused_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"),
         py::arg("causal"), py::arg("window_left"), py::arg("window_right"), py::arg("softcap"),
-        py::arg("num_splits"), py::arg("sinks") = py::none(), py::arg("attention_chunk") = 0);
+        py::arg("num_splits"), py::arg("sinks") = py::none(), py::arg("attention_chunk") = 0,
+        py::arg("q_descale") = py::none(), py::arg("k_descale") = py::none(),
+        py::arg("v_descale") = py::none());
   m.def("fwd_kvcache", &fwd_kvcache, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cache_seqlens"),
         py::arg("cache_batch_idx"), py::arg("cache_leftpad"), py::arg("page_table"),
@@ -639,7 +676,8 @@ void register_attention(py::module_& m) {
         py::arg("softcap"), py::arg("num_splits"), py::arg("plan"), py::arg("sinks") = py::none(),
         py::arg("attention_chunk") = 0, py::arg("rotary_seqlens") = py::none(),
         py::arg("cu_seqlens_q") = py::none(), py::arg("max_seqlen_q") = 0,
-        py::arg("cu_seqlens_k_new") = py::none());
+        py::arg("cu_seqlens_k_new") = py::none(), py::arg("q_descale") = py::none(),
+        py::arg("k_descale") = py::none(), py::arg("v_descale") = py::none());
   m.def("kvcache_fast", &kvcache_fast, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("k"), py::arg("v"), py::arg("rotary_cos"), py::arg("rotary_sin"),
         py::arg("cache_seqlens"), py::arg("cache_batch_idx"), py::arg("cache_leftpad"),

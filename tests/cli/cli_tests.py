@@ -285,6 +285,99 @@ def case_attn_chunk():
                  ["--attention-chunk", "-3"], rc=2)
 
 
+# ---------------------------------------------------------------- fp8 e4m3
+def e4m3_values():
+    """float64 value of each e4m3fn byte (0x7f / 0xff: NaN)."""
+    b = np.arange(256)
+    e, m = (b >> 3) & 0xF, b & 7
+    val = np.where(e == 0, m / 8.0 * 2.0**-6, (1 + m / 8.0) * 2.0 ** (e - 7.0))
+    val = np.where(b & 0x80, -val, val)
+    val[(b & 0x7F) == 0x7F] = np.nan
+    return val
+
+
+E4M3 = e4m3_values()
+
+
+def e4m3_bytes(r, shape):
+    """Random e4m3 bytes, magnitudes about 2^-4 .. 2^3 with some subnormals, no NaN."""
+    e = np.where(r.random(shape) < 0.05, 0, r.integers(3, 11, size=shape))
+    return ((r.integers(0, 2, size=shape) << 7) | (e << 3) | r.integers(0, 8, size=shape)).astype(np.uint8)
+
+
+def case_attn_fp8():
+    """--dtype fp8: |u1 files of e4m3 bytes and [b, h_k] descales against float64."""
+    r = rng()
+    b, s_q, s_k, h, h_k, d = 2, 9, 40, 6, 2, 32
+    q, k, v = e4m3_bytes(r, (b, s_q, h, d)), e4m3_bytes(r, (b, s_k, h_k, d)), e4m3_bytes(r, (b, s_k, h_k, d))
+    ds = [r.uniform(0.25, 2.0, (b, h_k)).astype(np.float32) for _ in range(3)]
+    args = ["attn", "--q", save("q8.npy", q), "--k", save("k8.npy", k), "--v", save("v8.npy", v),
+            "--q-descale", save("qd.npy", ds[0]), "--k-descale", save("kd.npy", ds[1]),
+            "--v-descale", save("vd.npy", ds[2]), "--dtype", "fp8", "--causal",
+            "--out", path("o.npy"), "--lse", path("l.npy")]
+    refs = [attention_ref(E4M3[q[i]] * np.repeat(ds[0][i], h // h_k)[None, :, None],
+                          E4M3[k[i]] * ds[1][i][None, :, None], E4M3[v[i]] * ds[2][i][None, :, None],
+                          causal=True) for i in range(b)]
+    o_ref, l_ref = np.stack([o for o, _ in refs]), np.stack([l for _, l in refs])
+    for be in BACKENDS:
+        run(args + ["--backend", be])
+        o = np.load(path("o.npy"))
+        if o.dtype != np.float32:
+            sys.exit(f"FAIL: fp8 --out must be fp32, got {o.dtype}")
+        check_close(f"fp8 out [{be}]", o, o_ref, 1e-4 * max(1.0, np.abs(o_ref).max()))
+        check_close(f"fp8 lse [{be}]", np.load(path("l.npy")), l_ref, 1e-4, 1e-5)
+    # Without descales the values are the bytes' own; fp8 options need --dtype fp8.
+    run(["attn", "--q", path("q8.npy"), "--k", path("k8.npy"), "--v", path("v8.npy"), "--dtype", "fp8",
+         "--out", path("o.npy")])
+    o_ref = np.stack([attention_ref(E4M3[q[i]], E4M3[k[i]], E4M3[v[i]])[0] for i in range(b)])
+    check_close("fp8 out without descales", np.load(path("o.npy")), o_ref, 1e-4 * max(1.0, np.abs(o_ref).max()))
+    expect_error(["attn", "--q", path("q8.npy"), "--k", path("k8.npy"), "--v", path("v8.npy")],
+                 ["--q", "|u1", "--dtype fp8"], rc=2)
+    expect_error(["attn", "--q", save("qf.npy", E4M3[q].astype(np.float32)), "--k", path("k8.npy"),
+                  "--v", path("v8.npy"), "--dtype", "fp8"], ["--q", "e4m3 bytes", "<f4"], rc=2)
+    expect_error(args[:7] + ["--q-descale", save("bad.npy", np.ones((b, h), np.float32)), "--dtype", "fp8"],
+                 ["--q-descale", "[b, h_k]"], rc=2)
+
+
+def case_kvcache_fp8():
+    """--dtype fp8 against a paged e4m3 cache with appended e4m3 rows (written as bytes)."""
+    r = rng()
+    b, s_q, h, h_k, d, page, blocks, max_pages, s_new = 2, 2, 8, 2, 32, 4, 12, 5, 2
+    seqlens = np.array([7, 13], dtype=np.int32)
+    kc, vc = e4m3_bytes(r, (blocks, page, h_k, d)), e4m3_bytes(r, (blocks, page, h_k, d))
+    pt = r.permutation(blocks)[: b * max_pages].reshape(b, max_pages).astype(np.int32)
+    q, kn, vn = e4m3_bytes(r, (b, s_q, h, d)), e4m3_bytes(r, (b, s_new, h_k, d)), e4m3_bytes(r, (b, s_new, h_k, d))
+    ds = [r.uniform(0.25, 2.0, (b, h_k)).astype(np.float32) for _ in range(3)]
+    kc_ref, vc_ref = kc.copy(), vc.copy()
+    for i in range(b):
+        for t in range(s_new):
+            pos = seqlens[i] + t
+            kc_ref[pt[i, pos // page], pos % page] = kn[i, t]
+            vc_ref[pt[i, pos // page], pos % page] = vn[i, t]
+    o_ref, l_ref = np.zeros((b, s_q, h, d)), np.zeros((b, h, s_q))
+    for i in range(b):
+        toks = [(pt[i, t // page], t % page) for t in range(seqlens[i] + s_new)]
+        kt = np.stack([E4M3[kc_ref[blk, off]] for blk, off in toks]) * ds[1][i][None, :, None]
+        vt = np.stack([E4M3[vc_ref[blk, off]] for blk, off in toks]) * ds[2][i][None, :, None]
+        qq = E4M3[q[i]] * np.repeat(ds[0][i], h // h_k)[None, :, None]
+        o_ref[i], l_ref[i] = attention_ref(qq, kt, vt, causal=True)
+    args = ["kvcache", "--dtype", "fp8", "--causal", "--q", save("q8.npy", q),
+            "--k-cache", save("kc8.npy", kc), "--v-cache", save("vc8.npy", vc),
+            "--cache-seqlens", save("sl.npy", seqlens), "--page-table", save("pt.npy", pt),
+            "--k-new", save("kn8.npy", kn), "--v-new", save("vn8.npy", vn),
+            "--q-descale", save("qd.npy", ds[0]), "--k-descale", save("kd.npy", ds[1]),
+            "--v-descale", save("vd.npy", ds[2]), "--out", path("o.npy"), "--lse", path("l.npy"),
+            "--k-cache-out", path("kc2.npy"), "--v-cache-out", path("vc2.npy")]
+    for be in BACKENDS:
+        run(args + ["--backend", be])
+        check_close(f"fp8 kvcache out [{be}]", np.load(path("o.npy")), o_ref, 1e-4 * max(1.0, np.abs(o_ref).max()))
+        check_close(f"fp8 kvcache lse [{be}]", np.load(path("l.npy")), l_ref, 1e-4, 1e-5)
+        for nm, got, ref in (("k", np.load(path("kc2.npy")), kc_ref), ("v", np.load(path("vc2.npy")), vc_ref)):
+            if got.dtype != np.uint8 or not np.array_equal(got, ref):
+                sys.exit(f"FAIL: updated fp8 {nm} cache differs from the expected bytes [{be}]")
+        print(f"ok fp8 cache append bytes exact [{be}]")
+
+
 # ---------------------------------------------------------------- kvcache
 def kvcache_ref(q, k_tokens, v_tokens, causal):
     return attention_ref(q, k_tokens, v_tokens, causal=causal)

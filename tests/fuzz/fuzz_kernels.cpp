@@ -106,6 +106,24 @@ const float* decode_sinks(FuzzBytes& in, int h, std::vector<float>& storage) {
   return storage.data();
 }
 
+// fp8 descales, one value per (batch element, KV head): NaN / inf must be rejected, and
+// so must descales on a non-fp8 dtype. Products stay <= 2.25, so scores stay moderate.
+constexpr std::array<float, 8> kDescales{1.0f, 0.5f, 1.5f, 0.0f, 0.125f, -1.0f, kNaN, kInf};
+
+// Optional q/k/v descales [b, h_k] (batch stride h_k, or 0 = one broadcast row) for a
+// quarter of the calls, whatever the dtype; `storage` owns the values.
+void decode_descale(FuzzBytes& in, int b, int h_k, std::vector<float>& storage, Fp8Descale& ds) {
+  if (b <= 0 || h_k <= 0 || in.u8() % 4 != 0) return;
+  storage.resize(static_cast<std::size_t>(3 * b * h_k));
+  for (float& x : storage) x = in.pick(kDescales);
+  const std::int64_t stride = in.flag() ? h_k : 0;
+  const float* base = storage.data();
+  if (in.flag()) ds.q = base;
+  if (in.flag()) ds.k = base + b * h_k;
+  if (in.flag()) ds.v = base + 2 * b * h_k;
+  ds.q_batch_stride = ds.k_batch_stride = ds.v_batch_stride = stride;
+}
+
 MaskParams decode_mask(FuzzBytes& in) {
   MaskParams m;
   m.scale = in.pick(kScales);
@@ -220,6 +238,8 @@ void fuzz_forward(FuzzBytes& in, bool varlen) {
   std::vector<float> sinks;
   p.mask.sinks = decode_sinks(in, p.h, sinks);
   if (p.dtype == DType::kFP8E4M3 && in.flag()) p.dtype = DType::kF16;
+  std::vector<float> descales;
+  decode_descale(in, p.b, p.h_k, descales, p.descale);
 
   StridedTensor q, k, v, out;
   const int h = p.h, hk = p.h_k;
@@ -345,7 +365,7 @@ void fuzz_kvcache(FuzzBytes& in) {
   KvCacheParams p;
   p.dtype = in.pick(kDTypes);
   if (p.dtype == DType::kFP8E4M3 && in.flag()) p.dtype = DType::kBF16;
-  p.out_dtype = in.flag() ? DType::kF32 : p.dtype;
+  p.out_dtype = in.flag() ? DType::kF32 : p.dtype == DType::kFP8E4M3 ? DType::kBF16 : p.dtype;
   p.b = in.range(0, 3);
   p.s_q = in.range(0, 4);
   p.h = in.range(0, 4);
@@ -362,6 +382,8 @@ void fuzz_kvcache(FuzzBytes& in) {
   const int b = p.b, h = p.h, hk = p.h_k;
   std::vector<float> sinks;
   p.mask.sinks = decode_sinks(in, h, sinks);
+  std::vector<float> descales;
+  decode_descale(in, p.b, p.h_k, descales, p.descale);
 
   std::vector<std::int32_t> page_table, seqlens, batch_idx, leftpad;
   std::int64_t cache_batches = 0, cache_rows = 0, capacity = 0;

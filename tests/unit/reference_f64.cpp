@@ -137,6 +137,31 @@ void load_row(const void* base, std::int64_t off, DType t, int n, T* dst) {
   for (int c = 0; c < n; ++c) dst[c] = static_cast<T>(load_as_f32(base, off + c, t));
 }
 
+// fp8 descales (Fp8Descale, docs/semantics.md "fp8 e4m3 q/k/v"), literally: the
+// dequantised values of batch element bi times their [b, h_k] factor; query head hh
+// uses the factor of its KV head hh / (h / h_k). Unset factors are 1.
+template <typename T>
+void apply_descale(Segment<T>& seg, const Dims& dm, const Fp8Descale& ds, int bi) {
+  const auto f = [&](const float* x, std::int64_t stride, int g) {
+    return x ? static_cast<T>(x[bi * stride + g]) : T(1);
+  };
+  const int group = dm.h / dm.h_k;
+  for (int i = 0; i < seg.s_q; ++i)
+    for (int hh = 0; hh < dm.h; ++hh)
+      for (int c = 0; c < dm.d; ++c)
+        seg.q[(static_cast<std::size_t>(i) * dm.h + hh) * dm.d + c] *=
+            f(ds.q, ds.q_batch_stride, hh / group);
+  for (int j = 0; j < seg.s_k; ++j)
+    for (int kh = 0; kh < dm.h_k; ++kh) {
+      for (int c = 0; c < dm.d; ++c)
+        seg.k[(static_cast<std::size_t>(j) * dm.h_k + kh) * dm.d + c] *=
+            f(ds.k, ds.k_batch_stride, kh);
+      for (int c = 0; c < dm.d_v; ++c)
+        seg.v[(static_cast<std::size_t>(j) * dm.h_k + kh) * dm.d_v + c] *=
+            f(ds.v, ds.v_batch_stride, kh);
+    }
+}
+
 // Rounds a value of the fp32 low-precision reference to storage dtype `t`.
 template <typename T>
 T maybe_round(T x, DType t, RefPrecision prec) {
@@ -197,6 +222,7 @@ RefResult forward_impl(const FwdParams& p, RefPrecision prec) {
                    p.d_v, &seg.v[(static_cast<std::size_t>(j) * p.h_k + kh) * p.d_v]);
         }
       }
+      apply_descale(seg, dm, p.descale, bi);
       std::vector<T> o, l;
       attend(seg, dm, p.mask, o, l);
       const std::int64_t base_lse = static_cast<std::int64_t>(bi) * p.h * p.s_q;
@@ -238,6 +264,7 @@ RefResult forward_impl(const FwdParams& p, RefPrecision prec) {
                  &seg.v[(static_cast<std::size_t>(j) * p.h_k + kh) * p.d_v]);
       }
     }
+    apply_descale(seg, dm, p.descale, bi);
     std::vector<T> o, l;
     attend(seg, dm, p.mask, o, l);
     scatter(
@@ -372,6 +399,7 @@ RefResult kvcache_impl(const KvCacheParams& p, RefPrecision prec) {
         }
       }
     }
+    apply_descale(seg, dm, p.descale, bi);
     std::vector<T> o, l;
     attend(seg, dm, p.mask, o, l);
     const std::int64_t base_lse = static_cast<std::int64_t>(bi) * p.h * p.s_q;

@@ -190,10 +190,29 @@ TEST_F(NpyTest, FortranOrder) {
 }
 
 TEST_F(NpyTest, UnsupportedDtypes) {
-  for (const std::string d : {"<f8", ">f4", "|u1", "<c8", "|b1"}) {
+  for (const std::string d : {"<f8", ">f4", "|i1", "<u2", "<c8", "|b1"}) {
     const std::string dict = "{'descr': '" + d + "', 'fortran_order': False, 'shape': (2,), }";
     expect_io_error(write_raw("d.npy", make_npy(1, dict, 16)), "unsupported dtype '" + d + "'");
   }
+}
+
+// Bytes (fp8 e4m3 bits for `--dtype fp8`): "|u1" as numpy writes uint8, "<u1" and "|V1".
+TEST_F(NpyTest, ByteArrays) {
+  for (const std::string d : {"|u1", "<u1", "|V1"}) {
+    const std::string dict = "{'descr': '" + d + "', 'fortran_order': False, 'shape': (3, 2), }";
+    const NpyArray a = read_npy(write_raw("b.npy", make_npy(1, dict, 6)));
+    EXPECT_EQ(a.dtype, NpyDType::kU8) << d;
+    EXPECT_EQ(a.itemsize(), 1u);
+    EXPECT_FALSE(a.is_float());
+    EXPECT_FALSE(a.is_index());
+    ASSERT_EQ(a.data.size(), 6u);
+    EXPECT_EQ(a.to_f32()[5], 1.0f);  // make_npy fills the data with 0x01
+  }
+  const std::vector<std::uint8_t> bytes{0x00, 0x38, 0x7e, 0xff};
+  write_npy(path("w.npy"), NpyDType::kU8, {4}, bytes.data());
+  const NpyArray w = read_npy(path("w.npy"));
+  EXPECT_EQ(std::string(npy_descr(w.dtype)), "|u1");
+  EXPECT_EQ(std::memcmp(w.data.data(), bytes.data(), 4), 0);
   expect_io_error(
       write_raw(
           "s.npy",

@@ -137,8 +137,11 @@ TEST_F(Validation, DenseStridesAndOptions) {
                  {"window_right", "-7"});
   expect_invalid("negative softcap", run([](FwdParams& p) { p.mask.softcap = -2.5f; }),
                  {"softcap", "-2.5"});
-  expect_invalid("fp8 dense", run([](FwdParams& p) { p.dtype = DType::kFP8E4M3; }),
-                 {"dtype", "fp8"});
+  expect_invalid("fp8 output", run([](FwdParams& p) {
+                   p.dtype = DType::kFP8E4M3;
+                   p.out_dtype = DType::kFP8E4M3;
+                 }),
+                 {"out_dtype", "fp8"});
   expect_invalid("out_dtype mismatch", run([](FwdParams& p) {
                    p.dtype = DType::kF32;
                    p.out_dtype = DType::kBF16;

@@ -87,6 +87,25 @@ struct ProgressHook {
   int interval_us = 100;
 };
 
+// fp8 e4m3 descale factors (FA3 q_descale / k_descale / v_descale; docs/semantics.md
+// "fp8 e4m3 q/k/v"), used only when dtype == kFP8E4M3 (any of them set with another
+// dtype is an InvalidArgument). Each is [b, h_k] fp32, nullable (= all 1.0), element
+// (bi, g) at ptr[bi * *_batch_stride + g] (stride along h_k is 1; batch stride 0
+// broadcasts one row to every sequence). bi is the batch element / varlen segment /
+// KV-cache sequence. The values multiply the dequantised inputs:
+//   score = scale * q_descale[bi, g] * k_descale[bi, g] * (q . k)   (then soft cap)
+//   out   = v_descale[bi, g] * softmax(scores) V
+// with g = query head / (h / h_k) the KV head; the LSE is that of these scores.
+// Every value must be finite (NaN / inf are rejected).
+struct Fp8Descale {
+  const float* q = nullptr;                                                 // [b, h_k] nullable
+  const float* k = nullptr;                                                 // [b, h_k] nullable
+  const float* v = nullptr;                                                 // [b, h_k] nullable
+  std::int64_t q_batch_stride = 0, k_batch_stride = 0, v_batch_stride = 0;  // elements
+
+  bool any() const { return q != nullptr || k != nullptr || v != nullptr; }
+};
+
 // Dense and varlen forward (FA3 flash_attn_func / flash_attn_varlen_func).
 //
 // Dense   (cu_seqlens_q == nullptr):
@@ -97,8 +116,8 @@ struct ProgressHook {
 //   out [total_q, h,   d_v]  lse [h, total_q]       total_q = cu_seqlens_q[b]
 //   s_q / s_k hold max_seqlen_q / max_seqlen_k (upper bounds, used for planning).
 struct FwdParams {
-  DType dtype = DType::kF32;      // storage of q, k, v
-  DType out_dtype = DType::kF32;  // storage of out: kF32 or == dtype
+  DType dtype = DType::kF32;      // storage of q, k, v (kFP8E4M3: all three e4m3)
+  DType out_dtype = DType::kF32;  // storage of out: kF32 or == dtype (fp8: kF32 or kBF16)
 
   const void* q = nullptr;
   const void* k = nullptr;
@@ -132,6 +151,9 @@ struct FwdParams {
 
   ProgressHook progress;  // optional, see ProgressHook
 
+  // ---- fp8 e4m3 storage (dtype == kFP8E4M3 only) ----
+  Fp8Descale descale;  // q/k/v descales [b, h_k], see Fp8Descale
+
   bool is_varlen() const { return cu_seqlens_q != nullptr; }
 };
 
@@ -157,8 +179,8 @@ struct SchedulerMetadata {
 // Effective key count of sequence i: cache_seqlens[i] - leftpad[i] + s_new_i.
 // Cache slots outside [leftpad, cache_seqlens + s_new) are never read (may be NaN).
 struct KvCacheParams {
-  DType dtype = DType::kF32;      // storage of q, caches, k_new, v_new
-  DType out_dtype = DType::kF32;  // kF32 or == dtype
+  DType dtype = DType::kF32;      // storage of q, caches, k_new, v_new (kFP8E4M3: all e4m3)
+  DType out_dtype = DType::kF32;  // kF32 or == dtype (fp8: kF32 or kBF16)
 
   const void* q = nullptr;
   void* k_cache = nullptr;
@@ -220,6 +242,9 @@ struct KvCacheParams {
 
   int num_splits = 0;                       // 0 = engine decides (or plan), 1 = none
   const SchedulerMetadata* plan = nullptr;  // optional plan from Engine::plan_kvcache
+
+  // ---- fp8 e4m3 storage (dtype == kFP8E4M3 only; rotary is rejected with fp8) ----
+  Fp8Descale descale;  // q/k/v descales [b, h_k], see Fp8Descale
 
   bool is_paged() const { return page_table != nullptr; }
 };

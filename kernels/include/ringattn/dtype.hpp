@@ -17,7 +17,7 @@ enum class DType : std::uint8_t {
   kF32,      // IEEE binary32
   kBF16,     // bfloat16 (upper half of binary32), round-to-nearest-even on store
   kF16,      // IEEE binary16
-  kFP8E4M3,  // OCP fp8 e4m3fn (bias 7, max 448, no inf, 0x7f/0xff = NaN); MLA caches only
+  kFP8E4M3,  // OCP fp8 e4m3fn (bias 7, max 448, no inf, 0x7f/0xff = NaN): MLA, q/k/v
 };
 
 inline constexpr std::size_t dtype_size(DType t) {

@@ -19,6 +19,7 @@
 
 #include "backend.hpp"
 #include "cpu/flash_fwd_cpu.hpp"
+#include "cpu/simd_math.hpp"
 #include "kvcache_prepare.hpp"
 #include "mla/mla_kernels.hpp"
 #include "ringattn/error.hpp"
@@ -57,7 +58,8 @@ KernelFn kernel_for(CpuIsa isa) {
 // faster on a Xeon (docs/cpu-backend.md). Key-major fp32 decode, bf16 / fp16 decode
 // and all prefill keep AVX-512.
 // kAmx / kAvx512Bf16: bf16 storage runs flash_fwd_amx / flash_fwd_avx512_bf16 (engine
-// prefill, AVX-512 decode); other dtypes the AVX-512 kernels.
+// prefill, AVX-512 decode); other dtypes the AVX-512 kernels (fp8 e4m3 q/k/v included:
+// widened to fp32 by the vector loads, docs/cpu-backend.md).
 KernelFn kernel_for_problem(CpuIsa isa, const AttnProblem& a) {
   if (a.dtype == DType::kBF16 && isa == CpuIsa::kAmx) return &cpu::flash_fwd_amx;
   if (a.dtype == DType::kBF16 && isa == CpuIsa::kAvx512Bf16) return &cpu::flash_fwd_avx512_bf16;
@@ -85,6 +87,27 @@ void set_mask(AttnProblem& a, const MaskParams& m, int d) {
 void set_chunk_pos(SeqDesc& sd, const MaskParams& m, int bi) {
   sd.q_pos = m.chunk_q_pos ? m.chunk_q_pos[bi] : sd.shift;
   sd.k_pos = m.chunk_k_pos ? m.chunk_k_pos[bi] : 0;
+}
+
+// fp8 storage: the per-(batch element, KV head) factors of AttnProblem (fp8_qk, fp8_v)
+// from the descales (nullable = 1) and the 256 of each e4m3 load (simd_math.hpp).
+void set_fp8_factors(AttnProblem& a, const Fp8Descale& ds, int b) {
+  if (a.dtype != DType::kFP8E4M3) return;
+  const std::size_t n = static_cast<std::size_t>(b) * a.h_k;
+  a.fp8_qk.resize(n);
+  a.fp8_v.resize(n);
+  const auto at = [](const float* x, std::int64_t stride, int bi, int g) {
+    return x ? x[bi * stride + g] : 1.0f;
+  };
+  constexpr float k256 = cpu::kFp8ViaHalfScale;
+  for (int bi = 0; bi < b; ++bi) {
+    for (int g = 0; g < a.h_k; ++g) {
+      const std::size_t i = static_cast<std::size_t>(bi) * a.h_k + g;
+      a.fp8_qk[i] =
+          k256 * k256 * at(ds.q, ds.q_batch_stride, bi, g) * at(ds.k, ds.k_batch_stride, bi, g);
+      a.fp8_v[i] = k256 * at(ds.v, ds.v_batch_stride, bi, g);
+    }
+  }
 }
 
 // Tasks a call has without splitting keys (cpu::unsplit_tasks per sequence).
@@ -152,6 +175,7 @@ AttnProblem make_problem(const FwdParams& p, int threads) {
     }
     sd.shift = p.mask.mask_shift ? p.mask.mask_shift[bi] : sd.s_k - sd.s_q;
     set_chunk_pos(sd, p.mask, bi);
+    sd.batch = bi;
     sd.k.base = static_cast<const char*>(p.k) + k_off * esize;
     sd.k.row_stride = p.k_row_stride;
     sd.k.head_stride = p.k_head_stride;
@@ -160,6 +184,7 @@ AttnProblem make_problem(const FwdParams& p, int threads) {
     sd.v.head_stride = p.v_head_stride;
   }
   assign_splits(a.seqs, p.num_splits, p.h, p.h_k, threads);
+  set_fp8_factors(a, p.descale, p.b);
   return a;
 }
 
@@ -219,6 +244,7 @@ class CpuBackend final : public Backend {
       sd.s_k = kv_num_keys(p, bi);
       sd.shift = p.mask.mask_shift ? p.mask.mask_shift[bi] : sd.s_k - sd.s_q;
       set_chunk_pos(sd, p.mask, bi);
+      sd.batch = bi;
       // Varlen queries: rows packed on one axis (cu_seqlens_q), batch strides unused.
       const std::int64_t row0 = kv_q_row0(p, bi);
       sd.q_off = p.cu_seqlens_q ? row0 * q_row : bi * q_batch;
@@ -239,6 +265,7 @@ class CpuBackend final : public Backend {
     } else {
       assign_splits(a.seqs, p.num_splits, p.h, p.h_k, threads);
     }
+    set_fp8_factors(a, p.descale, p.b);
     a.pool = &pool_;
     a.decode_key_major = key_major_;
     kernel_for_problem(isa_, a)(a, threads);

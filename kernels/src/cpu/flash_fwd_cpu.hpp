@@ -43,6 +43,7 @@ struct SeqDesc {
   std::int64_t q_off = 0, out_off = 0, lse_off = 0;
   KvRows k, v;
   int num_splits = 1;  // key splits (>= 1)
+  int batch = 0;       // batch element / varlen segment / cache sequence (fp8 descale row)
 };
 
 struct AttnProblem {
@@ -66,6 +67,18 @@ struct AttnProblem {
   ProgressHook progress;          // polled by the calling thread (progress_throttle.hpp)
   BufferPool* pool = nullptr;     // large per-call buffers kept between calls; nullable
   bool decode_key_major = false;  // fp32 decode tile order (EngineOptions::decode_order)
+
+  // fp8 e4m3 storage only (empty otherwise), [b, h_k] per batch element and KV head:
+  // fp8_qk = 256^2 * q_descale * k_descale multiplies the query row (with the scale),
+  // fp8_v = 256 * v_descale the output row; the 256s undo the value / 256 of the
+  // kernels' e4m3 loads (simd_math.hpp kFp8ViaHalfScale).
+  std::vector<float> fp8_qk, fp8_v;
+  float qk_factor(const SeqDesc& sd, int hk) const {
+    return fp8_qk.empty() ? 1.0f : fp8_qk[static_cast<std::size_t>(sd.batch) * h_k + hk];
+  }
+  float v_factor(const SeqDesc& sd, int hk) const {
+    return fp8_v.empty() ? 1.0f : fp8_v[static_cast<std::size_t>(sd.batch) * h_k + hk];
+  }
 };
 
 // Helpers used by the generic backend and by the ISA translation units live in an

@@ -1,6 +1,7 @@
 // Kernel bodies of the optimised CPU backend, written once over the thin vector API
 // (S = SimdAvx2 / SimdAvx512 / SimdScalar) and the storage type T (float, bf16_t,
-// f16_t). flash_fwd_cpu_<isa>.cpp instantiates run_flash_fwd<S> for its ISA.
+// f16_t, fp8e4m3_t: e4m3 loads return value / 256, folded into AttnProblem's fp8
+// factors). flash_fwd_cpu_<isa>.cpp instantiates run_flash_fwd<S> for its ISA.
 //
 // Work decomposition. A task is (sequence, KV head hk, block of query rows, key split).
 // It owns every query head of the KV group (h / h_k heads), so each K/V row it loads
@@ -60,6 +61,17 @@ template <int kBytes, class U>
 inline void prefetch_l2(const U* a) {
   __builtin_prefetch(a, 0, 1);
   if constexpr (kBytes >= 64) __builtin_prefetch(reinterpret_cast<const char*>(a) + 32, 0, 1);
+}
+
+// prefetch_l2 for element c of `row` when the loads are narrower than 32 bytes (fp8
+// rows: 8 or 16 bytes a load): only every 32nd byte asks, so each cache line is still
+// asked for twice, not four or eight times (the extra prefetches cost issue slots in
+// the compute-bound decode loop).
+template <int kBytes, class U>
+inline void prefetch_l2_at(const U* row, int c) {
+  if constexpr (kBytes < 32)
+    if ((c * static_cast<int>(sizeof(U))) % 32 != 0) return;
+  prefetch_l2<kBytes>(row + c);
 }
 
 // Makes the compiler keep a loaded vector in a register: without it GCC folds the
@@ -296,7 +308,7 @@ struct FlashFwd {
         const U* vr = vrows[k] + c0;
         if constexpr (decltype(with_pf)::value)
 #pragma GCC unroll 4
-          for (int v = 0; v < NVv; ++v) prefetch_l2<L * sizeof(U)>(pf[k] + c0 + v * L);
+          for (int v = 0; v < NVv; ++v) prefetch_l2_at<L * sizeof(U)>(pf[k], c0 + v * L);
         V b[NVv];
 #pragma GCC unroll 4
         for (int v = 0; v < NVv; ++v) {
@@ -353,7 +365,7 @@ struct FlashFwd {
       for (int c = 0; c < dfull; c += L) {
         V b[KB];
 #pragma GCC unroll 16
-        for (int kb = 0; kb < KB; ++kb) prefetch_l2<L * sizeof(T)>(kf[kb] + c);
+        for (int kb = 0; kb < KB; ++kb) prefetch_l2_at<L * sizeof(T)>(kf[kb], c);
 #pragma GCC unroll 16
         for (int kb = 0; kb < KB; ++kb) b[kb] = S::load(kr[kb] + c);
 #pragma GCC unroll 16
@@ -513,12 +525,14 @@ struct FlashFwd {
     float* o = sc.o.get();
 
     // Query rows (scaled, fp32), accumulators, per-row key ranges.
+    // fp8: the per-head descales (and the 256s of the e4m3 loads) ride on the scale.
     for (int g = 0; g < gq; ++g) {
       const int hq = t.hk * group + g;
+      const float mul = qmul * p.qk_factor(sd, hq / group);
       for (int ii = 0; ii < nq; ++ii) {
         const T* src = static_cast<const T*>(p.q) + sd.q_off + (t.q0 + ii) * p.q_row_stride +
                        hq * p.q_head_stride;
-        convert_row(src, p.d, qmul, q + (g * nq + ii) * dq);
+        convert_row(src, p.d, mul, q + (g * nq + ii) * dq);
       }
     }
     if constexpr (E::kMatrix)
@@ -856,14 +870,20 @@ struct FlashFwd {
   // in flight while this tile computes and the prefetches come at the rate the data
   // is consumed (a burst of prefetches per tile, as tried first, stalled the loads
   // behind it). Measurements: docs/cpu-backend.md, fourth round.
+  // Keys the head-major decode prefetches ahead: kDecodePrefetchTiles tiles for 2- and
+  // 4-byte rows; for 1-byte (fp8) rows twice as many keys, the same bytes in flight as
+  // bf16 (with the same key distance fp8 had half the bytes in flight and, where memory
+  // latency bounds the loop, read no faster than bf16).
+  static constexpr std::int64_t kDecodePrefetchKeys =
+      std::int64_t{kDecodePrefetchTiles} * kDecodeKeyTile * (sizeof(T) == 1 ? 2 : 1);
+
   void decode_tile_head_major(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq,
                               std::int64_t j0, int nc, bool full) const {
     const int mh = M / t.nh;  // rows of one KV head
     const int ncv = static_cast<int>(round_up(nc, L));
     const std::int64_t khs = kv_head_stride(sd.k), vhs = kv_head_stride(sd.v);
     // Prefetch rows for the padded key count too (the score kernel takes KB at a time).
-    decode_tile_rows_of(sd, t, sc, j0, nc, ncv,
-                        std::int64_t{kDecodePrefetchTiles} * kDecodeKeyTile);
+    decode_tile_rows_of(sd, t, sc, j0, nc, ncv, kDecodePrefetchKeys);
     const T* const* kb = sc.kbase.get();
     const T* const* vb = sc.vbase.get();
     const T* const* kfb = sc.kpf_base.get();
@@ -898,12 +918,13 @@ struct FlashFwd {
     }
   }
 
-  // out row = acc / d (0 for an empty row), lse = m + log(d) (-inf when empty). This
+  // out row = acc / d (0 for an empty row; fp8: times the v descale), lse = m + log(d)
+  // (-inf when empty). This
   // runs once per row after any split merge, so the attention sink (softmax_state.hpp
   // sink_scale) is applied here exactly once; the LSE excludes it.
   void write_row(const SeqDesc& sd, int hq, std::int64_t i, const float* acc,
                  const SoftmaxState& st) const {
-    float inv = st.inv_sum();
+    float inv = st.inv_sum() * p.v_factor(sd, hq / group);  // fp8: v descale once
     if (p.sinks) inv *= sink_scale(st.lse(), p.sinks[hq]);
     const std::int64_t off = sd.out_off + i * p.out_row_stride + hq * p.out_head_stride;
     if (p.out_dtype == DType::kF32) {
@@ -1072,6 +1093,9 @@ void run_flash_fwd(const AttnProblem& p, int threads) {
       return;
     case DType::kF16:
       FlashFwd<S, f16_t>(p).run(threads);
+      return;
+    case DType::kFP8E4M3:
+      FlashFwd<S, fp8e4m3_t>(p).run(threads);
       return;
     default:
       throw_unsupported_dtype(p.dtype);

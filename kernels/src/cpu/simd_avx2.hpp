@@ -32,13 +32,19 @@ struct SimdAvx2 {
   static V load(const f16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  // kLanes e4m3 bytes (low half of `b`) -> fp32 values / 256 (exact; simd_math.hpp).
+  static V widen_fp8(__m128i b) {
+    const __m128i w = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(b), 7),
+                                    _mm_set1_epi16(static_cast<short>(0xbfff)));
+    return _mm256_cvtph_ps(w);
+  }
+  static V load(const fp8e4m3_t* p) {
+    return widen_fp8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
   // kLanes e4m3 bytes -> fp32 values (exact, through fp16: see kFp8ViaHalfScale).
   static V load_fp8(const std::uint8_t* p) {
-    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    const __m128i sign = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8);
-    const __m128i mag = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7);
-    const __m256 h = _mm256_cvtph_ps(_mm_or_si128(sign, mag));
-    return _mm256_mul_ps(h, _mm256_set1_ps(kFp8ViaHalfScale));
+    return _mm256_mul_ps(load(reinterpret_cast<const fp8e4m3_t*>(p)),
+                         _mm256_set1_ps(kFp8ViaHalfScale));
   }
   // Loads the first n (< kLanes) elements, zero in the other lanes.
   template <class T>

@@ -40,6 +40,15 @@ struct SimdAvx512 {
     return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(sign, mag)),
                          _mm512_set1_ps(kFp8ViaHalfScale));
   }
+  // kLanes e4m3 bytes -> fp32 values / 256 (exact; simd_math.hpp).
+  static V widen_fp8(__m128i b) {
+    const __m256i w = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7),
+                                       _mm256_set1_epi16(static_cast<short>(0xbfff)));
+    return _mm512_cvtph_ps(w);
+  }
+  static V load(const fp8e4m3_t* p) {
+    return widen_fp8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   // Loads the first n (< kLanes) elements, zero in the other lanes (masked load:
   // never touches memory past element n).
   static __mmask16 first_n(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
@@ -49,6 +58,9 @@ struct SimdAvx512 {
   }
   static V load_partial(const f16_t* p, int n) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_n(n), p));
+  }
+  static V load_partial(const fp8e4m3_t* p, int n) {
+    return widen_fp8(_mm_maskz_loadu_epi8(first_n(n), p));
   }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }

@@ -2,6 +2,8 @@
 // SimdScalar): the functions below only call S's primitives.
 #pragma once
 
+#include <cstdint>
+
 namespace ringattn::detail::cpu {
 
 // fp8 e4m3 byte -> fp32 through fp16 (load_fp8 of the vector structs): the byte's bits
@@ -9,7 +11,21 @@ namespace ringattn::detail::cpu {
 // subnormals included), so value = half(((b & 0x80) << 8) | ((b & 0x7f) << 7)) * 256
 // exactly. (0x7f / 0xff, the e4m3 NaN codes, decode to +-480; NaN never appears in
 // quantised data.)
+//
+// The attention kernels (FlashFwd<S, fp8e4m3_t>, flash_fwd_tile.hpp) load e4m3 q/k/v
+// with S::load(const fp8e4m3_t*), which stops at the fp16 conversion: it returns
+// value / 256. The kernel folds the 256 into its per-head descale factors (256 * 256
+// for q . k into the score scale, 256 for V into the output factor), so the inner
+// loops pay no multiply. In 16-bit lanes the bits are formed as
+//   w = (int16(int8(b)) << 7) & 0xbfff
+// (sign extension puts the sign in bits 14 and 15 after the shift; the mask keeps
+// bit 15), which equals ((b & 0x80) << 8) | ((b & 0x7f) << 7).
 inline constexpr float kFp8ViaHalfScale = 256.0f;
+
+// fp16 bits of e4m3 byte b (value / 256), the scalar form of the rule above.
+inline std::uint16_t fp8_half_bits(std::uint8_t b) {
+  return static_cast<std::uint16_t>(((b & 0x80u) << 8) | ((b & 0x7fu) << 7));
+}
 
 // exp(x) = 2^n * e^r with n = round(x * log2(e)) and r = x - n * ln(2) (Cody-Waite
 // split of ln(2)); e^r on |r| <= ln(2)/2 by the degree-7 polynomial of Cephes expf

@@ -24,6 +24,8 @@ struct SimdScalar {
   static V load(const float* p) { return *p; }
   static V load(const bf16_t* p) { return bf16_to_f32(p->bits); }
   static V load(const f16_t* p) { return f16_to_f32(p->bits); }
+  // e4m3 -> value / 256 through the fp16 bits, as the vector flavours (simd_math.hpp).
+  static V load(const fp8e4m3_t* p) { return f16_to_f32(fp8_half_bits(p->bits)); }
   static V load_fp8(const std::uint8_t* p) { return fp8e4m3_to_f32(*p); }
   template <class T>
   static V load_partial(const T* p, int n) {

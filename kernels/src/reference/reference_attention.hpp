@@ -180,6 +180,18 @@ float attend_row(const float* q, int d, int d_v, DType dtype, std::int64_t i, co
   return lse;
 }
 
+// fp8 descales (Fp8Descale) of batch element bi, KV head g: `qk` multiplies the query
+// row (q_descale * k_descale), `v` the output row. 1 when unset.
+struct RowDescale {
+  float qk = 1.0f, v = 1.0f;
+  static RowDescale make(const Fp8Descale& ds, int bi, int g) {
+    const auto at = [&](const float* x, std::int64_t stride) {
+      return x ? x[bi * stride + g] : 1.0f;
+    };
+    return {at(ds.q, ds.q_batch_stride) * at(ds.k, ds.k_batch_stride), at(ds.v, ds.v_batch_stride)};
+  }
+};
+
 // Writes an output row [d_v] in `out_dtype` at element offset `off` of `out`.
 inline void store_row(void* out, std::int64_t off, DType out_dtype, const float* o, int d_v) {
   for (int c = 0; c < d_v; ++c) store_from_f32(out, off + c, out_dtype, o[c]);

@@ -70,8 +70,10 @@ void reference_forward(const FwdParams& p, int threads) {
       // Rows past seqused_q are not part of the problem: FA3 leaves them unwritten,
       // we write output 0 and LSE -inf so that no caller ever reads garbage.
       if (i < s_q_b) {
+        // fp8: q_descale * k_descale on the query row, v_descale on the output.
+        const RowDescale ds = RowDescale::make(p.descale, bi, hk);
         for (int c = 0; c < p.d; ++c)
-          scratch.q[static_cast<std::size_t>(c)] = load_as_f32(p.q, q_off + c, p.dtype);
+          scratch.q[static_cast<std::size_t>(c)] = load_as_f32(p.q, q_off + c, p.dtype) * ds.qk;
         const RowMask mask = RowMask::make(p.mask, bi, s_q_b, s_k_b);
         auto k_row = [&](std::int64_t j) {
           return element_ptr(p.k, k_base + j * p.k_row_stride, p.dtype);
@@ -81,6 +83,7 @@ void reference_forward(const FwdParams& p, int threads) {
         };
         lse = attend_row(scratch.q.data(), p.d, p.d_v, p.dtype, i, mask, score, requested_splits,
                          k_row, v_row, scratch);
+        for (float& x : scratch.o) x *= ds.v;
         // The sink scales the merged row once (attention_params.hpp).
         if (p.mask.sinks) apply_sinks(scratch.o.data(), 0, &lse, 0, p.mask.sinks + hi, 1, 1, p.d_v);
       }

@@ -58,8 +58,11 @@ void reference_forward_kvcache(const KvCacheParams& p, int threads) {
       const int i = kv_seq_of_row(p, g);
       const std::int64_t r = g - kv_q_row0(p, i);
       const int hk = hi / group;
+      // fp8: q_descale * k_descale on the query row, v_descale on the output.
+      const RowDescale ds = RowDescale::make(p.descale, i, hk);
       for (int c = 0; c < p.d; ++c) {
-        scratch.q[static_cast<std::size_t>(c)] = load_as_f32(q_buf.data(), w * p.d + c, p.dtype);
+        scratch.q[static_cast<std::size_t>(c)] =
+            load_as_f32(q_buf.data(), w * p.d + c, p.dtype) * ds.qk;
       }
       int splits = p.num_splits > 1 ? p.num_splits : 1;
       if (p.plan) splits = p.plan->num_splits[static_cast<std::size_t>(i)];
@@ -68,6 +71,7 @@ void reference_forward_kvcache(const KvCacheParams& p, int threads) {
       auto v_row = [&](std::int64_t t) { return kv_v_row(p, i, t, hk); };
       const float lse = attend_row(scratch.q.data(), p.d, p.d_v, p.dtype, r, mask, score, splits,
                                    k_row, v_row, scratch);
+      for (float& x : scratch.o) x *= ds.v;
       // The sink scales the merged row once (attention_params.hpp).
       if (p.mask.sinks) apply_sinks(scratch.o.data(), 0, &lse, 0, p.mask.sinks + hi, 1, 1, p.d_v);
       store_row(p.out, kv_out_offset(p, i, r) + hi * p.out_head_stride, p.out_dtype,

@@ -4,6 +4,7 @@
 //
 //   "<f4"  float32     "<f2"  IEEE float16     (tensors)
 //   "<i4"  int32       "<i8"  int64            (index tensors: cu_seqlens, page tables)
+//   "|u1"  uint8 (also read: "<u1", "|V1")     (fp8 e4m3 bits, `--dtype fp8`)
 //
 // The reader checks every size declared in the header against the file size before
 // it allocates, so a corrupt or hostile header can neither crash nor exhaust memory.
@@ -19,9 +20,9 @@
 
 namespace ringattn {
 
-enum class NpyDType : std::uint8_t { kF32, kF16, kI32, kI64 };
+enum class NpyDType : std::uint8_t { kF32, kF16, kI32, kI64, kU8 };
 
-// "<f4", "<f2", "<i4", "<i8".
+// "<f4", "<f2", "<i4", "<i8", "|u1".
 const char* npy_descr(NpyDType t);
 std::size_t npy_itemsize(NpyDType t);
 
@@ -37,7 +38,7 @@ struct NpyHeader {
   std::size_t itemsize() const { return npy_itemsize(dtype); }
   int ndim() const { return static_cast<int>(shape.size()); }
   bool is_float() const { return dtype == NpyDType::kF32 || dtype == NpyDType::kF16; }
-  bool is_index() const { return !is_float(); }
+  bool is_index() const { return dtype == NpyDType::kI32 || dtype == NpyDType::kI64; }
 };
 
 // A whole .npy file in memory (small arrays: index tensors, tests). Large tensors

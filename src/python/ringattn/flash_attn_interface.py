@@ -9,7 +9,7 @@ code written for it runs unchanged on CPU tensors::
     from flash_attn_interface import flash_attn_func, flash_attn_with_kvcache
 
 Inputs are CPU ``torch.Tensor`` or ``numpy.ndarray`` (one kind per call), fp32 / bf16 /
-fp16, last dim contiguous; they are read **in place** (no copy of q, k, v or the caches,
+fp16 (or fp8 e4m3, below), last dim contiguous; they are read **in place** (no copy of q, k, v or the caches,
 other strides are free). Outputs have q's dtype and kind; LSE is always fp32 and the
 NATURAL log (``[b, h, s_q]``, varlen ``[h, total_q]``). A query row that sees no key gets
 output 0 and LSE -inf. Semantics: docs/semantics.md sections 1-3 and 5.
@@ -26,12 +26,20 @@ Chunked local attention (Llama 4): ``attention_chunk=C > 0`` on ``flash_attn_fun
 that holds its diagonal key ``p = i + s_k - s_q`` (keys ``[C*floor(p/C), C*floor(p/C) + C)``),
 together with ``causal`` / ``window_size`` (FA3 semantics).
 
+fp8 e4m3 (FA3): q, k, v (and the KV caches, k, v of ``flash_attn_with_kvcache``) may be
+``torch.float8_e4m3fn``, or ``uint8`` tensors holding e4m3 bits (torch builds without an
+fp8 dtype, such as Debian's torch 1.13, and numpy); all of one call's operands use the
+same one. ``q_descale``, ``k_descale``, ``v_descale`` ``[b, h_k]`` fp32 (optional, default
+1) multiply the dequantised values: scores ``scale * q_descale[b, g] * k_descale[b, g] *
+(q . k)`` and output ``v_descale[b, g] * softmax V`` for query heads of KV head ``g``; the
+LSE is that of these scores. The output is bf16 (fp32 for numpy inputs, numpy having no
+bfloat16); descales on non-fp8 inputs are a ``ValueError``. Rotary tables with fp8 are
+rejected (rotate before quantising).
+
 Speed hints (``num_splits``, ``pack_gqa``, ``sm_margin``, ``deterministic``,
 ``scheduler_metadata``) are accepted and never change results beyond rounding. Arguments
-that need kernel features ringattn does not have yet (``qv``, ``q/k/v_descale`` and fp8
-inputs; ``attention_chunk != 0``, sinks, varlen queries and ``rotary_seqlens`` in
-``flash_attn_with_kvcache``) raise ``ValueError`` naming the argument. There is no
-backward pass (outputs do not track gradients).
+that need kernel features ringattn does not have yet (``qv``) raise ``ValueError`` naming
+the argument. There is no backward pass (outputs do not track gradients).
 """
 
 import math
@@ -70,14 +78,44 @@ def _describe(x):
     return repr(x)
 
 
+# fp8 e4m3 operands: torch.float8_e4m3fn, or uint8 holding the e4m3 bits (torch builds
+# without an fp8 dtype, e.g. Debian's torch 1.13; numpy).
+_FP8_TYPES = ("fp8", "u8")
+
+
 def _float_arg(x, name, ndim, shape_text):
-    """TensorArg of an attention operand (fp32 / bf16 / fp16), read in place."""
+    """TensorArg of an attention operand (fp32 / bf16 / fp16 / fp8 e4m3), read in place."""
     if x is None:
         raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got None")
-    t = _tensor.arg(x, name, types=_tensor.FLOAT_TYPES + ("fp8",), ndim=ndim, shape_text=shape_text)
-    if t.type == "fp8":
-        raise ValueError(f"{name}: fp8 inputs (with q/k/v_descale) are not supported yet; pass fp32, bf16 or fp16")
-    return t
+    return _tensor.arg(x, name, types=_tensor.FLOAT_TYPES + _FP8_TYPES, ndim=ndim,
+                       shape_text=shape_text)
+
+
+def _out_type(ref, typ):
+    """Output element type for inputs of element type `typ`: q's type, and for fp8 inputs
+    bf16 (torch) or fp32 (numpy, which has no bfloat16)."""
+    if typ in _FP8_TYPES:
+        return "bf16" if _tensor.is_torch(ref) else "fp32"
+    return typ
+
+
+def _descale_args(typ, b, h_k, ref, **named):
+    """TensorArgs of q_descale / k_descale / v_descale ([b, h_k] fp32, FA3; None when absent).
+    Only fp8 inputs take them."""
+    out = []
+    for name, x in named.items():
+        if x is None:
+            out.append(None)
+            continue
+        if typ not in _FP8_TYPES:
+            raise ValueError(f"{name}: only fp8 inputs (float8_e4m3fn or uint8 e4m3 bits) take "
+                             f"descales, q is {typ}")
+        _tensor.same_kind(ref, {name: x})
+        t = _tensor.arg(x, name, types=("fp32",), ndim=2, shape_text="[b, h_k]")
+        if tuple(t.shape) != (b, h_k):
+            raise ValueError(f"{name}: expected shape [b, h_k] = [{b}, {h_k}], got {list(t.shape)}")
+        out.append(t)
+    return out
 
 
 def _same_dtype(qa, others):
@@ -236,9 +274,7 @@ def flash_attn_func(
     docstring). The keyword-only dropout_p and alibi_slopes exist only to raise a clear
     ValueError.
     """
-    _unsupported(qv=(qv, None), q_descale=(q_descale, None), k_descale=(k_descale, None),
-                 v_descale=(v_descale, None), dropout_p=(dropout_p, 0.0),
-                 alibi_slopes=(alibi_slopes, None))
+    _unsupported(qv=(qv, None), dropout_p=(dropout_p, 0.0), alibi_slopes=(alibi_slopes, None))
     _tensor.type_of(q, "q")
     _tensor.same_kind(q, {"k": k, "v": v})
     qa = _float_arg(q, "q", 4, "[b, s_q, h, d]")
@@ -248,7 +284,9 @@ def flash_attn_func(
     b, s_q, h, d = (int(x) for x in q.shape)
     d_v = int(v.shape[-1])
     _check_head_dims(d, d_v, "q", "v")
-    typ = qa.type
+    dsa = _descale_args(qa.type, b, int(k.shape[2]), q, q_descale=q_descale,
+                        k_descale=k_descale, v_descale=v_descale)
+    typ = _out_type(q, qa.type)
     out = _tensor.empty(q, (b, s_q, h, d_v), typ)
     lse = _tensor.empty(q, (b, h, s_q), "fp32")
     wl, wr = _tensor.window_pair(window_size)
@@ -258,7 +296,7 @@ def flash_attn_func(
     _C.fwd(qa, ka, va, _tensor.arg(out, "out"), _lse_arg(lse),
            None, None, None, None, 0, 0, _scale(softmax_scale), bool(causal), wl, wr,
            _softcap(softcap), _num_splits(num_splits), sink_arg,
-           _attention_chunk(attention_chunk))
+           _attention_chunk(attention_chunk), *dsa)
     del sink
     return (out, lse) if return_attn_probs else out
 
@@ -301,9 +339,7 @@ def flash_attn_varlen_func(
     sinks (alias s_aux): [h] fp32 attention-sink logits; attention_chunk > 0: chunked
     local attention within each segment (module docstring).
     """
-    _unsupported(qv=(qv, None), q_descale=(q_descale, None), k_descale=(k_descale, None),
-                 v_descale=(v_descale, None), dropout_p=(dropout_p, 0.0),
-                 alibi_slopes=(alibi_slopes, None))
+    _unsupported(qv=(qv, None), dropout_p=(dropout_p, 0.0), alibi_slopes=(alibi_slopes, None))
     _tensor.type_of(q, "q")
     _tensor.same_kind(q, {"k": k, "v": v})
     qa = _float_arg(q, "q", 3, "[total_q, h, d]")
@@ -338,7 +374,9 @@ def flash_attn_varlen_func(
     for name, arr in (("seqused_q", sq), ("seqused_k", sk)):
         if arr is not None and arr.shape[0] != b:
             raise ValueError(f"{name}: expected {b} entries (one per sequence), got {arr.shape[0]}")
-    typ = qa.type
+    dsa = _descale_args(qa.type, b, int(k.shape[1]), q, q_descale=q_descale,
+                        k_descale=k_descale, v_descale=v_descale)
+    typ = _out_type(q, qa.type)
     out = _tensor.empty(q, (total_q, h, d_v), typ)
     lse = _tensor.empty(q, (h, total_q), "fp32")
     # The kernel writes rows [0, cu_seqlens_q[-1]) and lays the LSE out as [h, that].
@@ -348,7 +386,7 @@ def flash_attn_varlen_func(
     _C.fwd(qa, ka, va, _tensor.arg(out, "out"), _lse_arg(lse_k),
            cqa, cka, sqa, ska, msq, msk, _scale(softmax_scale), bool(causal), wl, wr,
            _softcap(softcap), _num_splits(num_splits), sink_arg,
-           _attention_chunk(attention_chunk))
+           _attention_chunk(attention_chunk), *dsa)
     del sink
     if end_q < total_q:
         out[end_q:] = 0
@@ -465,11 +503,11 @@ def flash_attn_with_kvcache(
     accumulators are empty fp32 tensors (the CPU kernel merges its splits internally).
     scheduler_metadata from get_scheduler_metadata is used as the split plan.
     """
-    if not (qv is None and q_descale is None and k_descale is None and v_descale is None):
-        _unsupported(qv=(qv, None), q_descale=(q_descale, None), k_descale=(k_descale, None),
-                     v_descale=(v_descale, None))
+    if qv is not None:
+        _unsupported(qv=(qv, None))
     if (attention_chunk == 0 and cu_seqlens_q is None and cu_seqlens_k_new is None
-            and max_seqlen_q is None and rotary_seqlens is None and sinks is None and s_aux is None):
+            and max_seqlen_q is None and rotary_seqlens is None and sinks is None and s_aux is None
+            and q_descale is None and k_descale is None and v_descale is None):
         # The common decode call runs in one C++ call (None: this Python path applies).
         r = _C.kvcache_fast(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                             cache_batch_idx, cache_leftpad, page_table, softmax_scale, causal,
@@ -530,7 +568,9 @@ def flash_attn_with_kvcache(
     rs, rsa = _index(rotary_seqlens, "rotary_seqlens")
     sk, ska = _tensor.sinks_arg(sinks, s_aux, h, q)
     chunk = _tensor.check_scalar_int(attention_chunk, "attention_chunk")
-    typ = qa.type
+    dsa = _descale_args(qa.type, b, int(k_cache.shape[2]), q, q_descale=q_descale,
+                        k_descale=k_descale, v_descale=v_descale)
+    typ = _out_type(q, qa.type)
     out = _tensor.empty(q, (total_q, h, d_v) if vq else (b, s_q, h, d_v), typ)
     lse = _tensor.empty(q, (h, total_q) if vq else (b, h, s_q), "fp32")
     wl, wr = _tensor.window_pair(window_size)
@@ -541,7 +581,7 @@ def flash_attn_with_kvcache(
                    None if sin is None else _tensor.arg(sin, "rotary_sin", types=("fp32",)),
                    bool(rotary_interleaved), _scale(softmax_scale), bool(causal), wl, wr,
                    _softcap(softcap), _num_splits(num_splits), plana, ska, chunk, rsa, cqa,
-                   s_q if vq else 0, ckna)
+                   s_q if vq else 0, ckna, *dsa)
     del cs, cb, lp, pt, cq, ckn, rs, sk  # kept alive through the call
     if return_softmax_lse:
         return out, lse, _lse_empty(q), _lse_empty(q)
