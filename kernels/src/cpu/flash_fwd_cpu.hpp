@@ -38,6 +38,7 @@ struct SeqDesc {
   std::int64_t s_k = 0;    // keys
   std::int64_t shift = 0;  // mask diagonal: key j is on the diagonal of row i when j == i + shift
   std::int64_t q_off = 0, out_off = 0, lse_off = 0;
+  std::int64_t qv_off = 0;  // qv row i of head hq: qv + qv_off + i * qv_row_stride + ...
   KvRows k, v;
   int num_splits = 1;  // key splits (>= 1)
 };
@@ -52,6 +53,9 @@ struct AttnProblem {
   std::int64_t out_row_stride = 0, out_head_stride = 0;
   float* lse = nullptr;  // nullable
   std::int64_t lse_head_stride = 0;
+  // FA3 qv [.., h, d_v] in `dtype`, nullable: score = scale * (q . k + qv . v).
+  const void* qv = nullptr;
+  std::int64_t qv_row_stride = 0, qv_head_stride = 0;
   float scale = 1.0f;            // resolved (never 0)
   float softcap = 0.0f;          // 0 = off
   int w_left = -1;               // -1 = unbounded
