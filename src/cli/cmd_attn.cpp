@@ -4,6 +4,8 @@
 //   varlen: --q [total_q, h, d] --k [total_k, h_k, d] --v [total_k, h_k, d_v]
 //           with --cu-seqlens-q/--cu-seqlens-k [b+1] (int32 or int64)
 //           -> --out [total_q, h, d_v], --lse [h, total_q]
+//   --qv (FA3): extra query part shaped as --out, same file dtype as --q;
+//           score = scale * (q . k + qv . v), default scale 1/sqrt(d + d_v).
 // Rows that see no key get output 0 and LSE -inf.
 #include <algorithm>
 #include <cstdio>
@@ -46,7 +48,7 @@ int check_cu_seqlens(const std::string& opt, const std::vector<std::int32_t>& cu
 }  // namespace
 
 int cmd_attn(int argc, char** argv) {
-  std::string q_path, k_path, v_path, out_path, lse_path;
+  std::string q_path, k_path, v_path, out_path, lse_path, qv_path;
   std::string cu_q_path, cu_k_path, used_q_path, used_k_path;
   int max_seqlen_q = 0, max_seqlen_k = 0, num_splits = 0;
   bool json = false;
@@ -59,6 +61,9 @@ int cmd_attn(int argc, char** argv) {
   add("k", po::value<std::string>(&k_path), "keys: [b, s_k, h_k, d] or varlen [total_k, h_k, d]");
   add("v", po::value<std::string>(&v_path),
       "values: [b, s_k, h_k, d_v] or varlen [total_k, h_k, d_v]");
+  add("qv", po::value<std::string>(&qv_path),
+      "FA3 qv: extra query part [b, s_q, h, d_v] or varlen [total_q, h, d_v], same file dtype "
+      "as --q; score = scale * (q.k + qv.v), default scale 1/sqrt(d + d_v)");
   add("out", po::value<std::string>(&out_path),
       "output fp32 [b, s_q, h, d_v] or [total_q, h, d_v]");
   add("lse", po::value<std::string>(&lse_path), "log-sum-exp fp32 [b, h, s_q] or [h, total_q]");
@@ -122,6 +127,17 @@ int cmd_attn(int argc, char** argv) {
                                       << shape_to_string(q.shape) << ", --k shape "
                                       << shape_to_string(k.shape) << ")");
   const std::int64_t d = q.shape[hd + 1], d_v = v.shape[hd + 1];
+  std::optional<NpyFile> qv_file;
+  if (vm.count("qv")) {
+    qv_file.emplace(open_tensor("--qv", qv_path, rank));
+    RA_CHECK_ARG(qv_file->header().dtype == q.dtype,
+                 "--qv: file dtype " << npy_descr(qv_file->header().dtype) << " must equal --q's "
+                                     << npy_descr(q.dtype));
+    RA_CHECK_ARG(d_v <= kMaxHeadDim, "--qv: d_v = " << d_v << " (--v head dim) exceeds the limit "
+                                                    << kMaxHeadDim
+                                                    << " of the attention kernels; absorbed MLA "
+                                                       "(d_v = 512) runs through `ringattn mla`");
+  }
   RA_CHECK_ARG(
       d <= kMaxHeadDim && d_v <= kMaxHeadDim,
       "--q/--v: head dims must be <= " << kMaxHeadDim << ", got d = " << d << ", d_v = " << d_v);
@@ -190,6 +206,13 @@ int cmd_attn(int argc, char** argv) {
     lse_shape = {q.shape[0], h, q.shape[1]};
   }
 
+  if (qv_file) {
+    check_shape("--qv", qv_file->header(), out_shape,
+                "shaped as the output [" + std::string(varlen ? "total_q" : "b, s_q") +
+                    ", h, d_v]; --q shape " + shape_to_string(q.shape) + ", --v shape " +
+                    shape_to_string(v.shape));
+  }
+
   // Output files are created before anything is computed (a bad path fails at once)
   // and the kernel writes into them directly. Dense: the kernel writes every element.
   // Varlen: rows outside every segment (or beyond seqused_q) are set to output 0,
@@ -205,9 +228,12 @@ int cmd_attn(int argc, char** argv) {
   const StoredTensor qs = load_storage("--q", q_file, dtype),
                      ks = load_storage("--k", k_file, dtype),
                      vs = load_storage("--v", v_file, dtype);
+  std::optional<StoredTensor> qvs;
+  if (qv_file) qvs.emplace(load_storage("--qv", *qv_file, dtype));
   p.q = qs.data();
   p.k = ks.data();
   p.v = vs.data();
+  p.qv = qvs ? qvs->data() : nullptr;
   p.out = out.data();
   p.lse = !lse ? nullptr : varlen ? lse_varlen.get() : lse->data();
   set_contiguous_strides(p);  // for varlen the row dim is the first one
@@ -246,6 +272,7 @@ int cmd_attn(int argc, char** argv) {
     j["d"] = p.d;
     j["d_v"] = p.d_v;
     j["causal"] = p.mask.causal;
+    j["qv"] = p.qv != nullptr;
     j["dtype"] = dtype_name(dtype);
     j["backend"] = engine.backend_name();
     j["threads"] = engine.threads();
