@@ -57,13 +57,11 @@ KernelFn kernel_for(CpuIsa isa) {
 // faster on a Xeon (docs/cpu-backend.md). Key-major fp32 decode, bf16 / fp16 decode
 // and all prefill keep AVX-512.
 // kAmx / kAvx512Bf16: bf16 storage runs flash_fwd_amx / flash_fwd_avx512_bf16 (engine
-// prefill, AVX-512 decode); other dtypes the AVX-512 kernels. Calls with qv run the
-// AVX-512 vector tiles on every tier (the matrix engines have no qv product;
-// docs/cpu-backend.md).
+// prefill, AVX-512 decode); other dtypes the AVX-512 kernels. cpu-amx runs calls with
+// qv on the AVX-512 vector tiles (its AMX tile has no qv product; docs/cpu-backend.md).
 KernelFn kernel_for_problem(CpuIsa isa, const AttnProblem& a) {
   if (a.dtype == DType::kBF16 && !a.qv && isa == CpuIsa::kAmx) return &cpu::flash_fwd_amx;
-  if (a.dtype == DType::kBF16 && !a.qv && isa == CpuIsa::kAvx512Bf16)
-    return &cpu::flash_fwd_avx512_bf16;
+  if (a.dtype == DType::kBF16 && isa == CpuIsa::kAvx512Bf16) return &cpu::flash_fwd_avx512_bf16;
   isa = vector_isa(isa);
   if (isa == CpuIsa::kAvx512 && a.dtype == DType::kF32 && !a.decode_key_major) {
     const int group = a.h / a.h_k;

@@ -17,7 +17,6 @@ namespace ringattn::detail::cpu {
 
 void flash_fwd_avx512_bf16(const AttnProblem& p, int threads) {
   if (p.dtype != DType::kBF16) throw_unsupported_dtype(p.dtype);
-  if (p.qv) return flash_fwd_avx512(p, threads);  // qv: the vector tiles (no vdpbf16ps product)
   FlashFwd<SimdAvx512, bf16_t, DpBf16Engine<SimdAvx512Bf16, kKeyTile>>(p).run(threads);
 }
 

@@ -24,8 +24,9 @@
 //    prefill tile packs V^T under K^T in kt ([dk_rows][kKeyTile]: K^T, zero rows to
 //    dqa, V^T), so S = Q K^T is one product over dk_rows = dqa + d_v; the decode
 //    kernels add a second dot-product pass of the qv part against the V rows they read
-//    for P V anyway. The matrix engines (E hooks) take no qv: cpu_backend.cpp runs
-//    qv calls on the vector tiles.
+//    for P V anyway. A matrix engine sees has_qv and packs its own layouts
+//    (DpBf16Engine: the same [q, qv] x [K; V] product); cpu_backend.cpp runs qv calls
+//    of the AMX tier on the vector tiles.
 //
 // Both keep one SoftmaxState (running max m, running sum d) per row and an fp32
 // accumulator o[M][d_v]; a task covering a key split writes its unnormalised
