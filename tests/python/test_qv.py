@@ -239,3 +239,26 @@ def test_qv_bad_inputs_name_the_argument():
     kc, vc = make((2, 8, 2, 16), "fp32", "torch", rng), make((2, 8, 2, 32), "fp32", "torch", rng)
     with pytest.raises(ValueError, match=r"qv: shape \[2, 3, 4, 16\]"):
         fai.flash_attn_with_kvcache(q, kc, vc, qv=make((2, 3, 4, 16), "fp32", "torch", rng), cache_seqlens=4)
+
+
+@pytest.mark.parametrize("kind,typ", [("torch", "fp32"), ("numpy", "fp32"), ("torch", "bf16")])
+def test_kvcache_packed_queries_with_qv_match_per_sequence_calls(kind, typ):
+    """cu_seqlens_q packs each sequence's query rows and its qv rows ([total_q, h, d_v]);
+    the result equals one call per sequence (chunked prefill, causal, GQA)."""
+    rng = rng_for("kv-packed", kind, typ)
+    h, h_k, d, d_v, cap = 6, 2, 32, 64, 40
+    q_lens, seqlens = [3, 0, 5], np.array([7, 12, 0], np.int32)
+    b = len(q_lens)
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    k_cache, v_cache = make((b, cap, h_k, d), typ, kind, rng), make((b, cap, h_k, d_v), typ, kind, rng)
+    q, qv = make((int(cu[-1]), h, d), typ, kind, rng), make((int(cu[-1]), h, d_v), typ, kind, rng)
+    conv = (lambda a: a) if kind == "numpy" else torch.from_numpy
+    out = fai.flash_attn_with_kvcache(q, k_cache, v_cache, qv=qv, cache_seqlens=conv(seqlens),
+                                      cu_seqlens_q=conv(cu), max_seqlen_q=max(q_lens), causal=True)
+    for i in range(b):
+        a, e = int(cu[i]), int(cu[i + 1])
+        if a == e:
+            continue
+        ro, _ = ref_attention(f64(q[a:e]), f64(k_cache[i, : seqlens[i]]), f64(v_cache[i, : seqlens[i]]),
+                              f64(qv[a:e]), None, True)
+        check(out[a:e], ro, typ, f"packed kvcache qv seq {i}")
