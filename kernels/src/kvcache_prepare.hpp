@@ -67,6 +67,11 @@ inline std::int64_t kv_q_offset(const KvCacheParams& p, int i, std::int64_t r) {
   return p.cu_seqlens_q ? (p.cu_seqlens_q[i] + r) * p.q_row_stride
                         : i * p.q_batch_stride + r * p.q_row_stride;
 }
+// Element offset into qv (FA3's extra query part, shaped as out) of row r of sequence i.
+inline std::int64_t kv_qv_offset(const KvCacheParams& p, int i, std::int64_t r) {
+  return p.cu_seqlens_q ? (p.cu_seqlens_q[i] + r) * p.qv_row_stride
+                        : i * p.qv_batch_stride + r * p.qv_row_stride;
+}
 inline std::int64_t kv_out_offset(const KvCacheParams& p, int i, std::int64_t r) {
   return p.cu_seqlens_q ? (p.cu_seqlens_q[i] + r) * p.out_row_stride
                         : i * p.out_batch_stride + r * p.out_row_stride;

@@ -144,6 +144,19 @@ void check_seqused(const char* name, const std::int32_t* used, int b, LenFn&& le
   }
 }
 
+// qv (FA3): extra query part [.., h, d_v] of q's dtype. The kernels keep d_v within
+// kMaxHeadDim; FA3's MLA shape (d = 64, d_v = 512) belongs to the MLA entry points.
+// Not with fp8 storage (the descales have no qv factor; FA3 takes qv in 16 bits).
+void check_qv(const void* qv, int d_v, DType dtype) {
+  if (!qv) return;
+  RA_CHECK_ARG(dtype != DType::kFP8E4M3,
+               "qv: not supported with fp8 (e4m3) storage; pass qv with fp32, bf16 or fp16 q");
+  RA_CHECK_ARG(d_v <= kMaxHeadDim,
+               "qv: d_v=" << d_v << " exceeds the limit of " << kMaxHeadDim
+                          << " for the value head dim with qv (absorbed MLA with a 512-wide "
+                             "latent runs through Engine::mla_decode / flash_mla_interface)");
+}
+
 }  // namespace
 
 void validate(const FwdParams& p) {
@@ -153,6 +166,7 @@ void validate(const FwdParams& p) {
   check_descale(p.descale, p.dtype, p.b, p.h_k);
   RA_CHECK_ARG_GE(p.s_q, 0, "s_q: query length must be >= 0");
   RA_CHECK_ARG_GE(p.s_k, 0, "s_k: key length must be >= 0");
+  check_qv(p.qv, p.d_v, p.dtype);
   check_heads(p.h, p.h_k, p.d, p.d_v);
   validate_mask(p.mask, p.h, p.b);
   RA_CHECK_ARG_GE(p.num_splits, 0, "num_splits: must be >= 0 (0 = engine decides)");
@@ -207,6 +221,12 @@ void validate(const FwdParams& p) {
                        {{"batch", nb, p.out_batch_stride},
                         {"row", nq, p.out_row_stride},
                         {"head", p.h, p.out_head_stride}});
+  if (p.qv) {  // [b, s_q, h, d_v] / [total_q, h, d_v], as out
+    check_input_strides("qv", p.d_v,
+                        {{"batch", nb, p.qv_batch_stride},
+                         {"row", nq, p.qv_row_stride},
+                         {"head", p.h, p.qv_head_stride}});
+  }
 }
 
 void validate(const KvCacheParams& p) {
@@ -216,6 +236,7 @@ void validate(const KvCacheParams& p) {
   check_descale(p.descale, p.dtype, p.b, p.h_k);
   RA_CHECK_ARG_GE(p.s_q, 0, "s_q: query length must be >= 0");
   RA_CHECK_ARG_GE(p.s_new, 0, "s_new: rows of k_new/v_new must be >= 0");
+  check_qv(p.qv, p.d_v, p.dtype);
   check_heads(p.h, p.h_k, p.d, p.d_v);
   validate_mask(p.mask, p.h, p.b);
   RA_CHECK_ARG_GE(p.num_splits, 0, "num_splits: must be >= 0 (0 = engine decides)");
@@ -378,6 +399,12 @@ void validate(const KvCacheParams& p) {
                        {{"batch", qb, p.out_batch_stride},
                         {"row", qr, p.out_row_stride},
                         {"head", p.h, p.out_head_stride}});
+  if (p.qv) {  // [b, s_q, h, d_v] / [total_q, h, d_v], as out
+    check_input_strides("qv", p.d_v,
+                        {{"batch", qb, p.qv_batch_stride},
+                         {"row", qr, p.qv_row_stride},
+                         {"head", p.h, p.qv_head_stride}});
+  }
 }
 
 }  // namespace ringattn::detail
@@ -389,7 +416,9 @@ void validate_mask(const MaskParams& m, int h, int b) {
   RA_CHECK_ARG_GE(m.window_right, -1, "window_right: must be >= -1 (-1 = unbounded)");
   RA_CHECK_ARG(std::isfinite(m.softcap) && m.softcap >= 0.0f,
                "softcap: must be finite and >= 0 (0 = off), got " << m.softcap);
-  RA_CHECK_ARG(std::isfinite(m.scale), "scale: must be finite (0 = 1/sqrt(d)), got " << m.scale);
+  RA_CHECK_ARG(
+      std::isfinite(m.scale),
+      "scale: must be finite (0 = 1/sqrt(d), or 1/sqrt(d + d_v) with qv), got " << m.scale);
   RA_CHECK_ARG_GE(m.attention_chunk, 0, "attention_chunk: must be >= 0 (0 = off)");
   RA_CHECK_ARG((m.chunk_q_pos == nullptr) == (m.chunk_k_pos == nullptr),
                "chunk_q_pos / chunk_k_pos: must be set together (chunk_q_pos "

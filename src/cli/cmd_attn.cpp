@@ -4,6 +4,8 @@
 //   varlen: --q [total_q, h, d] --k [total_k, h_k, d] --v [total_k, h_k, d_v]
 //           with --cu-seqlens-q/--cu-seqlens-k [b+1] (int32 or int64)
 //           -> --out [total_q, h, d_v], --lse [h, total_q]
+//   --qv (FA3): extra query part shaped as --out, same file dtype as --q;
+//           score = scale * (q . k + qv . v), default scale 1/sqrt(d + d_v).
 // Rows that see no key get output 0 and LSE -inf. --dtype fp8: q/k/v files hold e4m3
 // bytes (|u1), --q-descale/--k-descale/--v-descale [b, h_k]; the output stays fp32.
 #include <algorithm>
@@ -48,7 +50,7 @@ int check_cu_seqlens(const std::string& opt, const std::vector<std::int32_t>& cu
 }  // namespace
 
 int cmd_attn(int argc, char** argv) {
-  std::string q_path, k_path, v_path, out_path, lse_path;
+  std::string q_path, k_path, v_path, out_path, lse_path, qv_path;
   std::string cu_q_path, cu_k_path, used_q_path, used_k_path;
   std::string q_ds_path, k_ds_path, v_ds_path;
   int max_seqlen_q = 0, max_seqlen_k = 0, num_splits = 0;
@@ -62,6 +64,11 @@ int cmd_attn(int argc, char** argv) {
     f(q_path, {"q", "queries: [b, s_q, h, d] or varlen [total_q, h, d]", kNoDefault});
     f(k_path, {"k", "keys: [b, s_k, h_k, d] or varlen [total_k, h_k, d]", kNoDefault});
     f(v_path, {"v", "values: [b, s_k, h_k, d_v] or varlen [total_k, h_k, d_v]", kNoDefault});
+    f(qv_path, {"qv",
+                "FA3 qv: extra query part [b, s_q, h, d_v] or varlen [total_q, h, d_v], same "
+                "file dtype as --q (not fp8); score = scale * (q.k + qv.v), default scale "
+                "1/sqrt(d + d_v)",
+                kNoDefault});
     f(out_path, {"out", "output fp32 [b, s_q, h, d_v] or [total_q, h, d_v]", kNoDefault});
     f(lse_path, {"lse", "log-sum-exp fp32 [b, h, s_q] or [h, total_q]", kNoDefault});
     f(cu_q_path, {"cu-seqlens-q", "varlen: query segment offsets [b+1] int32/int64", kNoDefault});
@@ -121,6 +128,17 @@ int cmd_attn(int argc, char** argv) {
                                       << shape_to_string(q.shape) << ", --k shape "
                                       << shape_to_string(k.shape) << ")");
   const std::int64_t d = q.shape[hd + 1], d_v = v.shape[hd + 1];
+  std::optional<NpyFile> qv_file;
+  if (vm.count("qv")) {
+    qv_file.emplace(open_tensor("--qv", qv_path, rank));
+    RA_CHECK_ARG(qv_file->header().dtype == q.dtype,
+                 "--qv: file dtype " << npy_descr(qv_file->header().dtype) << " must equal --q's "
+                                     << npy_descr(q.dtype));
+    RA_CHECK_ARG(d_v <= kMaxHeadDim, "--qv: d_v = " << d_v << " (--v head dim) exceeds the limit "
+                                                    << kMaxHeadDim
+                                                    << " of the attention kernels; absorbed MLA "
+                                                       "(d_v = 512) runs through `ringattn mla`");
+  }
   RA_CHECK_ARG(
       d <= kMaxHeadDim && d_v <= kMaxHeadDim,
       "--q/--v: head dims must be <= " << kMaxHeadDim << ", got d = " << d << ", d_v = " << d_v);
@@ -191,6 +209,12 @@ int cmd_attn(int argc, char** argv) {
 
   Descales descales;
   load_descales(q_ds_path, k_ds_path, v_ds_path, dtype, p.b, h_k, descales, p.descale);
+  if (qv_file) {
+    check_shape("--qv", qv_file->header(), out_shape,
+                "shaped as the output [" + std::string(varlen ? "total_q" : "b, s_q") +
+                    ", h, d_v]; --q shape " + shape_to_string(q.shape) + ", --v shape " +
+                    shape_to_string(v.shape));
+  }
 
   // Output files are created before anything is computed (a bad path fails at once)
   // and the kernel writes into them directly. Dense: the kernel writes every element.
@@ -207,9 +231,12 @@ int cmd_attn(int argc, char** argv) {
   const StoredTensor qs = load_storage("--q", q_file, dtype),
                      ks = load_storage("--k", k_file, dtype),
                      vs = load_storage("--v", v_file, dtype);
+  std::optional<StoredTensor> qvs;
+  if (qv_file) qvs.emplace(load_storage("--qv", *qv_file, dtype));
   p.q = qs.data();
   p.k = ks.data();
   p.v = vs.data();
+  p.qv = qvs ? qvs->data() : nullptr;
   p.out = out.data();
   p.lse = !lse ? nullptr : varlen ? lse_varlen.get() : lse->data();
   set_contiguous_strides(p);  // for varlen the row dim is the first one
@@ -248,6 +275,7 @@ int cmd_attn(int argc, char** argv) {
     j["d"] = p.d;
     j["d_v"] = p.d_v;
     j["causal"] = p.mask.causal;
+    j["qv"] = p.qv != nullptr;
     j["dtype"] = dtype_name(dtype);
     j["backend"] = engine.backend_name();
     j["threads"] = engine.threads();

@@ -14,6 +14,8 @@
 // Variable lengths (chunked prefill): --cu-seqlens-q [b+1] makes --q [total_q, h, d]
 // (--out [total_q, h, d_v], --lse [h, total_q]); --cu-seqlens-k-new [b+1] makes
 // --k-new/--v-new [total_new, h_k, d / d_v], sequence i appending its own segment.
+// --qv (FA3): extra query part shaped as --out, same file dtype as --q, not rotated;
+// score = scale * (q . k + qv . v), default scale 1/sqrt(d + d_v).
 #include <algorithm>
 #include <cstdio>
 #include <optional>
@@ -44,7 +46,7 @@ constexpr const char* kUsage =
 int cmd_kvcache(int argc, char** argv) {
   std::string q_path, kc_path, vc_path, seqlens_path, page_table_path, k_new_path, v_new_path;
   std::string batch_idx_path, leftpad_path, cos_path, sin_path;
-  std::string out_path, lse_path, kc_out_path, vc_out_path;
+  std::string out_path, lse_path, kc_out_path, vc_out_path, qv_path;
   std::string cu_q_path, cu_new_path, rot_seqlens_path;
   std::string q_ds_path, k_ds_path, v_ds_path;
   bool rotary_interleaved = false;
@@ -92,6 +94,11 @@ int cmd_kvcache(int argc, char** argv) {
     f(cu_new_path,
       {"cu-seqlens-k-new",
        "varlen new keys: [b+1] offsets into --k-new/--v-new [total_new, h_k, d]", kNoDefault});
+    f(qv_path, {"qv",
+                "FA3 qv: extra query part [b, s_q, h, d_v] (varlen [total_q, h, d_v]), same "
+                "file dtype as --q (not fp8), not rotated; score = scale * (q.k + qv.v), "
+                "default scale 1/sqrt(d + d_v)",
+                kNoDefault});
     f(out_path, {"out", "output fp32 [b, s_q, h, d_v]", kNoDefault});
     f(lse_path, {"lse", "log-sum-exp fp32 [b, h, s_q]", kNoDefault});
     f(kc_out_path, {"k-cache-out", "updated key cache (dtype of --k-cache)", kNoDefault});
@@ -270,6 +277,21 @@ int cmd_kvcache(int argc, char** argv) {
       vq ? std::vector<std::int64_t>{total_q, h, d_v} : std::vector<std::int64_t>{b, s_q, h, d_v};
   const std::vector<std::int64_t> lse_shape =
       vq ? std::vector<std::int64_t>{h, total_q} : std::vector<std::int64_t>{b, h, s_q};
+  std::optional<NpyFile> qv_file;
+  if (vm.count("qv")) {
+    qv_file.emplace(open_tensor("--qv", qv_path, vq ? 3 : 4));
+    RA_CHECK_ARG(qv_file->header().dtype == q.dtype,
+                 "--qv: file dtype " << npy_descr(qv_file->header().dtype) << " must equal --q's "
+                                     << npy_descr(q.dtype));
+    RA_CHECK_ARG(d_v <= kMaxHeadDim, "--qv: d_v = " << d_v << " (--v-cache head dim) exceeds the "
+                                                    << "limit " << kMaxHeadDim
+                                                    << " of the attention kernels; absorbed MLA "
+                                                       "(d_v = 512) runs through `ringattn mla`");
+    check_shape("--qv", qv_file->header(), out_shape,
+                "shaped as the output [" + std::string(vq ? "total_q" : "b, s_q") +
+                    ", h, d_v]; --q shape " + shape_to_string(q.shape) + ", --v-cache shape " +
+                    shape_to_string(vc.shape));
+  }
   OutputTensor out("--out", out_path, out_shape);
   std::optional<OutputTensor> lse;
   if (!lse_path.empty()) lse.emplace("--lse", lse_path, lse_shape);
@@ -279,6 +301,9 @@ int cmd_kvcache(int argc, char** argv) {
   // Inputs in storage dtype: the files themselves when they hold it (mapped; the
   // caches copy-on-write, as the append writes into them and never into the files).
   const StoredTensor qs = load_storage("--q", q_file, dtype);
+  std::optional<StoredTensor> qvs;
+  if (qv_file) qvs.emplace(load_storage("--qv", *qv_file, dtype));
+  p.qv = qvs ? qvs->data() : nullptr;
   const StoredTensor kcs = load_storage("--k-cache", kc_file, dtype, true),
                      vcs = load_storage("--v-cache", vc_file, dtype, true);
   if (vq) p.cu_seqlens_q = cu_q.data();

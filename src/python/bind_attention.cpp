@@ -16,6 +16,8 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #include "bind_common.hpp"
@@ -95,9 +97,35 @@ void set_descales(Fp8Descale& ds, int b, int h_k, const std::optional<TensorArg>
   ds.v = descale_data(v_descale, b, h_k, ds.v_batch_stride);
 }
 
+// "[2, 3, 6, 64]"
+std::string shape_text(const std::vector<std::int64_t>& shape) {
+  std::ostringstream os;
+  os << "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+  os << "]";
+  return os.str();
+}
+
+// FA3's qv (extra query part, score = scale * (q . k + qv . v)): shaped as out, `want`
+// ([b, s_q, h, d_v] or [total_q, h, d_v], named by `want_text`), in q's dtype. Sets the
+// params' qv pointer and strides; a mismatch names both shapes.
+void set_qv(const std::optional<TensorArg>& qv, const TensorArg& q,
+            const std::vector<std::int64_t>& want, const char* want_text, bool varlen,
+            const void*& ptr, std::int64_t& batch, std::int64_t& row, std::int64_t& head) {
+  if (!qv) return;
+  RA_CHECK_ARG(qv->type == q.type, qv->name << ": dtype " << elem_type_name(qv->type)
+                                            << " must equal q's " << elem_type_name(q.type));
+  RA_CHECK_ARG(qv->shape == want, qv->name << ": shape " << shape_text(qv->shape) << " must equal "
+                                           << want_text << " = " << shape_text(want) << " (q is "
+                                           << shape_text(q.shape) << ")");
+  ptr = qv->data<const void>();
+  strides3(*qv, varlen, batch, row, head);
+}
+
 // Dense: q [b, s_q, h, d], k [b, s_k, h_k, d], v [b, s_k, h_k, d_v] -> out
 // [b, s_q, h, d_v], lse [b, h, s_q] (contiguous fp32). Varlen (cu_seqlens_q set):
 // q [total_q, h, d], k/v [total_k, h_k, *], out [total_q, h, d_v], lse [h, total_q].
+// qv (optional): shaped as out, q's dtype.
 void fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const TensorArg& out,
          const std::optional<TensorArg>& lse, const std::optional<TensorArg>& cu_seqlens_q,
          const std::optional<TensorArg>& cu_seqlens_k, const std::optional<TensorArg>& seqused_q,
@@ -105,7 +133,7 @@ void fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const Tenso
          bool causal, int window_left, int window_right, float softcap, int num_splits,
          const std::optional<TensorArg>& sinks, int attention_chunk,
          const std::optional<TensorArg>& q_descale, const std::optional<TensorArg>& k_descale,
-         const std::optional<TensorArg>& v_descale) {
+         const std::optional<TensorArg>& v_descale, const std::optional<TensorArg>& qv) {
   const bool varlen = cu_seqlens_q.has_value();
   RA_CHECK_ARG(varlen == cu_seqlens_k.has_value(),
                "cu_seqlens_q and cu_seqlens_k must be given together");
@@ -151,6 +179,13 @@ void fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const Tenso
   p.mask.attention_chunk = attention_chunk;
   p.num_splits = num_splits;
   set_descales(p.descale, p.b, p.h_k, q_descale, k_descale, v_descale);
+  if (varlen) {
+    set_qv(qv, q, {q.dim(0), s.h, s.d_v}, "[total_q, h, d_v]", true, p.qv, p.qv_batch_stride,
+           p.qv_row_stride, p.qv_head_stride);
+  } else {
+    set_qv(qv, q, {s.b, s.s_q, s.h, s.d_v}, "[b, s_q, h, d_v]", false, p.qv, p.qv_batch_stride,
+           p.qv_row_stride, p.qv_head_stride);
+  }
   auto eng = engine();
   run_kernel([&] { eng->forward(p); });
 }
@@ -173,19 +208,23 @@ const std::int32_t* index_data(const std::optional<TensorArg>& t, std::int64_t n
 //   [b, s_new, h_k, d / d_v] appended in place; out [b, s_q, h, d_v]; lse [b, h, s_q].
 //   cache_seqlens/cache_batch_idx/cache_leftpad [b] int32; rotary_cos/sin
 //   [s_rotary, rotary_dim / 2] fp32 contiguous; plan [b] int32 key splits per sequence.
-void fwd_kvcache(
-    const TensorArg& q, const TensorArg& k_cache, const TensorArg& v_cache,
-    const std::optional<TensorArg>& k_new, const std::optional<TensorArg>& v_new,
-    const TensorArg& out, const std::optional<TensorArg>& lse, const TensorArg& cache_seqlens,
-    const std::optional<TensorArg>& cache_batch_idx, const std::optional<TensorArg>& cache_leftpad,
-    const std::optional<TensorArg>& page_table, const std::optional<TensorArg>& rotary_cos,
-    const std::optional<TensorArg>& rotary_sin, bool rotary_interleaved, float scale, bool causal,
-    int window_left, int window_right, float softcap, int num_splits,
-    const std::optional<TensorArg>& plan, const std::optional<TensorArg>& sinks,
-    int attention_chunk, const std::optional<TensorArg>& rotary_seqlens,
-    const std::optional<TensorArg>& cu_seqlens_q, int max_seqlen_q,
-    const std::optional<TensorArg>& cu_seqlens_k_new, const std::optional<TensorArg>& q_descale,
-    const std::optional<TensorArg>& k_descale, const std::optional<TensorArg>& v_descale) {
+//   qv (optional): shaped as out, q's dtype, not rotated.
+void fwd_kvcache(const TensorArg& q, const TensorArg& k_cache, const TensorArg& v_cache,
+                 const std::optional<TensorArg>& k_new, const std::optional<TensorArg>& v_new,
+                 const TensorArg& out, const std::optional<TensorArg>& lse,
+                 const TensorArg& cache_seqlens, const std::optional<TensorArg>& cache_batch_idx,
+                 const std::optional<TensorArg>& cache_leftpad,
+                 const std::optional<TensorArg>& page_table,
+                 const std::optional<TensorArg>& rotary_cos,
+                 const std::optional<TensorArg>& rotary_sin, bool rotary_interleaved, float scale,
+                 bool causal, int window_left, int window_right, float softcap, int num_splits,
+                 const std::optional<TensorArg>& plan, const std::optional<TensorArg>& sinks,
+                 int attention_chunk, const std::optional<TensorArg>& rotary_seqlens,
+                 const std::optional<TensorArg>& cu_seqlens_q, int max_seqlen_q,
+                 const std::optional<TensorArg>& cu_seqlens_k_new,
+                 const std::optional<TensorArg>& q_descale,
+                 const std::optional<TensorArg>& k_descale,
+                 const std::optional<TensorArg>& v_descale, const std::optional<TensorArg>& qv) {
   // Packed forms (FA3 chunked prefill): cu_seqlens_q [b + 1] makes q [total_q, h, d], out
   // [total_q, h, d_v], lse [h, total_q]; cu_seqlens_k_new [b + 1] makes k / v
   // [total_new, h_k, d / d_v]. Offsets are checked by the engine (naming the entry).
@@ -333,6 +372,13 @@ void fwd_kvcache(
   p.mask.attention_chunk = attention_chunk;
   p.num_splits = num_splits;
   set_descales(p.descale, p.b, p.h_k, q_descale, k_descale, v_descale);
+  if (vq) {
+    set_qv(qv, q, {q.dim(0), p.h, p.d_v}, "[total_q, h, d_v]", true, p.qv, p.qv_batch_stride,
+           p.qv_row_stride, p.qv_head_stride);
+  } else {
+    set_qv(qv, q, {p.b, p.s_q, p.h, p.d_v}, "[b, s_q, h, d_v]", false, p.qv, p.qv_batch_stride,
+           p.qv_row_stride, p.qv_head_stride);
+  }
   SchedulerMetadata md;
   auto eng = engine();
   if (plan) {
@@ -650,7 +696,7 @@ py::object kvcache_fast(py::handle q, py::handle k_cache, py::handle v_cache, py
   }
   fwd_kvcache(*qa, *kca, *vca, ka, va, out_arg, lse_arg, *cs, cb, lp, pt, std::nullopt,
               std::nullopt, true, scale, is_causal, wl, wr, cap, splits, plan, std::nullopt, 0,
-              std::nullopt, std::nullopt, 0, std::nullopt, std::nullopt, std::nullopt,
+              std::nullopt, std::nullopt, 0, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
               std::nullopt);
   if (!want_lse) return out;
   py::object none0 = empty_tensor(q, {0}, ElemType::kF32);
@@ -667,7 +713,7 @@ void register_attention(py::module_& m) {
         py::arg("causal"), py::arg("window_left"), py::arg("window_right"), py::arg("softcap"),
         py::arg("num_splits"), py::arg("sinks") = py::none(), py::arg("attention_chunk") = 0,
         py::arg("q_descale") = py::none(), py::arg("k_descale") = py::none(),
-        py::arg("v_descale") = py::none());
+        py::arg("v_descale") = py::none(), py::arg("qv") = py::none());
   m.def("fwd_kvcache", &fwd_kvcache, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cache_seqlens"),
         py::arg("cache_batch_idx"), py::arg("cache_leftpad"), py::arg("page_table"),
@@ -677,7 +723,8 @@ void register_attention(py::module_& m) {
         py::arg("attention_chunk") = 0, py::arg("rotary_seqlens") = py::none(),
         py::arg("cu_seqlens_q") = py::none(), py::arg("max_seqlen_q") = 0,
         py::arg("cu_seqlens_k_new") = py::none(), py::arg("q_descale") = py::none(),
-        py::arg("k_descale") = py::none(), py::arg("v_descale") = py::none());
+        py::arg("k_descale") = py::none(), py::arg("v_descale") = py::none(),
+        py::arg("qv") = py::none());
   m.def("kvcache_fast", &kvcache_fast, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("k"), py::arg("v"), py::arg("rotary_cos"), py::arg("rotary_sin"),
         py::arg("cache_seqlens"), py::arg("cache_batch_idx"), py::arg("cache_leftpad"),

@@ -19,19 +19,24 @@ BACKENDS = ["reference", "auto"]
 
 
 # ---------------------------------------------------------------- reference
-def attention_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=0.0, sinks=None, chunk=0):
+def attention_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=0.0, sinks=None, chunk=0,
+                  qv=None):
     """q [s_q, h, d], k [s_k, h_k, d], v [s_k, h_k, d_v] (float64) ->
     out [s_q, h, d_v], lse [h, s_q]; rows that see no key: out 0, lse -inf.
     sinks [h]: an extra logit per head in the denominator only (the LSE excludes it).
-    chunk > 0: key j visible only in the chunk of the diagonal key i + s_k - s_q."""
+    chunk > 0: key j visible only in the chunk of the diagonal key i + s_k - s_q.
+    qv [s_q, h, d_v] (FA3): score = scale * (q . k + qv . v), default scale 1/sqrt(d + d_v)."""
     s_q, h, d = q.shape
     s_k, h_k, d_v = v.shape
     if scale == 0.0:
-        scale = 1.0 / np.sqrt(d)
+        scale = 1.0 / np.sqrt(d if qv is None else d + d_v)
     rep = h // h_k
     kk = np.repeat(k, rep, axis=1)
     vv = np.repeat(v, rep, axis=1)
-    s = np.einsum("qhd,khd->hqk", q, kk) * scale
+    s = np.einsum("qhd,khd->hqk", q, kk)
+    if qv is not None:
+        s = s + np.einsum("qhd,khd->hqk", qv, vv)
+    s = s * scale
     if softcap > 0:
         s = softcap * np.tanh(s / softcap)
     wl, wr = window
@@ -378,6 +383,63 @@ def case_kvcache_fp8():
         print(f"ok fp8 cache append bytes exact [{be}]")
 
 
+def case_attn_qv():
+    """--qv (FA3): dense and varlen, fp32 and bf16, GQA, causal / softcap; bad --qv files."""
+    r = rng()
+    for (b, s_q, s_k, h, h_k, d, d_v, extra, kw, dtype, atol) in [
+            (2, 17, 40, 6, 2, 64, 128, ["--causal"], {"causal": True}, "fp32", 2e-4),
+            (1, 3, 90, 4, 1, 32, 256, ["--softcap", 15], {"softcap": 15.0}, "fp32", 2e-4),
+            (2, 20, 33, 4, 2, 64, 64, ["--causal", "--scale", 0.1], {"causal": True, "scale": 0.1}, "bf16", 2e-2)]:
+        q = r.standard_normal((b, s_q, h, d)).astype(np.float32)
+        k = r.standard_normal((b, s_k, h_k, d)).astype(np.float32)
+        v = r.standard_normal((b, s_k, h_k, d_v)).astype(np.float32)
+        qv = r.standard_normal((b, s_q, h, d_v)).astype(np.float32)
+        conv = bf16_round if dtype == "bf16" else (lambda x: np.asarray(x, np.float64))
+        refs = [attention_ref(conv(q[i]), conv(k[i]), conv(v[i]), qv=conv(qv[i]), **kw) for i in range(b)]
+        o_ref, l_ref = np.stack([o for o, _ in refs]), np.stack([l for _, l in refs])
+        args = ["attn", "--q", save("q.npy", q), "--k", save("k.npy", k), "--v", save("v.npy", v),
+                "--qv", save("qv.npy", qv), "--out", path("o.npy"), "--lse", path("l.npy"), "--dtype", dtype]
+        for be in BACKENDS:
+            run(args + ["--backend", be] + extra)
+            check_close(f"qv out d=({d},{d_v}) {dtype} [{be}]", np.load(path("o.npy")), o_ref, atol)
+            check_close(f"qv lse d=({d},{d_v}) {dtype} [{be}]", np.load(path("l.npy")), l_ref, atol, 1e-5)
+    # Varlen: qv [total_q, h, d_v] packed like q.
+    h, h_k, d, d_v = 4, 2, 32, 64
+    lens_q, lens_k = [5, 0, 12, 3], [7, 6, 20, 0]
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
+    q = r.standard_normal((cu_q[-1], h, d)).astype(np.float32)
+    k = r.standard_normal((cu_k[-1], h_k, d)).astype(np.float32)
+    v = r.standard_normal((cu_k[-1], h_k, d_v)).astype(np.float32)
+    qv = r.standard_normal((cu_q[-1], h, d_v)).astype(np.float32)
+    o_ref, l_ref = np.zeros((cu_q[-1], h, d_v)), np.full((h, cu_q[-1]), -np.inf)
+    for i in range(len(lens_q)):
+        a, e, c, f = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+        o, l = attention_ref(q[a:e].astype(np.float64), k[c:f].astype(np.float64), v[c:f].astype(np.float64),
+                             causal=True, qv=qv[a:e].astype(np.float64))
+        o_ref[a:e], l_ref[:, a:e] = o, l
+    args = ["attn", "--q", save("q.npy", q), "--k", save("k.npy", k), "--v", save("v.npy", v),
+            "--qv", save("qv.npy", qv), "--cu-seqlens-q", save("cq.npy", cu_q), "--cu-seqlens-k",
+            save("ck.npy", cu_k), "--causal", "--out", path("o.npy"), "--lse", path("l.npy")]
+    for be in BACKENDS:
+        run(args + ["--backend", be])
+        check_close(f"qv varlen out [{be}]", np.load(path("o.npy")), o_ref, 2e-4)
+        check_close(f"qv varlen lse [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+    # Bad --qv: shape (names both), file dtype, d_v over the limit (names the MLA path).
+    q = save("q.npy", r.standard_normal((1, 4, 6, 32)).astype(np.float32))
+    k = save("k.npy", r.standard_normal((1, 5, 2, 32)).astype(np.float32))
+    v = save("v.npy", r.standard_normal((1, 5, 2, 64)).astype(np.float32))
+    base = ["attn", "--q", q, "--k", k, "--v", v]
+    expect_error(base + ["--qv", save("qvbad.npy", r.standard_normal((1, 4, 6, 32)).astype(np.float32))],
+                 ["--qv", "[1, 4, 6, 32]", "[1, 4, 6, 64]"], rc=2)
+    expect_error(base + ["--qv", save("qvf2.npy", r.standard_normal((1, 4, 6, 64)).astype(np.float16))],
+                 ["--qv", "<f2", "<f4"], rc=2)
+    v512 = save("v512.npy", r.standard_normal((1, 5, 2, 512)).astype(np.float32))
+    expect_error(["attn", "--q", q, "--k", k, "--v", v512, "--qv",
+                  save("qv512.npy", r.standard_normal((1, 4, 6, 512)).astype(np.float32))],
+                 ["--qv", "d_v = 512", "256", "ringattn mla"], rc=2)
+
+
 # ---------------------------------------------------------------- kvcache
 def kvcache_ref(q, k_tokens, v_tokens, causal):
     return attention_ref(q, k_tokens, v_tokens, causal=causal)
@@ -507,6 +569,42 @@ def case_kvcache_leftpad():
         check_close(f"leftpad lse [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
         if not np.array_equal(np.load(path("kc2.npy")), kc_ref, equal_nan=True):
             sys.exit(f"FAIL: updated k cache differs from the expected append [{be}]")
+
+
+def case_kvcache_qv():
+    """--qv against a paged cache with appended keys (NaN in unused slots), GQA, causal."""
+    r = rng()
+    b, s_q, h, h_k, d, d_v, page, blocks, max_pages, s_new = 2, 3, 4, 2, 64, 128, 4, 14, 6, 2
+    seqlens = np.array([7, 13], dtype=np.int32)
+    kc = np.full((blocks, page, h_k, d), np.nan, dtype=np.float32)
+    vc = np.full((blocks, page, h_k, d_v), np.nan, dtype=np.float32)
+    pt = r.permutation(blocks)[: b * max_pages].reshape(b, max_pages).astype(np.int32)
+    for i in range(b):
+        for t in range(seqlens[i]):
+            kc[pt[i, t // page], t % page] = r.standard_normal((h_k, d))
+            vc[pt[i, t // page], t % page] = r.standard_normal((h_k, d_v))
+    q = r.standard_normal((b, s_q, h, d)).astype(np.float32)
+    qv = r.standard_normal((b, s_q, h, d_v)).astype(np.float32)
+    kn = r.standard_normal((b, s_new, h_k, d)).astype(np.float32)
+    vn = r.standard_normal((b, s_new, h_k, d_v)).astype(np.float32)
+    o_ref, l_ref = np.zeros((b, s_q, h, d_v)), np.zeros((b, h, s_q))
+    for i in range(b):
+        toks = [(pt[i, t // page], t % page) for t in range(seqlens[i])]
+        kt = np.concatenate([np.stack([kc[x] for x in toks]), kn[i]]).astype(np.float64)
+        vt = np.concatenate([np.stack([vc[x] for x in toks]), vn[i]]).astype(np.float64)
+        o_ref[i], l_ref[i] = attention_ref(q[i].astype(np.float64), kt, vt, causal=True,
+                                           qv=qv[i].astype(np.float64))
+    args = ["kvcache", "--q", save("q.npy", q), "--qv", save("qv.npy", qv), "--k-cache", save("kc.npy", kc),
+            "--v-cache", save("vc.npy", vc), "--cache-seqlens", save("sl.npy", seqlens),
+            "--page-table", save("pt.npy", pt), "--k-new", save("kn.npy", kn), "--v-new", save("vn.npy", vn),
+            "--causal", "--out", path("o.npy"), "--lse", path("l.npy")]
+    for be in BACKENDS:
+        run(args + ["--backend", be])
+        check_close(f"kvcache qv out [{be}]", np.load(path("o.npy")), o_ref, 2e-4)
+        check_close(f"kvcache qv lse [{be}]", np.load(path("l.npy")), l_ref, 2e-4, 1e-5)
+    i = args.index("--qv")
+    bad = save("qvbad.npy", np.zeros((b, s_q, h, d), np.float32))
+    expect_error(args[:i + 1] + [bad] + args[i + 2:], ["--qv", "[2, 3, 4, 64]", "[2, 3, 4, 128]"], rc=2)
 
 
 def rotate(x, cos, sin, pos, interleaved):

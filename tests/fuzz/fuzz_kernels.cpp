@@ -1,6 +1,6 @@
 // libFuzzer target for the kernel layer's public API: argument validation and small
-// kernel calls (dense, varlen, KV cache with paging/append/rotary, attention sinks, MLA
-// decode, merge).
+// kernel calls (dense, varlen, KV cache with paging/append/rotary, attention sinks, FA3
+// qv, MLA decode, merge).
 //
 // Each input decodes into one call with small shapes. Buffers are allocated to match
 // the decoded shapes and strides; their padding and every cache slot that no query
@@ -266,6 +266,14 @@ void fuzz_forward(FuzzBytes& in, bool varlen) {
   const bool with_lse = in.u8() % 4 != 0;
   if (with_lse) p.lse = lse.data();
   const int engine_choice = in.u8() % 3;
+  // FA3 qv, shaped as out (any strides the decoder makes; bad ones must be rejected).
+  StridedTensor qv;
+  if (in.u8() % 3 == 0 && make_tensor(in, qv, p.dtype, {batch, rows_q, h, dv})) {
+    fill_finite(qv, rng, magnitude);
+    p.qv = qv.data();
+    p.qv_batch_stride = qv.stride[0], p.qv_row_stride = qv.stride[1],
+    p.qv_head_stride = qv.stride[2];
+  }
 
   const Engine& ref = engines().reference;
   const Engine& opt = engine_choice == 0 ? *engines().cpu1 : *engines().cpu2;
@@ -542,6 +550,16 @@ void fuzz_kvcache(FuzzBytes& in) {
   if (b > 0 && p.k_new && p.s_new > 0 && in.u8() % 4 == 0 &&
       kn.stride[0] == p.s_new * kn.stride[1] && vn.stride[0] == p.s_new * vn.stride[1])
     p.cu_seqlens_k_new = packed_cu(cu_new, p.s_new);
+
+  // FA3 qv, shaped as out (packed like q and out with cu_seqlens_q), sometimes.
+  StridedTensor qv;
+  if (in.u8() % 3 == 0 && make_tensor(in, qv, p.dtype, {b, p.s_q, h, dv}) &&
+      (!p.cu_seqlens_q || qv.stride[0] == p.s_q * qv.stride[1])) {
+    fill_finite(qv, rng, magnitude);
+    p.qv = qv.data();
+    p.qv_batch_stride = qv.stride[0], p.qv_row_stride = qv.stride[1],
+    p.qv_head_stride = qv.stride[2];
+  }
 
   std::vector<float> lse(static_cast<std::size_t>(std::max(b * h * p.s_q, 1)), kNaN);
   p.lse = lse.data();

@@ -32,6 +32,7 @@ struct Segment {
   std::vector<T> q;  // [s_q, h, d]
   std::vector<T> k;  // [s_k, h_k, d]
   std::vector<T> v;  // [s_k, h_k, d_v]
+  std::vector<T> qv;  // [s_q, h, d_v] FA3 extra query part; empty = none
 };
 
 struct Dims {
@@ -81,8 +82,11 @@ float round_to(DType t, float x) {
 template <typename T>
 void attend(const Segment<T>& seg, const Dims& dm, const MaskParams& mask, std::vector<T>& out,
             std::vector<T>& lse) {
+  // score = scale * (q . k + qv . v); the default scale counts the qv dims too.
+  const bool has_qv = !seg.qv.empty();
+  const int d_score = has_qv ? dm.d + dm.d_v : dm.d;
   const T scale = mask.scale != 0.0f ? static_cast<T>(mask.scale)
-                                     : static_cast<T>(1) / std::sqrt(static_cast<T>(dm.d));
+                                     : static_cast<T>(1) / std::sqrt(static_cast<T>(d_score));
   const T softcap = static_cast<T>(mask.softcap);
   const int group = dm.h / dm.h_k;
   out.assign(static_cast<std::size_t>(seg.s_q) * dm.h * dm.d_v, T(0));
@@ -101,6 +105,11 @@ void attend(const Segment<T>& seg, const Dims& dm, const MaskParams& mask, std::
         const T* krow = &seg.k[(static_cast<std::size_t>(j) * dm.h_k + kh) * dm.d];
         T dot = 0;
         for (int c = 0; c < dm.d; ++c) dot += qrow[c] * krow[c];
+        if (has_qv) {
+          const T* qvrow = &seg.qv[(static_cast<std::size_t>(i) * dm.h + hh) * dm.d_v];
+          const T* vrow = &seg.v[(static_cast<std::size_t>(j) * dm.h_k + kh) * dm.d_v];
+          for (int c = 0; c < dm.d_v; ++c) dot += qvrow[c] * vrow[c];
+        }
         T s = scale * dot;
         if (softcap > 0) s = softcap * std::tanh(s / softcap);
         scores[j] = s;
@@ -214,6 +223,13 @@ RefResult forward_impl(const FwdParams& p, RefPrecision prec) {
                    p.d, &seg.q[(static_cast<std::size_t>(i) * p.h + hh) * p.d]);
         }
       }
+      if (p.qv) {
+        seg.qv.resize(static_cast<std::size_t>(p.s_q) * p.h * p.d_v);
+        for (int i = 0; i < p.s_q; ++i)
+          for (int hh = 0; hh < p.h; ++hh)
+            load_row(p.qv, bi * p.qv_batch_stride + i * p.qv_row_stride + hh * p.qv_head_stride,
+                     p.dtype, p.d_v, &seg.qv[(static_cast<std::size_t>(i) * p.h + hh) * p.d_v]);
+      }
       for (int j = 0; j < p.s_k; ++j) {
         for (int kh = 0; kh < p.h_k; ++kh) {
           load_row(p.k, bi * p.k_batch_stride + j * p.k_row_stride + kh * p.k_head_stride, p.dtype,
@@ -255,6 +271,13 @@ RefResult forward_impl(const FwdParams& p, RefPrecision prec) {
         load_row(p.q, (q0 + i) * p.q_row_stride + hh * p.q_head_stride, p.dtype, p.d,
                  &seg.q[(static_cast<std::size_t>(i) * p.h + hh) * p.d]);
       }
+    }
+    if (p.qv) {
+      seg.qv.resize(static_cast<std::size_t>(seg.s_q) * p.h * p.d_v);
+      for (int i = 0; i < seg.s_q; ++i)
+        for (int hh = 0; hh < p.h; ++hh)
+          load_row(p.qv, (q0 + i) * p.qv_row_stride + hh * p.qv_head_stride, p.dtype, p.d_v,
+                   &seg.qv[(static_cast<std::size_t>(i) * p.h + hh) * p.d_v]);
     }
     for (int j = 0; j < seg.s_k; ++j) {
       for (int kh = 0; kh < p.h_k; ++kh) {
@@ -369,6 +392,16 @@ RefResult kvcache_impl(const KvCacheParams& p, RefPrecision prec) {
           load_row(p.q, off, p.dtype, p.d, dst);
         }
       }
+    }
+    if (p.qv) {  // never rotated
+      seg.qv.resize(static_cast<std::size_t>(seg.s_q) * p.h * p.d_v);
+      for (int i = 0; i < seg.s_q; ++i)
+        for (int hh = 0; hh < p.h; ++hh)
+          load_row(
+              p.qv,
+              (vq ? (q0 + i) * p.qv_row_stride : bi * p.qv_batch_stride + i * p.qv_row_stride) +
+                  hh * p.qv_head_stride,
+              p.dtype, p.d_v, &seg.qv[(static_cast<std::size_t>(i) * p.h + hh) * p.d_v]);
     }
     seg.k.resize(static_cast<std::size_t>(seg.s_k) * p.h_k * p.d);
     seg.v.resize(static_cast<std::size_t>(seg.s_k) * p.h_k * p.d_v);

@@ -1,4 +1,4 @@
-// Independent attention reference for the test grids, written literally from
+// Independent attention reference for the test grids (qv included), written literally from
 // docs/semantics.md sections 1-3 and 5 and the conventions in ringattn/attention_params.hpp.
 // It reads the same params structs the Engine takes (pointers, strides, dtypes),
 // so a test fills one struct and hands it to both.

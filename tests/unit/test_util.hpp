@@ -340,6 +340,8 @@ struct KvCase {
   // [total_new, h_k, *]; s_q / s_new are then taken as the maxima.
   std::vector<int> q_lens, new_lens;
   std::vector<int> rotary_seqlens;  // [b] FA3 rotary_seqlens or empty
+  bool qv = false;                  // FA3 qv [b, s_q, h, d_v] (or [total_q, h, d_v])
+  std::int64_t qv_pad = 0;          // extra elements after each qv head vector (NaN)
 };
 
 inline std::ostream& operator<<(std::ostream& os, const KvCase& c) { return os << c.name; }
@@ -348,7 +350,7 @@ inline std::ostream& operator<<(std::ostream& os, const KvCase& c) { return os <
 // leftpad, past cache_seqlens, unused pages and rows) holds NaN, so reading one
 // poisons the output.
 struct KvProblem {
-  Tensor q, k_cache, v_cache, k_new, v_new, out;
+  Tensor q, k_cache, v_cache, k_new, v_new, out, qv;
   std::vector<float> lse, cos, sin;
   std::vector<std::int32_t> seqlens, leftpad, batch_idx, page_table, cu_q, cu_new, rot_seqlens;
   std::vector<std::int64_t> chunk_q_pos, chunk_k_pos;
@@ -539,6 +541,15 @@ inline KvProblem make_kv_problem(const KvCase& c) {
   p.mask.chunk_q_pos = pr.chunk_q_pos.empty() ? nullptr : pr.chunk_q_pos.data();
   p.mask.chunk_k_pos = pr.chunk_k_pos.empty() ? nullptr : pr.chunk_k_pos.data();
   p.mask.chunk_stride = c.chunk_stride;
+  if (c.qv) {  // drawn last: the other tensors stay those of the case without qv
+    pr.qv = vq ? make_tensor(c.dtype, {1, total_q, c.h, c.d_v}, c.qv_pad)
+               : make_tensor(c.dtype, {b, s_q, c.h, c.d_v}, c.qv_pad);
+    fill_normal(pr.qv, rng);
+    p.qv = pr.qv.data();
+    p.qv_batch_stride = pr.qv.stride(0);
+    p.qv_row_stride = pr.qv.stride(1);
+    p.qv_head_stride = pr.qv.stride(2);
+  }
   return pr;
 }
 

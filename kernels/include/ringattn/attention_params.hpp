@@ -25,6 +25,9 @@
 //    once, after every merge (split-KV, ring, distributed decode); the returned LSE
 //    excludes the sink, so partial results merge exactly (apply_sinks in
 //    merge_state.hpp). +inf gives output 0, -inf changes nothing.
+//  - qv (optional, FA3): an extra query part [.., h, d_v] in q's dtype, scored against
+//    the value rows: score = scale * (q . k + qv . v) before the soft cap and the mask;
+//    the default scale is then 1/sqrt(d + d_v). Same query-row layout as q (and out).
 #pragma once
 
 #include <cstdint>
@@ -39,7 +42,7 @@ inline constexpr int kMaxHeadDim = 256;
 
 // Mask / score options, shared by every family.
 struct MaskParams {
-  float scale = 0.0f;     // softmax scale; 0 = 1/sqrt(d)
+  float scale = 0.0f;     // softmax scale; 0 = 1/sqrt(d) (1/sqrt(d + d_v) with qv)
   float softcap = 0.0f;   // 0 = off
   bool causal = false;    // bottom-right causal (sets w_right = 0)
   int window_left = -1;   // -1 = unbounded
@@ -153,6 +156,11 @@ struct FwdParams {
 
   // ---- fp8 e4m3 storage (dtype == kFP8E4M3 only) ----
   Fp8Descale descale;  // q/k/v descales [b, h_k], see Fp8Descale
+  // ---- qv (FA3): extra query part scored against V (conventions above) ----
+  //   qv dense [b, s_q, h, d_v], varlen [total_q, h, d_v]; storage `dtype` (as q).
+  //   nullptr = off. Batch stride ignored for varlen.
+  const void* qv = nullptr;
+  std::int64_t qv_batch_stride = 0, qv_row_stride = 0, qv_head_stride = 0;
 
   bool is_varlen() const { return cu_seqlens_q != nullptr; }
 };
@@ -245,6 +253,11 @@ struct KvCacheParams {
 
   // ---- fp8 e4m3 storage (dtype == kFP8E4M3 only; rotary is rejected with fp8) ----
   Fp8Descale descale;  // q/k/v descales [b, h_k], see Fp8Descale
+  // ---- qv (FA3): extra query part scored against V (conventions above) ----
+  //   qv [b, s_q, h, d_v], or [total_q, h, d_v] with cu_seqlens_q (batch stride
+  //   ignored); storage `dtype` (as q); never rotated. nullptr = off.
+  const void* qv = nullptr;
+  std::int64_t qv_batch_stride = 0, qv_row_stride = 0, qv_head_stride = 0;
 
   bool is_paged() const { return page_table != nullptr; }
 };

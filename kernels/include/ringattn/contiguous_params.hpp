@@ -7,10 +7,11 @@
 //     q [b, s_q, h, d]   k [b, s_k, h_k, d]   v [b, s_k, h_k, d_v]   out [b, s_q, h, d_v]
 //   varlen (cu_seqlens_q set; batch strides 0, s_q / s_k are only upper bounds):
 //     q [total_q, h, d]  k [total_k, h_k, d]  v [total_k, h_k, d_v]  out [total_q, h, d_v]
+//   and qv with out's shape (used only when p.qv is set).
 //
 // set_contiguous_strides(KvCacheParams&) reads b, s_q, h, h_k, d, d_v, s_new and the
 // cache geometry (s_cache for a dense cache, page_size for a paged one) and sets
-//   q [b, s_q, h, d]   out [b, s_q, h, d_v]
+//   q [b, s_q, h, d]   out [b, s_q, h, d_v]   qv [b, s_q, h, d_v] (when p.qv is set)
 //   k_cache / v_cache  dense [b_cache, s_cache, h_k, d / d_v]
 //                      paged [num_blocks, page_size, h_k, d / d_v]
 //   k_new / v_new      [b, s_new, h_k, d / d_v]
@@ -39,6 +40,9 @@ inline void set_contiguous_strides(FwdParams& p) {
   p.out_head_stride = d_v;
   p.out_row_stride = h * d_v;
   p.out_batch_stride = varlen ? 0 : std::int64_t{p.s_q} * h * d_v;
+  p.qv_head_stride = d_v;  // qv has out's shape
+  p.qv_row_stride = h * d_v;
+  p.qv_batch_stride = p.out_batch_stride;
 }
 
 inline void set_contiguous_strides(KvCacheParams& p) {
@@ -62,6 +66,9 @@ inline void set_contiguous_strides(KvCacheParams& p) {
   p.out_head_stride = d_v;
   p.out_row_stride = h * d_v;
   p.out_batch_stride = std::int64_t{p.s_q} * h * d_v;
+  p.qv_head_stride = d_v;  // qv has out's shape
+  p.qv_row_stride = h * d_v;
+  p.qv_batch_stride = p.out_batch_stride;
   if (p.is_paged()) p.page_table_batch_stride = p.max_pages;
 }
 

@@ -59,9 +59,10 @@ KernelFn kernel_for(CpuIsa isa) {
 // and all prefill keep AVX-512.
 // kAmx / kAvx512Bf16: bf16 storage runs flash_fwd_amx / flash_fwd_avx512_bf16 (engine
 // prefill, AVX-512 decode); other dtypes the AVX-512 kernels (fp8 e4m3 q/k/v included:
-// widened to fp32 by the vector loads, docs/cpu-backend.md).
+// widened to fp32 by the vector loads, docs/cpu-backend.md). cpu-amx runs calls with qv on
+// the AVX-512 vector tiles (its AMX tile has no qv product; docs/cpu-backend.md).
 KernelFn kernel_for_problem(CpuIsa isa, const AttnProblem& a) {
-  if (a.dtype == DType::kBF16 && isa == CpuIsa::kAmx) return &cpu::flash_fwd_amx;
+  if (a.dtype == DType::kBF16 && !a.qv && isa == CpuIsa::kAmx) return &cpu::flash_fwd_amx;
   if (a.dtype == DType::kBF16 && isa == CpuIsa::kAvx512Bf16) return &cpu::flash_fwd_avx512_bf16;
   isa = vector_isa(isa);
   if (isa == CpuIsa::kAvx512 && a.dtype == DType::kF32 && !a.decode_key_major) {
@@ -73,8 +74,9 @@ KernelFn kernel_for_problem(CpuIsa isa, const AttnProblem& a) {
   return kernel_for(isa);
 }
 
-void set_mask(AttnProblem& a, const MaskParams& m, int d) {
-  a.scale = m.scale != 0.0f ? m.scale : 1.0f / std::sqrt(static_cast<float>(d));
+// d_score: length of the score's dot product (d, or d + d_v with qv).
+void set_mask(AttnProblem& a, const MaskParams& m, int d_score) {
+  a.scale = m.scale != 0.0f ? m.scale : 1.0f / std::sqrt(static_cast<float>(d_score));
   a.softcap = m.softcap;
   a.w_left = m.window_left;
   a.w_right = m.causal ? 0 : m.window_right;
@@ -140,7 +142,10 @@ AttnProblem make_problem(const FwdParams& p, int threads) {
   a.out_head_stride = p.out_head_stride;
   a.lse = p.lse;
   a.progress = p.progress;
-  set_mask(a, p.mask, p.d);
+  a.qv = p.qv;
+  a.qv_row_stride = p.qv_row_stride;
+  a.qv_head_stride = p.qv_head_stride;
+  set_mask(a, p.mask, p.qv ? p.d + p.d_v : p.d);
   const std::int64_t esize = static_cast<std::int64_t>(dtype_size(p.dtype));
   a.seqs.resize(static_cast<std::size_t>(p.b));
   if (p.is_varlen()) {
@@ -159,6 +164,7 @@ AttnProblem make_problem(const FwdParams& p, int threads) {
       sd.s_q = p.seqused_q ? p.seqused_q[bi] : sd.s_q_slots;
       sd.s_k = p.seqused_k ? p.seqused_k[bi] : p.cu_seqlens_k[bi + 1] - k0;
       sd.q_off = q0 * p.q_row_stride;
+      sd.qv_off = q0 * p.qv_row_stride;
       sd.out_off = q0 * p.out_row_stride;
       sd.lse_off = q0;
       k_off = k0 * p.k_row_stride;
@@ -168,6 +174,7 @@ AttnProblem make_problem(const FwdParams& p, int threads) {
       sd.s_q = p.seqused_q ? p.seqused_q[bi] : p.s_q;
       sd.s_k = p.seqused_k ? p.seqused_k[bi] : p.s_k;
       sd.q_off = bi * p.q_batch_stride;
+      sd.qv_off = bi * p.qv_batch_stride;
       sd.out_off = bi * p.out_batch_stride;
       sd.lse_off = std::int64_t{bi} * p.h * p.s_q;
       k_off = bi * p.k_batch_stride;
@@ -236,7 +243,10 @@ class CpuBackend final : public Backend {
     a.out_head_stride = p.out_head_stride;
     a.lse = p.lse;
     a.lse_head_stride = p.cu_seqlens_q ? kv_total_q(p) : p.s_q;  // [h, total_q] / [b, h, s_q]
-    set_mask(a, p.mask, p.d);
+    a.qv = p.qv;                                                 // never rotated: read in place
+    a.qv_row_stride = p.qv_row_stride;
+    a.qv_head_stride = p.qv_head_stride;
+    set_mask(a, p.mask, p.qv ? p.d + p.d_v : p.d);
     a.seqs.resize(static_cast<std::size_t>(p.b));
     for (int bi = 0; bi < p.b; ++bi) {
       SeqDesc& sd = a.seqs[static_cast<std::size_t>(bi)];
@@ -249,6 +259,7 @@ class CpuBackend final : public Backend {
       const std::int64_t row0 = kv_q_row0(p, bi);
       sd.q_off = p.cu_seqlens_q ? row0 * q_row : bi * q_batch;
       sd.out_off = kv_out_offset(p, bi, 0);
+      sd.qv_off = kv_qv_offset(p, bi, 0);
       sd.lse_off = p.cu_seqlens_q ? row0 : std::int64_t{bi} * p.h * p.s_q;
       sd.k.base = static_cast<const char*>(p.k_cache);
       sd.k.cache = &p;

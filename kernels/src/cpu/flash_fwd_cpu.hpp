@@ -41,6 +41,7 @@ struct SeqDesc {
   // (default q_pos = shift, k_pos = 0, stride 1; MaskParams::chunk_q_pos).
   std::int64_t q_pos = 0, k_pos = 0;
   std::int64_t q_off = 0, out_off = 0, lse_off = 0;
+  std::int64_t qv_off = 0;  // qv row i of head hq: qv + qv_off + i * qv_row_stride + ...
   KvRows k, v;
   int num_splits = 1;  // key splits (>= 1)
   int batch = 0;       // batch element / varlen segment / cache sequence (fp8 descale row)
@@ -56,6 +57,9 @@ struct AttnProblem {
   std::int64_t out_row_stride = 0, out_head_stride = 0;
   float* lse = nullptr;  // nullable
   std::int64_t lse_head_stride = 0;
+  // FA3 qv [.., h, d_v] in `dtype`, nullable: score = scale * (q . k + qv . v).
+  const void* qv = nullptr;
+  std::int64_t qv_row_stride = 0, qv_head_stride = 0;
   float scale = 1.0f;            // resolved (never 0)
   float softcap = 0.0f;          // 0 = off
   int w_left = -1;               // -1 = unbounded

@@ -14,6 +14,7 @@ namespace ringattn::detail::cpu {
 
 void flash_fwd_amx(const AttnProblem& p, int threads) {
   if (p.dtype != DType::kBF16) throw_unsupported_dtype(p.dtype);
+  if (p.qv) return flash_fwd_avx512(p, threads);  // qv: the vector tiles (no AMX product)
   FlashFwd<SimdAvx512, bf16_t, AmxTiles>(p).run(threads);
 }
 

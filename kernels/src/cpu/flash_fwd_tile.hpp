@@ -20,6 +20,14 @@
 //    O += P V with V rows read in place).
 //  - Masked prefill tiles compute each row block only up to its last visible key
 //    column (diagonal sub-tiles).
+//  - qv (FA3's extra query part, score = scale * (q . k + qv . v)): each query row in
+//    sc.q is [q, zeros to dqa, qv] (dqa = d rounded up to the vector width). The
+//    prefill tile packs V^T under K^T in kt ([dk_rows][kKeyTile]: K^T, zero rows to
+//    dqa, V^T), so S = Q K^T is one product over dk_rows = dqa + d_v; the decode
+//    kernels add a second dot-product pass of the qv part against the V rows they read
+//    for P V anyway. A matrix engine sees has_qv and packs its own layouts
+//    (DpBf16Engine: the same [q, qv] x [K; V] product); cpu_backend.cpp runs qv calls
+//    of the AMX tier on the vector tiles.
 //
 // Both keep one SoftmaxState (running max m, running sum d) per row and an fp32
 // accumulator o[M][d_v]; a task covering a key split writes its unnormalised
@@ -185,6 +193,10 @@ struct FlashFwd {
 
   const AttnProblem& p;
   int group, dq, dvp, max_rows;
+  // qv: offset of the qv part in a query row of sc.q, and rows of the packed K^T tile
+  // (d without qv; dqa + d_v with qv, see the header comment).
+  bool has_qv;
+  int dqa, dk_rows;
 
   struct Scratch {
     AlignedFloats q, s, o, kt, vp, alpha;
@@ -200,13 +212,16 @@ struct FlashFwd {
 
   std::int64_t tile_floats() const {
     if constexpr (E::kMatrix) return E::tile_floats(*this);  // E hook
-    return std::int64_t{p.d} * NC + std::int64_t{NC} * dvp;
+    return std::int64_t{dk_rows} * NC + std::int64_t{NC} * dvp;
   }
 
   explicit FlashFwd(const AttnProblem& prob) : p(prob) {
     group = p.h / p.h_k;
-    dq = static_cast<int>(round_up(p.d, L));
+    has_qv = p.qv != nullptr;
+    dqa = static_cast<int>(round_up(p.d, L));
     dvp = static_cast<int>(round_up(p.d_v, L));
+    dq = has_qv ? dqa + dvp : dqa;
+    dk_rows = has_qv ? dqa + p.d_v : p.d;
     max_rows = 1;
     for (const SeqDesc& sd : p.seqs)
       max_rows = std::max(
@@ -220,7 +235,7 @@ struct FlashFwd {
     sc.q.reset(m * dq);
     sc.s.reset(m * NC);
     sc.o.reset(m * dvp);
-    sc.kt.reset(static_cast<std::size_t>(p.d) * NC);
+    sc.kt.reset(static_cast<std::size_t>(dk_rows) * NC);
     sc.vp.reset(static_cast<std::size_t>(NC) * dvp);
     sc.alpha.reset(m);
     sc.st.reset(m);
@@ -337,20 +352,23 @@ struct FlashFwd {
       for (int v = 0; v < NVv; ++v) S::store(o + r * ldo + c0 + v * L, acc[r][v]);
   }
 
-  // Decode scores: s[r][0..nk) = q[r] . krows[k] for R rows (q fp32 padded to dq),
-  // R a power of two <= L. Keys are taken KB = L / R at a time, so the R x KB
-  // accumulators are L independent FMA chains (enough to hide the FMA latency on two
-  // ports, where one chain per row left the loop latency bound), and the L dot
-  // products are finished by one transposed reduction (reduce_add_lanes) instead of
-  // L horizontal sums. Lane r * KB + kb of the reduction is the score of row r, key
-  // k0 + kb. krows must hold round_up(nk, KB) pointers (padding repeats a real row;
-  // the padded columns are masked by softmax_tile).
+  // Decode scores: s[r][0..nk) = q[r] . krows[k] over d values for R rows (q fp32, rows
+  // dq apart, zero padded past d to the vector width), or s += q[r] . krows[k] when
+  // `accumulate` (the qv pass: q at the qv part, krows the V rows). R is a power of two
+  // <= L. Keys are taken KB = L / R at a time, so the R x KB accumulators are L
+  // independent FMA chains (enough to hide the FMA latency on two ports, where one chain
+  // per row left the loop latency bound), and the L dot products are finished by one
+  // transposed reduction (reduce_add_lanes) instead of L horizontal sums. Lane
+  // r * KB + kb of the reduction is the score of row r, key k0 + kb. krows must hold
+  // round_up(nk, KB) pointers (padding repeats a real row; the padded columns are masked
+  // by softmax_tile).
   template <int R>
-  void qk_rows(const float* q, const T* const* krows, const T* const* pf, int nk, float* s) const {
+  void qk_rows(const float* q, const T* const* krows, const T* const* pf, int nk, float* s, int d,
+               bool accumulate) const {
     constexpr int KB = L / R;
     static_assert(R * KB == L, "rows must divide the vector width");
-    const int dfull = p.d / L * L;
-    const int tail = p.d - dfull;
+    const int dfull = d / L * L;
+    const int tail = d - dfull;
     for (int k0 = 0; k0 < nk; k0 += KB) {
       V acc[L];
 #pragma GCC unroll 16
@@ -387,6 +405,13 @@ struct FlashFwd {
       }
       alignas(64) float sums[L];
       S::store(sums, S::reduce_add_lanes(acc));
+      if (accumulate) {
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+          for (int kb = 0; kb < KB; ++kb) s[r * NC + k0 + kb] += sums[r * KB + kb];
+        continue;
+      }
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
@@ -405,15 +430,15 @@ struct FlashFwd {
   }
   // Decode scores for any row count: chunks of L, L/2, ..., 1 rows (powers of two).
   void qk_rows_dispatch(int rows, const float* q, const T* const* krows, const T* const* pf, int nk,
-                        float* s) const {
+                        float* s, int d, bool acc) const {
     int r0 = 0;
-    qk_rows_pow2<L>(rows, r0, q, krows, pf, nk, s);
+    qk_rows_pow2<L>(rows, r0, q, krows, pf, nk, s, d, acc);
   }
   template <int R>
   void qk_rows_pow2(int rows, int& r0, const float* q, const T* const* krows, const T* const* pf,
-                    int nk, float* s) const {
-    for (; rows - r0 >= R; r0 += R) qk_rows<R>(q + r0 * dq, krows, pf, nk, s + r0 * NC);
-    if constexpr (R > 1) qk_rows_pow2<R / 2>(rows, r0, q, krows, pf, nk, s);
+                    int nk, float* s, int d, bool acc) const {
+    for (; rows - r0 >= R; r0 += R) qk_rows<R>(q + r0 * dq, krows, pf, nk, s + r0 * NC, d, acc);
+    if constexpr (R > 1) qk_rows_pow2<R / 2>(rows, r0, q, krows, pf, nk, s, d, acc);
   }
   template <int R, class U>
   static void pv_cols(const float* pm, const U* const* vrows, int nk, int ncols, int tail,
@@ -533,6 +558,11 @@ struct FlashFwd {
         const T* src = static_cast<const T*>(p.q) + sd.q_off + (t.q0 + ii) * p.q_row_stride +
                        hq * p.q_head_stride;
         convert_row(src, p.d, mul, q + (g * nq + ii) * dq);
+        if (has_qv) {  // the qv part, same scale: score = scale * (q . k + qv . v)
+          const T* qv = static_cast<const T*>(p.qv) + sd.qv_off + (t.q0 + ii) * p.qv_row_stride +
+                        hq * p.qv_head_stride;
+          convert_row(qv, p.d_v, qmul, q + (g * nq + ii) * dq + dqa);  // qv is never fp8
+        }
       }
     }
     if constexpr (E::kMatrix)
@@ -593,6 +623,7 @@ struct FlashFwd {
 
   // Packs keys [j0, j0 + nc) of KV head hk: kt [d][NC] = K^T in fp32 (columns past nc
   // zero) and vp [nc][dvp] = V in fp32 (padding columns zero). `staging` holds d floats.
+  // With qv, kt is [dk_rows][NC]: K^T, zero rows up to dqa, then V^T (from vp).
   void pack_tile(const SeqDesc& sd, int hk, std::int64_t j0, int nc, float* kt, float* vp,
                  float* staging) const {
     if constexpr (E::kMatrix) return E::pack_tile(*this, sd, hk, j0, nc, kt);  // E hook
@@ -603,6 +634,14 @@ struct FlashFwd {
     if (nc < NC)
       for (int c = 0; c < p.d; ++c) std::fill(kt + c * NC + nc, kt + (c + 1) * NC, 0.0f);
     for (int j = 0; j < nc; ++j) convert_row(v_row(sd, j0 + j, hk), p.d_v, 1.0f, vp + j * dvp);
+    if (has_qv) {
+      std::fill(kt + p.d * NC, kt + dqa * NC, 0.0f);
+      float* vt = kt + dqa * NC;
+      for (int j = 0; j < nc; ++j)
+        for (int c = 0; c < p.d_v; ++c) vt[c * NC + j] = vp[j * dvp + c];
+      if (nc < NC)
+        for (int c = 0; c < p.d_v; ++c) std::fill(vt + c * NC + nc, vt + (c + 1) * NC, 0.0f);
+    }
   }
 
   // Diagonal sub-tiles: on a masked tile, a block of MR rows only needs the key
@@ -628,7 +667,7 @@ struct FlashFwd {
                     int nc, bool full, const float* packed) const {
     if constexpr (E::kMatrix) return E::prefill_tile(*this, sd, t, sc, M, nq, j0, nc, full, packed);
     const float* kt = packed;
-    const float* vp = packed ? packed + p.d * NC : nullptr;
+    const float* vp = packed ? packed + dk_rows * NC : nullptr;
     if (!packed) {
       pack_tile(sd, t.hk, j0, nc, sc.kt.get(), sc.vp.get(), sc.s.get());
       kt = sc.kt.get();
@@ -642,7 +681,7 @@ struct FlashFwd {
     for (int r0 = 0, bi = 0; r0 < M; r0 += MR, ++bi) {
       const int rows = std::min(MR, M - r0);
       if (lim[bi] > 0)
-        qk_dispatch(rows, sc.q.get() + r0 * dq, dq, kt, p.d, sc.s.get() + r0 * NC,
+        qk_dispatch(rows, sc.q.get() + r0 * dq, dq, kt, dk_rows, sc.s.get() + r0 * NC,
                     static_cast<int>(round_up(lim[bi], NV * L)));
     }
     softmax_tile(sc, M, nq, j0, nc, ncv, full);
@@ -724,12 +763,13 @@ struct FlashFwd {
   // transposed reduction over all rows of the key measured 5 ns per key and head
   // slower). Each K load is paired with a prefetch of the same offset in the row `kf`
   // (kDecodeKeyMajorPrefetchTiles tiles ahead).
+  // d: values of the dot product (p.d; p.d_v for the qv pass, which adds to s when
+  // `accumulate`, with q at the qv part and kr / kf the V rows).
   template <int R>
-  void qk_key(const float* q, const T* kr, const T* kf, float* s) const {
+  void qk_key(const float* q, const T* kr, const T* kf, float* s, int d, bool accumulate) const {
     V acc0[R], acc1[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = S::zero();
-    const int d = p.d;
     int c = 0;
     for (; c + 2 * L <= d; c += 2 * L) {
       prefetch_l2<L * sizeof(T)>(kf + c);
@@ -753,6 +793,11 @@ struct FlashFwd {
       const V b1 = S::load_partial(kr + c, d - c);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) acc1[r] = S::fma(S::load(q + r * dq + c), b1, acc1[r]);
+    }
+    if (accumulate) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) s[r * NC] += S::reduce_add(S::add(acc0[r], acc1[r]));
+      return;
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) s[r * NC] = S::reduce_add(S::add(acc0[r], acc1[r]));
@@ -832,7 +877,10 @@ struct FlashFwd {
         row_chunks<RH>(mh, [&](auto rc, int r0) {
           const int r = hh * mh + r0;
           qk_key<decltype(rc)::value>(q + r * dq, kb[j] + hh * khs, kfb[j] + hh * khs,
-                                      s + r * NC + j);
+                                      s + r * NC + j, p.d, false);
+          if (has_qv)  // + qv . v over the V row P V reads below
+            qk_key<decltype(rc)::value>(q + r * dq + dqa, vb[j] + hh * vhs, vfb[j] + hh * vhs,
+                                        s + r * NC + j, p.d_v, true);
         });
       }
     }
@@ -894,7 +942,17 @@ struct FlashFwd {
       for (int j = 0; j < nc; ++j) kp[j] = kb[j] + hh * khs;
       for (int j = nc; j < ncv; ++j) kp[j] = kp[nc - 1];  // padding (masked)
       for (int j = 0; j < ncv; ++j) kf[j] = kfb[j] + hh * khs;
-      qk_rows_dispatch(mh, sc.q.get() + hh * mh * dq, kp, kf, nc, sc.s.get() + hh * mh * NC);
+      qk_rows_dispatch(mh, sc.q.get() + hh * mh * dq, kp, kf, nc, sc.s.get() + hh * mh * NC, p.d,
+                       false);
+      if (has_qv) {  // + qv . v over the V rows P V reads below (padding as for K)
+        const T** vq = sc.vrow_t.get();
+        const T** vqf = sc.vpf.get();
+        for (int j = 0; j < nc; ++j) vq[j] = vb[j] + hh * vhs;
+        for (int j = nc; j < ncv; ++j) vq[j] = vq[nc - 1];
+        for (int j = 0; j < ncv; ++j) vqf[j] = vfb[j] + hh * vhs;
+        qk_rows_dispatch(mh, sc.q.get() + hh * mh * dq + dqa, vq, vqf, nc,
+                         sc.s.get() + hh * mh * NC, p.d_v, true);
+      }
     }
     softmax_tile(sc, M, nq, j0, nc, ncv, full);
     const int tail = p.d_v % L;
@@ -1038,7 +1096,7 @@ struct FlashFwd {
         const PackItem& it = pack_items[pi];
         const SeqDesc& sd = p.seqs[static_cast<std::size_t>(it.seq)];
         const int nc = static_cast<int>(std::min<std::int64_t>(NC, sd.s_k - it.j0));
-        pack_tile(sd, it.hk, it.j0, nc, it.dst, it.dst + p.d * NC, sc.s.get());
+        pack_tile(sd, it.hk, it.j0, nc, it.dst, it.dst + dk_rows * NC, sc.s.get());
         if (sc.progress) sc.progress->poll();
       }
 #pragma omp for schedule(dynamic, 1)

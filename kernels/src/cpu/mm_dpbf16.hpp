@@ -16,6 +16,10 @@
 //        to nearest even, as FlashAttention-3 rounds P for 16-bit inputs).
 //   V    packed tile [kTile/2][dvp][2]: for each pair of keys, the (V[2k][c],
 //        V[2k+1][c]) pairs of every column (pair-interleaved along keys), padding 0.
+// FA3's qv (score = scale * (q . k + qv . v)): the score's dot product runs over
+// dk = d + d_v values, Q rows [q, qv] and the K tile [dk/2][kTile][2] (K's pairs, then
+// V's pairs packed the same way, a second copy of V in K's layout), so S = Q K^T is
+// one product over dk; d and d_v are even, so no pair straddles the two parts.
 //
 // Accumulation is fp32 throughout; the only roundings beyond the fp32 path are the
 // bf16 rounding of P and the flush of denormals by the instruction (docs/cpu-backend.md,
@@ -45,6 +49,11 @@ struct DpBf16Engine {
   static constexpr int kKeyTile = kTile;
 
   static int q_ld(int d) { return (d + kPairs - 1) / kPairs * kPairs; }
+  // Values of the score's dot product: d, or d + d_v with qv (the layouts above).
+  template <class F>
+  static int score_dim(const F& f) {
+    return f.has_qv ? f.p.d + f.p.d_v : f.p.d;
+  }
   static std::int64_t k_pack_elems(int d) { return std::int64_t{(d + 1) / 2} * 2 * kTile; }
   static std::int64_t v_pack_elems(int dvp) { return std::int64_t{kTile} * dvp; }
 
@@ -200,38 +209,51 @@ struct DpBf16Engine {
   // Packed K then V of one tile, in floats (the unit of FlashFwd's pack buffer).
   template <class F>
   static std::int64_t tile_floats(const F& f) {
-    return (k_pack_elems(f.p.d) + v_pack_elems(f.dvp)) * std::int64_t{sizeof(bf16_t)} / 4;
+    return (k_pack_elems(score_dim(f)) + v_pack_elems(f.dvp)) * std::int64_t{sizeof(bf16_t)} / 4;
   }
 
   template <class F, class Sc>
   static void init_scratch(const F& f, Sc& sc) {
     const std::size_t m = static_cast<std::size_t>(f.max_rows);
-    sc.mm.q.reset(m * q_ld(f.p.d));
+    sc.mm.q.reset(m * q_ld(score_dim(f)));
     sc.mm.pm.reset(m * kTile);
-    sc.mm.kv.reset(static_cast<std::size_t>(k_pack_elems(f.p.d) + v_pack_elems(f.dvp)));
+    sc.mm.kv.reset(static_cast<std::size_t>(k_pack_elems(score_dim(f)) + v_pack_elems(f.dvp)));
   }
 
-  // Keys [j0, j0 + nc) of KV head hk into dst (tile_floats floats): K then V.
+  // Keys [j0, j0 + nc) of KV head hk into dst (tile_floats floats): K then V (with qv:
+  // K's pairs, V's pairs in K's layout, then V).
   template <class F>
   static void pack_tile(const F& f, const SeqDesc& sd, int hk, std::int64_t j0, int nc,
                         float* dst) {
     bf16_t* const kp = reinterpret_cast<bf16_t*>(dst);
+    const auto v_row = [&](int j) { return f.v_row(sd, j0 + j, hk); };
     pack_k([&](int j) { return f.k_row(sd, j0 + j, hk); }, nc, f.p.d, kp);
-    pack_v([&](int j) { return f.v_row(sd, j0 + j, hk); }, nc, f.p.d_v, f.dvp,
-           kp + k_pack_elems(f.p.d));
+    if (f.has_qv) pack_k(v_row, nc, f.p.d_v, kp + k_pack_elems(f.p.d));
+    pack_v(v_row, nc, f.p.d_v, f.dvp, kp + k_pack_elems(score_dim(f)));
   }
 
-  // The task's Q rows r = g * nq + ii as stored (unscaled; the scale multiplies S).
+  // The task's Q rows r = g * nq + ii as stored (unscaled; the scale multiplies S),
+  // with qv: [q, qv] (zero padded after qv).
   template <class F, class Sc>
   static void begin_task(const F& f, const Task& t, const SeqDesc& sd, Sc& sc, int) {
     const AttnProblem& p = f.p;
-    const int ldq = q_ld(p.d);
+    const int dk = score_dim(f), ldq = q_ld(dk);
     for (int g = 0; g < t.nh * f.group; ++g) {
       const int hq = t.hk * f.group + g;
-      for (int ii = 0; ii < t.nq; ++ii)
-        pack_q(static_cast<const bf16_t*>(p.q) + sd.q_off + (t.q0 + ii) * p.q_row_stride +
-                   hq * p.q_head_stride,
-               p.d, sc.mm.q.get() + (g * t.nq + ii) * ldq);
+      for (int ii = 0; ii < t.nq; ++ii) {
+        bf16_t* const dst = sc.mm.q.get() + (g * t.nq + ii) * ldq;
+        const bf16_t* const q = static_cast<const bf16_t*>(p.q) + sd.q_off +
+                                (t.q0 + ii) * p.q_row_stride + hq * p.q_head_stride;
+        if (!f.has_qv) {
+          pack_q(q, p.d, dst);
+          continue;
+        }
+        const bf16_t* const qv = static_cast<const bf16_t*>(p.qv) + sd.qv_off +
+                                 (t.q0 + ii) * p.qv_row_stride + hq * p.qv_head_stride;
+        std::memcpy(dst, q, sizeof(bf16_t) * static_cast<std::size_t>(p.d));
+        std::memcpy(dst + p.d, qv, sizeof(bf16_t) * static_cast<std::size_t>(p.d_v));
+        std::memset(dst + dk, 0, sizeof(bf16_t) * static_cast<std::size_t>(ldq - dk));
+      }
     }
   }
 
@@ -250,16 +272,17 @@ struct DpBf16Engine {
       pack_tile(f, sd, t.hk, j0, nc, reinterpret_cast<float*>(sc.mm.kv.get()));
     }
     const bf16_t* const kp = reinterpret_cast<const bf16_t*>(packed);
-    const bf16_t* const vp = kp + k_pack_elems(p.d);
+    const int dk = score_dim(f);
+    const bf16_t* const vp = kp + k_pack_elems(dk);
     const int ncv = static_cast<int>(round_up(nc, W));
-    const int ldq = q_ld(p.d), dvp = f.dvp;
+    const int ldq = q_ld(dk), dvp = f.dvp;
     const float qmul = p.softcap > 0.0f ? p.scale / p.softcap : p.scale;
     const int* lim = sc.lim.get();
     f.block_limits(sc, M, nq, j0, nc, full);
     for (int r0 = 0, bi = 0; r0 < M; r0 += FMR, ++bi) {
       const int rows = std::min(FMR, M - r0);
       if (lim[bi] > 0)
-        qk(rows, sc.mm.q.get() + r0 * ldq, ldq, kp, p.d, qmul, sc.s.get() + r0 * kTile,
+        qk(rows, sc.mm.q.get() + r0 * ldq, ldq, kp, dk, qmul, sc.s.get() + r0 * kTile,
            static_cast<int>(round_up(lim[bi], W)));
     }
     f.softmax_tile(sc, M, nq, j0, nc, ncv, full);

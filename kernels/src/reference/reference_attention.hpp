@@ -65,9 +65,10 @@ struct ScoreFn {
   float scale = 1.0f;
   float softcap = 0.0f;
 
-  static ScoreFn make(const MaskParams& m, int d) {
+  // d_score: the length of the score's dot product, d (or d + d_v with qv).
+  static ScoreFn make(const MaskParams& m, int d_score) {
     ScoreFn f;
-    f.scale = m.scale != 0.0f ? m.scale : 1.0f / std::sqrt(static_cast<float>(d));
+    f.scale = m.scale != 0.0f ? m.scale : 1.0f / std::sqrt(static_cast<float>(d_score));
     f.softcap = m.softcap;
     return f;
   }
@@ -81,6 +82,7 @@ struct ScoreFn {
 // Per-thread scratch of the reference loops.
 struct RowScratch {
   std::vector<float> q;          // [d] query row in fp32
+  std::vector<float> qv;         // [d_v] qv row in fp32 (calls with qv)
   std::vector<float> scores;     // [s_k]
   std::vector<float> o;          // [d_v] output of the row
   std::vector<float> o_parts;    // [num_splits, d_v]
@@ -117,13 +119,14 @@ inline float dot_f32(const float* a, const float* b, int n) {
 
 // Query row `q` (fp32, [d], d a multiple of 8) of row index i attends to keys j in
 // [j0, j1) that the mask shows. k_row(j) / v_row(j) return the element pointer
-// (storage dtype `dtype`) of key j's row. Writes the normalised output to o[0, d_v)
-// and returns the natural-log sum-exp of the visible scores (-inf with o = 0 when
-// no key is visible).
+// (storage dtype `dtype`) of key j's row. `qv` (fp32 [d_v], nullable): the FA3 extra
+// query part, whose dot product with key j's value row adds to the score. Writes the
+// normalised output to o[0, d_v) and returns the natural-log sum-exp of the visible
+// scores (-inf with o = 0 when no key is visible).
 template <class KRow, class VRow>
-float attend_row_range(const float* q, int d, int d_v, DType dtype, std::int64_t i, std::int64_t j0,
-                       std::int64_t j1, const RowMask& mask, const ScoreFn& score, KRow&& k_row,
-                       VRow&& v_row, RowScratch& scratch, float* o) {
+float attend_row_range(const float* q, const float* qv, int d, int d_v, DType dtype, std::int64_t i,
+                       std::int64_t j0, std::int64_t j1, const RowMask& mask, const ScoreFn& score,
+                       KRow&& k_row, VRow&& v_row, RowScratch& scratch, float* o) {
   for (int c = 0; c < d_v; ++c) o[c] = 0.0f;
   if (j1 <= j0) return kNegInf;
   std::vector<float>& scores = scratch.scores;
@@ -133,7 +136,9 @@ float attend_row_range(const float* q, int d, int d_v, DType dtype, std::int64_t
   for (std::int64_t j = j0; j < j1; ++j) {
     float s = kNegInf;
     if (mask.sees(i, j)) {
-      s = score(dot_f32(q, row_as_f32(k_row(j), d, dtype, scratch.row), d));
+      float dot = dot_f32(q, row_as_f32(k_row(j), d, dtype, scratch.row), d);
+      if (qv) dot += dot_f32(qv, row_as_f32(v_row(j), d_v, dtype, scratch.row), d_v);
+      s = score(dot);
       if (s > st.m) st.m = s;
     }
     scores[static_cast<std::size_t>(j - j0)] = s;
@@ -157,13 +162,13 @@ float attend_row_range(const float* q, int d, int d_v, DType dtype, std::int64_t
 // computed as its own partial (o, lse) and combined by merge_states: exactly how an
 // optimised split-KV kernel combines its splits, so split on/off is testable here.
 template <class KRow, class VRow>
-float attend_row(const float* q, int d, int d_v, DType dtype, std::int64_t i, const RowMask& mask,
-                 const ScoreFn& score, int num_splits, KRow&& k_row, VRow&& v_row,
-                 RowScratch& scratch) {
+float attend_row(const float* q, const float* qv, int d, int d_v, DType dtype, std::int64_t i,
+                 const RowMask& mask, const ScoreFn& score, int num_splits, KRow&& k_row,
+                 VRow&& v_row, RowScratch& scratch) {
   scratch.o.resize(static_cast<std::size_t>(d_v));
   if (num_splits <= 1) {
-    return attend_row_range(q, d, d_v, dtype, i, 0, mask.s_k, mask, score, k_row, v_row, scratch,
-                            scratch.o.data());
+    return attend_row_range(q, qv, d, d_v, dtype, i, 0, mask.s_k, mask, score, k_row, v_row,
+                            scratch, scratch.o.data());
   }
   scratch.o_parts.resize(static_cast<std::size_t>(num_splits) * static_cast<std::size_t>(d_v));
   scratch.lse_parts.resize(static_cast<std::size_t>(num_splits));
@@ -171,7 +176,7 @@ float attend_row(const float* q, int d, int d_v, DType dtype, std::int64_t i, co
     const std::int64_t j0 = mask.s_k * t / num_splits;
     const std::int64_t j1 = mask.s_k * (t + 1) / num_splits;
     scratch.lse_parts[static_cast<std::size_t>(t)] =
-        attend_row_range(q, d, d_v, dtype, i, j0, j1, mask, score, k_row, v_row, scratch,
+        attend_row_range(q, qv, d, d_v, dtype, i, j0, j1, mask, score, k_row, v_row, scratch,
                          scratch.o_parts.data() + static_cast<std::int64_t>(t) * d_v);
   }
   float lse = 0.0f;

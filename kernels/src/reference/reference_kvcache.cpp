@@ -44,13 +44,14 @@ void reference_forward_kvcache(const KvCacheParams& p, int threads) {
   kvcache_prepare_q(p, q_buf.data(), p.dtype, threads);
 
   const int group = p.h / p.h_k;
-  const ScoreFn score = ScoreFn::make(p.mask, p.d);
+  const ScoreFn score = ScoreFn::make(p.mask, p.qv ? p.d + p.d_v : p.d);
   // 3. One work item per (sequence, query row, query head), each computed over its
   //    key splits (plan, or p.num_splits, or one) and merged (merge_states).
 #pragma omp parallel num_threads(threads)
   {
     RowScratch scratch;
     scratch.q.resize(static_cast<std::size_t>(p.d));
+    scratch.qv.resize(static_cast<std::size_t>(p.d_v));
 #pragma omp for schedule(dynamic, 4)
     for (std::int64_t w = 0; w < work; ++w) {
       const int hi = static_cast<int>(w % p.h);
@@ -64,13 +65,18 @@ void reference_forward_kvcache(const KvCacheParams& p, int threads) {
         scratch.q[static_cast<std::size_t>(c)] =
             load_as_f32(q_buf.data(), w * p.d + c, p.dtype) * ds.qk;
       }
+      if (p.qv) {  // qv is not rotated: read in place
+        const std::int64_t qv_off = kv_qv_offset(p, i, r) + hi * p.qv_head_stride;
+        for (int c = 0; c < p.d_v; ++c)
+          scratch.qv[static_cast<std::size_t>(c)] = load_as_f32(p.qv, qv_off + c, p.dtype);
+      }
       int splits = p.num_splits > 1 ? p.num_splits : 1;
       if (p.plan) splits = p.plan->num_splits[static_cast<std::size_t>(i)];
       const RowMask mask = RowMask::make(p.mask, i, kv_s_q(p, i), kv_num_keys(p, i));
       auto k_row = [&](std::int64_t t) { return kv_k_row(p, i, t, hk); };
       auto v_row = [&](std::int64_t t) { return kv_v_row(p, i, t, hk); };
-      const float lse = attend_row(scratch.q.data(), p.d, p.d_v, p.dtype, r, mask, score, splits,
-                                   k_row, v_row, scratch);
+      const float lse = attend_row(scratch.q.data(), p.qv ? scratch.qv.data() : nullptr, p.d, p.d_v,
+                                   p.dtype, r, mask, score, splits, k_row, v_row, scratch);
       for (float& x : scratch.o) x *= ds.v;
       // The sink scales the merged row once (attention_params.hpp).
       if (p.mask.sinks) apply_sinks(scratch.o.data(), 0, &lse, 0, p.mask.sinks + hi, 1, 1, p.d_v);

@@ -36,10 +36,16 @@ LSE is that of these scores. The output is bf16 (fp32 for numpy inputs, numpy ha
 bfloat16); descales on non-fp8 inputs are a ``ValueError``. Rotary tables with fp8 are
 rejected (rotate before quantising).
 
+``qv`` (FA3's extra query part, all three functions): a tensor shaped as the output
+(``[b, s_q, h, d_v]``, varlen ``[total_q, h, d_v]``) in q's dtype; the score becomes
+``softmax_scale * (q . k + qv . v)`` and the default scale ``1/sqrt(d + d_v)``. ``d_v`` is
+limited to 256 as everywhere; FA3's MLA shape (``d = 64, d_v = 512``) belongs to
+``ringattn.flash_mla_interface``. qv is not rotated by ``rotary_cos / rotary_sin``.
+qv is not supported with fp8 inputs.
+
 Speed hints (``num_splits``, ``pack_gqa``, ``sm_margin``, ``deterministic``,
-``scheduler_metadata``) are accepted and never change results beyond rounding. Arguments
-that need kernel features ringattn does not have yet (``qv``) raise ``ValueError`` naming
-the argument. There is no backward pass (outputs do not track gradients).
+``scheduler_metadata``) are accepted and never change results beyond rounding. There is no
+backward pass (outputs do not track gradients).
 """
 
 import math
@@ -133,13 +139,35 @@ def _check_head_dims(d, d_v, qname, vname):
             raise ValueError(f"{name}: {what}={n} must be a multiple of 8 in [8, 256]")
 
 
+def _qv_arg(qv, q, qa, want, shape_text):
+    """TensorArg of FA3's qv (None when absent): shaped as the output `want`, q's dtype.
+
+    A value head dim over the kernels' limit names the MLA path (FA3 runs MLA as d = 64,
+    d_v = 512 through qv; ringattn has dedicated MLA kernels for that)."""
+    if qv is None:
+        return None
+    _tensor.same_kind(q, {"qv": qv})
+    qva = _float_arg(qv, "qv", len(want), shape_text)
+    _same_dtype(qa, {"qv": qva})
+    got = [int(x) for x in qv.shape]
+    if got != list(want):
+        raise ValueError(f"qv: shape {got} must equal {shape_text} = {list(want)} "
+                         f"(q is {list(q.shape)})")
+    d_v = int(want[-1])
+    if d_v > 256:
+        raise ValueError(f"qv: d_v={d_v} exceeds 256, the value head dim limit of ringattn's "
+                         f"attention kernels; absorbed MLA (d_v=512) runs through "
+                         f"ringattn.flash_mla_interface")
+    return qva
+
+
 def _lse_arg(lse, name="softmax_lse"):
     """TensorArg of a freshly allocated LSE, or None when it has no element to write."""
     return _tensor.arg(lse, name, types=("fp32",)) if math.prod(lse.shape) else None
 
 
 def _scale(softmax_scale):
-    """Softmax scale for the kernel: 0 means the default 1/sqrt(d)."""
+    """Softmax scale for the kernel: 0 means the default 1/sqrt(d) (1/sqrt(d + d_v) with qv)."""
     if softmax_scale is None:
         return 0.0
     s = float(softmax_scale)
@@ -271,10 +299,11 @@ def flash_attn_func(
     num_splits > 0 asks for that many key splits, <= 0 lets the engine decide; pack_gqa,
     deterministic and sm_margin are accepted and ignored. sinks (alias s_aux): [h] fp32
     attention-sink logits; attention_chunk > 0: chunked local attention (module
-    docstring). The keyword-only dropout_p and alibi_slopes exist only to raise a clear
-    ValueError.
+    docstring). qv [b, s_q, h, d_v] (q's dtype): score = softmax_scale * (q . k + qv . v),
+    default scale 1/sqrt(d + d_v). The keyword-only dropout_p and alibi_slopes exist only
+    to raise a clear ValueError.
     """
-    _unsupported(qv=(qv, None), dropout_p=(dropout_p, 0.0), alibi_slopes=(alibi_slopes, None))
+    _unsupported(dropout_p=(dropout_p, 0.0), alibi_slopes=(alibi_slopes, None))
     _tensor.type_of(q, "q")
     _tensor.same_kind(q, {"k": k, "v": v})
     qa = _float_arg(q, "q", 4, "[b, s_q, h, d]")
@@ -283,6 +312,7 @@ def flash_attn_func(
     _same_dtype(qa, {"k": ka, "v": va})
     b, s_q, h, d = (int(x) for x in q.shape)
     d_v = int(v.shape[-1])
+    qva = _qv_arg(qv, q, qa, (b, s_q, h, d_v), "[b, s_q, h, d_v]")
     _check_head_dims(d, d_v, "q", "v")
     dsa = _descale_args(qa.type, b, int(k.shape[2]), q, q_descale=q_descale,
                         k_descale=k_descale, v_descale=v_descale)
@@ -296,7 +326,7 @@ def flash_attn_func(
     _C.fwd(qa, ka, va, _tensor.arg(out, "out"), _lse_arg(lse),
            None, None, None, None, 0, 0, _scale(softmax_scale), bool(causal), wl, wr,
            _softcap(softcap), _num_splits(num_splits), sink_arg,
-           _attention_chunk(attention_chunk), *dsa)
+           _attention_chunk(attention_chunk), *dsa, qva)
     del sink
     return (out, lse) if return_attn_probs else out
 
@@ -337,9 +367,10 @@ def flash_attn_varlen_func(
     [total_q, h, d_v] in q's dtype, or (out, softmax_lse [h, total_q] fp32) when
     return_attn_probs. Rows of q past cu_seqlens_q[-1] or past seqused_q get 0 / -inf.
     sinks (alias s_aux): [h] fp32 attention-sink logits; attention_chunk > 0: chunked
-    local attention within each segment (module docstring).
+    local attention within each segment (module docstring). qv [total_q, h, d_v]: as in
+    flash_attn_func.
     """
-    _unsupported(qv=(qv, None), dropout_p=(dropout_p, 0.0), alibi_slopes=(alibi_slopes, None))
+    _unsupported(dropout_p=(dropout_p, 0.0), alibi_slopes=(alibi_slopes, None))
     _tensor.type_of(q, "q")
     _tensor.same_kind(q, {"k": k, "v": v})
     qa = _float_arg(q, "q", 3, "[total_q, h, d]")
@@ -349,6 +380,7 @@ def flash_attn_varlen_func(
     total_q, h, d = (int(x) for x in q.shape)
     total_k = int(k.shape[0])
     d_v = int(v.shape[-1])
+    qva = _qv_arg(qv, q, qa, (total_q, h, d_v), "[total_q, h, d_v]")
     _check_head_dims(d, d_v, "q", "v")
     cq, cqa = _index(cu_seqlens_q, "cu_seqlens_q", lo=0)
     ck, cka = _index(cu_seqlens_k, "cu_seqlens_k", lo=0)
@@ -386,7 +418,7 @@ def flash_attn_varlen_func(
     _C.fwd(qa, ka, va, _tensor.arg(out, "out"), _lse_arg(lse_k),
            cqa, cka, sqa, ska, msq, msk, _scale(softmax_scale), bool(causal), wl, wr,
            _softcap(softcap), _num_splits(num_splits), sink_arg,
-           _attention_chunk(attention_chunk), *dsa)
+           _attention_chunk(attention_chunk), *dsa, qva)
     del sink
     if end_q < total_q:
         out[end_q:] = 0
@@ -496,16 +528,15 @@ def flash_attn_with_kvcache(
     [b + 1] packs each sequence's query rows (q [total_q, h, d], out [total_q, h, d_v], LSE
     [h, total_q]); cu_seqlens_k_new [b + 1] packs each sequence's new keys (k / v
     [total_new, h_k, d / d_v]); rotary_seqlens [b] replaces cache_seqlens as rotary position.
-    sinks= / s_aux= and attention_chunk as in flash_attn_func.
+    sinks= / s_aux=, attention_chunk and qv (shaped as out, never rotated) as in
+    flash_attn_func.
 
     Returns out [b, s_q, h, d_v] in q's dtype, or, when return_softmax_lse, FA3's tuple
     (out, softmax_lse [b, h, s_q] fp32, out_accum, softmax_lse_accum) where the two split
     accumulators are empty fp32 tensors (the CPU kernel merges its splits internally).
     scheduler_metadata from get_scheduler_metadata is used as the split plan.
     """
-    if qv is not None:
-        _unsupported(qv=(qv, None))
-    if (attention_chunk == 0 and cu_seqlens_q is None and cu_seqlens_k_new is None
+    if (qv is None and attention_chunk == 0 and cu_seqlens_q is None and cu_seqlens_k_new is None
             and max_seqlen_q is None and rotary_seqlens is None and sinks is None and s_aux is None
             and q_descale is None and k_descale is None and v_descale is None):
         # The common decode call runs in one C++ call (None: this Python path applies).
@@ -547,6 +578,8 @@ def flash_attn_with_kvcache(
     else:
         b, s_q, h, d = (int(x) for x in q.shape)
     d_v = int(v_cache.shape[-1])
+    qva = _qv_arg(qv, q, qa, (total_q, h, d_v) if vq else (b, s_q, h, d_v),
+                  "[total_q, h, d_v]" if vq else "[b, s_q, h, d_v]")
     _check_head_dims(d, d_v, "q", "v_cache")
 
     pt, pta = _index(page_table, "page_table", ndim=2)
@@ -581,7 +614,7 @@ def flash_attn_with_kvcache(
                    None if sin is None else _tensor.arg(sin, "rotary_sin", types=("fp32",)),
                    bool(rotary_interleaved), _scale(softmax_scale), bool(causal), wl, wr,
                    _softcap(softcap), _num_splits(num_splits), plana, ska, chunk, rsa, cqa,
-                   s_q if vq else 0, ckna, *dsa)
+                   s_q if vq else 0, ckna, *dsa, qva)
     del cs, cb, lp, pt, cq, ckn, rs, sk  # kept alive through the call
     if return_softmax_lse:
         return out, lse, _lse_empty(q), _lse_empty(q)
