@@ -31,17 +31,23 @@ def rng_for(*key):
 # ---- float64 reference ----
 
 
-def ref_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0, sinks=None, chunk=0):
+def ref_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0, sinks=None, chunk=0,
+                  qv=None):
     """q [s_q, h, d], k [s_k, h_k, d], v [s_k, h_k, d_v] (float64) -> out [s_q, h, d_v],
     lse [h, s_q]. Bottom-right mask, GQA by repeating KV heads, empty rows 0 / -inf.
     sinks [h]: one extra logit per head in the softmax denominator (no value); the LSE
-    excludes it. chunk > 0: key j visible only in the chunk of the diagonal key i + shift."""
+    excludes it. chunk > 0: key j visible only in the chunk of the diagonal key i + shift.
+    qv [s_q, h, d_v] (FA3): scores scale * (q . k + qv . v), default scale 1/sqrt(d + d_v)."""
     s_q, h, d = q.shape
     s_k, h_k, _ = k.shape
     k = np.repeat(k, h // h_k, axis=1)
     v = np.repeat(v, h // h_k, axis=1)
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    s = np.einsum("qhd,khd->hqk", q, k) * scale
+    d_qk = d if qv is None else d + v.shape[-1]
+    scale = 1.0 / math.sqrt(d_qk) if scale is None else scale
+    s = np.einsum("qhd,khd->hqk", q, k)
+    if qv is not None:
+        s = s + np.einsum("qhd,khd->hqk", qv, v)
+    s = s * scale
     if softcap > 0:
         s = softcap * np.tanh(s / softcap)
     i = np.arange(s_q)[:, None]

@@ -4,7 +4,6 @@ score = softmax_scale * (q . k + qv . v), default scale 1/sqrt(d + d_v). Shapes 
 fresh each run from a printed seed; replay a failure with RINGATTN_TEST_SEED=<seed>."""
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -12,92 +11,17 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ringattn import flash_attn_interface as fai  # noqa: E402
+from test_flash_attn_interface import SEED, check, f64, make, random_mask, rng_for  # noqa: E402
+from test_flash_attn_interface import ref_attention as _ref  # noqa: E402
 
-SEED = int(os.environ.get("RINGATTN_TEST_SEED", np.random.SeedSequence().entropy % (2**31)))
-print(f"test_qv: RINGATTN_TEST_SEED={SEED}")
-
-TORCH_TYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-NUMPY_TYPES = {"fp32": np.float32, "fp16": np.float16}
-EPS = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
 KINDS = [("torch", "fp32"), ("torch", "bf16"), ("numpy", "fp32"), ("numpy", "fp16")]
 HEADS = [(6, 6), (6, 2), (6, 1)]
 DIMS = [(64, 256), (64, 128), (16, 24), (32, 64)]
 
 
-def rng_for(*key):
-    return np.random.default_rng([SEED, *[hash(str(k)) % (2**31) for k in key]])
-
-
 def ref_attention(q, k, v, qv, scale=None, causal=False, window=(-1, -1), softcap=0.0):
-    """q [s_q, h, d], k [s_k, h_k, d], v [s_k, h_k, d_v], qv [s_q, h, d_v] (float64) ->
-    out [s_q, h, d_v], lse [h, s_q]; bottom-right mask, empty rows 0 / -inf."""
-    s_q, h, d = q.shape
-    s_k, h_k, d_v = v.shape
-    k = np.repeat(k, h // h_k, axis=1)
-    v = np.repeat(v, h // h_k, axis=1)
-    scale = 1.0 / math.sqrt(d + d_v) if scale is None else scale
-    s = (np.einsum("qhd,khd->hqk", q, k) + np.einsum("qhd,khd->hqk", qv, v)) * scale
-    if softcap > 0:
-        s = softcap * np.tanh(s / softcap)
-    i = np.arange(s_q)[:, None]
-    j = np.arange(s_k)[None, :]
-    shift = s_k - s_q
-    wl, wr = window
-    if causal:
-        wr = 0
-    vis = np.ones((s_q, s_k), dtype=bool)
-    if wr >= 0:
-        vis &= j <= i + shift + wr
-    if wl >= 0:
-        vis &= j >= i + shift - wl
-    s = np.where(vis[None], s, -np.inf)
-    m = s.max(axis=-1, initial=-np.inf, keepdims=True) if s_k else np.full((h, s_q, 1), -np.inf)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m_safe)
-    l_sum = p.sum(axis=-1)
-    lse = np.where(l_sum > 0, np.log(np.where(l_sum > 0, l_sum, 1.0)) + m_safe[..., 0], -np.inf)
-    p = p / np.where(l_sum > 0, l_sum, 1.0)[..., None]
-    out = np.einsum("hqk,khd->qhd", p, v) if s_k else np.zeros((s_q, h, d_v))
-    return out, lse
-
-
-def f64(x):
-    if isinstance(x, np.ndarray):
-        return x.astype(np.float64)
-    return x.detach().to(torch.float64).numpy()
-
-
-def check(got, want, typ, what, lse=False):
-    got = f64(got)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape} (seed {SEED})"
-    assert np.array_equal(np.isneginf(want), np.isneginf(got)), f"{what}: -inf pattern differs (seed {SEED})"
-    assert not np.isnan(got).any(), f"{what}: NaN in result (seed {SEED})"
-    fin = ~np.isneginf(want)
-    if not fin.any():
-        return
-    err = np.abs(got[fin] - want[fin]).max()
-    mag = max(1.0, np.abs(want[fin]).max())
-    eps = EPS["fp32"] if lse else EPS[typ]
-    tol = mag * (4 * eps + 2e-5) if typ != "fp32" or lse else mag * 2e-5
-    if lse and typ != "fp32":
-        tol = mag * 1e-4
-    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g} (seed {SEED})"
-
-
-def make(shape, typ, kind, rng):
-    x = rng.standard_normal(shape)
-    if kind == "numpy":
-        return x.astype(NUMPY_TYPES[typ])
-    return torch.from_numpy(x.astype(np.float32)).to(TORCH_TYPES[typ])
-
-
-def random_mask(rng):
-    causal = bool(rng.integers(2))
-    window = (-1, -1)
-    if rng.integers(3) == 0:
-        window = (int(rng.integers(-1, 6)), -1 if causal else int(rng.integers(-1, 4)))
-    softcap = float(rng.choice([0.0, 0.0, 5.0]))
-    return causal, window, softcap
+    """The float64 reference of test_flash_attn_interface with qv [s_q, h, d_v]."""
+    return _ref(q, k, v, scale, causal, window, softcap, qv=qv)
 
 
 @pytest.mark.parametrize("kind,typ", KINDS)
