@@ -10,17 +10,11 @@ set -uo pipefail
 DEBS=${1:-.deps/boost-debs} OUT_DIR=${2:-out/device} THREADS=${3:-$(nproc)}
 FILTER=${4:-'*DenseForward*:*Varlen*:*KvCache*:*SplitKv*:*Numerics*:CpuBackend*:ValidationBackend*:*DenseThreads*:*DenseMaskCounts*'}
 mkdir -p "$OUT_DIR"
-ROOT=$PWD/.deps/deb-root
-mkdir -p "$ROOT"
-for d in "$DEBS"/*.deb; do dpkg -x "$d" "$ROOT"; done
-echo "== host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $(nproc) cpus; flags: $(grep -m1 -o 'amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+source "$(dirname "$0")/device_common.sh"
+device_unpack_debs "$DEBS"
+device_host_line
 t0=$(date +%s)
-cmake -S . -B build-amx -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
-  -DCMAKE_C_COMPILER=/usr/bin/gcc -DBoost_ROOT="$ROOT/usr" -DBoost_NO_SYSTEM_PATHS=ON \
-  -DCMAKE_PREFIX_PATH="$ROOT/usr" -DRINGATTN_PYTHON=OFF >"$OUT_DIR/cmake.log" 2>&1 ||
-  { tail -30 "$OUT_DIR/cmake.log"; exit 1; }
-ninja -C build-amx ringattn_unit_tests ringattn_cli >"$OUT_DIR/build.log" 2>&1 ||
-  { grep -B2 -A12 'error' "$OUT_DIR/build.log" | head -60; exit 1; }
+device_build build-amx "$OUT_DIR" "ringattn_unit_tests ringattn_cli" -- -DRINGATTN_PYTHON=OFF || exit 1
 echo "== built in $(($(date +%s) - t0)) s"
 CLI=build-amx/bin/ringattn
 if [[ $FILTER != none ]]; then
@@ -42,11 +36,8 @@ done | tee "$OUT_DIR/bench_amx.txt"
 IFS=';' read -ra variants <<<"${VARIANTS:-}"
 for i in "${!variants[@]}"; do
   v=${variants[$i]}
-  cmake -S . -B build-amx-v$i -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
-    -DCMAKE_C_COMPILER=/usr/bin/gcc -DBoost_ROOT="$ROOT/usr" -DBoost_NO_SYSTEM_PATHS=ON \
-    -DCMAKE_PREFIX_PATH="$ROOT/usr" -DRINGATTN_PYTHON=OFF -DRINGATTN_BUILD_TESTS=OFF \
-    -DCMAKE_CXX_FLAGS="$v" >"$OUT_DIR/cmake-v$i.log" 2>&1 && ninja -C build-amx-v$i ringattn_cli \
-    >"$OUT_DIR/build-v$i.log" 2>&1 || { echo "variant '$v' failed to build"; continue; }
+  device_build build-amx-v$i "$OUT_DIR/v$i" ringattn_cli -- -DRINGATTN_PYTHON=OFF \
+    -DRINGATTN_BUILD_TESTS=OFF -DCMAKE_CXX_FLAGS="$v" || { echo "variant '$v' failed to build"; continue; }
   for c in prefill_bf16 prefill_causal_bf16; do
     echo "== variant: $v, $c"
     OMP_PROC_BIND=close OMP_PLACES=cores build-amx-v$i/bin/ringattn bench --threads "$THREADS" \

@@ -16,17 +16,12 @@ mkdir -p "$OUT"
 T0=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
 PY=$(command -v python3)
-ROOT=$PWD/.deps/deb-root
-mkdir -p "$ROOT"
-for dir in "${DEB_DIRS[@]}"; do for d in "$dir"/*.deb; do dpkg -x "$d" "$ROOT"; done; done
-echo "== host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $(nproc) cpus; python $PY"
-cmake -S . -B build-round -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
-  -DCMAKE_C_COMPILER=/usr/bin/gcc -DRINGATTN_PYTHON=ON -DRINGATTN_PYTHON_EXECUTABLE="$PY" \
-  -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" -DBoost_ROOT="$ROOT/usr" \
-  -DBoost_NO_SYSTEM_PATHS=ON -DCMAKE_PREFIX_PATH="$ROOT/usr" >"$OUT/cmake.log" 2>&1 ||
-  { tail -30 "$OUT/cmake.log"; exit 1; }
-ninja -C build-round ringattn_unit_tests ringattn_cli ringattn_python >"$OUT/build.log" 2>&1 ||
-  { grep -B2 -A12 'error' "$OUT/build.log" | head -60; exit 1; }
+source "$(dirname "$0")/device_common.sh"
+device_unpack_debs "${DEB_DIRS[@]}"
+device_host_line
+device_build build-round "$OUT" "ringattn_unit_tests ringattn_cli ringattn_python" -- \
+  -DRINGATTN_PYTHON=ON -DRINGATTN_PYTHON_EXECUTABLE="$PY" \
+  -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" || exit 1
 echo "== built in $(($(date +%s) - T0)) s"
 BIN=$PWD/build-round/bin/ringattn
 FILTER=${FILTER:-'*DenseForward*:*Varlen*:*KvCache*:*SplitKv*:*Numerics*:CpuBackend*:ValidationBackend*:*Sinks*:*AttentionChunk*'}

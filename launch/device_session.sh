@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
 # Session, Ulysses and CLI front-door figures on the 16-core Xeon, one device call, after
-# launch/device_python.sh has built build-py (or with BIN pointing at another ringattn):
-#   launch/device_session.sh [OUT_DIR] [BIN]
+# launch/device_python.sh has built build-py (or with BIN pointing at another ringattn; when
+# BIN does not exist and DEBS names .deb folders, the CLI is built first, launch/device_common.sh):
+#   [DEBS="DIR..."] launch/device_session.sh [OUT_DIR] [BIN]
 # Parts (PARTS="a b c d e", default all):
 #   a  machine read bandwidth (ringattn bench decode_bf16 at 16 threads: GB/s and % of it)
 #   b  decode over a 1M-token context, b = 1, GQA 32/8, d 128, bf16: 16 ranks x 1 thread
-#      against 1 rank x 16 threads (context filled without the prefill's attention)
+#      (as is, and with --merge-after-barrier: the merge alone) against 1 rank x 16 threads
+#      (context filled without the prefill's attention)
 #   c  extend against a 64K context at 16 ranks: 128 and 16384 new tokens, pass-Q and pass-KV
-#   d  time to first token, 16 ranks x 1 thread, causal zigzag prefill of 32K and 64K tokens
+#   d  time to first token, 16 ranks x 1 thread, causal zigzag prefill of 32K, 64K and 128K
+#      tokens, against the same causal attention in one process on 16 threads (32K, 128K)
 #   e  Ulysses x ring at 16 ranks, s = 32768, h 32/8, causal zigzag: U = 1, 2, 4, 8
 #   f  the scaling study of docs/scaling.md: launch/sweep with launch/sweeps/xeon_study.toml
 #      and launch/sweeps/node_split.toml (s = 32768 only), CSV and JSON lines in OUT/sweep-*
 #      (plots where matplotlib is installed; else `launch/sweep --report-only` elsewhere)
+#   g  ring against pure Ulysses (U = ranks) on every ranks x threads split of the 16 cores,
+#      s = 32768, h 32/8, fp32 causal zigzag (the issue's "Ulysses within 10 % of the ring")
+#   h  fp8 against bf16 KV-cache decode (ringattn bench decode_fp8_vs_bf16), 2 and 16 threads
 set -uo pipefail
 OUT=${1:-out/device_session}
 BIN=${2:-build-py/bin/ringattn}
 PARTS=${PARTS:-a b c d e f}
 mkdir -p "$OUT"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+if [[ ! -x $BIN && -n ${DEBS:-} ]]; then
+  source "$(dirname "$0")/device_common.sh"
+  # shellcheck disable=SC2086  # DEBS is a list
+  device_unpack_debs $DEBS
+  device_build build-session "$OUT/build" ringattn_cli -- -DRINGATTN_PYTHON=OFF \
+    -DRINGATTN_BUILD_TESTS=OFF || exit 1
+  BIN=$PWD/build-session/bin/ringattn
+fi
 MPI="mpirun --oversubscribe --bind-to core --map-by core"
 G="--heads 32 --kv-heads 8 --dim 128 --dtype bf16"
 has() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -27,6 +41,8 @@ has a && run "$BIN" bench --threads 16 --case '^decode_bf16' --repeats 3
 if has b; then
   run $MPI -np 16 "$BIN" session --prompt-len 1048576 --decode-steps 30 $G --threads 1 \
     --skip-prefill-attention --json
+  run $MPI -np 16 "$BIN" session --prompt-len 1048576 --decode-steps 30 $G --threads 1 \
+    --skip-prefill-attention --merge-after-barrier --json
   run mpirun --bind-to none -np 1 "$BIN" session --prompt-len 1048576 --decode-steps 10 $G \
     --threads 16 --skip-prefill-attention --json
 fi
@@ -39,11 +55,13 @@ if has c; then
   done
 fi
 if has d; then
-  for s in 32768 65536; do
+  for s in 32768 65536 131072; do
     run $MPI -np 16 "$BIN" session --prompt-len $s --decode-steps 2 $G --threads 1 --json
   done
-  # the same 32K causal attention in one process on all 16 cores
-  run mpirun --bind-to none -np 1 "$BIN" ring --seqlen 32768 $G --causal --threads 16 --json
+  # the same causal attention in one process on all 16 cores
+  for s in 32768 131072; do
+    run mpirun --bind-to none -np 1 "$BIN" ring --seqlen $s $G --causal --threads 16 --json
+  done
 fi
 if has e; then
   for u in 1 2 4 8; do
@@ -57,4 +75,16 @@ if has f; then
     2>&1 | tail -30 | tee -a "$OUT/session.txt"
   "$PY" launch/sweep --config launch/sweeps/node_split.toml --bin "$BIN" --seqlen 32768 \
     --out "$OUT/sweep-split" 2>&1 | tail -12 | tee -a "$OUT/session.txt"
+fi
+if has g; then
+  F="--heads 32 --kv-heads 8 --dim 128 --dtype fp32 --seqlen 32768 --causal --layout zigzag"
+  for rt in 1:16 2:8 4:4 8:2 16:1; do
+    r=${rt%:*} t=${rt#*:}
+    for u in $(printf '%s\n' 1 "$r" | sort -un); do
+      run launch/run -n "$r" -t "$t" -- "$BIN" ring --ulysses "$u" $F --threads "$t" --json
+    done
+  done
+fi
+if has h; then
+  run "$BIN" bench --threads 2,16 --case '^decode_fp8_vs_bf16' --repeats 5
 fi

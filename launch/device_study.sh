@@ -21,19 +21,12 @@ left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
 pack() { tar -czf "$OUT/study.tgz" -C "$OUT" study; }
 trap pack EXIT
 PY=$(command -v python3)
-ROOT=$PWD/.deps/deb-root
-mkdir -p "$ROOT"
-for dir in "${DEB_DIRS[@]}"; do for d in "$dir"/*.deb; do dpkg -x "$d" "$ROOT"; done; done
-echo "== host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $(nproc) cpus"
-cmake -S . -B build-study -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
-  -DCMAKE_C_COMPILER=/usr/bin/gcc -DRINGATTN_PYTHON=OFF -DBoost_ROOT="$ROOT/usr" \
-  -DBoost_NO_SYSTEM_PATHS=ON -DCMAKE_PREFIX_PATH="$ROOT/usr" >"$OUT/study/cmake.log" 2>&1 ||
-  { tail -30 "$OUT/study/cmake.log"; exit 1; }
-ninja -C build-study ringattn_cli >"$OUT/study/build.log" 2>&1 ||
-  { grep -B2 -A12 'error' "$OUT/study/build.log" | head -60; exit 1; }
+source "$(dirname "$0")/device_common.sh"
+device_unpack_debs "${DEB_DIRS[@]}"
+device_host_line
+device_build build-study "$OUT/study" ringattn_cli -- -DRINGATTN_PYTHON=OFF || exit 1
 echo "== built in $(($(date +%s) - T0)) s"
 BIN=$PWD/build-study/bin/ringattn
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 "$BIN" bench --threads 2,16 --case '^prefill_fp32,^prefill_causal_fp32' --repeats 3 \
   2>&1 | tee "$OUT/study/bench_fp32.txt"
 sweep() {  # sweep NAME [launch/sweep options...]
