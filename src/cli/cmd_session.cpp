@@ -78,7 +78,8 @@ int cmd_session(int argc, char** argv) {
   std::int64_t prompt_len = 0;
   std::uint64_t seed = 0;
   int page_size = 256, check_rows = 2;
-  bool check = false, json = false, reduce_to_root = false, skip_prefill = false;
+  bool check = false, json = false, reduce_to_root = false, skip_prefill = false,
+       merge_barrier = false;
   MaskArgs mask_args;
   KernelArgs kernel_args;
 
@@ -124,6 +125,9 @@ int cmd_session(int argc, char** argv) {
       "auto (cost model) | pass-q | pass-kv")(
       "reduce-to-root", po::bool_switch(&reduce_to_root),
       "decode: reduce the partials to rank 0 instead of an allreduce")(
+      "merge-after-barrier", po::bool_switch(&merge_barrier),
+      "decode measurement mode: a barrier before each step's merge reduction, which then "
+      "times the merge alone")(
       "skip-prefill-attention", po::bool_switch(&skip_prefill),
       "store the prompt's K/V without computing its attention (decode/extend benchmarks over "
       "long contexts; no prefill outputs)")("json", po::bool_switch(&json),
@@ -333,6 +337,7 @@ int cmd_session(int argc, char** argv) {
     return std::move(*e);
   }();
   KvSession session(comm, engine, cfg);
+  session.set_merge_after_barrier(merge_barrier);
 
   // Synthetic element (tensor 0 = q, 1 = k, 2 = v) of sequence s at position pos.
   const std::int64_t cap = cfg.capacity;
@@ -385,7 +390,10 @@ int cmd_session(int argc, char** argv) {
   const std::int64_t step_rows = std::int64_t{sh.b} * sh.t;
   std::vector<float> d_out(static_cast<std::size_t>(sh.steps * step_rows * orow)),
       d_lse(static_cast<std::size_t>(sh.steps * step_rows * sh.h));
-  std::vector<double> step_s, merge_share;
+  // Per step: the reduction's own cost, the mean imbalance wait and the old measure (the
+  // slowest rank's time inside the reduction, waiting included), each over the step.
+  std::vector<double> step_s, merge_share, imbalance_share, reduction_share, max_wait_share;
+  std::vector<double> local_sum(static_cast<std::size_t>(P), 0.0);  // rank 0: per-rank sums
   std::vector<std::byte> sq(static_cast<std::size_t>(step_rows * qr) * es),
       sk(static_cast<std::size_t>(step_rows * kr) * es),
       sv(static_cast<std::size_t>(step_rows * vr) * es);
@@ -411,7 +419,16 @@ int cmd_session(int argc, char** argv) {
         session.decode(sh.t, sq.data(), sk.data(), sv.data(), d_out.data() + st * step_rows * orow,
                        d_lse.data() + st * step_rows * sh.h, root);
     step_s.push_back(ds.total_s);
-    merge_share.push_back(max_all(comm, ds.merge_s) / std::max(ds.total_s, 1e-12));
+    const double step = std::max(ds.total_s, 1e-12);
+    merge_share.push_back(ds.merge_s / step);
+    imbalance_share.push_back(ds.wait_s / step);
+    max_wait_share.push_back(ds.max_wait_s / step);
+    reduction_share.push_back(max_all(comm, ds.reduce_s) / step);
+    std::vector<double> locals(static_cast<std::size_t>(P));
+    RA_MPI_CHECK(
+        MPI_Gather(&ds.local_s, 1, MPI_DOUBLE, locals.data(), 1, MPI_DOUBLE, 0, comm.get()));
+    for (int r = 0; r < P; ++r)
+      local_sum[static_cast<std::size_t>(r)] += locals[static_cast<std::size_t>(r)];
     decode_bytes += ds.bytes;
   }
 
@@ -533,7 +550,8 @@ int cmd_session(int argc, char** argv) {
 
   const double ttft = pst.total_s;
   const double step_med = median(step_s), step_p99 = percentile(step_s, 0.99);
-  const double merge_med = median(merge_share);
+  const double merge_med = median(merge_share), imbalance_med = median(imbalance_share),
+               reduction_med = median(reduction_share), max_wait_med = median(max_wait_share);
   double decode_tok_s = step_med > 0 ? double(sh.b) * sh.t / step_med : 0.0;
   const double prefill_bytes = max_all(comm, pst.bytes);
   if (rank == 0) {
@@ -595,7 +613,18 @@ int cmd_session(int argc, char** argv) {
       j["decode_tokens_per_step"] = sh.t;
       j["decode_step_median_s"] = json_number(step_med);
       j["decode_step_p99_s"] = json_number(step_p99);
+      // decode_merge_share: the reduction's own cost (StepStats::merge_s); the time ranks
+      // wait in it for the slowest rank is decode_imbalance_share (mean over ranks) and
+      // decode_max_wait_share (the fastest rank); decode_reduction_share is the slowest
+      // rank's whole time inside the reduction (merge + wait, the measure before the split).
       j["decode_merge_share"] = json_number(merge_med);
+      j["decode_imbalance_share"] = json_number(imbalance_med);
+      j["decode_max_wait_share"] = json_number(max_wait_med);
+      j["decode_reduction_share"] = json_number(reduction_med);
+      j["decode_merge_after_barrier"] = merge_barrier;
+      Json per_rank = Json::array();
+      for (double x : local_sum) per_rank.push_back(json_number(x / std::max(1, sh.steps)));
+      j["decode_local_mean_s_per_rank"] = per_rank;
       j["decode_tokens_per_s"] = json_number(decode_tok_s);
       j["decode_bytes_per_rank"] = json_number(decode_bytes);
       j["extend_len"] = sh.s1;
@@ -614,11 +643,13 @@ int cmd_session(int argc, char** argv) {
       std::printf(
           "session: ranks=%d threads=%d backend=%s dtype=%s b=%d prompt=%lld h=%d h_k=%d d=%d "
           "d_v=%d page=%d cache=%s | ttft %.4f s | decode %d x %d tok: step median %.3f ms, "
-          "p99 %.3f ms, merge %.1f%%, %.1f tok/s",
+          "p99 %.3f ms, merge %.2f%%, imbalance wait %.1f%% (max %.1f%%), in reduction "
+          "%.1f%%, %.1f tok/s",
           P, engine.threads(), engine.backend_name().c_str(), dtype_name(dtype), sh.b,
           static_cast<long long>(sh.prompt_max()), sh.h, sh.h_k, sh.d, sh.d_v, page_size,
           cache_layout_name(cache_layout), ttft, sh.steps, sh.t, step_med * 1e3, step_p99 * 1e3,
-          merge_med * 100.0, decode_tok_s);
+          merge_med * 100.0, imbalance_med * 100.0, max_wait_med * 100.0, reduction_med * 100.0,
+          decode_tok_s);
       if (sh.s1 > 0)
         std::printf(" | extend %d tok: %.4f s %s (%s)", sh.s1, est.total_s,
                     extend_mode_name(plan.mode), plan.why.c_str());

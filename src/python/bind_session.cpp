@@ -158,6 +158,12 @@ class PySession {
     d["compute_s"] = st.compute_s;
     d["merge_s"] = st.merge_s;
     d["bytes"] = st.bytes;
+    // Decode: merge_s is the reduction's own cost; wait_s the mean time ranks wait in it
+    // for the slowest rank (kv_session.hpp, StepStats).
+    d["local_s"] = st.local_s;
+    d["reduce_s"] = st.reduce_s;
+    d["wait_s"] = st.wait_s;
+    d["max_wait_s"] = st.max_wait_s;
     return d;
   }
 

@@ -19,8 +19,13 @@
 #include "ringattn/ring_attention.hpp"
 #include "ringattn/softmax_state.hpp"
 #include "ringattn/version.hpp"
+#include "session/session_records.hpp"
 
 namespace ringattn {
+
+using detail::clear_records;
+using detail::from_records;
+using detail::merge_records_into;
 
 namespace {
 
@@ -28,50 +33,6 @@ double max_over_ranks(const comm::Communicator& comm, double x) {
   double y = x;
   MPI_Allreduce(&x, &y, 1, MPI_DOUBLE, MPI_MAX, comm.get());
   return y;
-}
-
-// Records [rows][d_v + 1] from a kernel's out [rows, d_v] and lse, where the lse of
-// record r sits at lse[lse_index(r)].
-template <class LseIndex>
-void to_records(const float* out, const float* lse, std::int64_t rows, int d_v, LseIndex lse_index,
-                float* records) {
-  for (std::int64_t r = 0; r < rows; ++r) {
-    std::memcpy(records + r * (d_v + 1), out + r * d_v,
-                sizeof(float) * static_cast<std::size_t>(d_v));
-    records[r * (d_v + 1) + d_v] = lse[lse_index(r)];
-  }
-}
-
-// Empty states (o = 0, lse = -inf), the identity of the merge.
-void clear_records(std::vector<float>& records, int d_v) {
-  const std::size_t rec = static_cast<std::size_t>(d_v) + 1;
-  for (std::size_t i = 0; i < records.size(); ++i)
-    records[i] = (i % rec == static_cast<std::size_t>(d_v)) ? kNegInf : 0.0f;
-}
-
-// Merges records b into a (same shape) row by row.
-void merge_records_into(std::vector<float>& a, const std::vector<float>& b, int d_v) {
-  const std::int64_t rows = static_cast<std::int64_t>(a.size()) / (d_v + 1);
-  for (std::int64_t r = 0; r < rows; ++r) {
-    float* ra = a.data() + r * (d_v + 1);
-    const float* rb = b.data() + r * (d_v + 1);
-    merge_state_inplace(ra, ra + d_v, rb, rb + d_v, 1, d_v);
-  }
-}
-
-// Records [b, t, h][d_v + 1] -> out [b, t, h, d_v] and lse [b, h, t].
-void from_records(const std::vector<float>& records, int b, int t, int h, int d_v, float* out,
-                  float* lse) {
-  for (int s = 0; s < b; ++s)
-    for (int i = 0; i < t; ++i)
-      for (int hh = 0; hh < h; ++hh) {
-        const std::int64_t r = (std::int64_t{s} * t + i) * h + hh;
-        std::memcpy(out + r * d_v, records.data() + r * (d_v + 1),
-                    sizeof(float) * static_cast<std::size_t>(d_v));
-        if (lse)
-          lse[(std::int64_t{s} * h + hh) * t + i] =
-              records[static_cast<std::size_t>(r * (d_v + 1) + d_v)];
-      }
 }
 
 std::string str(double x) {
@@ -288,14 +249,21 @@ void KvSession::attend_local(int t, const void* q, const std::vector<std::int32_
   const int nb = static_cast<int>(to.size());
   const int s_q = per_row ? 1 : t;
   const int pages = cache_.pages_per_seq();
-  std::vector<std::int32_t> table(static_cast<std::size_t>(nb) * pages);
-  for (int j = 0; j < nb; ++j) {
-    const int s = per_row ? j / t : j;
-    std::copy_n(cache_.page_table().begin() + std::int64_t{s} * pages, pages,
-                table.begin() + std::int64_t{j} * pages);
+  // Per-row calls repeat each sequence's row of the page table; otherwise it is the
+  // cache's own table.
+  const std::int32_t* table = cache_.page_table().data();
+  if (per_row) {
+    std::vector<std::int32_t>& rows = scratch_.table;
+    rows.resize(static_cast<std::size_t>(nb) * pages);
+    for (int j = 0; j < nb; ++j)
+      std::copy_n(cache_.page_table().begin() + std::int64_t{j / t} * pages, pages,
+                  rows.begin() + std::int64_t{j} * pages);
+    table = rows.data();
   }
-  std::vector<float> out(static_cast<std::size_t>(nb) * s_q * c.h * c.d_v);
-  std::vector<float> lse(static_cast<std::size_t>(nb) * c.h * s_q);
+  std::vector<float>& out = scratch_.out;
+  std::vector<float>& lse = scratch_.lse;
+  out.resize(static_cast<std::size_t>(nb) * s_q * c.h * c.d_v);
+  lse.resize(static_cast<std::size_t>(nb) * c.h * s_q);
   KvCacheParams p;
   p.dtype = c.dtype;
   p.out_dtype = DType::kF32;
@@ -322,7 +290,7 @@ void KvSession::attend_local(int t, const void* q, const std::vector<std::int32_
   p.h_k = c.h_k;
   p.d = c.d;
   p.d_v = c.d_v;
-  p.page_table = table.data();
+  p.page_table = table;
   p.page_table_batch_stride = pages;
   p.num_blocks = c.b * pages;
   p.page_size = cache_.page_size();
@@ -334,7 +302,7 @@ void KvSession::attend_local(int t, const void* q, const std::vector<std::int32_
   engine_.forward_kvcache(p);
   // out [nb, s_q, h, d_v] is already [b, t, h] row order; lse [nb, h, s_q].
   records.resize(static_cast<std::size_t>(c.b) * t * c.h * (c.d_v + 1));
-  to_records(
+  detail::to_records(
       out.data(), lse.data(), std::int64_t{c.b} * t * c.h, c.d_v,
       [&](std::int64_t r) {
         const std::int64_t hh = r % c.h, row = r / c.h;  // row = j * s_q + i
@@ -369,16 +337,18 @@ namespace {
 // Records [b, t, h][d_v + 1] of query rows [lo, hi) of t new tokens per sequence against
 // the new tokens' own keys [0, t), causal (query i sees new keys j <= i) and windowed,
 // computed from the replicated new q/k/v; other rows stay empty states.
+// `out`, `lse` and `shift` are scratch buffers.
 void attend_new(const Engine& engine, const SessionConfig& c, int t, int lo, int hi, const void* q,
-                const void* k, const void* v, std::vector<float>& records) {
+                const void* k, const void* v, std::vector<float>& records, std::vector<float>& out,
+                std::vector<float>& lse, std::vector<std::int64_t>& shift) {
   records.resize(static_cast<std::size_t>(c.b) * t * c.h * (c.d_v + 1));
   clear_records(records, c.d_v);
   if (hi <= lo) return;
   const int rows = hi - lo;
   const std::size_t es = dtype_size(c.dtype);
-  std::vector<float> out(static_cast<std::size_t>(c.b) * rows * c.h * c.d_v);
-  std::vector<float> lse(static_cast<std::size_t>(c.b) * c.h * rows);
-  std::vector<std::int64_t> shift(static_cast<std::size_t>(c.b), lo);
+  out.resize(static_cast<std::size_t>(c.b) * rows * c.h * c.d_v);
+  lse.resize(static_cast<std::size_t>(c.b) * c.h * rows);
+  shift.assign(static_cast<std::size_t>(c.b), lo);
   FwdParams f;
   f.dtype = c.dtype;
   f.q = static_cast<const std::byte*>(q) + static_cast<std::size_t>(lo) * c.h * c.d * es;
@@ -442,7 +412,10 @@ StepStats KvSession::decode(int t, const void* q, const void* k, const void* v, 
   // position L_s + i - w_left on with a window: one call with t rows per sequence, or
   // per-row key ranges when a window makes them differ.
   const bool per_row = c.mask.window_left >= 0 && t > 1;
-  std::vector<std::int32_t> to, from;
+  std::vector<std::int32_t>& to = scratch_.to;
+  std::vector<std::int32_t>& from = scratch_.from;
+  to.clear();
+  from.clear();
   for (int s = 0; s < c.b; ++s) {
     const std::int64_t L = cache_.length(s);
     const std::int64_t n = cache_.local_count(s, L);
@@ -454,23 +427,33 @@ StepStats KvSession::decode(int t, const void* q, const void* k, const void* v, 
     }
   }
   double tc = detail::ring_now_s();
-  std::vector<float> records, fresh;
+  std::vector<float>& records = scratch_.records;
+  std::vector<float>& fresh = scratch_.fresh;
   attend_local(t, q, to, from, records);
   // The step's own tokens, causally: rank 0 adds them (they are tiny).
-  attend_new(engine_, c, t, 0, comm_.rank() == 0 ? t : 0, q, k, v, fresh);
+  attend_new(engine_, c, t, 0, comm_.rank() == 0 ? t : 0, q, k, v, fresh, scratch_.out,
+             scratch_.lse, scratch_.shift);
   merge_records_into(records, fresh, c.d_v);
   st.compute_s = detail::ring_now_s() - tc;
   append(t, k, v);
+  // The merge reduction: one collective over the packed records [b, t, h][d_v + 1]
+  // (o and lse of a row side by side, one MPI datatype per row, the LSE merge as the
+  // MPI operation: log2(P) rounds of b t h (d_v + 1) 4 bytes).
+  st.local_s = detail::ring_now_s() - t0;
+  if (merge_after_barrier_) comm_.barrier();
   tc = detail::ring_now_s();
+  const double enter_s = tc - t0;
   const std::int64_t rows = std::int64_t{c.b} * t * c.h;
   merge_across_ranks(comm_, records.data(), rows, c.d_v, root);
+  st.reduce_s = detail::ring_now_s() - tc;
   // Attention sinks: once, on the merged rows ([b, t, h] records; head = row % h).
   apply_sinks(records.data(), c.d_v + 1, records.data() + c.d_v, c.d_v + 1, c.mask.sinks, rows, c.h,
               c.d_v);
-  st.merge_s = detail::ring_now_s() - tc;
   st.bytes = static_cast<double>(rows) * (c.d_v + 1) * 4.0;
   if (root < 0 || comm_.rank() == root) from_records(records, c.b, t, c.h, c.d_v, out, lse);
-  st.total_s = max_over_ranks(comm_, detail::ring_now_s() - t0);
+  // One allgather of every rank's times: the step's latency (slowest rank) and the
+  // split of the reduction into merge and waiting (StepStats).
+  detail::finish_decode_stats(comm_, enter_s, detail::ring_now_s() - t0, st);
   return st;
 }
 
@@ -624,7 +607,7 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
         x[c.d_v] = acc_l[static_cast<std::size_t>(s * srows + r)];
       }
   }
-  attend_new(engine_, c, s1, lo, hi, q, k, v, fresh);
+  attend_new(engine_, c, s1, lo, hi, q, k, v, fresh, scratch_.out, scratch_.lse, scratch_.shift);
   merge_records_into(records, fresh, c.d_v);
   st.compute_s = detail::ring_now_s() - tc - st.merge_s;
   append(s1, k, v);
