@@ -24,6 +24,7 @@
 #include "cli/cli_common.hpp"
 #include "cli/commands.hpp"
 #include "cli/ring_common.hpp"
+#include "cli/session_mla.hpp"
 #include "ringattn/comm/collectives.hpp"
 #include "ringattn/comm/communicator.hpp"
 #include "ringattn/comm/mpi_check.hpp"
@@ -79,7 +80,7 @@ int cmd_session(int argc, char** argv) {
   std::uint64_t seed = 0;
   int page_size = 256, check_rows = 2;
   bool check = false, json = false, reduce_to_root = false, skip_prefill = false,
-       merge_barrier = false;
+       merge_barrier = false, mla = false;
   MaskArgs mask_args;
   KernelArgs kernel_args;
 
@@ -125,6 +126,10 @@ int cmd_session(int argc, char** argv) {
       "auto (cost model) | pass-q | pass-kv")(
       "reduce-to-root", po::bool_switch(&reduce_to_root),
       "decode: reduce the partials to rank 0 instead of an allreduce")(
+      "mla", po::bool_switch(&mla),
+      "DeepSeek MLA (synthetic mode): a latent cache [*, 576] sharded across the ranks, "
+      "prompt latents stored without attention, decode steps over it; --heads = query heads, "
+      "--dtype = queries and cache (fp32 | bf16)")(
       "merge-after-barrier", po::bool_switch(&merge_barrier),
       "decode measurement mode: a barrier before each step's merge reduction, which then "
       "times the merge alone")(
@@ -175,11 +180,21 @@ int cmd_session(int argc, char** argv) {
       RA_CHECK_ARG_GE(sh.steps, 0, "--decode-steps");
       RA_CHECK_ARG_GE(sh.t, 1, "--decode-tokens");
       RA_CHECK_ARG_GE(sh.s1, 0, "--extend-len");
+      RA_CHECK_ARG(
+          !mla || (sh.s1 == 0 && mask_params.window_left < 0 && mask_params.softcap == 0.0f &&
+                   vm["kv-heads"].defaulted() && vm["dim"].defaulted() && vm["dim-v"].defaulted()),
+          "--mla: decode only, no --extend-len, --window, --softcap, --kv-heads or "
+          "--dim (the latent is 576 wide, one KV head)");
+      RA_CHECK(!mla || dtype == DType::kF32 || dtype == DType::kBF16, UnsupportedError,
+               "--mla: --dtype " << dtype_name(dtype) << " not supported (fp32, bf16)");
       if (sh.h_k == 0) sh.h_k = sh.h;
       if (sh.d_v == 0) sh.d_v = sh.d;
       sh.prompt.assign(static_cast<std::size_t>(sh.b), prompt_len);
       return;
     }
+    RA_CHECK_ARG(!mla,
+                 "--mla: synthetic mode only (files: `mpirun -np P ringattn mla` shards a "
+                 "latent cache for one decode call)");
     RA_CHECK_ARG(vm["prompt-len"].defaulted() && vm["batch"].defaulted() && !check,
                  "--prompt-len/--batch/--check: synthetic options cannot be combined with "
                  "--prompt-q/k/v");
@@ -336,6 +351,26 @@ int cmd_session(int argc, char** argv) {
     comm::run_collectively(comm, [&] { e = std::make_unique<Engine>(make_engine(kernel_args)); });
     return std::move(*e);
   }();
+  if (mla) {
+    MlaSessionRun r;
+    r.b = sh.b;
+    r.h_q = sh.h;
+    r.steps = sh.steps;
+    r.t = sh.t;
+    r.prompt = prompt_len;
+    r.dtype = dtype;
+    r.seed = seed;
+    r.page_size = page_size;
+    r.layout = cache_layout;
+    r.prompt_layout = prefill_layout;
+    r.scale = mask_params.scale;
+    r.sinks = cfg.mask.sinks;
+    r.root = reduce_to_root ? 0 : -1;
+    r.merge_barrier = merge_barrier;
+    r.check = check;
+    r.json = json;
+    return run_mla_session(comm, engine, r);
+  }
   KvSession session(comm, engine, cfg);
   session.set_merge_after_barrier(merge_barrier);
 

@@ -109,7 +109,8 @@ class KvSession:
     def prefill_positions(self, length):
         """Positions (numpy int64) of this rank's shard of a `length`-token prompt, in the
         local order prefill expects."""
-        return np.asarray(self._s.prefill_positions(_tensor.check_scalar_int(length, "length")))
+        return np.asarray(self._s.prefill_positions(_tensor.check_scalar_int(length, "length")),
+                          dtype=np.int64)
 
     def shard_prompt(self, x, prompt_lens):
         """This rank's packed prompt rows from the full packed tensor x [sum(prompt_lens), ...]
@@ -254,7 +255,8 @@ class MlaSession:
     def prefill_positions(self, length):
         """Positions (numpy int64) of this rank's share of a `length`-token prompt, in the
         local order prefill expects."""
-        return np.asarray(self._s.prefill_positions(_tensor.check_scalar_int(length, "length")))
+        return np.asarray(self._s.prefill_positions(_tensor.check_scalar_int(length, "length")),
+                          dtype=np.int64)
 
     shard_prompt = KvSession.shard_prompt
 
