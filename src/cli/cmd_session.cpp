@@ -541,7 +541,7 @@ int cmd_session(int argc, char** argv) {
     }
     if (rank == 0) {
       for (int st : {0, sh.steps - 1}) {
-        if (st < 0) continue;
+        if (st < 0 || st >= sh.steps) continue;  // (no decode steps: nothing to check)
         for (int s = 0; s < sh.b; ++s)
           for (int i = 0; i < sh.t; ++i) {
             const std::int64_t pos =

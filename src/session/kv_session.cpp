@@ -478,11 +478,23 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
   const ExtendPlan plan = plan_extend(c, P, context, s1, mode, constants);
   if (plan_out) *plan_out = plan;
   StepStats st;
-  // Query rows [lo, hi) of the new tokens are this rank's share of the causal part among
-  // themselves (and, in pass-KV, of the whole extend).
-  const int lo = static_cast<int>(std::int64_t{s1} * rank / P);
-  const int hi = static_cast<int>(std::int64_t{s1} * (rank + 1) / P);
+  // This rank's share of the new tokens' rows: zigzag chunks r and 2P-1-r of 2P (the
+  // causal part among the new tokens costs ~ row index, so a contiguous share left the
+  // last rank about twice the mean work). The causal part is split so in both modes; in
+  // pass-KV the share is also the rows this rank finishes.
+  const auto share = [&](int r) {
+    std::vector<std::pair<int, int>> ranges;  // [first, end)
+    for (const Chunk& ch : shard_chunks(ShardLayout::kZigzag, s1, P, r))
+      if (ch.count > 0)
+        ranges.push_back({static_cast<int>(ch.first), static_cast<int>(ch.first + ch.count)});
+    return ranges;
+  };
+  const std::vector<std::pair<int, int>> mine_ranges = share(rank);
+  int rows = 0;  // this rank's rows per sequence
+  for (const auto& [f, e] : mine_ranges) rows += e - f;
   std::vector<float> records, fresh;
+  const std::size_t es = dtype_size(c.dtype);
+  const std::int64_t qr = std::int64_t{c.h} * c.d;
   double tc = detail::ring_now_s();
   if (plan.mode == ExtendMode::kPassQ) {
     // Every new query against this rank's cached keys (all visible: they precede it).
@@ -491,13 +503,26 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
       to.push_back(static_cast<std::int32_t>(cache_.local_count(s, cache_.length(s))));
     attend_local(s1, q, to, from, records);
   } else {
-    // Pass-KV: this rank's queries [lo, hi) stay; the cached context travels. At step j
-    // rank r holds the context shard of rank (r - j) mod P (all b sequences, K then V,
-    // contiguous rows): its queries attend to all of it (it precedes them), partials
-    // merged into `records`. Bytes per step: the largest shard.
+    // Pass-KV: this rank's query rows stay (gathered into q_mine [b, rows, h, d]); the
+    // cached context travels. At step j rank r holds the context shard of rank (r - j)
+    // mod P (all b sequences, K then V, contiguous rows): its queries attend to all of it
+    // (it precedes them), partials merged into accumulators. Bytes per step: the largest
+    // shard.
     records.resize(static_cast<std::size_t>(c.b) * s1 * c.h * (c.d_v + 1));
     clear_records(records, c.d_v);
-    const std::size_t es = dtype_size(c.dtype);
+    std::vector<std::byte> q_mine(static_cast<std::size_t>(std::int64_t{c.b} * rows * qr) * es);
+    {
+      std::byte* dst = q_mine.data();
+      for (int s = 0; s < c.b; ++s)
+        for (const auto& [f, e] : mine_ranges) {
+          const std::size_t n = static_cast<std::size_t>((e - f) * qr) * es;
+          std::memcpy(dst,
+                      static_cast<const std::byte*>(q) +
+                          static_cast<std::size_t>((std::int64_t{s} * s1 + f) * qr) * es,
+                      n);
+          dst += n;
+        }
+    }
     const std::int64_t kr = std::int64_t{c.h_k} * c.d, vr = std::int64_t{c.h_k} * c.d_v;
     std::vector<std::vector<std::int64_t>> counts(static_cast<std::size_t>(P));
     std::size_t max_bytes = 0;
@@ -519,7 +544,6 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
       std::memcpy(w, cache_.v_row(s, 0), static_cast<std::size_t>(n * vr) * es);
       w += static_cast<std::size_t>(n * vr) * es;
     }
-    const int rows = hi - lo;
     // This rank's rows only: accumulators o [b, rows, h, d_v] and lse [b, rows, h],
     // merged in place after every kernel call (O(rows) work per step, not O(S1)).
     const std::int64_t srows = std::int64_t{rows} * c.h;
@@ -554,8 +578,7 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
         if (n == 0) continue;
         FwdParams f;
         f.dtype = c.dtype;
-        f.q = static_cast<const std::byte*>(q) +
-              static_cast<std::size_t>((std::int64_t{s} * s1 + lo) * c.h * c.d) * es;
+        f.q = q_mine.data() + static_cast<std::size_t>(std::int64_t{s} * rows * qr) * es;
         f.k = kp;
         f.v = vp;
         f.out = o.data();
@@ -568,7 +591,7 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
         f.d = c.d;
         f.d_v = c.d_v;
         f.q_head_stride = c.d;
-        f.q_row_stride = std::int64_t{c.h} * c.d;
+        f.q_row_stride = qr;
         f.k_head_stride = c.d;
         f.k_row_stride = kr;
         f.v_head_stride = c.d_v;
@@ -597,34 +620,45 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
         st.bytes += static_cast<double>(max_bytes);
       }
     }
-    // The finished rows into the records (the rest stay empty states).
-    for (int s = 0; s < c.b; ++s)
-      for (std::int64_t r = 0; r < srows; ++r) {
-        const std::int64_t dst = (std::int64_t{s} * s1 + lo) * c.h + r;
-        float* x = &records[static_cast<std::size_t>(dst * (c.d_v + 1))];
-        std::memcpy(x, &acc_o[static_cast<std::size_t>((s * srows + r) * c.d_v)],
-                    sizeof(float) * static_cast<std::size_t>(c.d_v));
-        x[c.d_v] = acc_l[static_cast<std::size_t>(s * srows + r)];
-      }
+    // The finished rows into the records at their positions (the rest stay empty).
+    for (int s = 0; s < c.b; ++s) {
+      std::int64_t local = 0;  // row index within this rank's share
+      for (const auto& [f, e] : mine_ranges)
+        for (int i = f; i < e; ++i, ++local)
+          for (int hh = 0; hh < c.h; ++hh) {
+            const std::int64_t src = (std::int64_t{s} * rows + local) * c.h + hh;
+            const std::int64_t dst = (std::int64_t{s} * s1 + i) * c.h + hh;
+            float* x = &records[static_cast<std::size_t>(dst * (c.d_v + 1))];
+            std::memcpy(x, &acc_o[static_cast<std::size_t>(src * c.d_v)],
+                        sizeof(float) * static_cast<std::size_t>(c.d_v));
+            x[c.d_v] = acc_l[static_cast<std::size_t>(src)];
+          }
+    }
   }
-  attend_new(engine_, c, s1, lo, hi, q, k, v, fresh, scratch_.out, scratch_.lse, scratch_.shift);
-  merge_records_into(records, fresh, c.d_v);
+  // The causal part among the new tokens, for this rank's rows.
+  for (const auto& [f, e] : mine_ranges) {
+    attend_new(engine_, c, s1, f, e, q, k, v, fresh, scratch_.out, scratch_.lse, scratch_.shift);
+    merge_records_into(records, fresh, c.d_v);
+  }
   st.compute_s = detail::ring_now_s() - tc - st.merge_s;
   append(s1, k, v);
   tc = detail::ring_now_s();
-  const std::int64_t rows = std::int64_t{c.b} * s1 * c.h;
+  const std::int64_t all_rows = std::int64_t{c.b} * s1 * c.h;
   const int rec = c.d_v + 1;
   if (plan.mode == ExtendMode::kPassQ) {
     // Partials of every row on every rank: the merge reduction.
-    merge_across_ranks(comm_, records.data(), rows, c.d_v, root);
-    st.bytes += static_cast<double>(rows) * rec * 4.0;
+    merge_across_ranks(comm_, records.data(), all_rows, c.d_v, root);
+    st.bytes += static_cast<double>(all_rows) * rec * 4.0;
   } else {
-    // Each rank finished its own rows: an allgather (gather to root) of the slices.
+    // Each rank finished its own rows: an allgather (gather to root) of the slices; rank
+    // r's block holds its share's rows of every sequence, in share order.
     std::vector<int> counts(static_cast<std::size_t>(P)), displs(static_cast<std::size_t>(P));
+    std::vector<std::vector<std::pair<int, int>>> shares(static_cast<std::size_t>(P));
     for (int r = 0; r < P; ++r) {
-      const std::int64_t n = std::int64_t{c.b} *
-                             ((std::int64_t{s1} * (r + 1) / P) - (std::int64_t{s1} * r / P)) * c.h *
-                             rec;
+      shares[static_cast<std::size_t>(r)] = share(r);
+      std::int64_t n = 0;
+      for (const auto& [f, e] : shares[static_cast<std::size_t>(r)]) n += e - f;
+      n *= std::int64_t{c.b} * c.h * rec;
       RA_CHECK(n <= INT32_MAX, UnsupportedError, "session extend: " << n << " floats per rank");
       counts[static_cast<std::size_t>(r)] = static_cast<int>(n);
       displs[static_cast<std::size_t>(r)] = r == 0 ? 0
@@ -633,10 +667,11 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
     }
     std::vector<float> mine;
     mine.reserve(static_cast<std::size_t>(counts[static_cast<std::size_t>(rank)]));
-    for (int s = 0; s < c.b; ++s) {
-      const auto first = records.begin() + (std::int64_t{s} * s1 + lo) * c.h * rec;
-      mine.insert(mine.end(), first, first + std::int64_t{hi - lo} * c.h * rec);
-    }
+    for (int s = 0; s < c.b; ++s)
+      for (const auto& [f, e] : mine_ranges) {
+        const auto first = records.begin() + (std::int64_t{s} * s1 + f) * c.h * rec;
+        mine.insert(mine.end(), first, first + std::int64_t{e - f} * c.h * rec);
+      }
     std::vector<float> all(records.size());
     if (root < 0) {
       RA_MPI_CHECK(MPI_Allgatherv(mine.data(), counts[static_cast<std::size_t>(rank)], MPI_FLOAT,
@@ -647,19 +682,17 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
                                all.data(), counts.data(), displs.data(), MPI_FLOAT, root,
                                comm_.get()));
     }
-    // Rank r's block holds rows [lo_r, hi_r) of every sequence.
     const float* src = all.data();
-    for (int r = 0; r < P; ++r) {
-      const std::int64_t a = std::int64_t{s1} * r / P, e = std::int64_t{s1} * (r + 1) / P;
-      for (int s = 0; s < c.b; ++s) {
-        const std::int64_t n = (e - a) * c.h * rec;
-        std::copy(src, src + n, records.begin() + (std::int64_t{s} * s1 + a) * c.h * rec);
-        src += n;
-      }
-    }
+    for (int r = 0; r < P; ++r)
+      for (int s = 0; s < c.b; ++s)
+        for (const auto& [f, e] : shares[static_cast<std::size_t>(r)]) {
+          const std::int64_t n = std::int64_t{e - f} * c.h * rec;
+          std::copy(src, src + n, records.begin() + (std::int64_t{s} * s1 + f) * c.h * rec);
+          src += n;
+        }
     st.bytes += static_cast<double>(mine.size()) * 4.0;
   }
-  apply_sinks(records.data(), rec, records.data() + c.d_v, rec, c.mask.sinks, rows, c.h, c.d_v);
+  apply_sinks(records.data(), rec, records.data() + c.d_v, rec, c.mask.sinks, all_rows, c.h, c.d_v);
   st.merge_s += detail::ring_now_s() - tc;
   if (root < 0 || rank == root) from_records(records, c.b, s1, c.h, c.d_v, out, lse);
   st.total_s = max_over_ranks(comm_, detail::ring_now_s() - t0);
