@@ -5,7 +5,8 @@
 # Parts (PARTS="a b c d e", default all):
 #   a  machine read bandwidth (ringattn bench decode_bf16 at 16 threads: GB/s and % of it)
 #   b  decode over a 1M-token context, b = 1, GQA 32/8, d 128, bf16: 16 ranks x 1 thread
-#      against 1 rank x 16 threads (context filled without the prefill's attention)
+#      against 1 rank x 16 threads (context filled without the prefill's attention); the
+#      step's merge share apart from the imbalance wait, also with --merge-after-barrier
 #   c  extend against a 64K context at 16 ranks: 128 and 16384 new tokens, pass-Q and pass-KV
 #   d  time to first token, 16 ranks x 1 thread, causal zigzag prefill of 32K and 64K tokens
 #   e  Ulysses x ring at 16 ranks, s = 32768, h 32/8, causal zigzag: U = 1, 2, 4, 8
@@ -27,6 +28,9 @@ has a && run "$BIN" bench --threads 16 --case '^decode_bf16' --repeats 3
 if has b; then
   run $MPI -np 16 "$BIN" session --prompt-len 1048576 --decode-steps 30 $G --threads 1 \
     --skip-prefill-attention --json
+  # the merge / imbalance split checked: a barrier before each step's reduction
+  run $MPI -np 16 "$BIN" session --prompt-len 1048576 --decode-steps 10 $G --threads 1 \
+    --skip-prefill-attention --merge-after-barrier --json
   run mpirun --bind-to none -np 1 "$BIN" session --prompt-len 1048576 --decode-steps 10 $G \
     --threads 16 --skip-prefill-attention --json
 fi
