@@ -6,9 +6,9 @@
 # Parts (PARTS="a b c d e", default all):
 #   a  machine read bandwidth (ringattn bench decode_bf16 at 16 threads: GB/s and % of it)
 #   b  decode over a 1M-token context, b = 1, GQA 32/8, d 128, bf16: 16 ranks x 1 thread
-#      (as is, and with --merge-after-barrier: the merge alone) against 1 rank x 16 threads
-#      (context filled without the prefill's attention)
-#   c  extend against a 64K context at 16 ranks: 128 and 16384 new tokens, pass-Q and pass-KV
+#      against 1 rank x 16 threads (context filled without the prefill's attention); the
+#      step's merge share apart from the imbalance wait, also with --merge-after-barrier
+#   c  extend against a 64K context at 16 ranks: 128 and 16384 new tokens, auto, pass-Q, pass-KV
 #   d  time to first token, 16 ranks x 1 thread, causal zigzag prefill of 32K, 64K and 128K
 #      tokens, against the same causal attention in one process on 16 threads (32K, 128K)
 #   e  Ulysses x ring at 16 ranks, s = 32768, h 32/8, causal zigzag: U = 1, 2, 4, 8
@@ -48,7 +48,7 @@ if has b; then
 fi
 if has c; then
   for s1 in 128 16384; do
-    for m in pass-q pass-kv; do
+    for m in auto pass-q pass-kv; do
       run $MPI -np 16 "$BIN" session --prompt-len 65536 --extend-len $s1 --extend-mode $m $G \
         --threads 1 --skip-prefill-attention --json
     done

@@ -7,8 +7,11 @@
 //   synthetic mode  --batch --prompt-len --decode-steps --decode-tokens --extend-len with
 //                   deterministic values each rank generates for its own tokens; --check
 //                   compares sampled rows with a float64 computation.
+//   --mla           (synthetic mode) an MLA decode session over a sharded latent cache
+//                   instead (session_mla.hpp).
 // Prints one result line on rank 0 (or a JSON object with --json): time to first token,
-// decode step latency (median, p99), the merge's share of a step, extend time and mode.
+// decode step latency (median, p99), the merge's and the imbalance wait's shares of a
+// step, extend time and mode.
 #include <mpi.h>
 
 #include <algorithm>
@@ -25,6 +28,7 @@
 #include "cli/cli_common.hpp"
 #include "cli/commands.hpp"
 #include "cli/ring_common.hpp"
+#include "cli/session_mla.hpp"
 #include "ringattn/comm/collectives.hpp"
 #include "ringattn/comm/communicator.hpp"
 #include "ringattn/comm/mpi_check.hpp"
@@ -38,7 +42,8 @@ const char* kUsage =
     "usage: mpirun -np P ringattn session [options]\n"
     "An inference session over a KV cache sharded across the ranks: prefill, decode steps,\n"
     "extend. Files mode (--prompt-q/k/v, --decode-q/k/v, --extend-q/k/v, --out-dir) or\n"
-    "synthetic mode (--batch --prompt-len --decode-steps --extend-len, --check).\n";
+    "synthetic mode (--batch --prompt-len --decode-steps --extend-len, --check);\n"
+    "--mla: an MLA decode session over a sharded latent cache (synthetic mode).\n";
 
 double percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0.0;
@@ -66,8 +71,11 @@ struct SessionArgs : MpiCommandArgs {
   std::string prefill_layout = "zigzag";
   std::string extend_mode = "auto";
   bool reduce_to_root = false;
+  bool merge_after_barrier = false;
   bool skip_prefill = false;
   bool json = false;
+  // MLA
+  bool mla = false;
 
   template <class V>
   void for_each(V& f) {
@@ -105,10 +113,18 @@ struct SessionArgs : MpiCommandArgs {
     f(extend_mode, {"extend-mode", "auto (cost model) | pass-q | pass-kv"});
     f(reduce_to_root,
       {"reduce-to-root", "decode: reduce the partials to rank 0 instead of an allreduce"});
+    f(merge_after_barrier, {"merge-after-barrier",
+                            "decode measurement mode: a barrier before each step's merge "
+                            "reduction, which then times the merge alone"});
     f(skip_prefill, {"skip-prefill-attention",
                      "store the prompt's K/V without computing its attention (decode/extend "
                      "benchmarks over long contexts; no prefill outputs)"});
     f(json, kJsonFlag);
+    f.group("MLA (synthetic mode)");
+    f(mla, {"mla",
+            "DeepSeek MLA: a latent cache [*, 576] sharded across the ranks, prompt latents "
+            "stored without attention, decode steps over it; --heads = query heads, --dtype "
+            "= queries and cache (fp32 | bf16)"});
     mask_and_kernel(f, "Mask (the session is causal)");
   }
   bool files() const {
@@ -171,7 +187,10 @@ struct SessionResults {
   std::vector<float> p_out, p_lse;                 // [t_r, h, d_v], [h, t_r]
   StepStats pst;
   std::vector<float> d_out, d_lse;  // [T, b, t, h, d_v], [T, b, h, t]
-  std::vector<double> step_s, merge_share;
+  // Per decode step, shares of the step (StepStats): the reduction's own cost, the mean
+  // and the largest imbalance wait, the slowest rank's whole time inside the reduction.
+  std::vector<double> step_s, merge_share, imbalance_share, max_wait_share, reduction_share;
+  std::vector<double> local_sum;  // rank 0: per rank, the sum of its local decode times
   double decode_bytes = 0.0;
   std::vector<float> e_out, e_lse;  // [b, S1, h, d_v], [b, h, S1]
   ExtendPlan plan;
@@ -201,6 +220,20 @@ void synthetic_shape(const SessionArgs& a, Shape& sh) {
   sh.d = heads.dim;
   sh.d_v = heads.dim_v;
   sh.prompt.assign(static_cast<std::size_t>(sh.b), prompt_len);
+}
+
+// --mla (synthetic mode): what an MLA decode session takes (decode steps only).
+void check_mla(const SessionArgs& a, const SessionSetup& st) {
+  RA_CHECK_ARG(st.sh.s1 == 0 && st.mask.window_left < 0 && st.mask.softcap == 0.0f &&
+                   !given(a.vm, "kv-heads") && !given(a.vm, "dim") && !given(a.vm, "dim-v"),
+               "--mla: decode only, no --extend-len, --window, --softcap, --kv-heads or --dim "
+               "(the latent is 576 wide, one KV head)");
+  RA_CHECK_ARG(st.mask.attention_chunk == 0,
+               "--mla: --attention-chunk "
+                   << st.mask.attention_chunk
+                   << " not supported (MLA decode has no chunked attention)");
+  RA_CHECK(st.dtype == DType::kF32 || st.dtype == DType::kBF16, UnsupportedError,
+           "--mla: --dtype " << dtype_name(st.dtype) << " not supported (fp32, bf16)");
 }
 
 // --out-dir: fail before computing, not half-way through writing.
@@ -312,7 +345,14 @@ void parse_and_load(const SessionArgs& a, SessionSetup& st) {
   RA_CHECK_ARG_GE(check_rows, 1, "--check-rows");
   RA_CHECK_ARG(!(a.skip_prefill && given(a.vm, "out-dir")),
                "--skip-prefill-attention: no prefill outputs to write with --out-dir");
-  if (!st.files) return synthetic_shape(a, st.sh);
+  if (!st.files) {
+    synthetic_shape(a, st.sh);
+    if (a.mla) check_mla(a, st);
+    return;
+  }
+  RA_CHECK_ARG(!a.mla,
+               "--mla: synthetic mode only (files: `mpirun -np P ringattn mla` shards a latent "
+               "cache for one decode call)");
   RA_CHECK_ARG(!given(a.vm, "prompt-len") && !given(a.vm, "batch") && !a.check,
                "--prompt-len/--batch/--check: synthetic options cannot be combined with "
                "--prompt-q/k/v");
@@ -437,6 +477,23 @@ void prefill(const comm::Communicator& comm, const Engine& engine, KvSession& se
                             res.p_lse.data(), !a.skip_prefill);
 }
 
+// One decode step's timings: its latency and the shares of the reduction's split
+// (StepStats); rank 0 sums every rank's local time (the per-rank imbalance).
+void record_step(const comm::Communicator& comm, const StepStats& ds, SessionResults& res) {
+  const int P = comm.size();
+  const double step = std::max(ds.total_s, 1e-12);
+  res.step_s.push_back(ds.total_s);
+  res.merge_share.push_back(ds.merge_s / step);
+  res.imbalance_share.push_back(ds.wait_s / step);
+  res.max_wait_share.push_back(ds.max_wait_s / step);
+  res.reduction_share.push_back(allreduce_max(comm, ds.reduce_s) / step);
+  std::vector<double> locals(static_cast<std::size_t>(P));
+  RA_MPI_CHECK(MPI_Gather(&ds.local_s, 1, MPI_DOUBLE, locals.data(), 1, MPI_DOUBLE, 0, comm.get()));
+  for (int r = 0; r < P; ++r)
+    res.local_sum[static_cast<std::size_t>(r)] += locals[static_cast<std::size_t>(r)];
+  res.decode_bytes += ds.bytes;
+}
+
 // T decode steps of t tokens per sequence (files: step st's slice of --decode-q/k/v).
 void decode_steps(const comm::Communicator& comm, KvSession& session, const SessionArgs& a,
                   const SessionSetup& st, SessionResults& res) {
@@ -445,6 +502,7 @@ void decode_steps(const comm::Communicator& comm, KvSession& session, const Sess
   const std::int64_t qr = sh.q_row(), kr = sh.k_row(), vr = sh.v_row(), orow = sh.out_row();
   const int root = a.reduce_to_root ? 0 : -1;
   const std::int64_t step_rows = std::int64_t{sh.b} * sh.t;
+  res.local_sum.assign(static_cast<std::size_t>(comm.size()), 0.0);
   res.d_out.resize(static_cast<std::size_t>(sh.steps * step_rows * orow));
   res.d_lse.resize(static_cast<std::size_t>(sh.steps * step_rows * sh.h));
   std::vector<std::byte> sq(static_cast<std::size_t>(step_rows * qr) * es),
@@ -471,9 +529,7 @@ void decode_steps(const comm::Communicator& comm, KvSession& session, const Sess
     const StepStats ds = session.decode(sh.t, sq.data(), sk.data(), sv.data(),
                                         res.d_out.data() + step * step_rows * orow,
                                         res.d_lse.data() + step * step_rows * sh.h, root);
-    res.step_s.push_back(ds.total_s);
-    res.merge_share.push_back(allreduce_max(comm, ds.merge_s) / std::max(ds.total_s, 1e-12));
-    res.decode_bytes += ds.bytes;
+    record_step(comm, ds, res);
   }
 }
 
@@ -556,7 +612,7 @@ CheckErrors check(const comm::Communicator& comm, const SessionArgs& a, const Se
   }
   if (st.rank == 0) {
     for (int step : {0, sh.steps - 1}) {
-      if (step < 0) continue;
+      if (step < 0 || step >= sh.steps) continue;  // (no decode steps: nothing to check)
       for (int s = 0; s < sh.b; ++s)
         for (int i = 0; i < sh.t; ++i) {
           const std::int64_t pos =
@@ -674,7 +730,18 @@ void print_json(const SessionReport& r) {
   j["decode_tokens_per_step"] = sh.t;
   j["decode_step_median_s"] = json_number(r.step_median());
   j["decode_step_p99_s"] = json_number(percentile(res.step_s, 0.99));
+  // decode_merge_share: the reduction's own cost (StepStats::merge_s); the time ranks
+  // wait in it for the slowest rank is decode_imbalance_share (mean over ranks) and
+  // decode_max_wait_share (the fastest rank); decode_reduction_share is the slowest
+  // rank's whole time inside the reduction (merge + wait, the measure before the split).
   j["decode_merge_share"] = json_number(median(res.merge_share));
+  j["decode_imbalance_share"] = json_number(median(res.imbalance_share));
+  j["decode_max_wait_share"] = json_number(median(res.max_wait_share));
+  j["decode_reduction_share"] = json_number(median(res.reduction_share));
+  j["decode_merge_after_barrier"] = r.a.merge_after_barrier;
+  Json per_rank = Json::array();
+  for (double x : res.local_sum) per_rank.push_back(json_number(x / std::max(1, sh.steps)));
+  j["decode_local_mean_s_per_rank"] = per_rank;
   j["decode_tokens_per_s"] = json_number(r.decode_tokens_per_s());
   j["decode_bytes_per_rank"] = json_number(res.decode_bytes);
   j["extend_len"] = sh.s1;
@@ -694,16 +761,41 @@ void print_line(const SessionReport& r) {
   std::printf(
       "session: ranks=%d threads=%d backend=%s dtype=%s b=%d prompt=%lld h=%d h_k=%d d=%d "
       "d_v=%d page=%d cache=%s | ttft %.4f s | decode %d x %d tok: step median %.3f ms, "
-      "p99 %.3f ms, merge %.1f%%, %.1f tok/s",
+      "p99 %.3f ms, merge %.2f%%, imbalance wait %.1f%% (max %.1f%%), in reduction %.1f%%, "
+      "%.1f tok/s",
       r.st.ranks, r.engine.threads(), r.engine.backend_name().c_str(), dtype_name(r.st.dtype), sh.b,
       static_cast<long long>(sh.prompt_max()), sh.h, sh.h_k, sh.d, sh.d_v, r.a.page_size,
       cache_layout_name(r.st.cache_layout), res.pst.total_s, sh.steps, sh.t, r.step_median() * 1e3,
-      percentile(res.step_s, 0.99) * 1e3, median(res.merge_share) * 100.0, r.decode_tokens_per_s());
+      percentile(res.step_s, 0.99) * 1e3, median(res.merge_share) * 100.0,
+      median(res.imbalance_share) * 100.0, median(res.max_wait_share) * 100.0,
+      median(res.reduction_share) * 100.0, r.decode_tokens_per_s());
   if (sh.s1 > 0)
     std::printf(" | extend %d tok: %.4f s %s (%s)", sh.s1, res.est.total_s,
                 extend_mode_name(res.plan.mode), res.plan.why.c_str());
   if (r.a.check) r.err.print();
   std::printf("\n");
+}
+
+// --mla: the MLA session's options (its cache holds the synthetic shape's tokens).
+MlaSessionRun mla_run(const SessionArgs& a, const SessionSetup& st, const SessionConfig& cfg) {
+  MlaSessionRun r;
+  r.b = st.sh.b;
+  r.h_q = st.sh.h;
+  r.steps = st.sh.steps;
+  r.t = st.sh.t;
+  r.prompt = st.sh.prompt_max();
+  r.dtype = st.dtype;
+  r.seed = a.seed;
+  r.page_size = a.page_size;
+  r.layout = st.cache_layout;
+  r.prompt_layout = st.prefill_layout;
+  r.scale = st.mask.scale;
+  r.sinks = cfg.mask.sinks;
+  r.root = a.reduce_to_root ? 0 : -1;
+  r.merge_barrier = a.merge_after_barrier;
+  r.check = a.check;
+  r.json = a.json;
+  return r;
 }
 
 }  // namespace
@@ -721,7 +813,9 @@ int cmd_session(int argc, char** argv) {
   if (st.files) broadcast_inputs(comm, st);
   const SessionConfig cfg = session_config(comm, a, st);
   const Engine engine = make_engine_mpi(comm, a.kernel);
+  if (a.mla) return run_mla_session(comm, engine, mla_run(a, st, cfg));
   KvSession session(comm, engine, cfg);
+  session.set_merge_after_barrier(a.merge_after_barrier);
 
   SessionResults res;
   prefill(comm, engine, session, a, st, res);  // starts the session's clock

@@ -1,5 +1,8 @@
-// Binding of the sharded-KV-cache session (kv_session.hpp) as _C.KvSession: the
-// Python class ringattn.session.KvSession wraps it. The communicator is duplicated from
+// Binding of the sharded-KV-cache session (kv_session.hpp) as _C.KvSession, of the MLA
+// session over a sharded latent cache (mla_session.hpp) as _C.MlaSession, and of the
+// one-shot distributed MLA decode (mla_distributed_decode.hpp) as _C.mla_decode_distributed:
+// the Python classes ringattn.session.KvSession / MlaSession and ringattn.ring.mla_decode
+// wrap them. The communicator is duplicated from
 // the mpi4py handle once, when the session is made, and lives as long as the session.
 // Tensor arguments arrive as TensorArg (contiguous; checked here against the config);
 // outputs are allocated by the Python layer.
@@ -21,10 +24,14 @@
 #include "ringattn/comm/collectives.hpp"
 #include "ringattn/comm/communicator.hpp"
 #include "ringattn/kv_session.hpp"
+#include "ringattn/mla_distributed_decode.hpp"
+#include "ringattn/mla_session.hpp"
 
 namespace ringattn::python {
 
 namespace {
+
+py::dict step_stats(const StepStats& st);
 
 class PySession {
  public:
@@ -80,7 +87,7 @@ class PySession {
       st = session_->prefill(lens, q.data<const void>(), k.data<const void>(), v.data<const void>(),
                              out.data<float>(), lse.data<float>());
     });
-    return stats(st);
+    return step_stats(st);
   }
 
   // q/k/v [b, t, h|h_k, d|d_v] identical on every rank; out [b, t, h, d_v], lse [b, h, t].
@@ -93,7 +100,7 @@ class PySession {
       st = session_->decode(t, q.data<const void>(), k.data<const void>(), v.data<const void>(),
                             out.data<float>(), lse.data<float>(), root);
     });
-    return stats(st);
+    return step_stats(st);
   }
 
   py::dict extend(const TensorArg& q, const TensorArg& k, const TensorArg& v, const TensorArg& out,
@@ -108,7 +115,7 @@ class PySession {
       st = session_->extend(s1, q.data<const void>(), k.data<const void>(), v.data<const void>(),
                             out.data<float>(), lse.data<float>(), m, &plan, root);
     });
-    py::dict d = stats(st);
+    py::dict d = step_stats(st);
     d["mode"] = extend_mode_name(plan.mode);
     d["why"] = plan.why;
     return d;
@@ -153,24 +160,199 @@ class PySession {
       v.expect_dim(3, c.d_v, "value head dim");
     });
   }
-  static py::dict stats(const StepStats& st) {
-    py::dict d;
-    d["time_s"] = st.total_s;
-    d["compute_s"] = st.compute_s;
-    d["merge_s"] = st.merge_s;
-    d["bytes"] = st.bytes;
-    return d;
-  }
-
   std::shared_ptr<const Engine> engine_;
   std::vector<float> sinks_;
   std::unique_ptr<comm::Communicator> comm_;
   std::unique_ptr<KvSession> session_;
 };
 
+py::dict step_stats(const StepStats& st) {
+  py::dict d;
+  d["time_s"] = st.total_s;
+  d["compute_s"] = st.compute_s;
+  d["merge_s"] = st.merge_s;
+  d["bytes"] = st.bytes;
+  d["local_s"] = st.local_s;
+  d["reduce_s"] = st.reduce_s;
+  d["wait_s"] = st.wait_s;
+  d["max_wait_s"] = st.max_wait_s;
+  return d;
+}
+
+class PyMlaSession {
+ public:
+  PyMlaSession(std::int64_t comm_handle, const std::string& q_dtype, const std::string& kv_dtype,
+               int b, int h_q, std::int64_t capacity, int page_size,
+               const std::string& cache_layout, const std::string& prompt_layout, float scale,
+               const std::optional<TensorArg>& sinks)
+      : engine_(engine()) {
+    if (sinks) {  // kept for the session's lifetime (the config points at them)
+      const float* x = sinks_data(sinks, h_q);
+      sinks_.assign(x, x + h_q);
+    }
+    run_kernel([&] {
+      comm_ =
+          std::make_unique<comm::Communicator>(MPI_Comm_f2c(static_cast<MPI_Fint>(comm_handle)));
+      MlaSessionConfig c;
+      comm::run_collectively(*comm_, [&] {
+        c.q_dtype = storage_dtype(parse_elem_type(q_dtype), "q dtype");
+        c.kv_dtype = storage_dtype(parse_elem_type(kv_dtype), "kv dtype");
+        c.layout = parse_cache_layout(cache_layout);
+        c.prompt_layout = parse_layout(prompt_layout);
+      });
+      c.b = b;
+      c.h_q = h_q;
+      c.capacity = capacity;
+      c.page_size = page_size;
+      c.scale = scale;
+      if (!sinks_.empty()) c.sinks = sinks_.data();
+      session_ = std::make_unique<MlaSession>(*comm_, *engine_, c);
+    });
+  }
+
+  // kv: this rank's packed prompt latents [t_r, 576] (kv dtype); null-free.
+  py::dict prefill(const std::vector<std::int64_t>& lens, const TensorArg& kv) {
+    const MlaSessionConfig& c = session_->config();
+    std::int64_t rows = 0;
+    for (auto l : lens) rows += static_cast<std::int64_t>(session_->prefill_positions(l).size());
+    comm::run_collectively(*comm_, [&] {
+      kv.expect_ndim(2, "[t_local, 576]");
+      kv.expect_dim(0, rows, "tokens of this rank's prompt shard");
+      kv.expect_dim(1, kMlaHeadDim, "latent dim");
+      kv.expect_contiguous();
+      check_type(kv, c.kv_dtype);
+    });
+    StepStats st;
+    run_kernel([&] { st = session_->prefill(lens, kv.data<const void>()); });
+    return step_stats(st);
+  }
+
+  // q [b, s_q, h_q, 576], kv [b, s_q, 576] identical on every rank; out [b, s_q, h_q, 512]
+  // fp32, lse [b, h_q, s_q] fp32.
+  py::dict decode(const TensorArg& q, const TensorArg& kv, const TensorArg& out,
+                  const TensorArg& lse, int root) {
+    const MlaSessionConfig& c = session_->config();
+    const int s_q = static_cast<int>(q.ndim() == 4 ? q.dim(1) : 0);
+    comm::run_collectively(*comm_, [&] {
+      q.expect_ndim(4, "[b, s_q, h_q, 576]");
+      q.expect_dim(0, c.b, "batch");
+      q.expect_dim(2, c.h_q, "query heads");
+      q.expect_dim(3, kMlaHeadDim, "head dim (512 latent + 64 rope)");
+      kv.expect_ndim(3, "[b, s_q, 576]");
+      kv.expect_dim(0, c.b, "batch");
+      kv.expect_dim(1, s_q, "new tokens (q's dim 1)");
+      kv.expect_dim(2, kMlaHeadDim, "latent dim");
+      for (const TensorArg* t : {&q, &kv}) t->expect_contiguous();
+      check_type(q, c.q_dtype);
+      check_type(kv, c.kv_dtype);
+    });
+    StepStats st;
+    run_kernel([&] {
+      st = session_->decode(s_q, q.data<const void>(), kv.data<const void>(), out.data<float>(),
+                            lse.data<float>(), root);
+    });
+    return step_stats(st);
+  }
+
+  std::vector<std::int64_t> prefill_positions(std::int64_t len) const {
+    return session_->prefill_positions(len);
+  }
+  std::vector<std::int64_t> lengths() const {
+    std::vector<std::int64_t> out;
+    for (int s = 0; s < session_->config().b; ++s) out.push_back(session_->cache().length(s));
+    return out;
+  }
+
+ private:
+  static void check_type(const TensorArg& t, DType want) {
+    RA_CHECK_ARG(storage_dtype(t.type, t.name) == want,
+                 t.name << ": dtype " << elem_type_name(t.type) << " must be the session's "
+                        << dtype_name(want));
+  }
+
+  std::shared_ptr<const Engine> engine_;
+  std::vector<float> sinks_;
+  std::unique_ptr<comm::Communicator> comm_;
+  std::unique_ptr<MlaSession> session_;
+};
+
+// One-shot distributed MLA decode (mla_distributed_decode.hpp): this rank's paged shard
+//   q [b, s_q, h_q, 576] fp32 | bf16 (identical on every rank)
+//   k_cache [num_blocks, page_size, 1, 576] fp32 | bf16, block_table [b, max_blocks] int32,
+//   cache_seqlens [b] int32: this rank's tokens [r L / P, (r + 1) L / P) of each sequence
+//   global_seqlens [b]: L of each sequence
+//   out [b, s_q, h_q, 512] fp32, lse [b, h_q, s_q] fp32: every rank (root < 0) or root.
+void mla_decode_distributed(std::int64_t comm_handle, const TensorArg& q, const TensorArg& k_cache,
+                            const std::optional<TensorArg>& out,
+                            const std::optional<TensorArg>& lse, const TensorArg& block_table,
+                            const TensorArg& cache_seqlens,
+                            const std::vector<std::int32_t>& global_seqlens,
+                            const std::optional<TensorArg>& sinks, float scale, bool causal,
+                            int root) {
+  auto eng = engine();
+  run_kernel([&] {
+    const comm::Communicator comm(MPI_Comm_f2c(static_cast<MPI_Fint>(comm_handle)));
+    MlaDecodeParams p;
+    comm::run_collectively(comm, [&] {
+      q.expect_ndim(4, "[b, s_q, h_q, 576]");
+      k_cache.expect_ndim(4, "[num_blocks, page_block_size, 1, 576]");
+      for (const TensorArg* t : {&q, &k_cache, &block_table, &cache_seqlens})
+        t->expect_contiguous();
+      p.b = static_cast<int>(q.dim(0));
+      p.s_q = static_cast<int>(q.dim(1));
+      p.h_q = static_cast<int>(q.dim(2));
+      p.head_dim = static_cast<int>(q.dim(3));
+      p.q_dtype = storage_dtype(q.type, q.name);
+      p.kv_dtype = storage_dtype(k_cache.type, k_cache.name);
+      RA_CHECK_ARG(k_cache.dim(2) == 1,
+                   k_cache.name << ": MLA has one latent KV head, got " << k_cache.dim(2));
+      RA_CHECK_ARG(k_cache.dim(3) == p.head_dim, k_cache.name << ": head dim " << k_cache.dim(3)
+                                                              << " must equal q's " << p.head_dim);
+      p.num_blocks = static_cast<int>(k_cache.dim(0));
+      p.page_size = static_cast<int>(k_cache.dim(1));
+      RA_CHECK_ARG(block_table.type == ElemType::kI32 && cache_seqlens.type == ElemType::kI32,
+                   "block_table, cache_seqlens: expected int32");
+      block_table.expect_ndim(2, "[b, max_blocks]");
+      block_table.expect_dim(0, p.b, "batch, q's dim 0");
+      cache_seqlens.expect_ndim(1, "[b]");
+      cache_seqlens.expect_dim(0, p.b, "batch, q's dim 0");
+      RA_CHECK_ARG_EQ(static_cast<int>(global_seqlens.size()), p.b, "global cache_seqlens");
+      p.max_blocks = static_cast<int>(block_table.dim(1));
+      p.block_table = block_table.data<const std::int32_t>();
+      p.cache_seqlens = cache_seqlens.data<const std::int32_t>();
+      p.q = q.data<const void>();
+      p.kv_cache = k_cache.data<const void>();
+      p.out_dtype = DType::kF32;
+      p.out = out ? out->data<void>() : nullptr;
+      p.lse = lse ? lse->data<float>() : nullptr;
+      p.sinks = sinks_data(sinks, p.h_q);
+      p.scale = scale;
+      p.causal = causal;
+    });
+    // out / lse are null on the ranks other than root (only root's are written).
+    mla_distributed_decode(comm, *eng, p, global_seqlens.data(), root);
+  });
+}
+
 }  // namespace
 
 void register_session(py::module_& m) {
+  py::class_<PyMlaSession>(m, "MlaSession")
+      .def(py::init<std::int64_t, const std::string&, const std::string&, int, int, std::int64_t,
+                    int, const std::string&, const std::string&, float,
+                    const std::optional<TensorArg>&>(),
+           py::arg("comm"), py::arg("q_dtype"), py::arg("kv_dtype"), py::arg("b"), py::arg("h_q"),
+           py::arg("capacity"), py::arg("page_size"), py::arg("cache_layout"),
+           py::arg("prompt_layout"), py::arg("scale"), py::arg("sinks") = py::none())
+      .def("prefill", &PyMlaSession::prefill, py::arg("lens"), py::arg("kv"))
+      .def("decode", &PyMlaSession::decode, py::arg("q"), py::arg("kv"), py::arg("out"),
+           py::arg("lse"), py::arg("root"))
+      .def("prefill_positions", &PyMlaSession::prefill_positions, py::arg("len"))
+      .def("lengths", &PyMlaSession::lengths);
+  m.def("mla_decode_distributed", &mla_decode_distributed, py::arg("comm"), py::arg("q"),
+        py::arg("k_cache"), py::arg("out"), py::arg("lse"), py::arg("block_table"),
+        py::arg("cache_seqlens"), py::arg("global_seqlens"), py::arg("sinks"), py::arg("scale"),
+        py::arg("causal"), py::arg("root"));
   py::class_<PySession>(m, "KvSession")
       .def(py::init<std::int64_t, const std::string&, int, int, int, int, int, std::int64_t, int,
                     const std::string&, const std::string&, float, int, float,

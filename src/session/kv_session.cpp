@@ -19,8 +19,13 @@
 #include "ringattn/ring_attention.hpp"
 #include "ringattn/softmax_state.hpp"
 #include "ringattn/version.hpp"
+#include "session/session_records.hpp"
 
 namespace ringattn {
+
+using detail::clear_records;
+using detail::from_records;
+using detail::merge_records_into;
 
 namespace {
 
@@ -28,50 +33,6 @@ double max_over_ranks(const comm::Communicator& comm, double x) {
   double y = x;
   MPI_Allreduce(&x, &y, 1, MPI_DOUBLE, MPI_MAX, comm.get());
   return y;
-}
-
-// Records [rows][d_v + 1] from a kernel's out [rows, d_v] and lse, where the lse of
-// record r sits at lse[lse_index(r)].
-template <class LseIndex>
-void to_records(const float* out, const float* lse, std::int64_t rows, int d_v, LseIndex lse_index,
-                float* records) {
-  for (std::int64_t r = 0; r < rows; ++r) {
-    std::memcpy(records + r * (d_v + 1), out + r * d_v,
-                sizeof(float) * static_cast<std::size_t>(d_v));
-    records[r * (d_v + 1) + d_v] = lse[lse_index(r)];
-  }
-}
-
-// Empty states (o = 0, lse = -inf), the identity of the merge.
-void clear_records(std::vector<float>& records, int d_v) {
-  const std::size_t rec = static_cast<std::size_t>(d_v) + 1;
-  for (std::size_t i = 0; i < records.size(); ++i)
-    records[i] = (i % rec == static_cast<std::size_t>(d_v)) ? kNegInf : 0.0f;
-}
-
-// Merges records b into a (same shape) row by row.
-void merge_records_into(std::vector<float>& a, const std::vector<float>& b, int d_v) {
-  const std::int64_t rows = static_cast<std::int64_t>(a.size()) / (d_v + 1);
-  for (std::int64_t r = 0; r < rows; ++r) {
-    float* ra = a.data() + r * (d_v + 1);
-    const float* rb = b.data() + r * (d_v + 1);
-    merge_state_inplace(ra, ra + d_v, rb, rb + d_v, 1, d_v);
-  }
-}
-
-// Records [b, t, h][d_v + 1] -> out [b, t, h, d_v] and lse [b, h, t].
-void from_records(const std::vector<float>& records, int b, int t, int h, int d_v, float* out,
-                  float* lse) {
-  for (int s = 0; s < b; ++s)
-    for (int i = 0; i < t; ++i)
-      for (int hh = 0; hh < h; ++hh) {
-        const std::int64_t r = (std::int64_t{s} * t + i) * h + hh;
-        std::memcpy(out + r * d_v, records.data() + r * (d_v + 1),
-                    sizeof(float) * static_cast<std::size_t>(d_v));
-        if (lse)
-          lse[(std::int64_t{s} * h + hh) * t + i] =
-              records[static_cast<std::size_t>(r * (d_v + 1) + d_v)];
-      }
 }
 
 // Position of the first key that the row at position `pos` may see: 0, or the start of
@@ -329,8 +290,15 @@ void KvSession::attend_local(int t, const void* q, const std::vector<LocalRun>& 
   const SessionConfig& c = cache_.config();
   const int nb = static_cast<int>(runs.size());
   const int pages = cache_.pages_per_seq();
-  std::vector<std::int32_t> table(static_cast<std::size_t>(nb) * pages);
-  std::vector<std::int32_t> cu_q(static_cast<std::size_t>(nb) + 1, 0), to, from;
+  // Scratch buffers reused across calls (a decode step allocates nothing once they grew).
+  std::vector<std::int32_t>& table = scratch_.table;
+  std::vector<std::int32_t>& cu_q = scratch_.cu_q;
+  std::vector<std::int32_t>& to = scratch_.to;
+  std::vector<std::int32_t>& from = scratch_.from;
+  table.resize(static_cast<std::size_t>(nb) * pages);
+  cu_q.assign(static_cast<std::size_t>(nb) + 1, 0);
+  to.clear();
+  from.clear();
   int max_rows = 1;
   for (int j = 0; j < nb; ++j) {
     const LocalRun& r = runs[static_cast<std::size_t>(j)];
@@ -342,8 +310,10 @@ void KvSession::attend_local(int t, const void* q, const std::vector<LocalRun>& 
     max_rows = std::max(max_rows, r.rows);
   }
   const std::int64_t total = std::int64_t{c.b} * t;
-  std::vector<float> out(static_cast<std::size_t>(total) * c.h * c.d_v);
-  std::vector<float> lse(static_cast<std::size_t>(total) * c.h);
+  std::vector<float>& out = scratch_.out;
+  std::vector<float>& lse = scratch_.lse;
+  out.resize(static_cast<std::size_t>(total) * c.h * c.d_v);
+  lse.resize(static_cast<std::size_t>(total) * c.h);
   KvCacheParams p;
   p.dtype = c.dtype;
   p.out_dtype = DType::kF32;
@@ -381,7 +351,7 @@ void KvSession::attend_local(int t, const void* q, const std::vector<LocalRun>& 
   engine_.forward_kvcache(p);
   // out [total, h, d_v] is already [b, t, h] row order; lse [h, total].
   records.resize(static_cast<std::size_t>(total) * c.h * (c.d_v + 1));
-  to_records(
+  detail::to_records(
       out.data(), lse.data(), total * c.h, c.d_v,
       [&](std::int64_t r) { return (r % c.h) * total + r / c.h; }, records.data());
 }
@@ -411,18 +381,20 @@ namespace {
 // Records [b, t, h][d_v + 1] of query rows [lo, hi) of t new tokens per sequence against
 // the new tokens' own keys [0, t), causal (query i sees new keys j <= i), windowed and
 // chunked (the new tokens of sequence s sit at positions base[s] + i), computed from the
-// replicated new q/k/v; other rows stay empty states.
+// replicated new q/k/v; other rows stay empty states. `out`, `lse` and `shift` are
+// scratch buffers.
 void attend_new(const Engine& engine, const SessionConfig& c, const std::vector<std::int64_t>& base,
                 int t, int lo, int hi, const void* q, const void* k, const void* v,
-                std::vector<float>& records) {
+                std::vector<float>& records, std::vector<float>& out, std::vector<float>& lse,
+                std::vector<std::int64_t>& shift) {
   records.resize(static_cast<std::size_t>(c.b) * t * c.h * (c.d_v + 1));
   clear_records(records, c.d_v);
   if (hi <= lo) return;
   const int rows = hi - lo;
   const std::size_t es = dtype_size(c.dtype);
-  std::vector<float> out(static_cast<std::size_t>(c.b) * rows * c.h * c.d_v);
-  std::vector<float> lse(static_cast<std::size_t>(c.b) * c.h * rows);
-  std::vector<std::int64_t> shift(static_cast<std::size_t>(c.b), lo);
+  out.resize(static_cast<std::size_t>(c.b) * rows * c.h * c.d_v);
+  lse.resize(static_cast<std::size_t>(c.b) * c.h * rows);
+  shift.assign(static_cast<std::size_t>(c.b), lo);
   FwdParams f;
   f.dtype = c.dtype;
   f.q = static_cast<const std::byte*>(q) + static_cast<std::size_t>(lo) * c.h * c.d * es;
@@ -493,23 +465,33 @@ StepStats KvSession::decode(int t, const void* q, const void* k, const void* v, 
   // position L_s + i - w_left on with a window and from the start of its chunk with
   // attention_chunk: one call whose runs group the rows with the same first key.
   double tc = detail::ring_now_s();
-  std::vector<float> records, fresh;
+  std::vector<float>& records = scratch_.records;
+  std::vector<float>& fresh = scratch_.fresh;
   attend_local(t, q, local_runs(t), records);
   // The step's own tokens, causally: rank 0 adds them (they are tiny).
-  attend_new(engine_, c, lengths(), t, 0, comm_.rank() == 0 ? t : 0, q, k, v, fresh);
+  attend_new(engine_, c, lengths(), t, 0, comm_.rank() == 0 ? t : 0, q, k, v, fresh, scratch_.out,
+             scratch_.lse, scratch_.shift);
   merge_records_into(records, fresh, c.d_v);
   st.compute_s = detail::ring_now_s() - tc;
   append(t, k, v);
+  // The merge reduction: one collective over the packed records [b, t, h][d_v + 1]
+  // (o and lse of a row side by side, one MPI datatype per row, the LSE merge as the
+  // MPI operation: log2(P) rounds of b t h (d_v + 1) 4 bytes).
+  st.local_s = detail::ring_now_s() - t0;
+  if (merge_after_barrier_) comm_.barrier();
   tc = detail::ring_now_s();
+  const double enter_s = tc - t0;
   const std::int64_t rows = std::int64_t{c.b} * t * c.h;
   merge_across_ranks(comm_, records.data(), rows, c.d_v, root);
+  st.reduce_s = detail::ring_now_s() - tc;
   // Attention sinks: once, on the merged rows ([b, t, h] records; head = row % h).
   apply_sinks(records.data(), c.d_v + 1, records.data() + c.d_v, c.d_v + 1, c.mask.sinks, rows, c.h,
               c.d_v);
-  st.merge_s = detail::ring_now_s() - tc;
   st.bytes = static_cast<double>(rows) * (c.d_v + 1) * 4.0;
   if (root < 0 || comm_.rank() == root) from_records(records, c.b, t, c.h, c.d_v, out, lse);
-  st.total_s = max_over_ranks(comm_, detail::ring_now_s() - t0);
+  // One allgather of every rank's times: the step's latency (slowest rank) and the
+  // split of the reduction into merge and waiting (StepStats).
+  detail::finish_decode_stats(comm_, enter_s, detail::ring_now_s() - t0, st);
   return st;
 }
 
@@ -534,24 +516,51 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
   const ExtendPlan plan = plan_extend(c, P, context, s1, mode, constants);
   if (plan_out) *plan_out = plan;
   StepStats st;
-  // Query rows [lo, hi) of the new tokens are this rank's share of the causal part among
-  // themselves (and, in pass-KV, of the whole extend).
-  const int lo = static_cast<int>(std::int64_t{s1} * rank / P);
-  const int hi = static_cast<int>(std::int64_t{s1} * (rank + 1) / P);
+  // This rank's share of the new tokens' rows: zigzag chunks r and 2P-1-r of 2P (the
+  // causal part among the new tokens costs ~ row index, so a contiguous share left the
+  // last rank about twice the mean work). The causal part is split so in both modes; in
+  // pass-KV the share is also the rows this rank finishes.
+  const auto share = [&](int r) {
+    std::vector<std::pair<int, int>> ranges;  // [first, end)
+    for (const Chunk& ch : shard_chunks(ShardLayout::kZigzag, s1, P, r))
+      if (ch.count > 0)
+        ranges.push_back({static_cast<int>(ch.first), static_cast<int>(ch.first + ch.count)});
+    return ranges;
+  };
+  const std::vector<std::pair<int, int>> mine_ranges = share(rank);
+  std::vector<int> mine_rows;  // this rank's rows of each sequence, in share order
+  for (const auto& [f, e] : mine_ranges)
+    for (int i = f; i < e; ++i) mine_rows.push_back(i);
+  const int rows = static_cast<int>(mine_rows.size());
   std::vector<float> records, fresh;
+  const std::size_t es = dtype_size(c.dtype);
+  const std::int64_t qr = std::int64_t{c.h} * c.d;
   double tc = detail::ring_now_s();
   if (plan.mode == ExtendMode::kPassQ) {
     // Every new query against this rank's cached keys (all visible: they precede it;
     // with attention_chunk those from the start of the query's chunk on).
     attend_local(s1, q, local_runs(s1), records);
   } else {
-    // Pass-KV: this rank's queries [lo, hi) stay; the cached context travels. At step j
-    // rank r holds the context shard of rank (r - j) mod P (all b sequences, K then V,
-    // contiguous rows): its queries attend to all of it (it precedes them), partials
-    // merged into `records`. Bytes per step: the largest shard.
+    // Pass-KV: this rank's query rows stay (gathered into q_mine [b, rows, h, d]); the
+    // cached context travels. At step j rank r holds the context shard of rank (r - j)
+    // mod P (all b sequences, K then V, contiguous rows): its queries attend to all of it
+    // (it precedes them), partials merged into accumulators. Bytes per step: the largest
+    // shard.
     records.resize(static_cast<std::size_t>(c.b) * s1 * c.h * (c.d_v + 1));
     clear_records(records, c.d_v);
-    const std::size_t es = dtype_size(c.dtype);
+    std::vector<std::byte> q_mine(static_cast<std::size_t>(std::int64_t{c.b} * rows * qr) * es);
+    {
+      std::byte* dst = q_mine.data();
+      for (int s = 0; s < c.b; ++s)
+        for (const auto& [f, e] : mine_ranges) {
+          const std::size_t n = static_cast<std::size_t>((e - f) * qr) * es;
+          std::memcpy(dst,
+                      static_cast<const std::byte*>(q) +
+                          static_cast<std::size_t>((std::int64_t{s} * s1 + f) * qr) * es,
+                      n);
+          dst += n;
+        }
+    }
     const std::int64_t kr = std::int64_t{c.h_k} * c.d, vr = std::int64_t{c.h_k} * c.d_v;
     std::vector<std::vector<std::int64_t>> counts(static_cast<std::size_t>(P));
     std::size_t max_bytes = 0;
@@ -573,7 +582,6 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
       std::memcpy(w, cache_.v_row(s, 0), static_cast<std::size_t>(n * vr) * es);
       w += static_cast<std::size_t>(n * vr) * es;
     }
-    const int rows = hi - lo;
     // This rank's rows only: accumulators o [b, rows, h, d_v] and lse [b, rows, h],
     // merged in place after every kernel call (O(rows) work per step, not O(S1)).
     const std::int64_t srows = std::int64_t{rows} * c.h;
@@ -606,24 +614,26 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
         const std::byte* vp = kp + static_cast<std::size_t>(n * kr) * es;
         base = vp + static_cast<std::size_t>(n * vr) * es;
         if (n == 0) continue;
-        // Rows [i0, i1) of [lo, hi) that share their first visible position (all of them
-        // without attention_chunk; the rows of one chunk with it) see the shard's keys
-        // [kf, n): its keys are in position order, so "position >= first" is a suffix.
+        // Runs of this rank's rows [i0, i1) (share order) that share their first visible
+        // position (all of them without attention_chunk: one call; with it the rows of one
+        // chunk) see the shard's keys [kf, n): its keys are in position order, so
+        // "position >= first" is a suffix.
         const std::int64_t L = cache_.length(s);
-        for (int i0 = lo; i0 < hi;) {
-          const std::int64_t first = std::min(L, first_visible_pos(c.mask, L + i0));
+        const auto first_of = [&](int i) {
+          return std::min(L, first_visible_pos(c.mask, L + mine_rows[static_cast<std::size_t>(i)]));
+        };
+        for (int i0 = 0; i0 < rows;) {
+          const std::int64_t first = first_of(i0);
           int i1 = i0 + 1;
-          while (i1 < hi && std::min(L, first_visible_pos(c.mask, L + i1)) == first) ++i1;
-          const int nr = i1 - i0;
+          while (i1 < rows && first_of(i1) == first) ++i1;
+          const int nr = i1 - i0, r0 = i0;
+          i0 = i1;
           const std::int64_t kf = first > 0 ? cache_.count(s, first, src) : 0;
           const std::int64_t nk = n - kf;
-          const int r0 = i0 - lo;
-          i0 = i1;
           if (nk <= 0) continue;
           FwdParams f;
           f.dtype = c.dtype;
-          f.q = static_cast<const std::byte*>(q) +
-                static_cast<std::size_t>((std::int64_t{s} * s1 + lo + r0) * c.h * c.d) * es;
+          f.q = q_mine.data() + static_cast<std::size_t>((std::int64_t{s} * rows + r0) * qr) * es;
           f.k = kp + static_cast<std::size_t>(kf * kr) * es;
           f.v = vp + static_cast<std::size_t>(kf * vr) * es;
           f.out = o.data();
@@ -636,7 +646,7 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
           f.d = c.d;
           f.d_v = c.d_v;
           f.q_head_stride = c.d;
-          f.q_row_stride = std::int64_t{c.h} * c.d;
+          f.q_row_stride = qr;
           f.k_head_stride = c.d;
           f.k_row_stride = kr;
           f.v_head_stride = c.d_v;
@@ -667,34 +677,47 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
         st.bytes += static_cast<double>(max_bytes);
       }
     }
-    // The finished rows into the records (the rest stay empty states).
-    for (int s = 0; s < c.b; ++s)
-      for (std::int64_t r = 0; r < srows; ++r) {
-        const std::int64_t dst = (std::int64_t{s} * s1 + lo) * c.h + r;
-        float* x = &records[static_cast<std::size_t>(dst * (c.d_v + 1))];
-        std::memcpy(x, &acc_o[static_cast<std::size_t>((s * srows + r) * c.d_v)],
-                    sizeof(float) * static_cast<std::size_t>(c.d_v));
-        x[c.d_v] = acc_l[static_cast<std::size_t>(s * srows + r)];
-      }
+    // The finished rows into the records at their positions (the rest stay empty).
+    for (int s = 0; s < c.b; ++s) {
+      std::int64_t local = 0;  // row index within this rank's share
+      for (const auto& [f, e] : mine_ranges)
+        for (int i = f; i < e; ++i, ++local)
+          for (int hh = 0; hh < c.h; ++hh) {
+            const std::int64_t src = (std::int64_t{s} * rows + local) * c.h + hh;
+            const std::int64_t dst = (std::int64_t{s} * s1 + i) * c.h + hh;
+            float* x = &records[static_cast<std::size_t>(dst * (c.d_v + 1))];
+            std::memcpy(x, &acc_o[static_cast<std::size_t>(src * c.d_v)],
+                        sizeof(float) * static_cast<std::size_t>(c.d_v));
+            x[c.d_v] = acc_l[static_cast<std::size_t>(src)];
+          }
+    }
   }
-  attend_new(engine_, c, lengths(), s1, lo, hi, q, k, v, fresh);
-  merge_records_into(records, fresh, c.d_v);
+  // The causal part among the new tokens, for this rank's rows.
+  const std::vector<std::int64_t> base = lengths();
+  for (const auto& [f, e] : mine_ranges) {
+    attend_new(engine_, c, base, s1, f, e, q, k, v, fresh, scratch_.out, scratch_.lse,
+               scratch_.shift);
+    merge_records_into(records, fresh, c.d_v);
+  }
   st.compute_s = detail::ring_now_s() - tc - st.merge_s;
   append(s1, k, v);
   tc = detail::ring_now_s();
-  const std::int64_t rows = std::int64_t{c.b} * s1 * c.h;
+  const std::int64_t all_rows = std::int64_t{c.b} * s1 * c.h;
   const int rec = c.d_v + 1;
   if (plan.mode == ExtendMode::kPassQ) {
     // Partials of every row on every rank: the merge reduction.
-    merge_across_ranks(comm_, records.data(), rows, c.d_v, root);
-    st.bytes += static_cast<double>(rows) * rec * 4.0;
+    merge_across_ranks(comm_, records.data(), all_rows, c.d_v, root);
+    st.bytes += static_cast<double>(all_rows) * rec * 4.0;
   } else {
-    // Each rank finished its own rows: an allgather (gather to root) of the slices.
+    // Each rank finished its own rows: an allgather (gather to root) of the slices; rank
+    // r's block holds its share's rows of every sequence, in share order.
     std::vector<int> counts(static_cast<std::size_t>(P)), displs(static_cast<std::size_t>(P));
+    std::vector<std::vector<std::pair<int, int>>> shares(static_cast<std::size_t>(P));
     for (int r = 0; r < P; ++r) {
-      const std::int64_t n = std::int64_t{c.b} *
-                             ((std::int64_t{s1} * (r + 1) / P) - (std::int64_t{s1} * r / P)) * c.h *
-                             rec;
+      shares[static_cast<std::size_t>(r)] = share(r);
+      std::int64_t n = 0;
+      for (const auto& [f, e] : shares[static_cast<std::size_t>(r)]) n += e - f;
+      n *= std::int64_t{c.b} * c.h * rec;
       RA_CHECK(n <= INT32_MAX, UnsupportedError, "session extend: " << n << " floats per rank");
       counts[static_cast<std::size_t>(r)] = static_cast<int>(n);
       displs[static_cast<std::size_t>(r)] = r == 0 ? 0
@@ -703,10 +726,11 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
     }
     std::vector<float> mine;
     mine.reserve(static_cast<std::size_t>(counts[static_cast<std::size_t>(rank)]));
-    for (int s = 0; s < c.b; ++s) {
-      const auto first = records.begin() + (std::int64_t{s} * s1 + lo) * c.h * rec;
-      mine.insert(mine.end(), first, first + std::int64_t{hi - lo} * c.h * rec);
-    }
+    for (int s = 0; s < c.b; ++s)
+      for (const auto& [f, e] : mine_ranges) {
+        const auto first = records.begin() + (std::int64_t{s} * s1 + f) * c.h * rec;
+        mine.insert(mine.end(), first, first + std::int64_t{e - f} * c.h * rec);
+      }
     std::vector<float> all(records.size());
     if (root < 0) {
       RA_MPI_CHECK(MPI_Allgatherv(mine.data(), counts[static_cast<std::size_t>(rank)], MPI_FLOAT,
@@ -717,19 +741,17 @@ StepStats KvSession::extend(int s1, const void* q, const void* k, const void* v,
                                all.data(), counts.data(), displs.data(), MPI_FLOAT, root,
                                comm_.get()));
     }
-    // Rank r's block holds rows [lo_r, hi_r) of every sequence.
     const float* src = all.data();
-    for (int r = 0; r < P; ++r) {
-      const std::int64_t a = std::int64_t{s1} * r / P, e = std::int64_t{s1} * (r + 1) / P;
-      for (int s = 0; s < c.b; ++s) {
-        const std::int64_t n = (e - a) * c.h * rec;
-        std::copy(src, src + n, records.begin() + (std::int64_t{s} * s1 + a) * c.h * rec);
-        src += n;
-      }
-    }
+    for (int r = 0; r < P; ++r)
+      for (int s = 0; s < c.b; ++s)
+        for (const auto& [f, e] : shares[static_cast<std::size_t>(r)]) {
+          const std::int64_t n = std::int64_t{e - f} * c.h * rec;
+          std::copy(src, src + n, records.begin() + (std::int64_t{s} * s1 + f) * c.h * rec);
+          src += n;
+        }
     st.bytes += static_cast<double>(mine.size()) * 4.0;
   }
-  apply_sinks(records.data(), rec, records.data() + c.d_v, rec, c.mask.sinks, rows, c.h, c.d_v);
+  apply_sinks(records.data(), rec, records.data() + c.d_v, rec, c.mask.sinks, all_rows, c.h, c.d_v);
   st.merge_s += detail::ring_now_s() - tc;
   if (root < 0 || rank == root) from_records(records, c.b, s1, c.h, c.d_v, out, lse);
   st.total_s = max_over_ranks(comm_, detail::ring_now_s() - t0);

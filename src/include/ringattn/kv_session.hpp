@@ -140,8 +140,24 @@ ExtendPlan plan_extend(const SessionConfig& c, int ranks, std::int64_t context, 
 struct StepStats {
   double total_s = 0;    // the whole call, slowest rank
   double compute_s = 0;  // kernel calls of this rank
-  double merge_s = 0;    // the cross-rank merge / exchanges
+  double merge_s = 0;    // the cross-rank merge / exchanges (decode: see below)
   double bytes = 0;      // bytes this rank sent
+  // Decode only. A rank enters the merge reduction when its own local attention is done
+  // and leaves it when the last rank's partials have been merged in, so its time inside
+  // the reduction is "waiting for the slowest rank" plus "the merge itself". With every
+  // rank's clock started at the call's entry (the ranks leave the previous collective
+  // within microseconds of each other), from one allgather of the per-rank times:
+  //   merge_s   = max_r(enter_r + reduce_r) - max_r(enter_r): from the last rank's entry
+  //               to the last rank's exit, the reduction's own cost on the critical path
+  //               (records on the wire, MPI latency per round, the LSE merge arithmetic);
+  //               the same on every rank
+  //   wait_s    = mean over ranks of max_r'(local_r') - local_r: time a rank idles
+  //               waiting for the slowest rank's local attention (load imbalance)
+  //   max_wait_s = max_r(local_r) - min_r(local_r): the fastest rank's wait
+  double local_s = 0;     // this rank: call entry to the end of its local work
+  double reduce_s = 0;    // this rank: time inside the reduction (waiting included)
+  double wait_s = 0;      // mean over ranks (above)
+  double max_wait_s = 0;  // (above)
 };
 
 class KvSession {
@@ -170,6 +186,10 @@ class KvSession {
   //   out [b, t, h, d_v] fp32, lse [b, h, t] fp32 (nullable): every rank (root < 0) or root.
   StepStats decode(int t, const void* q, const void* k, const void* v, float* out, float* lse,
                    int root = -1);
+  // Measurement mode for decode: a barrier before the merge reduction, so the reduction
+  // starts on every rank at once and its time is the merge alone (the wait moves into the
+  // barrier). Checks StepStats::merge_s; off by default (it adds a collective per step).
+  void set_merge_after_barrier(bool on) { merge_after_barrier_ = on; }
 
   // Collective. s1 new tokens per sequence, identical on every rank (layouts as decode
   // with t = s1); appended to the cache after attending. `plan` reports what ran.
@@ -200,6 +220,14 @@ class KvSession {
   const comm::Communicator& comm_;
   const Engine& engine_;
   ShardedKvCache cache_;
+  bool merge_after_barrier_ = false;
+  // Buffers reused by every decode step (records, kernel outputs, page tables: once they
+  // have grown, a step allocates only a few vectors of b or run-count entries).
+  struct Scratch {
+    std::vector<float> records, fresh, out, lse;
+    std::vector<std::int32_t> table, cu_q, to, from;
+    std::vector<std::int64_t> shift;
+  } scratch_;
 };
 
 }  // namespace ringattn

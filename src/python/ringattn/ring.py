@@ -11,6 +11,8 @@ with the same options and their own shards.
     ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, ...)   (and zigzag_ /
     stripe_ variants): packed sequences, each rank holding its shard of every sequence
     decode(q, k_cache_shard, v_cache_shard, ...)  distributed decode over a sharded cache
+    mla_decode(q, k_cache, block_table, cache_seqlens, ...)  distributed MLA decode over a
+        paged latent cache sharded across the ranks (vLLM's decode context parallelism)
     shard(x, layout, rank, size) / unshard(shards, layout)  cut / reassemble tensors
 
 Every forward takes ``ulysses_degree=U`` (keyword, default 1): the ranks form a U x R grid
@@ -57,6 +59,7 @@ __all__ = [
     "zigzag_ring_flash_attn_varlen_func",
     "stripe_flash_attn_varlen_func",
     "decode",
+    "mla_decode",
     "shard",
     "unshard",
     "shard_cu_seqlens",
@@ -523,6 +526,83 @@ def decode(q, k_cache_shard, v_cache_shard, softmax_scale=None, causal=False,
                           _scale(softmax_scale, d), bool(causal), wl, wr, _softcap(softcap), rt,
                           sink_arg, _attention_chunk(attention_chunk))
     del sink
+    if not writes:
+        return None, None
+    return _tensor.to_type(out, typ), lse
+
+
+def mla_decode(q, k_cache, block_table, cache_seqlens, softmax_scale=None, causal=False,
+               root=None, group=None, *, attn_sink=None):
+    """Distributed absorbed-MLA decode over a paged latent cache sharded across the ranks
+    (docs/mla.md, "Across ranks"; sessions that keep the cache: ringattn.session.MlaSession).
+
+    q [b, s_q, h_q, 576] fp32 / bf16: the query rows, identical on every rank. This rank's
+    paged shard, FlashMLA's layout: k_cache [num_blocks, page_block_size, 1, 576] (fp32 /
+    bf16), block_table [b, max_blocks] int, cache_seqlens [b] int: rank r holds tokens
+    [r*L/P, (r+1)*L/P) of each sequence of L tokens (L = the sum of the ranks'
+    cache_seqlens; with causal, L includes the s_q query tokens, as in FlashMLA).
+    causal: query row s sees positions <= L - s_q + s (multi-token prediction; every rank
+    but the last must hold only tokens before the first query position). attn_sink [h_q]
+    fp32: applied once, after the reduction. softmax_scale defaults to 1 / sqrt(576).
+    Returns (out [b, s_q, h_q, 512] in q's dtype, lse [b, h_q, s_q] fp32 natural log, -inf
+    for a row that sees nothing) on every rank, or with root=R on rank R only ((None,
+    None) elsewhere).
+    """
+    comm = _comm(group)
+    size, rank = comm.Get_size(), comm.Get_rank()
+
+    def local():
+        _tensor.same_kind(q, {"k_cache": k_cache, "block_table": block_table,
+                              "cache_seqlens": cache_seqlens, "attn_sink": attn_sink})
+        typ = _float_tensor(q, "q", 4, "[b, s_q, h_q, 576]")
+        ktyp = _float_tensor(k_cache, "k_cache", 4, "[num_blocks, page_block_size, 1, 576]")
+        if int(q.shape[3]) != 576 or int(k_cache.shape[3]) != 576:
+            raise ValueError(f"q, k_cache: last dim must be 576 (512 latent + 64 rope), got "
+                             f"{int(q.shape[3])} and {int(k_cache.shape[3])}")
+        b, h = int(q.shape[0]), int(q.shape[2])
+        bt, _ = _tensor.index_array(block_table, "block_table", ndim=2, shape_text="[b, max_blocks]")
+        sl, _ = _tensor.index_array(cache_seqlens, "cache_seqlens", ndim=1, shape_text="[b]", lo=0)
+        if bt.shape[0] != b or sl.shape[0] != b:
+            raise ValueError(f"block_table, cache_seqlens: batch {bt.shape[0]}, {sl.shape[0]} must "
+                             f"equal q's {b}")
+        if softmax_scale is not None:
+            _scale(softmax_scale, 576)
+        _tensor.sinks_arg(attn_sink, None, h, q)
+        if root is not None:
+            rt = _tensor.check_scalar_int(root, "root")
+            if not 0 <= rt < size:
+                raise ValueError(f"root: {rt} must lie in [0, {size})")
+        return typ, ktyp, [int(x) for x in np.asarray(sl).reshape(-1)], root
+
+    infos = _collective(comm, local)
+    typ = infos[rank][0]
+    roots = [i[3] for i in infos]
+    if any(r != roots[0] for r in roots):
+        _raise_all(InvalidArgument, next(i for i, r in enumerate(roots) if r != roots[0]),
+                   f"root: ranks disagree on root {roots}")
+    local_lens = [i[2] for i in infos]
+    if any(len(x) != len(local_lens[0]) for x in local_lens):
+        _raise_all(InvalidArgument, 0, f"cache_seqlens: ranks disagree on the batch "
+                   f"{[len(x) for x in local_lens]}")
+    global_lens = [int(sum(col)) for col in zip(*local_lens)]
+    b, s_q, h = int(q.shape[0]), int(q.shape[1]), int(q.shape[2])
+    rt = -1 if root is None else int(root)
+    writes = rt < 0 or rt == rank
+    out = _tensor.empty(q, (b, s_q, h, 512), "fp32") if writes else None
+    lse = _tensor.empty(q, (b, h, s_q), "fp32") if writes else None
+    bt, bt_arg = _tensor.index_array(block_table, "block_table", ndim=2, shape_text="[b, max_blocks]")
+    sl, sl_arg = _tensor.index_array(cache_seqlens, "cache_seqlens", ndim=1, shape_text="[b]", lo=0)
+    sink, sink_arg = _tensor.sinks_arg(attn_sink, None, h, q)
+    qc, kc = _contiguous(q), _contiguous(k_cache)
+    arg = _tensor.arg
+    _C.mla_decode_distributed(comm.py2f(), arg(qc, "q", types=("fp32", "bf16")),
+                              arg(kc, "k_cache", types=("fp32", "bf16")),
+                              None if out is None else arg(out, "out", types=("fp32",)),
+                              None if lse is None else arg(lse, "lse", types=("fp32",)), bt_arg,
+                              sl_arg, global_lens, sink_arg,
+                              0.0 if softmax_scale is None else _scale(softmax_scale, 576),
+                              bool(causal), rt)
+    del sink, bt, sl
     if not writes:
         return None, None
     return _tensor.to_type(out, typ), lse

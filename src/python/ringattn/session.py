@@ -11,6 +11,13 @@ sequence's tokens, and lives across calls:
     out, lse = s.decode(q_new, k_new, v_new)    # [b, t, h, d] identical on every rank
     out, lse, info = s.extend(q_more, k_more, v_more)            # pass-Q or pass-KV
 
+MlaSession is the same for DeepSeek MLA (absorbed form): a latent cache [*, 576] sharded
+across the ranks, decode steps of s_q >= 1 tokens (causal multi-token prediction):
+
+    m = MlaSession(batch=1, num_heads=128, capacity=70000, dtype=torch.bfloat16)
+    m.prefill(m.shard_prompt(latents, [prompt_len]), [prompt_len])   # stores; no attention
+    out, lse = m.decode(q_new, kv_new)          # q [b, s_q, h, 576], kv [b, s_q, 576]
+
 Every output equals single-process causal attention over the sequence's whole history;
 LSE natural log, fp32; outputs in q's dtype and kind (torch or numpy). Every call is
 collective over ``group``: bad arguments on any rank make every rank raise the same
@@ -24,7 +31,7 @@ import numpy as np
 from . import _C, _tensor
 from .ring import _collective, _comm
 
-__all__ = ["KvSession", "CACHE_LAYOUTS", "EXTEND_MODES"]
+__all__ = ["KvSession", "MlaSession", "CACHE_LAYOUTS", "EXTEND_MODES"]
 
 CACHE_LAYOUTS = ("round-robin", "contiguous")
 EXTEND_MODES = ("auto", "pass-q", "pass-kv")
@@ -109,7 +116,8 @@ class KvSession:
     def prefill_positions(self, length):
         """Positions (numpy int64) of this rank's shard of a `length`-token prompt, in the
         local order prefill expects."""
-        return np.asarray(self._s.prefill_positions(_tensor.check_scalar_int(length, "length")))
+        return np.asarray(self._s.prefill_positions(_tensor.check_scalar_int(length, "length")),
+                          dtype=np.int64)
 
     def shard_prompt(self, x, prompt_lens):
         """This rank's packed prompt rows from the full packed tensor x [sum(prompt_lens), ...]
@@ -191,3 +199,112 @@ class KvSession:
         if r >= 0 and self._comm.Get_rank() != r:
             return None, None, dict(info)
         return _tensor.to_type(out, _tensor.out_type(self._dtype)), lse, dict(info)
+
+
+class MlaSession:
+    """A DeepSeek MLA latent cache sharded across the ranks of ``group`` (default
+    COMM_WORLD), living across decode steps (docs/session.md, "MLA sessions").
+
+    batch sequences of at most ``capacity`` tokens (prompt included); ``num_heads`` query
+    heads (1..128); ``dtype``: the latent cache's storage (fp32 or bf16, torch dtypes
+    accepted), ``q_dtype`` the queries' (default: ``dtype``). ``cache_layout``: owner of
+    tokens appended after the prompt ("round-robin" blocks of page_size tokens, the default,
+    or "contiguous"); ``prompt_layout``: the prompt share each rank holds ("contiguous" by
+    default: rank r holds [r S0 / P, (r + 1) S0 / P); or "zigzag", "striped").
+    ``softmax_scale`` defaults to 1 / sqrt(576). ``sinks``: optional [h] fp32 attention-sink
+    logits, the same on every rank, applied once per output row after the merge.
+
+    prefill stores the prompt's latents and runs no attention: absorbed MLA prefill needs
+    the model's projection weights; the prompt's outputs come from the model's own prefill.
+    """
+
+    def __init__(self, batch, num_heads, capacity, *, dtype="bf16", q_dtype=None, page_size=64,
+                 cache_layout="round-robin", prompt_layout="contiguous", softmax_scale=None,
+                 sinks=None, group=None):
+        self._comm = _comm(group)
+
+        def local():
+            if cache_layout not in CACHE_LAYOUTS:
+                raise ValueError(f"cache_layout: expected one of {CACHE_LAYOUTS}, got {cache_layout!r}")
+            if prompt_layout not in _PREFILL_LAYOUTS:
+                raise ValueError(f"prompt_layout: expected one of {tuple(_PREFILL_LAYOUTS)}, got "
+                                 f"{prompt_layout!r}")
+            kv_t = _dtype_name(dtype)
+            q_t = kv_t if q_dtype is None else _dtype_name(q_dtype)
+            for n, t in (("dtype", kv_t), ("q_dtype", q_t)):
+                if t not in ("fp32", "bf16"):
+                    raise ValueError(f"{n}: MLA sessions store fp32 or bf16, got {t}")
+            scale = 0.0
+            if softmax_scale is not None:
+                scale = float(softmax_scale)
+                if not (math.isfinite(scale) and scale > 0):
+                    raise ValueError(f"softmax_scale: must be positive and finite, got {softmax_scale!r}")
+            h = _tensor.check_scalar_int(num_heads, "num_heads")
+            if sinks is not None:
+                _tensor.sinks_arg(sinks, None, h, sinks)
+            ints = [_tensor.check_scalar_int(x, n) for x, n in
+                    ((batch, "batch"), (capacity, "capacity"), (page_size, "page_size"))]
+            return q_t, kv_t, h, ints, scale
+
+        q_t, kv_t, h, (b, capacity, page_size), scale = _collective(self._comm, local)[
+            self._comm.Get_rank()]
+        self._q_dtype, self._kv_dtype, self._shape = q_t, kv_t, (b, h)
+        sink_keep, sink_arg = (None, None) if sinks is None else _tensor.sinks_arg(sinks, None, h, sinks)
+        self._s = _C.MlaSession(self._comm.py2f(), q_t, kv_t, b, h, capacity, page_size,
+                                cache_layout, _PREFILL_LAYOUTS[prompt_layout], scale, sink_arg)
+        del sink_keep
+
+    @property
+    def lengths(self):
+        """Tokens cached per sequence (prompt + appended), a list of b ints."""
+        return list(self._s.lengths())
+
+    def prefill_positions(self, length):
+        """Positions (numpy int64) of this rank's share of a `length`-token prompt, in the
+        local order prefill expects."""
+        return np.asarray(self._s.prefill_positions(_tensor.check_scalar_int(length, "length")),
+                          dtype=np.int64)
+
+    shard_prompt = KvSession.shard_prompt
+
+    def _checked(self, pairs):
+        keep = []
+
+        def local():
+            _tensor.same_kind(pairs[0][0], {n: x for x, n, _ in pairs})
+            for x, n, want in pairs:
+                typ = _tensor.type_of(x, n)
+                if typ != want:
+                    raise TypeError(f"{n}: dtype {typ} must be the session's {want}")
+                keep.append(x.contiguous() if _tensor.is_torch(x) else np.ascontiguousarray(x))
+
+        _collective(self._comm, local)
+        return keep
+
+    def prefill(self, kv, prompt_lens):
+        """Starts the session: prompt_lens (b ints, the same on every rank); kv [t_local, 576]
+        this rank's packed latents (shard_prompt of the whole [sum(prompt_lens), 576])."""
+        lens = [_tensor.check_scalar_int(n, "prompt_lens[i]") for n in prompt_lens]
+        (kv,) = self._checked([(kv, "kv", self._kv_dtype)])
+        self.last_stats = self._s.prefill(lens, _tensor.arg(kv, "kv"))
+
+    def decode(self, q, kv, root=None):
+        """One decode step of s_q tokens per sequence: q [b, s_q, h, 576] (q_dtype) and their
+        latents kv [b, s_q, 576] (dtype), identical on every rank; row s sees the history and
+        new tokens 0..s. The latents join the cache on their owners. Returns (out
+        [b, s_q, h, 512] in q's dtype, lse [b, h, s_q] fp32 natural log, -inf for a row that
+        sees nothing) on every rank, or with root=R on rank R only ((None, None) elsewhere).
+        last_stats splits the step: merge_s (the reduction itself), wait_s (waiting for the
+        slowest rank's local attention)."""
+        q, kv = self._checked([(q, "q", self._q_dtype), (kv, "kv", self._kv_dtype)])
+        b, h = self._shape
+        s_q = int(q.shape[1]) if len(q.shape) == 4 else 0
+        out = _tensor.empty(q, (b, s_q, h, 512), "fp32")
+        lse = _tensor.empty(q, (b, h, s_q), "fp32")
+        r = -1 if root is None else _tensor.check_scalar_int(root, "root")
+        a = _tensor.arg
+        self.last_stats = self._s.decode(a(q, "q"), a(kv, "kv"), a(out, "out", types=("fp32",)),
+                                         a(lse, "lse", types=("fp32",)), r)
+        if r >= 0 and self._comm.Get_rank() != r:
+            return None, None
+        return _tensor.to_type(out, _tensor.out_type(self._q_dtype)), lse
