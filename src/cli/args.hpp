@@ -87,15 +87,6 @@ po::options_description options(Args& args) {
   return b.all();
 }
 
-// The same for flags listed by a function object, fn(builder), where a command keeps its
-// options in local variables: fn calls builder.group() and builder(variable, flag).
-template <class Fn>
-po::options_description options_of(Fn&& fn) {
-  OptionsBuilder b;
-  fn(b);
-  return b.all();
-}
-
 // Whether flag `name` was given on the command line (not merely defaulted).
 inline bool given(const po::variables_map& vm, const char* name) {
   return vm.count(name) > 0 && !vm[name].defaulted();

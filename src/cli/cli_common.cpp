@@ -186,17 +186,17 @@ NpyFile open_attn_tensor(const std::string& opt, const std::string& path, int nd
   }
 }
 
-void load_descales(const std::string& q_path, const std::string& k_path, const std::string& v_path,
-                   DType t, std::int64_t b, std::int64_t h_k, Descales& out, Fp8Descale& ds) {
+void load_descales(const DescaleArgs& args, DType t, std::int64_t b, std::int64_t h_k,
+                   Descales& out, Fp8Descale& ds) {
   const struct {
     const char* opt;
     const std::string& path;
     std::vector<float>& dst;
     const float** ptr;
     std::int64_t* stride;
-  } list[] = {{"--q-descale", q_path, out.q, &ds.q, &ds.q_batch_stride},
-              {"--k-descale", k_path, out.k, &ds.k, &ds.k_batch_stride},
-              {"--v-descale", v_path, out.v, &ds.v, &ds.v_batch_stride}};
+  } list[] = {{"--q-descale", args.q, out.q, &ds.q, &ds.q_batch_stride},
+              {"--k-descale", args.k, out.k, &ds.k, &ds.k_batch_stride},
+              {"--v-descale", args.v, out.v, &ds.v, &ds.v_batch_stride}};
   for (const auto& e : list) {
     if (e.path.empty()) continue;
     RA_CHECK_ARG(t == DType::kFP8E4M3,
@@ -375,6 +375,69 @@ void write_f32(const std::string& opt, const std::string& path,
   } catch (const IoError& e) {
     throw IoError(opt + ": " + e.message(), __FILE__, __LINE__);
   }
+}
+
+KernelSetup kernel_setup(const MaskArgs& mask, const KernelArgs& kernel) {
+  return {attn_tensor_dtype(kernel), to_mask_params(mask), make_engine(kernel)};
+}
+
+void check_kv_heads(const char* k_opt, const NpyHeader& q, const NpyHeader& k,
+                    const AttnHeads& hd) {
+  const std::int64_t h = hd.h, h_k = hd.h_k;
+  RA_CHECK_ARG(h_k > 0 && h % h_k == 0,
+               k_opt << ": kv heads h_k = " << h_k << " must divide --q heads h = " << h
+                     << " (--q shape " << shape_to_string(q.shape) << ", " << k_opt << " shape "
+                     << shape_to_string(k.shape) << ")");
+}
+
+NpyFile open_qv(const std::string& path, int ndim, const NpyHeader& q, std::int64_t d_v,
+                const char* v_opt) {
+  NpyFile f = open_tensor("--qv", path, ndim);
+  RA_CHECK_ARG(f.header().dtype == q.dtype, "--qv: file dtype " << npy_descr(f.header().dtype)
+                                                                << " must equal --q's "
+                                                                << npy_descr(q.dtype));
+  RA_CHECK_ARG(d_v <= kMaxHeadDim, "--qv: d_v = " << d_v << " (" << v_opt
+                                                  << " head dim) exceeds the limit " << kMaxHeadDim
+                                                  << " of the attention kernels; absorbed MLA "
+                                                     "(d_v = 512) runs through `ringattn mla`");
+  return f;
+}
+
+void check_qv_shape(const NpyHeader& qv, const std::vector<std::int64_t>& out_shape, bool varlen,
+                    const NpyHeader& q, const char* v_opt, const NpyHeader& v) {
+  check_shape("--qv", qv, out_shape,
+              "shaped as the output [" + std::string(varlen ? "total_q" : "b, s_q") +
+                  ", h, d_v]; --q shape " + shape_to_string(q.shape) + ", " + v_opt + " shape " +
+                  shape_to_string(v.shape));
+}
+
+std::vector<std::int32_t> load_offsets(const char* opt, const std::string& path) {
+  const NpyArray a = load_npy_arg(opt, path);
+  RA_CHECK_ARG(a.ndim() == 1 && a.shape[0] >= 2,
+               opt << ": expected shape [b+1] with b >= 1, got " << shape_to_string(a.shape));
+  return a.to_i32(opt);
+}
+
+int longest_segment(const char* opt, const std::vector<std::int32_t>& cu) {
+  int longest = 0;
+  for (std::size_t i = 1; i < cu.size(); ++i) {
+    RA_CHECK_ARG(cu[i] >= cu[i - 1], opt << ": must be non-decreasing, got entry " << i << " = "
+                                         << cu[i] << " < entry " << i - 1 << " = " << cu[i - 1]);
+    longest = std::max(longest, cu[i] - cu[i - 1]);
+  }
+  return longest;
+}
+
+OutLseFiles::OutLseFiles(const std::string& out_path, const std::string& lse_path,
+                         const std::vector<std::int64_t>& out_shape,
+                         const std::vector<std::int64_t>& lse_shape)
+    : out("--out", out_path, out_shape) {
+  if (!lse_path.empty()) lse.emplace("--lse", lse_path, lse_shape);
+}
+
+void OutLseFiles::commit() {
+  out.commit();
+  if (lse) lse->commit();
 }
 
 double now_seconds() {

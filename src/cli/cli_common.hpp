@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -92,19 +93,26 @@ struct KernelArgs {
     v(threads, {"threads", "OpenMP threads; 0 = all"});
   }
 };
-// What ring, decode and session share: the Mask and Kernel groups and the parsed
-// command line (their args structs derive from it).
-struct MpiCommandArgs {
+// The Mask and Kernel groups and the parsed command line: what attn and kvcache share
+// with ring, decode and session (their args structs derive from it).
+struct MaskKernelArgs {
   MaskArgs mask;
   KernelArgs kernel;
   po::variables_map vm;  // what the command line gave
 
   template <class V>
-  void mask_and_kernel(V& f, const char* mask_caption) {
+  void mask_and_kernel(V& f, const char* mask_caption, const char* kernel_caption) {
     f.group(mask_caption);
     mask.for_each(f);
-    f.group("Kernel (per rank)");
+    f.group(kernel_caption);
     kernel.for_each(f);
+  }
+};
+// What ring, decode and session share: the Kernel group is per rank.
+struct MpiCommandArgs : MaskKernelArgs {
+  template <class V>
+  void mask_and_kernel(V& f, const char* mask_caption) {
+    MaskKernelArgs::mask_and_kernel(f, mask_caption, "Kernel (per rank)");
   }
 };
 
@@ -121,12 +129,23 @@ DType attn_tensor_dtype(const KernelArgs& args);
 // asks for --dtype fp8).
 NpyFile open_attn_tensor(const std::string& opt, const std::string& path, int ndim, DType t);
 // --q-descale / --k-descale / --v-descale FILE: [b, h_k] float .npy (empty path = none),
-// fp8 only; stored in `out`, pointed to by `ds` (batch stride h_k).
+// fp8 only.
+struct DescaleArgs {
+  std::string q, k, v;
+
+  template <class V>
+  void for_each(V& f) {
+    f(q, {"q-descale", "--dtype fp8: q descale [b, h_k] fp32 (default 1)", kNoDefault});
+    f(k, {"k-descale", "--dtype fp8: k descale [b, h_k] fp32 (default 1)", kNoDefault});
+    f(v, {"v-descale", "--dtype fp8: v descale [b, h_k] fp32 (default 1)", kNoDefault});
+  }
+};
+// The descales as loaded into `out`, pointed to by `ds` (batch stride h_k).
 struct Descales {
   std::vector<float> q, k, v;
 };
-void load_descales(const std::string& q_path, const std::string& k_path, const std::string& v_path,
-                   DType t, std::int64_t b, std::int64_t h_k, Descales& out, Fp8Descale& ds);
+void load_descales(const DescaleArgs& args, DType t, std::int64_t b, std::int64_t h_k,
+                   Descales& out, Fp8Descale& ds);
 
 // ---- tensors ----
 
@@ -210,9 +229,81 @@ void check_shape(const std::string& opt, const NpyHeader& a,
 void write_f32(const std::string& opt, const std::string& path,
                const std::vector<std::int64_t>& shape, const float* data);
 
+// ---- attn and kvcache ----
+
+// What attn and kvcache take from the Mask and Kernel groups, made in this order (so
+// that the first bad option is the one reported): storage dtype (attn_tensor_dtype),
+// mask (to_mask_params) and engine.
+struct KernelSetup {
+  DType dtype;
+  MaskParams mask;
+  Engine engine;
+};
+KernelSetup kernel_setup(const MaskArgs& mask, const KernelArgs& kernel);
+
+// Heads and head dims of an attention problem, from the headers of its inputs.
+struct AttnHeads {
+  std::int64_t h = 0, h_k = 0, d = 0, d_v = 0;
+};
+
+// The fields FwdParams and KvCacheParams share: storage dtypes (output fp32), mask with
+// the --sinks logits (`sinks` must outlive p), key splits, heads and head dims.
+template <class P>
+void set_attn_params(P& p, DType t, const MaskParams& mask, const std::vector<float>& sinks,
+                     int num_splits, const AttnHeads& hd) {
+  p.dtype = t;
+  p.out_dtype = DType::kF32;
+  p.mask = mask;
+  if (!sinks.empty()) p.mask.sinks = sinks.data();
+  p.num_splits = num_splits;
+  p.h = static_cast<int>(hd.h);
+  p.h_k = static_cast<int>(hd.h_k);
+  p.d = static_cast<int>(hd.d);
+  p.d_v = static_cast<int>(hd.d_v);
+}
+
+// InvalidArgument unless the kv heads h_k of `k_opt` (shape k) divide the heads h of
+// --q (shape q); the message names both shapes.
+void check_kv_heads(const char* k_opt, const NpyHeader& q, const NpyHeader& k, const AttnHeads& hd);
+
+// --qv (FA3) of rank `ndim`: header read and checked (file dtype that of --q, d_v of
+// `v_opt` within the attention kernels' limit), the data left for load_storage().
+NpyFile open_qv(const std::string& path, int ndim, const NpyHeader& q, std::int64_t d_v,
+                const char* v_opt);
+// --qv shaped as the output `out_shape` ([total_q, h, d_v] when varlen, else
+// [b, s_q, h, d_v]); the message names --q's and `v_opt`'s shapes.
+void check_qv_shape(const NpyHeader& qv, const std::vector<std::int64_t>& out_shape, bool varlen,
+                    const NpyHeader& q, const char* v_opt, const NpyHeader& v);
+
+// Segment offsets [b+1] (b >= 1) given for `opt`, as int32.
+std::vector<std::int32_t> load_offsets(const char* opt, const std::string& path);
+// InvalidArgument unless the offsets never decrease; returns the longest segment.
+int longest_segment(const char* opt, const std::vector<std::int32_t>& cu);
+
+// --out and --lse: fp32 result files created at once (before anything is computed, so
+// that a bad path fails at once), the kernel writing into them; without --out the
+// output goes to a buffer, without --lse there is none.
+struct OutLseFiles {
+  OutputTensor out;
+  std::optional<OutputTensor> lse;
+
+  OutLseFiles(const std::string& out_path, const std::string& lse_path,
+              const std::vector<std::int64_t>& out_shape,
+              const std::vector<std::int64_t>& lse_shape);
+  float* lse_data() const { return lse ? lse->data() : nullptr; }
+  void commit();
+};
+
 // ---- misc ----
 
 double now_seconds();  // monotonic clock
+// Seconds that fn() takes (one call).
+template <class Fn>
+double seconds_of(Fn&& fn) {
+  const double t0 = now_seconds();
+  fn();
+  return now_seconds() - t0;
+}
 double median(std::vector<double> v);
 
 // JSON output (--json) is built with nlohmann::ordered_json, which keeps the fields in

@@ -31,242 +31,245 @@ constexpr const char* kUsage =
     "Inputs are <f4 or <f2 .npy files (--dtype fp8: |u1 files of e4m3 bytes, with optional\n"
     "--q-descale/--k-descale/--v-descale [b, h_k]); outputs are fp32.";
 
-// Checks a cu_seqlens array: starts >= 0, non-decreasing, last entry <= total.
-// Returns the longest segment.
-int check_cu_seqlens(const std::string& opt, const std::vector<std::int32_t>& cu,
-                     std::int64_t total, const std::string& total_what) {
-  RA_CHECK_ARG_GE(cu.front(), 0, opt << ": first entry");
-  int longest = 0;
-  for (std::size_t i = 1; i < cu.size(); ++i) {
-    RA_CHECK_ARG(cu[i] >= cu[i - 1], opt << ": must be non-decreasing, got entry " << i << " = "
-                                         << cu[i] << " < entry " << i - 1 << " = " << cu[i - 1]);
-    longest = std::max(longest, cu[i] - cu[i - 1]);
-  }
-  RA_CHECK_ARG(cu.back() <= total,
-               opt << ": last entry " << cu.back() << " exceeds " << total_what << " = " << total);
-  return longest;
-}
-
-}  // namespace
-
-int cmd_attn(int argc, char** argv) {
-  std::string q_path, k_path, v_path, out_path, lse_path, qv_path;
-  std::string cu_q_path, cu_k_path, used_q_path, used_k_path;
-  std::string q_ds_path, k_ds_path, v_ds_path;
+// The options of `ringattn attn`, each declared once (cli/args.hpp).
+struct AttnArgs : MaskKernelArgs {
+  std::string q, k, v, out, lse, qv;
+  std::string cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k;
   int max_seqlen_q = 0, max_seqlen_k = 0, num_splits = 0;
+  DescaleArgs descale;
   bool json = false;
-  MaskArgs mask_args;
-  KernelArgs kernel_args;
 
-  // Each flag once: name, help; the default is the variable's initial value.
-  const auto flags = [&](auto& f) {
+  template <class V>
+  void for_each(V& f) {
     f.group("Inputs and outputs");
-    f(q_path, {"q", "queries: [b, s_q, h, d] or varlen [total_q, h, d]", kNoDefault});
-    f(k_path, {"k", "keys: [b, s_k, h_k, d] or varlen [total_k, h_k, d]", kNoDefault});
-    f(v_path, {"v", "values: [b, s_k, h_k, d_v] or varlen [total_k, h_k, d_v]", kNoDefault});
-    f(qv_path, {"qv",
-                "FA3 qv: extra query part [b, s_q, h, d_v] or varlen [total_q, h, d_v], same "
-                "file dtype as --q (not fp8); score = scale * (q.k + qv.v), default scale "
-                "1/sqrt(d + d_v)",
-                kNoDefault});
-    f(out_path, {"out", "output fp32 [b, s_q, h, d_v] or [total_q, h, d_v]", kNoDefault});
-    f(lse_path, {"lse", "log-sum-exp fp32 [b, h, s_q] or [h, total_q]", kNoDefault});
-    f(cu_q_path, {"cu-seqlens-q", "varlen: query segment offsets [b+1] int32/int64", kNoDefault});
-    f(cu_k_path, {"cu-seqlens-k", "varlen: key segment offsets [b+1] int32/int64", kNoDefault});
-    f(used_q_path, {"seqused-q", "varlen: query rows used per segment [b]", kNoDefault});
-    f(used_k_path, {"seqused-k", "varlen: keys used per segment [b]", kNoDefault});
+    f(q, {"q", "queries: [b, s_q, h, d] or varlen [total_q, h, d]", kNoDefault});
+    f(k, {"k", "keys: [b, s_k, h_k, d] or varlen [total_k, h_k, d]", kNoDefault});
+    f(v, {"v", "values: [b, s_k, h_k, d_v] or varlen [total_k, h_k, d_v]", kNoDefault});
+    f(qv, {"qv",
+           "FA3 qv: extra query part [b, s_q, h, d_v] or varlen [total_q, h, d_v], same "
+           "file dtype as --q (not fp8); score = scale * (q.k + qv.v), default scale "
+           "1/sqrt(d + d_v)",
+           kNoDefault});
+    f(out, {"out", "output fp32 [b, s_q, h, d_v] or [total_q, h, d_v]", kNoDefault});
+    f(lse, {"lse", "log-sum-exp fp32 [b, h, s_q] or [h, total_q]", kNoDefault});
+    f(cu_seqlens_q,
+      {"cu-seqlens-q", "varlen: query segment offsets [b+1] int32/int64", kNoDefault});
+    f(cu_seqlens_k, {"cu-seqlens-k", "varlen: key segment offsets [b+1] int32/int64", kNoDefault});
+    f(seqused_q, {"seqused-q", "varlen: query rows used per segment [b]", kNoDefault});
+    f(seqused_k, {"seqused-k", "varlen: keys used per segment [b]", kNoDefault});
     f(max_seqlen_q, {"max-seqlen-q", "varlen: longest query segment; 0 = from cu_seqlens"});
     f(max_seqlen_k, {"max-seqlen-k", "varlen: longest key segment; 0 = from cu_seqlens"});
-    f(q_ds_path, {"q-descale", "--dtype fp8: q descale [b, h_k] fp32 (default 1)", kNoDefault});
-    f(k_ds_path, {"k-descale", "--dtype fp8: k descale [b, h_k] fp32 (default 1)", kNoDefault});
-    f(v_ds_path, {"v-descale", "--dtype fp8: v descale [b, h_k] fp32 (default 1)", kNoDefault});
+    descale.for_each(f);
     f(num_splits, {"num-splits", "key splits: 0 = engine decides, 1 = none"});
     f(json,
       {"json", "print the result as one JSON object (kernel_s = seconds in the kernel call)"});
-    f.group("Mask");
-    mask_args.for_each(f);
-    f.group("Kernel");
-    kernel_args.for_each(f);
-  };
-  po::variables_map vm;
-  if (!parse_args(argc, argv, options_of(flags), kUsage, &vm)) return 0;
-  require(vm, "q");
-  require(vm, "k");
-  require(vm, "v");
+    mask_and_kernel(f, "Mask", "Kernel");
+  }
+  bool varlen() const { return vm.count("cu-seqlens-q") || vm.count("cu-seqlens-k"); }
+};
+
+// The headers of the input files (data still in the files).
+struct AttnFiles {
+  NpyFile q, k, v;
+  std::optional<NpyFile> qv;
+};
+
+// The problem as loaded: the params and everything they point into.
+struct AttnRun {
+  bool varlen = false;
+  DType dtype = DType::kF32;
+  FwdParams p;
+  AttnHeads hd;
+  std::vector<float> sinks;
+  std::vector<std::int32_t> cu_q, cu_k, used_q, used_k;
+  std::vector<std::int64_t> out_shape, lse_shape;
+  std::int64_t rows_q = 0;  // query rows in all: b * s_q or total_q
+  Descales descales;
+  std::optional<OutLseFiles> files;
+  std::unique_ptr<float[]> lse_varlen;  // varlen --lse: the kernel's [h, cu_seqlens_q[b]]
+  StoredTensor q, k, v, qv;
+};
+
+// The option checks that need no file.
+void check_options(const AttnArgs& a) {
+  require(a.vm, "q");
+  require(a.vm, "k");
+  require(a.vm, "v");
+  const int max_seqlen_q = a.max_seqlen_q, max_seqlen_k = a.max_seqlen_k,
+            num_splits = a.num_splits;  // named by the checks
   RA_CHECK_ARG_GE(max_seqlen_q, 0, "--max-seqlen-q: must be >= 0");
   RA_CHECK_ARG_GE(max_seqlen_k, 0, "--max-seqlen-k: must be >= 0");
   RA_CHECK_ARG_GE(num_splits, 0, "--num-splits: must be >= 0");
-  const bool varlen = vm.count("cu-seqlens-q") || vm.count("cu-seqlens-k");
-  if (varlen) {
-    require(vm, "cu-seqlens-q");
-    require(vm, "cu-seqlens-k");
+  if (a.varlen()) {
+    require(a.vm, "cu-seqlens-q");
+    require(a.vm, "cu-seqlens-k");
   } else {
-    RA_CHECK_ARG(!vm.count("seqused-q") && !vm.count("seqused-k"),
+    RA_CHECK_ARG(!a.vm.count("seqused-q") && !a.vm.count("seqused-k"),
                  "--seqused-q/--seqused-k: only valid with --cu-seqlens-q/--cu-seqlens-k (varlen)");
   }
-  const DType dtype = attn_tensor_dtype(kernel_args);
-  const MaskParams mask_params = to_mask_params(mask_args);
-  const Engine engine = make_engine(kernel_args);
+}
 
-  // Headers first: every shape is checked before any data is read.
-  const int rank = varlen ? 3 : 4;
-  const NpyFile q_file = open_attn_tensor("--q", q_path, rank, dtype);
-  const NpyFile k_file = open_attn_tensor("--k", k_path, rank, dtype);
-  const NpyFile v_file = open_attn_tensor("--v", v_path, rank, dtype);
-  const NpyHeader &q = q_file.header(), &k = k_file.header(), &v = v_file.header();
+// Headers first: every shape is checked before any data is read.
+AttnFiles open_inputs(const AttnArgs& a, AttnRun& r) {
+  const int rank = r.varlen ? 3 : 4;
+  AttnFiles f{open_attn_tensor("--q", a.q, rank, r.dtype),
+              open_attn_tensor("--k", a.k, rank, r.dtype),
+              open_attn_tensor("--v", a.v, rank, r.dtype),
+              {}};
+  const NpyHeader &q = f.q.header(), &k = f.k.header(), &v = f.v.header();
   const int hd = rank - 2;  // index of the head dim in the shapes
-  if (!varlen) {
+  if (!r.varlen) {
     check_dim("--k", k, 0, "--q", q, 0, "batch");
     check_dim("--v", v, 0, "--q", q, 0, "batch");
   }
   check_dim("--v", v, hd - 1, "--k", k, hd - 1, "keys");
   check_dim("--v", v, hd, "--k", k, hd, "kv heads");
   check_dim("--k", k, hd + 1, "--q", q, hd + 1, "head dim");
-  const std::int64_t h = q.shape[hd], h_k = k.shape[hd];
-  RA_CHECK_ARG(h_k > 0 && h % h_k == 0,
-               "--k: kv heads h_k = " << h_k << " must divide --q heads h = " << h << " (--q shape "
-                                      << shape_to_string(q.shape) << ", --k shape "
-                                      << shape_to_string(k.shape) << ")");
-  const std::int64_t d = q.shape[hd + 1], d_v = v.shape[hd + 1];
-  std::optional<NpyFile> qv_file;
-  if (vm.count("qv")) {
-    qv_file.emplace(open_tensor("--qv", qv_path, rank));
-    RA_CHECK_ARG(qv_file->header().dtype == q.dtype,
-                 "--qv: file dtype " << npy_descr(qv_file->header().dtype) << " must equal --q's "
-                                     << npy_descr(q.dtype));
-    RA_CHECK_ARG(d_v <= kMaxHeadDim, "--qv: d_v = " << d_v << " (--v head dim) exceeds the limit "
-                                                    << kMaxHeadDim
-                                                    << " of the attention kernels; absorbed MLA "
-                                                       "(d_v = 512) runs through `ringattn mla`");
-  }
+  r.hd = {q.shape[hd], k.shape[hd], q.shape[hd + 1], v.shape[hd + 1]};
+  check_kv_heads("--k", q, k, r.hd);
+  const std::int64_t d = r.hd.d, d_v = r.hd.d_v;
+  if (a.vm.count("qv")) f.qv.emplace(open_qv(a.qv, rank, q, d_v, "--v"));
   RA_CHECK_ARG(
       d <= kMaxHeadDim && d_v <= kMaxHeadDim,
       "--q/--v: head dims must be <= " << kMaxHeadDim << ", got d = " << d << ", d_v = " << d_v);
+  return f;
+}
 
-  const std::vector<float> sinks = load_sinks(mask_args, h);
-  FwdParams p;
-  p.dtype = dtype;
-  p.out_dtype = DType::kF32;
-  p.mask = mask_params;
-  if (!sinks.empty()) p.mask.sinks = sinks.data();
-  p.num_splits = num_splits;
-  p.h = static_cast<int>(h);
-  p.h_k = static_cast<int>(h_k);
-  p.d = static_cast<int>(d);
-  p.d_v = static_cast<int>(d_v);
-
-  std::vector<std::int32_t> cu_q, cu_k, used_q, used_k;
-  std::vector<std::int64_t> out_shape, lse_shape;
-  std::int64_t rows_q = 0;  // query rows in all: b * s_q or total_q
-  if (varlen) {
-    const NpyArray cq = load_npy_arg("--cu-seqlens-q", cu_q_path);
-    RA_CHECK_ARG(
-        cq.ndim() == 1 && cq.shape[0] >= 2,
-        "--cu-seqlens-q: expected shape [b+1] with b >= 1, got " << shape_to_string(cq.shape));
-    const std::int64_t b = cq.shape[0] - 1;
-    cu_q = cq.to_i32("--cu-seqlens-q");
-    cu_k = load_index("--cu-seqlens-k", cu_k_path, {b + 1});
-    const int longest_q = check_cu_seqlens("--cu-seqlens-q", cu_q, q.shape[0], "--q total_q");
-    const int longest_k = check_cu_seqlens("--cu-seqlens-k", cu_k, k.shape[0], "--k total_k");
-    if (vm.count("seqused-q")) used_q = load_index("--seqused-q", used_q_path, {b});
-    if (vm.count("seqused-k")) used_k = load_index("--seqused-k", used_k_path, {b});
-    for (std::int64_t i = 0; i < b; ++i) {
-      if (!used_q.empty())
-        RA_CHECK_ARG(used_q[i] >= 0 && used_q[i] <= cu_q[i + 1] - cu_q[i],
-                     "--seqused-q: entry " << i << " = " << used_q[i] << " outside [0, "
-                                           << cu_q[i + 1] - cu_q[i] << "]");
-      if (!used_k.empty())
-        RA_CHECK_ARG(used_k[i] >= 0 && used_k[i] <= cu_k[i + 1] - cu_k[i],
-                     "--seqused-k: entry " << i << " = " << used_k[i] << " outside [0, "
-                                           << cu_k[i + 1] - cu_k[i] << "]");
-    }
-    if (max_seqlen_q > 0)
-      RA_CHECK_ARG_GE(max_seqlen_q, longest_q, "--max-seqlen-q: must cover the longest segment");
-    if (max_seqlen_k > 0)
-      RA_CHECK_ARG_GE(max_seqlen_k, longest_k, "--max-seqlen-k: must cover the longest segment");
-    p.b = static_cast<int>(b);
-    p.s_q = max_seqlen_q > 0 ? max_seqlen_q : longest_q;
-    p.s_k = max_seqlen_k > 0 ? max_seqlen_k : longest_k;
-    p.cu_seqlens_q = cu_q.data();
-    p.cu_seqlens_k = cu_k.data();
-    p.seqused_q = used_q.empty() ? nullptr : used_q.data();
-    p.seqused_k = used_k.empty() ? nullptr : used_k.data();
-    rows_q = q.shape[0];
-    out_shape = {rows_q, h, d_v};
-    lse_shape = {h, rows_q};
-  } else {
-    RA_CHECK_ARG(vm.count("max-seqlen-q") == 0 || vm["max-seqlen-q"].defaulted(),
-                 "--max-seqlen-q: only valid with --cu-seqlens-q (varlen)");
-    RA_CHECK_ARG(vm.count("max-seqlen-k") == 0 || vm["max-seqlen-k"].defaulted(),
-                 "--max-seqlen-k: only valid with --cu-seqlens-k (varlen)");
-    p.b = static_cast<int>(q.shape[0]);
-    p.s_q = static_cast<int>(q.shape[1]);
-    p.s_k = static_cast<int>(k.shape[1]);
-    rows_q = q.shape[0] * q.shape[1];
-    out_shape = {q.shape[0], q.shape[1], h, d_v};
-    lse_shape = {q.shape[0], h, q.shape[1]};
+// --seqused-q/--seqused-k [b]: each entry within its segment.
+void load_seqused(const AttnArgs& a, std::int64_t b, AttnRun& r) {
+  if (a.vm.count("seqused-q")) r.used_q = load_index("--seqused-q", a.seqused_q, {b});
+  if (a.vm.count("seqused-k")) r.used_k = load_index("--seqused-k", a.seqused_k, {b});
+  const auto &cu_q = r.cu_q, &cu_k = r.cu_k, &used_q = r.used_q, &used_k = r.used_k;
+  for (std::int64_t i = 0; i < b; ++i) {
+    if (!used_q.empty())
+      RA_CHECK_ARG(used_q[i] >= 0 && used_q[i] <= cu_q[i + 1] - cu_q[i],
+                   "--seqused-q: entry " << i << " = " << used_q[i] << " outside [0, "
+                                         << cu_q[i + 1] - cu_q[i] << "]");
+    if (!used_k.empty())
+      RA_CHECK_ARG(used_k[i] >= 0 && used_k[i] <= cu_k[i + 1] - cu_k[i],
+                   "--seqused-k: entry " << i << " = " << used_k[i] << " outside [0, "
+                                         << cu_k[i + 1] - cu_k[i] << "]");
   }
+}
 
-  Descales descales;
-  load_descales(q_ds_path, k_ds_path, v_ds_path, dtype, p.b, h_k, descales, p.descale);
-  if (qv_file) {
-    check_shape("--qv", qv_file->header(), out_shape,
-                "shaped as the output [" + std::string(varlen ? "total_q" : "b, s_q") +
-                    ", h, d_v]; --q shape " + shape_to_string(q.shape) + ", --v shape " +
-                    shape_to_string(v.shape));
-  }
+// Checks a cu_seqlens array: starts >= 0, non-decreasing, last entry <= total.
+// Returns the longest segment.
+int check_cu_seqlens(const char* opt, const std::vector<std::int32_t>& cu, std::int64_t total,
+                     const char* total_what) {
+  RA_CHECK_ARG_GE(cu.front(), 0, opt << ": first entry");
+  const int longest = longest_segment(opt, cu);
+  RA_CHECK_ARG(cu.back() <= total,
+               opt << ": last entry " << cu.back() << " exceeds " << total_what << " = " << total);
+  return longest;
+}
 
-  // Output files are created before anything is computed (a bad path fails at once)
-  // and the kernel writes into them directly. Dense: the kernel writes every element.
-  // Varlen: rows outside every segment (or beyond seqused_q) are set to output 0,
-  // LSE -inf after the kernel, and the LSE goes through a [h, cu_seqlens_q[b]] buffer.
-  OutputTensor out("--out", out_path, out_shape);
-  std::optional<OutputTensor> lse;
-  if (!lse_path.empty()) lse.emplace("--lse", lse_path, lse_shape);
-  std::unique_ptr<float[]> lse_varlen;
-  if (varlen && lse)
-    lse_varlen.reset(
-        new float[std::max<std::size_t>(static_cast<std::size_t>(cu_q.back() * h), 1)]);
-  // Inputs in storage dtype: the files themselves when they hold it (mapped).
-  const StoredTensor qs = load_storage("--q", q_file, dtype),
-                     ks = load_storage("--k", k_file, dtype),
-                     vs = load_storage("--v", v_file, dtype);
-  std::optional<StoredTensor> qvs;
-  if (qv_file) qvs.emplace(load_storage("--qv", *qv_file, dtype));
-  p.q = qs.data();
-  p.k = ks.data();
-  p.v = vs.data();
-  p.qv = qvs ? qvs->data() : nullptr;
-  p.out = out.data();
-  p.lse = !lse ? nullptr : varlen ? lse_varlen.get() : lse->data();
+// Varlen: the segments from --cu-seqlens-q/-k (and --seqused-q/-k), the lengths from
+// them or --max-seqlen-q/-k; the output [total_q, h, d_v], the LSE [h, total_q].
+void varlen_shape(const AttnArgs& a, const NpyHeader& q, const NpyHeader& k, AttnRun& r) {
+  r.cu_q = load_offsets("--cu-seqlens-q", a.cu_seqlens_q);
+  const std::int64_t b = static_cast<std::int64_t>(r.cu_q.size()) - 1;
+  r.cu_k = load_index("--cu-seqlens-k", a.cu_seqlens_k, {b + 1});
+  const int longest_q = check_cu_seqlens("--cu-seqlens-q", r.cu_q, q.shape[0], "--q total_q");
+  const int longest_k = check_cu_seqlens("--cu-seqlens-k", r.cu_k, k.shape[0], "--k total_k");
+  load_seqused(a, b, r);
+  const int max_seqlen_q = a.max_seqlen_q, max_seqlen_k = a.max_seqlen_k;  // named by the checks
+  if (max_seqlen_q > 0)
+    RA_CHECK_ARG_GE(max_seqlen_q, longest_q, "--max-seqlen-q: must cover the longest segment");
+  if (max_seqlen_k > 0)
+    RA_CHECK_ARG_GE(max_seqlen_k, longest_k, "--max-seqlen-k: must cover the longest segment");
+  FwdParams& p = r.p;
+  p.b = static_cast<int>(b);
+  p.s_q = max_seqlen_q > 0 ? max_seqlen_q : longest_q;
+  p.s_k = max_seqlen_k > 0 ? max_seqlen_k : longest_k;
+  p.cu_seqlens_q = r.cu_q.data();
+  p.cu_seqlens_k = r.cu_k.data();
+  p.seqused_q = r.used_q.empty() ? nullptr : r.used_q.data();
+  p.seqused_k = r.used_k.empty() ? nullptr : r.used_k.data();
+  r.rows_q = q.shape[0];
+  r.out_shape = {r.rows_q, r.hd.h, r.hd.d_v};
+  r.lse_shape = {r.hd.h, r.rows_q};
+}
+
+// Dense: the lengths from the shapes; the output [b, s_q, h, d_v], the LSE [b, h, s_q].
+void dense_shape(const AttnArgs& a, const NpyHeader& q, const NpyHeader& k, AttnRun& r) {
+  RA_CHECK_ARG(!given(a.vm, "max-seqlen-q"),
+               "--max-seqlen-q: only valid with --cu-seqlens-q (varlen)");
+  RA_CHECK_ARG(!given(a.vm, "max-seqlen-k"),
+               "--max-seqlen-k: only valid with --cu-seqlens-k (varlen)");
+  FwdParams& p = r.p;
+  p.b = static_cast<int>(q.shape[0]);
+  p.s_q = static_cast<int>(q.shape[1]);
+  p.s_k = static_cast<int>(k.shape[1]);
+  r.rows_q = q.shape[0] * q.shape[1];
+  r.out_shape = {q.shape[0], q.shape[1], r.hd.h, r.hd.d_v};
+  r.lse_shape = {q.shape[0], r.hd.h, q.shape[1]};
+}
+
+// The params the headers and options give: heads, mask, lengths, descales; --qv's shape.
+void build_params(const AttnArgs& a, const AttnFiles& f, const MaskParams& mask, AttnRun& r) {
+  const NpyHeader &q = f.q.header(), &k = f.k.header();
+  r.sinks = load_sinks(a.mask, r.hd.h);
+  set_attn_params(r.p, r.dtype, mask, r.sinks, a.num_splits, r.hd);
+  if (r.varlen)
+    varlen_shape(a, q, k, r);
+  else
+    dense_shape(a, q, k, r);
+  load_descales(a.descale, r.dtype, r.p.b, r.hd.h_k, r.descales, r.p.descale);
+  if (f.qv) check_qv_shape(f.qv->header(), r.out_shape, r.varlen, q, "--v", f.v.header());
+}
+
+// Output files are created before anything is computed (a bad path fails at once)
+// and the kernel writes into them directly. Dense: the kernel writes every element.
+// Varlen: rows outside every segment (or beyond seqused_q) are set to output 0,
+// LSE -inf after the kernel (finish_varlen), and the LSE goes through a
+// [h, cu_seqlens_q[b]] buffer. Then the inputs in storage dtype: the files themselves
+// when they hold it (mapped).
+void load_data(const AttnArgs& a, const AttnFiles& f, AttnRun& r) {
+  r.files.emplace(a.out, a.lse, r.out_shape, r.lse_shape);
+  const bool lse = r.files->lse.has_value();
+  if (r.varlen && lse)
+    r.lse_varlen.reset(
+        new float[std::max<std::size_t>(static_cast<std::size_t>(r.cu_q.back() * r.hd.h), 1)]);
+  r.q = load_storage("--q", f.q, r.dtype);
+  r.k = load_storage("--k", f.k, r.dtype);
+  r.v = load_storage("--v", f.v, r.dtype);
+  if (f.qv) r.qv = load_storage("--qv", *f.qv, r.dtype);
+  FwdParams& p = r.p;
+  p.q = r.q.data();
+  p.k = r.k.data();
+  p.v = r.v.data();
+  p.qv = f.qv ? r.qv.data() : nullptr;
+  p.out = r.files->out.data();
+  p.lse = !lse ? nullptr : r.varlen ? r.lse_varlen.get() : r.files->lse_data();
   set_contiguous_strides(p);  // for varlen the row dim is the first one
+}
 
-  const double t0 = now_seconds();
-  engine.forward(p);
-  const double elapsed = now_seconds() - t0;
-  if (varlen) {
-    // The kernel's varlen LSE is [h, cu_seqlens_q[b]]; the file's is [h, total_q]
-    // (total_q = rows of --q, which may exceed cu_seqlens_q[b]).
-    const std::int64_t seg_rows = cu_q.back();
-    std::vector<bool> covered(static_cast<std::size_t>(rows_q), false);
-    for (int i = 0; i < p.b; ++i) {
-      const std::int32_t used = used_q.empty() ? cu_q[i + 1] - cu_q[i] : used_q[i];
-      for (std::int32_t r = cu_q[i]; r < cu_q[i] + used; ++r) covered[r] = true;
-    }
-    for (std::int64_t r = 0; r < rows_q; ++r) {
-      if (!covered[r]) std::fill_n(out.data() + r * h * d_v, h * d_v, 0.0f);
-      if (!lse) continue;
-      for (std::int64_t j = 0; j < h; ++j)
-        lse->data()[j * rows_q + r] = covered[r] ? lse_varlen[j * seg_rows + r] : kNegInf;
-    }
+// Varlen, after the kernel: output 0 and LSE -inf on the rows no segment uses, and the
+// kernel's LSE [h, cu_seqlens_q[b]] copied into the file's [h, total_q] (total_q = rows
+// of --q, which may exceed cu_seqlens_q[b]).
+void finish_varlen(AttnRun& r) {
+  const std::int64_t seg_rows = r.cu_q.back(), rows_q = r.rows_q, h = r.hd.h, d_v = r.hd.d_v;
+  std::vector<bool> covered(static_cast<std::size_t>(rows_q), false);
+  for (int i = 0; i < r.p.b; ++i) {
+    const std::int32_t used = r.used_q.empty() ? r.cu_q[i + 1] - r.cu_q[i] : r.used_q[i];
+    for (std::int32_t row = r.cu_q[i]; row < r.cu_q[i] + used; ++row) covered[row] = true;
   }
-  out.commit();
-  if (lse) lse->commit();
+  float* out = r.files->out.data();
+  float* lse = r.files->lse_data();
+  for (std::int64_t row = 0; row < rows_q; ++row) {
+    if (!covered[row]) std::fill_n(out + row * h * d_v, h * d_v, 0.0f);
+    if (!lse) continue;
+    for (std::int64_t j = 0; j < h; ++j)
+      lse[j * rows_q + row] = covered[row] ? r.lse_varlen[j * seg_rows + row] : kNegInf;
+  }
+}
 
-  if (json) {
+void print_result(const AttnArgs& a, const AttnRun& r, const Engine& engine, double elapsed) {
+  const FwdParams& p = r.p;
+  if (a.json) {
     Json j;
     j["command"] = "attn";
-    j["layout"] = varlen ? "varlen" : "dense";
+    j["layout"] = r.varlen ? "varlen" : "dense";
     j["b"] = p.b;
     j["s_q"] = p.s_q;
     j["s_k"] = p.s_k;
@@ -276,18 +279,37 @@ int cmd_attn(int argc, char** argv) {
     j["d_v"] = p.d_v;
     j["causal"] = p.mask.causal;
     j["qv"] = p.qv != nullptr;
-    j["dtype"] = dtype_name(dtype);
+    j["dtype"] = dtype_name(r.dtype);
     j["backend"] = engine.backend_name();
     j["threads"] = engine.threads();
     j["kernel_s"] = json_number(elapsed);
     std::printf("%s\n", json_dump(j).c_str());
-    return 0;
+    return;
   }
   std::printf(
       "attn: %s b=%d s_q=%d s_k=%d h=%d h_k=%d d=%d d_v=%d dtype=%s backend=%s threads=%d: %.3f "
       "ms\n",
-      varlen ? "varlen" : "dense", p.b, p.s_q, p.s_k, p.h, p.h_k, p.d, p.d_v, dtype_name(dtype),
+      r.varlen ? "varlen" : "dense", p.b, p.s_q, p.s_k, p.h, p.h_k, p.d, p.d_v, dtype_name(r.dtype),
       engine.backend_name().c_str(), engine.threads(), elapsed * 1e3);
+}
+
+}  // namespace
+
+int cmd_attn(int argc, char** argv) {
+  AttnArgs a;
+  if (!parse_args(argc, argv, options(a), kUsage, &a.vm)) return 0;
+  check_options(a);
+  const KernelSetup k = kernel_setup(a.mask, a.kernel);
+  AttnRun r;
+  r.varlen = a.varlen();
+  r.dtype = k.dtype;
+  const AttnFiles f = open_inputs(a, r);
+  build_params(a, f, k.mask, r);
+  load_data(a, f, r);
+  const double elapsed = seconds_of([&] { k.engine.forward(r.p); });
+  if (r.varlen) finish_varlen(r);
+  r.files->commit();
+  print_result(a, r, k.engine, elapsed);
   return 0;
 }
 

@@ -41,167 +41,178 @@ constexpr const char* kUsage =
     "bytes, caches and new rows alike, with optional --q-descale/--k-descale/--v-descale\n"
     "[b, h_k]); index tensors <i4 or <i8. --out/--lse are fp32.";
 
-}  // namespace
-
-int cmd_kvcache(int argc, char** argv) {
-  std::string q_path, kc_path, vc_path, seqlens_path, page_table_path, k_new_path, v_new_path;
-  std::string batch_idx_path, leftpad_path, cos_path, sin_path;
-  std::string out_path, lse_path, kc_out_path, vc_out_path, qv_path;
-  std::string cu_q_path, cu_new_path, rot_seqlens_path;
-  std::string q_ds_path, k_ds_path, v_ds_path;
+// The options of `ringattn kvcache`, each declared once (cli/args.hpp).
+struct KvcacheArgs : MaskKernelArgs {
+  std::string q, k_cache, v_cache, cache_seqlens, page_table;
+  DescaleArgs descale;
+  std::string k_new, v_new, cache_batch_idx, cache_leftpad;
+  std::string rotary_cos, rotary_sin, rotary_seqlens;
   bool rotary_interleaved = false;
-  int num_splits = 0, max_seqlen_q = 0;
-  MaskArgs mask_args;
-  KernelArgs kernel_args;
+  int num_splits = 0;
+  std::string cu_seqlens_q;
+  int max_seqlen_q = 0;
+  std::string cu_seqlens_k_new, qv, out, lse, k_cache_out, v_cache_out;
 
-  // Each flag once: name, help; the default is the variable's initial value.
-  const auto flags = [&](auto& f) {
+  template <class V>
+  void for_each(V& f) {
     f.group("Inputs and outputs");
-    f(q_path, {"q", "queries [b, s_q, h, d]", kNoDefault});
-    f(kc_path,
+    f(q, {"q", "queries [b, s_q, h, d]", kNoDefault});
+    f(k_cache,
       {"k-cache",
        "key cache: dense [b_cache, s_cache, h_k, d] or paged [num_blocks, page_size, h_k, d]",
        kNoDefault});
-    f(vc_path, {"v-cache", "value cache, same layout as --k-cache with head dim d_v", kNoDefault});
-    f(seqlens_path, {"cache-seqlens",
-                     "[b] int32/int64: valid tokens per sequence before the append", kNoDefault});
-    f(page_table_path,
-      {"page-table", "[b, max_pages] int32/int64: makes the cache paged", kNoDefault});
-    f(q_ds_path, {"q-descale", "--dtype fp8: q descale [b, h_k] fp32 (default 1)", kNoDefault});
-    f(k_ds_path, {"k-descale", "--dtype fp8: k descale [b, h_k] fp32 (default 1)", kNoDefault});
-    f(v_ds_path, {"v-descale", "--dtype fp8: v descale [b, h_k] fp32 (default 1)", kNoDefault});
-    f(k_new_path, {"k-new", "new keys [b, s_new, h_k, d] appended in place", kNoDefault});
-    f(v_new_path, {"v-new", "new values [b, s_new, h_k, d_v] appended in place", kNoDefault});
-    f(batch_idx_path,
+    f(v_cache, {"v-cache", "value cache, same layout as --k-cache with head dim d_v", kNoDefault});
+    f(cache_seqlens, {"cache-seqlens",
+                      "[b] int32/int64: valid tokens per sequence before the append", kNoDefault});
+    f(page_table, {"page-table", "[b, max_pages] int32/int64: makes the cache paged", kNoDefault});
+    descale.for_each(f);
+    f(k_new, {"k-new", "new keys [b, s_new, h_k, d] appended in place", kNoDefault});
+    f(v_new, {"v-new", "new values [b, s_new, h_k, d_v] appended in place", kNoDefault});
+    f(cache_batch_idx,
       {"cache-batch-idx", "[b] int: cache sequence used by each batch element (dense cache)",
        kNoDefault});
-    f(leftpad_path, {"cache-leftpad", "[b] int: first valid cache token per sequence", kNoDefault});
-    f(cos_path, {"rotary-cos", "rotary cos table [s_rotary, rotary_dim/2]", kNoDefault});
-    f(sin_path, {"rotary-sin", "rotary sin table [s_rotary, rotary_dim/2]", kNoDefault});
-    f(rot_seqlens_path,
+    f(cache_leftpad,
+      {"cache-leftpad", "[b] int: first valid cache token per sequence", kNoDefault});
+    f(rotary_cos, {"rotary-cos", "rotary cos table [s_rotary, rotary_dim/2]", kNoDefault});
+    f(rotary_sin, {"rotary-sin", "rotary sin table [s_rotary, rotary_dim/2]", kNoDefault});
+    f(rotary_seqlens,
       {"rotary-seqlens",
        "[b] int: rotary position of each sequence's first new row (default --cache-seqlens)",
        kNoDefault});
     f(rotary_interleaved,
       {"rotary-interleaved", "rotate pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)"});
     f(num_splits, {"num-splits", "split-KV: 0 = engine decides, 1 = none, n = n splits"});
-    f(cu_q_path,
+    f(cu_seqlens_q,
       {"cu-seqlens-q",
        "varlen queries: [b+1] int32/int64 offsets into --q [total_q, h, d] (chunked prefill)",
        kNoDefault});
     f(max_seqlen_q,
       {"max-seqlen-q", "varlen queries: longest query segment; 0 = from --cu-seqlens-q"});
-    f(cu_new_path,
+    f(cu_seqlens_k_new,
       {"cu-seqlens-k-new",
        "varlen new keys: [b+1] offsets into --k-new/--v-new [total_new, h_k, d]", kNoDefault});
-    f(qv_path, {"qv",
-                "FA3 qv: extra query part [b, s_q, h, d_v] (varlen [total_q, h, d_v]), same "
-                "file dtype as --q (not fp8), not rotated; score = scale * (q.k + qv.v), "
-                "default scale 1/sqrt(d + d_v)",
-                kNoDefault});
-    f(out_path, {"out", "output fp32 [b, s_q, h, d_v]", kNoDefault});
-    f(lse_path, {"lse", "log-sum-exp fp32 [b, h, s_q]", kNoDefault});
-    f(kc_out_path, {"k-cache-out", "updated key cache (dtype of --k-cache)", kNoDefault});
-    f(vc_out_path, {"v-cache-out", "updated value cache (dtype of --v-cache)", kNoDefault});
-    f.group("Mask");
-    mask_args.for_each(f);
-    f.group("Kernel");
-    kernel_args.for_each(f);
-  };
-  po::variables_map vm;
-  if (!parse_args(argc, argv, options_of(flags), kUsage, &vm)) return 0;
-  require(vm, "q");
-  require(vm, "k-cache");
-  require(vm, "v-cache");
-  require(vm, "cache-seqlens");
-  RA_CHECK_ARG(vm.count("k-new") == vm.count("v-new"), "--k-new/--v-new: must be given together");
-  RA_CHECK_ARG(vm.count("rotary-cos") == vm.count("rotary-sin"),
-               "--rotary-cos/--rotary-sin: must be given together");
-  RA_CHECK_ARG_GE(num_splits, 0, "--num-splits: must be >= 0");
-  const bool paged = vm.count("page-table") > 0;
-  RA_CHECK_ARG(!(paged && vm.count("cache-batch-idx")),
-               "--cache-batch-idx: only valid with a dense cache (no --page-table)");
-  const DType dtype = attn_tensor_dtype(kernel_args);
-  const MaskParams mask_params = to_mask_params(mask_args);
-  const Engine engine = make_engine(kernel_args);
+    f(qv, {"qv",
+           "FA3 qv: extra query part [b, s_q, h, d_v] (varlen [total_q, h, d_v]), same "
+           "file dtype as --q (not fp8), not rotated; score = scale * (q.k + qv.v), "
+           "default scale 1/sqrt(d + d_v)",
+           kNoDefault});
+    f(out, {"out", "output fp32 [b, s_q, h, d_v]", kNoDefault});
+    f(lse, {"lse", "log-sum-exp fp32 [b, h, s_q]", kNoDefault});
+    f(k_cache_out, {"k-cache-out", "updated key cache (dtype of --k-cache)", kNoDefault});
+    f(v_cache_out, {"v-cache-out", "updated value cache (dtype of --v-cache)", kNoDefault});
+    mask_and_kernel(f, "Mask", "Kernel");
+  }
+  bool paged() const { return vm.count("page-table") > 0; }
+  bool varlen_q() const { return vm.count("cu-seqlens-q") > 0; }
+  bool varlen_new() const { return vm.count("cu-seqlens-k-new") > 0; }
+};
 
-  const bool vq = vm.count("cu-seqlens-q") > 0, vk = vm.count("cu-seqlens-k-new") > 0;
-  RA_CHECK_ARG(vq || vm["max-seqlen-q"].defaulted(),
+// The headers of --q, --k-cache and --v-cache (data still in the files).
+struct KvcacheFiles {
+  NpyFile q, kc, vc;
+};
+
+// The problem as loaded: the params and everything they point into.
+struct KvcacheRun {
+  DType dtype = DType::kF32;
+  KvCacheParams p;
+  AttnHeads hd;
+  std::int64_t b = 0, s_q = 0, total_q = 0;
+  std::vector<float> sinks, rot_cos, rot_sin;
+  Descales descales;
+  std::vector<std::int32_t> cu_q, cu_new, seqlens, page_table, batch_idx, leftpad, rot_seqlens;
+  StoredTensor q, qv, k_cache, v_cache, k_new, v_new;
+  std::optional<OutLseFiles> files;
+  NpyOutput kc_out, vc_out;
+};
+
+// The option checks that need no file.
+void check_options(const KvcacheArgs& a) {
+  require(a.vm, "q");
+  require(a.vm, "k-cache");
+  require(a.vm, "v-cache");
+  require(a.vm, "cache-seqlens");
+  RA_CHECK_ARG(a.vm.count("k-new") == a.vm.count("v-new"),
+               "--k-new/--v-new: must be given together");
+  RA_CHECK_ARG(a.vm.count("rotary-cos") == a.vm.count("rotary-sin"),
+               "--rotary-cos/--rotary-sin: must be given together");
+  const int num_splits = a.num_splits;  // named by the check
+  RA_CHECK_ARG_GE(num_splits, 0, "--num-splits: must be >= 0");
+  RA_CHECK_ARG(!(a.paged() && a.vm.count("cache-batch-idx")),
+               "--cache-batch-idx: only valid with a dense cache (no --page-table)");
+}
+
+// The varlen options checked, then the headers: every shape is checked before any data
+// is read.
+KvcacheFiles open_inputs(const KvcacheArgs& a, DType dtype) {
+  const bool vq = a.varlen_q(), vk = a.varlen_new(), paged = a.paged();
+  RA_CHECK_ARG(vq || !given(a.vm, "max-seqlen-q"),
                "--max-seqlen-q: only valid with --cu-seqlens-q");
-  RA_CHECK_ARG(!vk || vm.count("k-new"), "--cu-seqlens-k-new: needs --k-new/--v-new");
+  RA_CHECK_ARG(!vk || a.vm.count("k-new"), "--cu-seqlens-k-new: needs --k-new/--v-new");
+  const int max_seqlen_q = a.max_seqlen_q;  // named by the check
   RA_CHECK_ARG_GE(max_seqlen_q, 0, "--max-seqlen-q: must be >= 0");
-  // Headers first: every shape is checked before any data is read.
-  const NpyFile q_file = open_attn_tensor("--q", q_path, vq ? 3 : 4, dtype);
+  KvcacheFiles f{open_attn_tensor("--q", a.q, vq ? 3 : 4, dtype),
+                 open_attn_tensor("--k-cache", a.k_cache, 4, dtype),
+                 open_attn_tensor("--v-cache", a.v_cache, 4, dtype)};
   const int qh = vq ? 1 : 2;  // index of the heads dim of --q
-  const NpyFile kc_file = open_attn_tensor("--k-cache", kc_path, 4, dtype);
-  const NpyFile vc_file = open_attn_tensor("--v-cache", vc_path, 4, dtype);
-  const NpyHeader &q = q_file.header(), &kc = kc_file.header(), &vc = vc_file.header();
+  const NpyHeader &q = f.q.header(), &kc = f.kc.header(), &vc = f.vc.header();
   check_dim("--v-cache", vc, 0, "--k-cache", kc, 0, paged ? "blocks" : "cache sequences");
   check_dim("--v-cache", vc, 1, "--k-cache", kc, 1, paged ? "page size" : "cache capacity");
   check_dim("--v-cache", vc, 2, "--k-cache", kc, 2, "kv heads");
   check_dim("--k-cache", kc, 3, "--q", q, qh + 1, "head dim");
-  // Offsets [b+1]: start at 0, non-decreasing, end at the rows of `rows_opt`.
-  const auto load_cu = [](const char* opt, const std::string& path, std::int64_t rows,
-                          const char* rows_opt, std::int64_t* longest) {
-    const NpyArray a = load_npy_arg(opt, path);
-    RA_CHECK_ARG(a.ndim() == 1 && a.shape[0] >= 2,
-                 opt << ": expected shape [b+1] with b >= 1, got " << shape_to_string(a.shape));
-    std::vector<std::int32_t> cu = a.to_i32(opt);
-    RA_CHECK_ARG_EQ(cu.front(), 0, opt << ": first entry");
-    *longest = 0;
-    for (std::size_t i = 1; i < cu.size(); ++i) {
-      RA_CHECK_ARG(cu[i] >= cu[i - 1], opt << ": must be non-decreasing, got entry " << i << " = "
-                                           << cu[i] << " < entry " << i - 1 << " = " << cu[i - 1]);
-      *longest = std::max<std::int64_t>(*longest, cu[i] - cu[i - 1]);
-    }
-    RA_CHECK_ARG_EQ(std::int64_t{cu.back()}, rows,
-                    opt << ": last entry must equal the rows of " << rows_opt);
-    return cu;
-  };
-  std::vector<std::int32_t> cu_q, cu_new;
+  return f;
+}
+
+// Offsets [b+1]: start at 0, non-decreasing, end at the rows of `rows_opt`.
+std::vector<std::int32_t> load_cu(const char* opt, const std::string& path, std::int64_t rows,
+                                  const char* rows_opt, std::int64_t* longest) {
+  std::vector<std::int32_t> cu = load_offsets(opt, path);
+  RA_CHECK_ARG_EQ(cu.front(), 0, opt << ": first entry");
+  *longest = longest_segment(opt, cu);
+  RA_CHECK_ARG_EQ(std::int64_t{cu.back()}, rows,
+                  opt << ": last entry must equal the rows of " << rows_opt);
+  return cu;
+}
+
+// The query's shape (from --q, or --cu-seqlens-q and --max-seqlen-q), the heads, and
+// the params they and the options give.
+void query_params(const KvcacheArgs& a, const KvcacheFiles& f, const MaskParams& mask,
+                  KvcacheRun& r) {
+  const bool vq = a.varlen_q();
+  const NpyHeader &q = f.q.header(), &kc = f.kc.header();
   std::int64_t longest_q = 0;
-  if (vq) cu_q = load_cu("--cu-seqlens-q", cu_q_path, q.shape[0], "--q", &longest_q);
+  if (vq) r.cu_q = load_cu("--cu-seqlens-q", a.cu_seqlens_q, q.shape[0], "--q", &longest_q);
+  const int max_seqlen_q = a.max_seqlen_q;  // named by the check
   if (vq && max_seqlen_q > 0)
     RA_CHECK_ARG_GE(max_seqlen_q, longest_q, "--max-seqlen-q: must cover the longest segment");
-  const std::int64_t b = vq ? static_cast<std::int64_t>(cu_q.size()) - 1 : q.shape[0];
-  const std::int64_t s_q = vq ? (max_seqlen_q > 0 ? max_seqlen_q : longest_q) : q.shape[1];
-  const std::int64_t total_q = vq ? q.shape[0] : b * s_q;
-  const std::int64_t h = q.shape[qh], d = q.shape[qh + 1];
-  const std::int64_t h_k = kc.shape[2], d_v = vc.shape[3];
-  RA_CHECK_ARG(h_k > 0 && h % h_k == 0,
-               "--k-cache: kv heads h_k = " << h_k << " must divide --q heads h = " << h
-                                            << " (--q shape " << shape_to_string(q.shape)
-                                            << ", --k-cache shape " << shape_to_string(kc.shape)
-                                            << ")");
+  const int qh = vq ? 1 : 2;  // index of the heads dim of --q
+  r.b = vq ? static_cast<std::int64_t>(r.cu_q.size()) - 1 : q.shape[0];
+  r.s_q = vq ? (max_seqlen_q > 0 ? max_seqlen_q : longest_q) : q.shape[1];
+  r.total_q = vq ? q.shape[0] : r.b * r.s_q;
+  r.hd = {q.shape[qh], kc.shape[2], q.shape[qh + 1], f.vc.header().shape[3]};
+  check_kv_heads("--k-cache", q, kc, r.hd);
+  r.sinks = load_sinks(a.mask, r.hd.h);
+  set_attn_params(r.p, r.dtype, mask, r.sinks, a.num_splits, r.hd);
+  r.p.b = static_cast<int>(r.b);
+  r.p.s_q = static_cast<int>(r.s_q);
+  load_descales(a.descale, r.dtype, r.b, r.hd.h_k, r.descales, r.p.descale);
+}
 
-  const std::vector<float> sinks = load_sinks(mask_args, h);
-  KvCacheParams p;
-  p.dtype = dtype;
-  p.out_dtype = DType::kF32;
-  p.mask = mask_params;
-  if (!sinks.empty()) p.mask.sinks = sinks.data();
-  p.num_splits = num_splits;
-  p.b = static_cast<int>(b);
-  p.s_q = static_cast<int>(s_q);
-  p.h = static_cast<int>(h);
-  p.h_k = static_cast<int>(h_k);
-  p.d = static_cast<int>(d);
-  p.d_v = static_cast<int>(d_v);
-
-  Descales descales;
-  load_descales(q_ds_path, k_ds_path, v_ds_path, dtype, b, h_k, descales, p.descale);
-
-  const std::vector<std::int32_t> seqlens = load_index("--cache-seqlens", seqlens_path, {b});
-  p.cache_seqlens = seqlens.data();
-  std::vector<std::int32_t> page_table, batch_idx, leftpad;
-  if (paged) {
-    const NpyArray pt = load_npy_arg("--page-table", page_table_path);
+// --cache-seqlens, the page table (paged) or the cache's extent (dense),
+// --cache-batch-idx and --cache-leftpad.
+void load_cache_index(const KvcacheArgs& a, const NpyHeader& kc, KvcacheRun& r) {
+  KvCacheParams& p = r.p;
+  const std::int64_t b = r.b;
+  r.seqlens = load_index("--cache-seqlens", a.cache_seqlens, {b});
+  p.cache_seqlens = r.seqlens.data();
+  if (a.paged()) {
+    const NpyArray pt = load_npy_arg("--page-table", a.page_table);
     RA_CHECK_ARG(pt.is_index() && pt.ndim() == 2 && pt.shape[0] == b,
                  "--page-table: expected an integer tensor [b, max_pages] with b = "
                      << b << " (from --q), got " << npy_descr(pt.dtype) << " "
                      << shape_to_string(pt.shape));
-    page_table = pt.to_i32("--page-table");
-    p.page_table = page_table.data();
+    r.page_table = pt.to_i32("--page-table");
+    p.page_table = r.page_table.data();
     p.max_pages = static_cast<int>(pt.shape[1]);
     p.num_blocks = static_cast<int>(kc.shape[0]);
     p.page_size = static_cast<int>(kc.shape[1]);
@@ -209,124 +220,149 @@ int cmd_kvcache(int argc, char** argv) {
     p.b_cache = static_cast<int>(kc.shape[0]);
     p.s_cache = static_cast<int>(kc.shape[1]);
   }
-  if (vm.count("cache-batch-idx")) {
-    batch_idx = load_index("--cache-batch-idx", batch_idx_path, {b});
-    p.cache_batch_idx = batch_idx.data();
+  if (a.vm.count("cache-batch-idx")) {
+    r.batch_idx = load_index("--cache-batch-idx", a.cache_batch_idx, {b});
+    p.cache_batch_idx = r.batch_idx.data();
   }
-  if (vm.count("cache-leftpad")) {
-    leftpad = load_index("--cache-leftpad", leftpad_path, {b});
-    p.cache_leftpad = leftpad.data();
+  if (a.vm.count("cache-leftpad")) {
+    r.leftpad = load_index("--cache-leftpad", a.cache_leftpad, {b});
+    p.cache_leftpad = r.leftpad.data();
   }
+}
 
-  StoredTensor k_new_s, v_new_s;
-  if (vm.count("k-new")) {
-    const int nd = vk ? 3 : 4, nh = nd - 2;  // rank and heads dim of --k-new/--v-new
-    const NpyFile kn_file = open_attn_tensor("--k-new", k_new_path, nd, dtype);
-    const NpyFile vn_file = open_attn_tensor("--v-new", v_new_path, nd, dtype);
-    const NpyHeader &kn = kn_file.header(), &vn = vn_file.header();
-    if (!vk) {
-      RA_CHECK_ARG_EQ(kn.shape[0], b, "--k-new: batch (dim 0) must equal the batch of --q");
-      check_dim("--v-new", vn, 0, "--k-new", kn, 0, "batch");
-    }
-    check_dim("--v-new", vn, nh - 1, "--k-new", kn, nh - 1, "new tokens");
-    check_dim("--k-new", kn, nh, "--k-cache", kc, 2, "kv heads");
-    check_dim("--v-new", vn, nh, "--k-cache", kc, 2, "kv heads");
-    check_dim("--k-new", kn, nh + 1, "--k-cache", kc, 3, "head dim");
-    check_dim("--v-new", vn, nh + 1, "--v-cache", vc, 3, "value head dim");
-    std::int64_t longest_new = 0;
-    if (vk) {
-      cu_new = load_cu("--cu-seqlens-k-new", cu_new_path, kn.shape[0], "--k-new", &longest_new);
-      RA_CHECK_ARG_EQ(static_cast<std::int64_t>(cu_new.size()) - 1, b,
-                      "--cu-seqlens-k-new: batch (entries - 1) must equal the batch of --q");
-      p.cu_seqlens_k_new = cu_new.data();
-    }
-    k_new_s = load_storage("--k-new", kn_file, dtype);
-    v_new_s = load_storage("--v-new", vn_file, dtype);
-    p.s_new = static_cast<int>(vk ? longest_new : kn.shape[1]);
-    p.k_new = k_new_s.data();
-    p.v_new = v_new_s.data();
+// --k-new/--v-new [b, s_new, h_k, d / d_v] (varlen: [total_new, h_k, d / d_v] with
+// --cu-seqlens-k-new), checked against the caches and read in storage dtype.
+void load_new(const KvcacheArgs& a, const KvcacheFiles& f, KvcacheRun& r) {
+  const bool vk = a.varlen_new();
+  const std::int64_t b = r.b;
+  const int nd = vk ? 3 : 4, nh = nd - 2;  // rank and heads dim of --k-new/--v-new
+  const NpyFile kn_file = open_attn_tensor("--k-new", a.k_new, nd, r.dtype);
+  const NpyFile vn_file = open_attn_tensor("--v-new", a.v_new, nd, r.dtype);
+  const NpyHeader &kn = kn_file.header(), &vn = vn_file.header();
+  const NpyHeader &kc = f.kc.header(), &vc = f.vc.header();
+  if (!vk) {
+    RA_CHECK_ARG_EQ(kn.shape[0], b, "--k-new: batch (dim 0) must equal the batch of --q");
+    check_dim("--v-new", vn, 0, "--k-new", kn, 0, "batch");
   }
+  check_dim("--v-new", vn, nh - 1, "--k-new", kn, nh - 1, "new tokens");
+  check_dim("--k-new", kn, nh, "--k-cache", kc, 2, "kv heads");
+  check_dim("--v-new", vn, nh, "--k-cache", kc, 2, "kv heads");
+  check_dim("--k-new", kn, nh + 1, "--k-cache", kc, 3, "head dim");
+  check_dim("--v-new", vn, nh + 1, "--v-cache", vc, 3, "value head dim");
+  std::int64_t longest_new = 0;
+  if (vk) {
+    std::vector<std::int32_t>& cu_new = r.cu_new;  // named by the check
+    cu_new =
+        load_cu("--cu-seqlens-k-new", a.cu_seqlens_k_new, kn.shape[0], "--k-new", &longest_new);
+    RA_CHECK_ARG_EQ(static_cast<std::int64_t>(cu_new.size()) - 1, b,
+                    "--cu-seqlens-k-new: batch (entries - 1) must equal the batch of --q");
+    r.p.cu_seqlens_k_new = cu_new.data();
+  }
+  r.k_new = load_storage("--k-new", kn_file, r.dtype);
+  r.v_new = load_storage("--v-new", vn_file, r.dtype);
+  r.p.s_new = static_cast<int>(vk ? longest_new : kn.shape[1]);
+  r.p.k_new = r.k_new.data();
+  r.p.v_new = r.v_new.data();
+}
 
-  std::vector<float> rot_cos, rot_sin;
-  if (vm.count("rotary-cos")) {
-    const NpyArray c = load_tensor("--rotary-cos", cos_path, 2);
-    const NpyArray s = load_tensor("--rotary-sin", sin_path, 2);
+// --rotary-cos/--rotary-sin [s_rotary, rotary_dim/2], --rotary-interleaved and
+// --rotary-seqlens [b].
+void load_rotary(const KvcacheArgs& a, KvcacheRun& r) {
+  KvCacheParams& p = r.p;
+  const std::int64_t d = r.hd.d;
+  if (a.vm.count("rotary-cos")) {
+    const NpyArray c = load_tensor("--rotary-cos", a.rotary_cos, 2);
+    const NpyArray s = load_tensor("--rotary-sin", a.rotary_sin, 2);
     check_shape("--rotary-sin", s, c.shape, "must match --rotary-cos");
     RA_CHECK_ARG(c.shape[1] >= 1 && 2 * c.shape[1] <= d,
                  "--rotary-cos: rotary_dim = 2 * " << c.shape[1] << " must be in [2, head dim " << d
                                                    << "] (shape " << shape_to_string(c.shape)
                                                    << ")");
-    rot_cos = c.to_f32();
-    rot_sin = s.to_f32();
-    p.rotary_cos = rot_cos.data();
-    p.rotary_sin = rot_sin.data();
+    r.rot_cos = c.to_f32();
+    r.rot_sin = s.to_f32();
+    p.rotary_cos = r.rot_cos.data();
+    p.rotary_sin = r.rot_sin.data();
     p.rotary_dim = static_cast<int>(2 * c.shape[1]);
     p.s_rotary = static_cast<int>(c.shape[0]);
-    p.rotary_interleaved = rotary_interleaved;
+    p.rotary_interleaved = a.rotary_interleaved;
   }
-  std::vector<std::int32_t> rot_seqlens;
-  if (vm.count("rotary-seqlens")) {
-    RA_CHECK_ARG(vm.count("rotary-cos"), "--rotary-seqlens: needs --rotary-cos/--rotary-sin");
-    rot_seqlens = load_index("--rotary-seqlens", rot_seqlens_path, {b});
-    p.rotary_seqlens = rot_seqlens.data();
+  if (a.vm.count("rotary-seqlens")) {
+    RA_CHECK_ARG(a.vm.count("rotary-cos"), "--rotary-seqlens: needs --rotary-cos/--rotary-sin");
+    r.rot_seqlens = load_index("--rotary-seqlens", a.rotary_seqlens, {r.b});
+    p.rotary_seqlens = r.rot_seqlens.data();
   }
+}
 
-  // Output files are created before anything is computed (a bad path fails at once);
-  // the kernel writes out/lse into them directly (it writes every element).
+// Output files are created before anything is computed (a bad path fails at once);
+// the kernel writes out/lse into them directly (it writes every element). Then the
+// inputs in storage dtype: the files themselves when they hold it (mapped; the caches
+// copy-on-write, as the append writes into them and never into the files).
+void load_data(const KvcacheArgs& a, const KvcacheFiles& f, KvcacheRun& r) {
+  const bool vq = a.varlen_q();
+  const std::int64_t b = r.b, s_q = r.s_q, total_q = r.total_q, h = r.hd.h, d_v = r.hd.d_v;
   const std::vector<std::int64_t> out_shape =
       vq ? std::vector<std::int64_t>{total_q, h, d_v} : std::vector<std::int64_t>{b, s_q, h, d_v};
   const std::vector<std::int64_t> lse_shape =
       vq ? std::vector<std::int64_t>{h, total_q} : std::vector<std::int64_t>{b, h, s_q};
   std::optional<NpyFile> qv_file;
-  if (vm.count("qv")) {
-    qv_file.emplace(open_tensor("--qv", qv_path, vq ? 3 : 4));
-    RA_CHECK_ARG(qv_file->header().dtype == q.dtype,
-                 "--qv: file dtype " << npy_descr(qv_file->header().dtype) << " must equal --q's "
-                                     << npy_descr(q.dtype));
-    RA_CHECK_ARG(d_v <= kMaxHeadDim, "--qv: d_v = " << d_v << " (--v-cache head dim) exceeds the "
-                                                    << "limit " << kMaxHeadDim
-                                                    << " of the attention kernels; absorbed MLA "
-                                                       "(d_v = 512) runs through `ringattn mla`");
-    check_shape("--qv", qv_file->header(), out_shape,
-                "shaped as the output [" + std::string(vq ? "total_q" : "b, s_q") +
-                    ", h, d_v]; --q shape " + shape_to_string(q.shape) + ", --v-cache shape " +
-                    shape_to_string(vc.shape));
+  if (a.vm.count("qv")) {
+    qv_file.emplace(open_qv(a.qv, vq ? 3 : 4, f.q.header(), d_v, "--v-cache"));
+    check_qv_shape(qv_file->header(), out_shape, vq, f.q.header(), "--v-cache", f.vc.header());
   }
-  OutputTensor out("--out", out_path, out_shape);
-  std::optional<OutputTensor> lse;
-  if (!lse_path.empty()) lse.emplace("--lse", lse_path, lse_shape);
-  NpyOutput kc_out, vc_out;
-  if (!kc_out_path.empty()) kc_out = open_output("--k-cache-out", kc_out_path, kc);
-  if (!vc_out_path.empty()) vc_out = open_output("--v-cache-out", vc_out_path, vc);
-  // Inputs in storage dtype: the files themselves when they hold it (mapped; the
-  // caches copy-on-write, as the append writes into them and never into the files).
-  const StoredTensor qs = load_storage("--q", q_file, dtype);
-  std::optional<StoredTensor> qvs;
-  if (qv_file) qvs.emplace(load_storage("--qv", *qv_file, dtype));
-  p.qv = qvs ? qvs->data() : nullptr;
-  const StoredTensor kcs = load_storage("--k-cache", kc_file, dtype, true),
-                     vcs = load_storage("--v-cache", vc_file, dtype, true);
-  if (vq) p.cu_seqlens_q = cu_q.data();
-  p.q = qs.data();
-  p.k_cache = kcs.data();
-  p.v_cache = vcs.data();
-  p.out = out.data();
-  p.lse = lse ? lse->data() : nullptr;
+  r.files.emplace(a.out, a.lse, out_shape, lse_shape);
+  if (!a.k_cache_out.empty()) r.kc_out = open_output("--k-cache-out", a.k_cache_out, f.kc.header());
+  if (!a.v_cache_out.empty()) r.vc_out = open_output("--v-cache-out", a.v_cache_out, f.vc.header());
+  r.q = load_storage("--q", f.q, r.dtype);
+  if (qv_file) r.qv = load_storage("--qv", *qv_file, r.dtype);
+  r.k_cache = load_storage("--k-cache", f.kc, r.dtype, true);
+  r.v_cache = load_storage("--v-cache", f.vc, r.dtype, true);
+  KvCacheParams& p = r.p;
+  p.qv = qv_file ? r.qv.data() : nullptr;
+  if (vq) p.cu_seqlens_q = r.cu_q.data();
+  p.q = r.q.data();
+  p.k_cache = r.k_cache.data();
+  p.v_cache = r.v_cache.data();
+  p.out = r.files->out.data();
+  p.lse = r.files->lse_data();
   set_contiguous_strides(p);
+}
 
-  const double t0 = now_seconds();
-  engine.forward_kvcache(p);
-  const double elapsed = now_seconds() - t0;
+// The outputs and the updated caches (in the dtype of the input cache files) written.
+void write_outputs(const KvcacheFiles& f, KvcacheRun& r) {
+  r.files->commit();
+  if (r.kc_out.is_open())
+    commit_output("--k-cache-out", r.kc_out, r.k_cache.data(), r.dtype, f.kc.header().dtype);
+  if (r.vc_out.is_open())
+    commit_output("--v-cache-out", r.vc_out, r.v_cache.data(), r.dtype, f.vc.header().dtype);
+}
 
-  out.commit();
-  if (lse) lse->commit();
-  if (kc_out.is_open()) commit_output("--k-cache-out", kc_out, kcs.data(), dtype, kc.dtype);
-  if (vc_out.is_open()) commit_output("--v-cache-out", vc_out, vcs.data(), dtype, vc.dtype);
+void print_result(const KvcacheArgs& a, const KvcacheRun& r, const Engine& engine, double elapsed) {
+  const KvCacheParams& p = r.p;
   std::printf(
       "kvcache: %s b=%d s_q=%d h=%d h_k=%d d=%d d_v=%d s_new=%d dtype=%s backend=%s threads=%d: "
       "%.3f ms\n",
-      paged ? "paged" : "dense", p.b, p.s_q, p.h, p.h_k, p.d, p.d_v, p.s_new, dtype_name(dtype),
-      engine.backend_name().c_str(), engine.threads(), elapsed * 1e3);
+      a.paged() ? "paged" : "dense", p.b, p.s_q, p.h, p.h_k, p.d, p.d_v, p.s_new,
+      dtype_name(r.dtype), engine.backend_name().c_str(), engine.threads(), elapsed * 1e3);
+}
+
+}  // namespace
+
+int cmd_kvcache(int argc, char** argv) {
+  KvcacheArgs a;
+  if (!parse_args(argc, argv, options(a), kUsage, &a.vm)) return 0;
+  check_options(a);
+  const KernelSetup k = kernel_setup(a.mask, a.kernel);
+  KvcacheRun r;
+  r.dtype = k.dtype;
+  const KvcacheFiles f = open_inputs(a, r.dtype);
+  query_params(a, f, k.mask, r);
+  load_cache_index(a, f.kc.header(), r);
+  if (a.vm.count("k-new")) load_new(a, f, r);
+  load_rotary(a, r);
+  load_data(a, f, r);
+  const double elapsed = seconds_of([&] { k.engine.forward_kvcache(r.p); });
+  write_outputs(f, r);
+  print_result(a, r, k.engine, elapsed);
   return 0;
 }
 
