@@ -33,20 +33,28 @@ namespace {
 
 py::dict step_stats(const StepStats& st);
 
+// A session's copy of sinks [h] (its config points at it for the session's lifetime);
+// empty when absent.
+std::vector<float> kept_sinks(const std::optional<TensorArg>& sinks, int h) {
+  if (!sinks) return {};
+  const float* x = sinks_data(sinks, h);
+  return {x, x + h};
+}
+
+// The session's own communicator, duplicated from the mpi4py handle.
+std::unique_ptr<comm::Communicator> communicator_of(std::int64_t comm_handle) {
+  return std::make_unique<comm::Communicator>(MPI_Comm_f2c(static_cast<MPI_Fint>(comm_handle)));
+}
+
 class PySession {
  public:
   PySession(std::int64_t comm_handle, const std::string& dtype, int b, int h, int h_k, int d,
             int d_v, std::int64_t capacity, int page_size, const std::string& cache_layout,
             const std::string& prefill_layout, float scale, int window_left, float softcap,
             const std::optional<TensorArg>& sinks, int attention_chunk)
-      : engine_(engine()) {
-    if (sinks) {  // kept for the session's lifetime (the config points at them)
-      const float* x = sinks_data(sinks, h);
-      sinks_.assign(x, x + h);
-    }
+      : engine_(engine()), sinks_(kept_sinks(sinks, h)) {
     run_kernel([&] {
-      comm_ =
-          std::make_unique<comm::Communicator>(MPI_Comm_f2c(static_cast<MPI_Fint>(comm_handle)));
+      comm_ = communicator_of(comm_handle);
       SessionConfig c;
       comm::run_collectively(*comm_, [&] {
         c.dtype = storage_dtype(parse_elem_type(dtype), "dtype");
@@ -185,14 +193,9 @@ class PyMlaSession {
                int b, int h_q, std::int64_t capacity, int page_size,
                const std::string& cache_layout, const std::string& prompt_layout, float scale,
                const std::optional<TensorArg>& sinks)
-      : engine_(engine()) {
-    if (sinks) {  // kept for the session's lifetime (the config points at them)
-      const float* x = sinks_data(sinks, h_q);
-      sinks_.assign(x, x + h_q);
-    }
+      : engine_(engine()), sinks_(kept_sinks(sinks, h_q)) {
     run_kernel([&] {
-      comm_ =
-          std::make_unique<comm::Communicator>(MPI_Comm_f2c(static_cast<MPI_Fint>(comm_handle)));
+      comm_ = communicator_of(comm_handle);
       MlaSessionConfig c;
       comm::run_collectively(*comm_, [&] {
         c.q_dtype = storage_dtype(parse_elem_type(q_dtype), "q dtype");

@@ -48,7 +48,34 @@ def _dtype_name(dtype):
     return names[key]
 
 
-class KvSession:
+class _ShardedSession:
+    """What both sessions share: the per-rank token bookkeeping of the C++ session ``_s``."""
+
+    @property
+    def lengths(self):
+        """Tokens cached per sequence (prompt + appended), a list of b ints."""
+        return list(self._s.lengths())
+
+    def prefill_positions(self, length):
+        """Positions (numpy int64) of this rank's share of a `length`-token prompt, in the
+        local order prefill expects."""
+        return np.asarray(self._s.prefill_positions(_tensor.check_scalar_int(length, "length")),
+                          dtype=np.int64)
+
+    def shard_prompt(self, x, prompt_lens):
+        """This rank's packed prompt rows from the full packed tensor x [sum(prompt_lens), ...]
+        (sequence after sequence): what prefill takes."""
+        index, base = [], 0
+        for n in prompt_lens:
+            index.append(base + self.prefill_positions(n))
+            base += int(n)
+        index = np.concatenate(index) if index else np.zeros(0, np.int64)
+        if _tensor.is_torch(x):
+            return x.index_select(0, _tensor._torch().from_numpy(index))
+        return np.take(x, index, axis=0)
+
+
+class KvSession(_ShardedSession):
     """A KV cache sharded across the ranks of ``group`` (default COMM_WORLD).
 
     batch sequences of at most ``capacity`` tokens (prompt included); heads h / h_k,
@@ -107,29 +134,6 @@ class KvSession:
                                cache_layout, _PREFILL_LAYOUTS[prefill_layout], scale, wl, cap, sink_arg,
                                chunk)
         del sink_keep
-
-    @property
-    def lengths(self):
-        """Tokens cached per sequence (prompt + appended), a list of b ints."""
-        return list(self._s.lengths())
-
-    def prefill_positions(self, length):
-        """Positions (numpy int64) of this rank's shard of a `length`-token prompt, in the
-        local order prefill expects."""
-        return np.asarray(self._s.prefill_positions(_tensor.check_scalar_int(length, "length")),
-                          dtype=np.int64)
-
-    def shard_prompt(self, x, prompt_lens):
-        """This rank's packed prompt rows from the full packed tensor x [sum(prompt_lens), ...]
-        (sequence after sequence): what prefill takes."""
-        index, base = [], 0
-        for n in prompt_lens:
-            index.append(base + self.prefill_positions(n))
-            base += int(n)
-        index = np.concatenate(index) if index else np.zeros(0, np.int64)
-        if _tensor.is_torch(x):
-            return x.index_select(0, _tensor._torch().from_numpy(index))
-        return np.take(x, index, axis=0)
 
     def _args(self, tensors, names):
         """Contiguous tensors (same kind, the session's dtype), checked on every rank and
@@ -201,7 +205,7 @@ class KvSession:
         return _tensor.to_type(out, _tensor.out_type(self._dtype)), lse, dict(info)
 
 
-class MlaSession:
+class MlaSession(_ShardedSession):
     """A DeepSeek MLA latent cache sharded across the ranks of ``group`` (default
     COMM_WORLD), living across decode steps (docs/session.md, "MLA sessions").
 
@@ -253,19 +257,6 @@ class MlaSession:
         self._s = _C.MlaSession(self._comm.py2f(), q_t, kv_t, b, h, capacity, page_size,
                                 cache_layout, _PREFILL_LAYOUTS[prompt_layout], scale, sink_arg)
         del sink_keep
-
-    @property
-    def lengths(self):
-        """Tokens cached per sequence (prompt + appended), a list of b ints."""
-        return list(self._s.lengths())
-
-    def prefill_positions(self, length):
-        """Positions (numpy int64) of this rank's share of a `length`-token prompt, in the
-        local order prefill expects."""
-        return np.asarray(self._s.prefill_positions(_tensor.check_scalar_int(length, "length")),
-                          dtype=np.int64)
-
-    shard_prompt = KvSession.shard_prompt
 
     def _checked(self, pairs):
         keep = []
