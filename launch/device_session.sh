@@ -17,7 +17,8 @@
 #      (plots where matplotlib is installed; else `launch/sweep --report-only` elsewhere)
 #   g  ring against pure Ulysses (U = ranks) on every ranks x threads split of the 16 cores,
 #      s = 32768, h 32/8, fp32 causal zigzag (the "Ulysses within 10 % of the ring")
-#   h  fp8 against bf16 KV-cache decode (ringattn bench decode_fp8_vs_bf16), 2 and 16 threads
+#   h  fp8 against bf16 KV-cache decode (ringattn bench decode_fp8_vs_bf16), 2 and 16 threads;
+#      fp32 prefill at 16 threads against PyTorch SDPA fp32 (launch/compare_torch.py)
 set -uo pipefail
 OUT=${1:-out/device_session}
 BIN=${2:-build-py/bin/ringattn}
@@ -87,4 +88,6 @@ if has g; then
 fi
 if has h; then
   run "$BIN" bench --threads 2,16 --case '^decode_fp8_vs_bf16' --repeats 5
+  run "$BIN" bench --threads 16 --case '^prefill_fp32,^prefill_causal_fp32' --repeats 3
+  run python3 launch/compare_torch.py --threads 16 --dtype fp32 --prefill-only --repeats 3
 fi
