@@ -16,7 +16,8 @@
 #      and launch/sweeps/node_split.toml (s = 32768 only), CSV and JSON lines in OUT/sweep-*
 #      (plots where matplotlib is installed; else `launch/sweep --report-only` elsewhere)
 #   g  ring against pure Ulysses (U = ranks) on every ranks x threads split of the 16 cores,
-#      s = 32768, h 32/8, fp32 causal zigzag (the "Ulysses within 10 % of the ring")
+#      s = 32768, h 32/8, fp32 causal zigzag (the "Ulysses within 10 % of the ring"); G_ITERS
+#      timed runs each (median; the first call of a process also pays first-touch page faults)
 #   h  fp8 against bf16 KV-cache decode (ringattn bench decode_fp8_vs_bf16), 2 and 16 threads;
 #      fp32 prefill at 16 threads against PyTorch SDPA fp32 (launch/compare_torch.py)
 set -uo pipefail
@@ -78,7 +79,7 @@ if has f; then
     --out "$OUT/sweep-split" 2>&1 | tail -12 | tee -a "$OUT/session.txt"
 fi
 if has g; then
-  F="--heads 32 --kv-heads 8 --dim 128 --dtype fp32 --seqlen 32768 --causal --layout zigzag"
+  F="--heads 32 --kv-heads 8 --dim 128 --dtype fp32 --seqlen 32768 --causal --layout zigzag --iters ${G_ITERS:-1}"
   for rt in 1:16 2:8 4:4 8:2 16:1; do
     r=${rt%:*} t=${rt#*:}
     for u in $(printf '%s\n' 1 "$r" | sort -un); do
