@@ -89,6 +89,6 @@ if has g; then
 fi
 if has h; then
   run "$BIN" bench --threads 2,16 --case '^decode_fp8_vs_bf16' --repeats 5
-  run "$BIN" bench --threads 16 --case '^prefill_fp32,^prefill_causal_fp32' --repeats 3
+  run "$BIN" bench --threads 2,16 --case '^prefill_fp32,^prefill_causal_fp32' --repeats 3
   run python3 launch/compare_torch.py --threads 16 --dtype fp32 --prefill-only --repeats 3
 fi
