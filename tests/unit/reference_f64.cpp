@@ -29,9 +29,9 @@ struct Segment {
   std::int64_t shift = 0;  // key j is on row i's diagonal when j == i + shift
   // attention_chunk positions: row i at q_pos + i * pos_stride, key j at k_pos + j * pos_stride.
   std::int64_t q_pos = 0, k_pos = 0, pos_stride = 1;
-  std::vector<T> q;  // [s_q, h, d]
-  std::vector<T> k;  // [s_k, h_k, d]
-  std::vector<T> v;  // [s_k, h_k, d_v]
+  std::vector<T> q;   // [s_q, h, d]
+  std::vector<T> k;   // [s_k, h_k, d]
+  std::vector<T> v;   // [s_k, h_k, d_v]
   std::vector<T> qv;  // [s_q, h, d_v] FA3 extra query part; empty = none
 };
 
