@@ -20,6 +20,9 @@
 #      timed runs each (median; the first call of a process also pays first-touch page faults)
 #   h  fp8 against bf16 KV-cache decode (ringattn bench decode_fp8_vs_bf16), 2 and 16 threads;
 #      fp32 prefill at 16 threads against PyTorch SDPA fp32 (launch/compare_torch.py)
+#   i  where a 128K ring's time goes outside its per-step columns: 16 ranks x 1 thread,
+#      s = 131072, h 8, fp32 causal zigzag, one call (--iters 1: first-touch page faults of
+#      every buffer included) against the median of 3 calls in one process
 set -uo pipefail
 OUT=${1:-out/device_session}
 BIN=${2:-build-py/bin/ringattn}
@@ -91,4 +94,10 @@ if has h; then
   run "$BIN" bench --threads 2,16 --case '^decode_fp8_vs_bf16' --repeats 5
   run "$BIN" bench --threads 2,16 --case '^prefill_fp32,^prefill_causal_fp32' --repeats 3
   run python3 launch/compare_torch.py --threads 16 --dtype fp32 --prefill-only --repeats 3
+fi
+if has i; then
+  for it in 1 3; do
+    run $MPI -np 16 "$BIN" ring --seqlen 131072 --heads 8 --kv-heads 8 --dim 128 --dtype fp32 \
+      --causal --layout zigzag --threads 1 --iters $it --json
+  done
 fi
