@@ -1,15 +1,15 @@
 // Decode engine for fp8 e4m3 caches on the AVX512-BF16 tiers (cpu-avx512-bf16, cpu-amx):
 // both decode products on the bf16 dot-product instruction (vdpbf16ps), written over the
-// pair-vector vocabulary B (simd_avx512_bf16.hpp). It is the engine E of
+// pair-vector vocabulary B (simd_avx512_bf16_vbmi.hpp). It is the engine E of
 // FlashFwd<S, fp8e4m3_t, E> (flash_fwd_tile.hpp documents the decode hooks); prefill
-// keeps FlashFwd's fp32 vector kernels, and the task loop, masks, splits, merges,
-// softmax and the decode tile walk (16-key tiles, head-major) are FlashFwd's.
+// keeps FlashFwd's fp32 vector kernels, and the task loop, masks, splits, merges and
+// softmax are FlashFwd's; the engine sets the decode tile (kDecodeTile keys).
 //
 // Why: the fp32 decode kernel widens each 16 e4m3 values with 4 vector instructions
 // and spends one FMA per product, so fp8 decode was as slow as bf16 although it reads
 // half the bytes (docs/cpu-backend.md, "fp8 e4m3 q/k/v"). Here the e4m3 bytes become
-// bf16 exactly (table lookups, 2.5 instructions per 32 values) and every vdpbf16ps does
-// 32 products:
+// bf16 exactly (table lookups, 5 instructions per 64 values, 4 of them shuffles) and
+// every vdpbf16ps does 32 products:
 //   S = q K^T   q (e4m3, exact in bf16) converted once per task; K rows converted in
 //               place, R rows x L / R keys of accumulators, one transposed reduction
 //               per L dot products (as FlashFwd's qk_rows); the softmax scale and the
