@@ -149,6 +149,15 @@ CpuIsa best_cpu_isa() {
   return CpuIsa::kScalar;
 }
 
+bool cpu_has_avx512_vbmi() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vbmi") != 0;
+#else
+  return false;
+#endif
+}
+
 std::string cpu_feature_summary_impl() {
   std::string s;
 #if defined(__x86_64__) || defined(__i386__)
@@ -161,6 +170,7 @@ std::string cpu_feature_summary_impl() {
                          {"avx512vl", __builtin_cpu_supports("avx512vl") != 0},
                          {"avx512dq", __builtin_cpu_supports("avx512dq") != 0},
                          {"avx512_bf16", has_avx512_bf16()},
+                         {"avx512vbmi", cpu_has_avx512_vbmi()},
                          {"amx-tile", has_amx_tile()},
                          {"amx-bf16", has_amx_bf16()}};
   for (const auto& f : all)

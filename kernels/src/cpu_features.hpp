@@ -29,4 +29,8 @@ std::string cpu_feature_summary_impl();
 // against 80-89 %). docs/cpu-backend.md, seventh round.
 bool cpu_prefers_key_major_decode();
 
+// AVX512_VBMI (byte permutes): the fp8 decode engine of the cpu-avx512-bf16 / cpu-amx
+// tiers needs it (vpermi2b table lookups); every AVX512_BF16 CPU but Cooper Lake has it.
+bool cpu_has_avx512_vbmi();
+
 }  // namespace ringattn::detail

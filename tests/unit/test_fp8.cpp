@@ -8,11 +8,15 @@
 //   - KV cache: dense and paged caches with k_new / v_new appended in e4m3 (the cache
 //     bytes must equal the new rows' bytes), leftpad, cache_batch_idx, long decode with
 //     split-KV, varlen queries;
+//   - decode shapes of the fp8 decode engine of cpu-avx512-bf16 / cpu-amx (vdpbf16ps;
+//     its bar adds test::p_rounding_atol: P rounded to bf16): GQA 1 / 4 / 6 / 8, head
+//     dims 32 .. 256 with tails, odd key counts, paged caches, windows, soft cap, sinks;
 //   - every finite e4m3 value decodes exactly (one key: the output is v itself);
 //   - bad input: descales on 16-bit storage, fp8 output, NaN / inf descale, rotary
 //     with fp8, each naming the argument.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -52,6 +56,12 @@ struct DescaleSet {
       for (float& e : *x) e = dist(rng);
     }
     if (mode == Descales::kOnlyV) q.clear(), k.clear();
+  }
+  // Largest v descale (1 without): the bound of p_rounding_atol is over dequantised v.
+  double v_max() const {
+    double m = v.empty() ? 1.0 : 0.0;
+    for (float x : v) m = std::max(m, double{x});
+    return m;
   }
   void apply(Fp8Descale& ds) const {
     ds.q = q.empty() ? nullptr : q.data();
@@ -104,6 +114,16 @@ std::vector<Fp8Case> fwd_cases() {
   c.d = 40;
   c.d_v = 24;
   c.descales = Descales::kBroadcast;
+  c.out_dtype = DType::kF32;
+  cs.push_back(c);
+  c = Fp8Case{};
+  c.name = "decode_tails_d40_dv24";  // decode: q . k and P V tails (40 / 24 of 64 columns)
+  c.d = 40;
+  c.d_v = 24;
+  c.s_q = 1;
+  c.s_k = 99;
+  c.h = 8;
+  c.h_k = 2;
   c.out_dtype = DType::kF32;
   cs.push_back(c);
   c = Fp8Case{};
@@ -214,8 +234,8 @@ TEST_P(Fp8Forward, MatchesFloat64Reference) {
   const std::vector<std::int64_t> out_dims{qb, qs, c.h, c.d_v};
   const std::vector<std::int64_t> lse_dims =
       varlen ? std::vector<std::int64_t>{c.h, qs} : std::vector<std::int64_t>{c.b, c.h, c.s_q};
-  EXPECT_TRUE(
-      check_pt_rule(c.name + " out", out.to_double(), ref.out, low.out, out_dims, c.out_dtype));
+  EXPECT_TRUE(check_pt_rule(c.name + " out", out.to_double(), ref.out, low.out, out_dims,
+                            c.out_dtype, p_rounding_atol(backend, kFp8, v) * ds.v_max()));
   EXPECT_TRUE(
       check_lse(c.name + " lse", std::vector<double>(lse.begin(), lse.end()), ref.lse, lse_dims));
 }
@@ -283,6 +303,23 @@ std::vector<Fp8KvCase> kv_cases() {
   c = kv_case("prefill_d128", 8, 2, 128, 96, 96, {200}, 128, DType::kF32);
   c.kv.causal = true;
   cs.push_back(c);
+  // Decode shapes of the fp8 decode engine (cpu-avx512-bf16 / cpu-amx): GQA 4 at d = 128
+  // with an odd key count (a last tile with an odd number of keys, paged), GQA 8 with a
+  // window, soft cap and sinks, 12 rows per KV head (s_q = 2, group 6) at d = 256, MHA
+  // at d = 32 (one half-filled 64-column chunk).
+  c = kv_case("decode_gqa4_d128_paged_odd", 32, 8, 128, 1, 1, {1000, 32}, 16, DType::kF32);
+  cs.push_back(c);
+  c = kv_case("decode_gqa8_window_softcap_sinks", 16, 2, 64, 1, 1, {500}, 0, DType::kBF16);
+  c.kv.window_left = 100;
+  c.kv.softcap = 20.0f;
+  c.kv.sinks = test_sinks(16);
+  cs.push_back(c);
+  c = kv_case("decode_sq2_group6_d256", 12, 2, 256, 2, 2, {201}, 32, DType::kF32);
+  c.kv.causal = true;
+  cs.push_back(c);
+  c = kv_case("decode_mha_d32", 4, 4, 32, 1, 0, {70, 3}, 0, DType::kF32);
+  c.descales = Descales::kOnlyV;
+  cs.push_back(c);
   return cs;
 }
 
@@ -306,7 +343,7 @@ TEST_P(Fp8KvCache, MatchesFloat64ReferenceAndAppendsBytes) {
   poison(pr.lse);
   engine.forward_kvcache(pr.p);
   EXPECT_TRUE(check_pt_rule(c.kv.name + " out", pr.out.to_double(), ref.out, low.out, pr.out_dims,
-                            c.kv.out_dtype));
+                            c.kv.out_dtype, p_rounding_atol(backend, pr) * ds.v_max()));
   EXPECT_TRUE(check_lse(c.kv.name + " lse", std::vector<double>(pr.lse.begin(), pr.lse.end()),
                         ref.lse, pr.lse_dims));
   // The appended rows are e4m3 bytes copied as they are; nothing else changes.

@@ -173,14 +173,16 @@ inline double output_atol(DType out_dtype, double ref_max) {
 }
 
 // Backends that round the softmax weights P to bf16 before P V, as FlashAttention-3
-// does: the matrix engines on bf16 storage, cpu-amx and cpu-avx512-bf16
-// (docs/cpu-backend.md). Each weight p_j / l then moves by at most 2^-8 relative (round
-// to nearest even), so an output element by at most 2^-8 * max|v| over the row's
-// visible values beyond the fp32 bar of the pt rule (products of bf16 values are exact
-// in fp32). 0 for every other backend and dtype.
+// does: the matrix engines on bf16 storage and the fp8 decode engine on fp8 e4m3
+// storage, cpu-amx and cpu-avx512-bf16 (docs/cpu-backend.md). Each weight p_j / l then
+// moves by at most 2^-8 relative (round to nearest even), so an output element by at
+// most 2^-8 * max|v| over the row's visible values beyond the fp32 bar of the pt rule
+// (products of bf16 values are exact in fp32; for fp8, v is the dequantised value, i.e.
+// times v_descale). 0 for every other backend and dtype.
 inline double p_rounding_atol(const std::string& backend, DType storage, double v_max) {
   const bool engine = backend == "cpu-amx" || backend == "cpu-avx512-bf16";
-  return engine && storage == DType::kBF16 ? std::ldexp(v_max, -8) : 0.0;
+  const bool rounds = storage == DType::kBF16 || storage == DType::kFP8E4M3;
+  return engine && rounds ? std::ldexp(v_max, -8) : 0.0;
 }
 inline double p_rounding_atol(const std::string& backend, DType storage, const Tensor& v) {
   if (p_rounding_atol(backend, storage, 1.0) == 0.0 || v.shape.empty()) return 0.0;

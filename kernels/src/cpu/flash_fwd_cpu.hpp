@@ -194,5 +194,9 @@ void flash_fwd_avx512(const AttnProblem& p, int threads);
 void flash_fwd_amx(const AttnProblem& p, int threads);
 // cpu-avx512-bf16: vdpbf16ps (flash_fwd_cpu_avx512_bf16.cpp).
 void flash_fwd_avx512_bf16(const AttnProblem& p, int threads);
+// fp8 e4m3 storage on cpu-avx512-bf16 and cpu-amx where the CPU has AVX512_VBMI: decode
+// on vdpbf16ps (decode_fp8_dpbf16.hpp), prefill on the AVX-512 vector kernels
+// (flash_fwd_cpu_fp8_avx512_bf16_vbmi.cpp).
+void flash_fwd_fp8_avx512_bf16_vbmi(const AttnProblem& p, int threads);
 
 }  // namespace ringattn::detail::cpu

@@ -176,11 +176,23 @@ struct PackItem {
 //       the online softmax (FlashFwd's softmax_tile on sc.s, or the engine's own into
 //       sc.st), O = O * alpha + P V into sc.o; packed = the tile's pack_tile output or
 //       nullptr (the engine packs it into sc.mm)
+//
+// An engine may also take over the decode tile (E::kDecode = true; Fp8DpBf16Decode in
+// decode_fp8_dpbf16.hpp: fp8 caches on vdpbf16ps). It then provides init_scratch and
+//   kDecodeTile                         keys per decode tile (divides kKeyTile)
+//   begin_decode_task(f, t, sd, sc, M)  before a decode task's tiles (its q rows)
+//   decode_tile(f, sd, t, sc, M, nq, j0, nc, full)   one decode key tile: scores into
+//       sc.s, FlashFwd's softmax_tile, O = O * alpha + P V into sc.o
 struct VectorTiles {
   static constexpr bool kMatrix = false;
   static constexpr int kKeyTile = cpu::kKeyTile;  // keys per prefill tile (NC)
   struct Scratch {};
 };
+template <class E>
+constexpr bool engine_decodes() {
+  if constexpr (requires { E::kDecode; }) return E::kDecode;
+  return false;
+}
 
 template <class S, class T, class E = VectorTiles>
 struct FlashFwd {
@@ -189,6 +201,7 @@ struct FlashFwd {
   static constexpr int MR = S::kRows;
   static constexpr int NV = S::kVecs;
   static constexpr int NC = E::kKeyTile;
+  static constexpr bool kDecodeEngine = engine_decodes<E>();
   static_assert(NC % (NV * L) == 0, "key tile must be a multiple of the micro-kernel width");
 
   const AttnProblem& p;
@@ -250,7 +263,7 @@ struct FlashFwd {
     sc.vpf.reset(NC);
     sc.kpf_base.reset(NC);
     sc.vpf_base.reset(NC);
-    if constexpr (E::kMatrix) E::init_scratch(*this, sc);  // E hook
+    if constexpr (E::kMatrix || kDecodeEngine) E::init_scratch(*this, sc);  // E hook
   }
 
   const T* k_row(const SeqDesc& sd, std::int64_t t, int hk) const {
@@ -567,6 +580,8 @@ struct FlashFwd {
     }
     if constexpr (E::kMatrix)
       if (!decode) E::begin_task(*this, t, sd, sc, M);  // E hook
+    if constexpr (kDecodeEngine)
+      if (decode) E::begin_decode_task(*this, t, sd, sc, M);  // E hook
     std::fill(o, o + static_cast<std::size_t>(M) * dvp, 0.0f);
     for (int r = 0; r < M; ++r) sc.st[r] = SoftmaxState{};
     std::int64_t jb = t.ke, je = t.kb;  // union of the rows' ranges within the split
@@ -587,7 +602,7 @@ struct FlashFwd {
     if (packed) packed += jb / NC * tile_floats();
     // Decode streams K/V from memory once; its tiles (16 or 64 keys of all nh heads,
     // K and V) stay inside L2 between the score and the P V pass.
-    const int step = decode ? (key_major_decode() ? kDecodeKeyMajorTile : kDecodeKeyTile) : NC;
+    const int step = decode ? decode_step() : NC;
     for (std::int64_t j0 = jb / step * step; j0 < je; j0 += step) {
       const float* packed_tile = packed;
       if (packed) packed += tile_floats();
@@ -700,6 +715,11 @@ struct FlashFwd {
   // per key, so the arithmetic bounds it, and head-major keeps the P V accumulators in
   // registers: 25 against 37 ns per key and head on AVX-512).
   bool key_major_decode() const { return sizeof(T) == 4 && p.decode_key_major; }
+  // Keys per decode tile (a decode engine picks its own, E::kDecodeTile).
+  int decode_step() const {
+    if constexpr (kDecodeEngine) return E::kDecodeTile;
+    return key_major_decode() ? kDecodeKeyMajorTile : kDecodeKeyTile;
+  }
 
   // Row pointers of a decode tile (head t.hk; other heads add the head stride): the K/V
   // rows of keys [j0, j0 + nc) into kbase / vbase, and the rows `ahead` keys later into
@@ -723,6 +743,7 @@ struct FlashFwd {
 
   void decode_tile(const SeqDesc& sd, const Task& t, Scratch& sc, int M, int nq, std::int64_t j0,
                    int nc, bool full) const {
+    if constexpr (kDecodeEngine) return E::decode_tile(*this, sd, t, sc, M, nq, j0, nc, full);
     if (key_major_decode()) {
       decode_tile_key_major(sd, t, sc, M, nq, j0, nc, full);
     } else {
