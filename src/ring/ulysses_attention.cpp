@@ -174,7 +174,7 @@ void hybrid_attention_forward(const comm::Communicator& comm, const Engine& engi
     // its outputs for my rows [my_rows, hq, d_v] then their LSEs [my_rows, hq].
     const std::size_t fwd_slot = rows(my_rows) * (q_n + k_n + v_n);
     const std::size_t bwd_slot = rows(my_rows) * (o_n + hq) * sizeof(float);
-    const std::size_t slot_bytes = std::max(fwd_slot, bwd_slot);
+    const std::size_t slot_bytes = (std::max(fwd_slot, bwd_slot) + 63) / 64 * 64;  // floats aligned
     auto* stage = take<std::byte>((U - 1) * slot_bytes, stage_lease);
     auto slot = [&](int j) {
       return stage + static_cast<std::size_t>(j < pl.u ? j : j - 1) * slot_bytes;
