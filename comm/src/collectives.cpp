@@ -298,6 +298,37 @@ void alltoall_bytes(const Communicator& comm, const void* send,
   }
 }
 
+void exchange_blocks(const Communicator& comm, const std::vector<PeerBlock>& sends,
+                     const std::vector<PeerBlock>& recvs, const std::function<void()>& overlap) {
+  const int rank = comm.rank(), ranks = comm.size();
+  for (const auto* list : {&recvs, &sends}) {
+    for (const auto& blk : *list) {
+      RA_CHECK_ARG(blk.peer >= 0 && blk.peer < ranks && blk.peer != rank,
+                   "exchange_blocks: peer " << blk.peer << " of rank " << rank << " (" << ranks
+                                            << " ranks; blocks to self are copied locally)");
+    }
+  }
+  // Receives first, so that a sender's rendezvous finds its receive posted; one tag
+  // for all (MPI keeps the order of messages between two ranks on one tag).
+  std::vector<MPI_Request> reqs;
+  auto post = [&](const PeerBlock& blk, bool is_send) {
+    auto* p = static_cast<std::byte*>(blk.data);
+    for (std::size_t off = 0; off < blk.bytes; off += kMaxMessageBytes) {
+      const int n = static_cast<int>(std::min(blk.bytes - off, kMaxMessageBytes));
+      reqs.emplace_back();
+      if (is_send) {
+        RA_MPI_CHECK(MPI_Isend(p + off, n, MPI_BYTE, blk.peer, 0, comm.get(), &reqs.back()));
+      } else {
+        RA_MPI_CHECK(MPI_Irecv(p + off, n, MPI_BYTE, blk.peer, 0, comm.get(), &reqs.back()));
+      }
+    }
+  };
+  for (const auto& blk : recvs) post(blk, false);
+  for (const auto& blk : sends) post(blk, true);
+  if (overlap) overlap();
+  RA_MPI_CHECK(MPI_Waitall(static_cast<int>(reqs.size()), reqs.data(), MPI_STATUSES_IGNORE));
+}
+
 void broadcast_bytes(const Communicator& comm, int root, void* data, std::size_t bytes) {
   auto* p = static_cast<std::byte*>(data);
   while (bytes > 0) {

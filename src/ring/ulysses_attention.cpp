@@ -6,9 +6,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <new>
 #include <string>
 
 #include "ring/ring_blocks.hpp"
+#include "ringattn/buffer_pool.hpp"
 #include "ringattn/comm/collectives.hpp"
 #include "ringattn/error.hpp"
 
@@ -67,15 +69,33 @@ HybridPlan make_plan(const RingAttentionParams& p, int ranks, int rank, int ulys
   return pl;
 }
 
-// Copies `heads` heads of `width` elements starting at head `first` of row `row` of a
-// [rows, h_all, width] tensor to dst (esize bytes per element).
-inline std::byte* copy_heads(std::byte* dst, const void* src, std::int64_t row, int h_all,
-                             int first, int heads, std::int64_t width, std::size_t esize) {
-  const auto* s = static_cast<const std::byte*>(src) +
-                  static_cast<std::size_t>((row * h_all + first) * width) * esize;
+// Copies the heads [first, first + heads) (`width` elements each, esize bytes per
+// element) of rows [row0, row0 + rows) of a [rows, h_all, width] tensor to dst, packed
+// as [rows, heads, width]; returns the end of what it wrote.
+std::byte* copy_slice(std::byte* dst, const void* src, std::int64_t row0, std::int64_t rows,
+                      int h_all, int first, int heads, std::int64_t width, std::size_t esize) {
   const auto n = static_cast<std::size_t>(heads * width) * esize;
-  std::memcpy(dst, s, n);
-  return dst + n;
+  const auto stride = static_cast<std::size_t>(h_all * width) * esize;
+  const auto* s = static_cast<const std::byte*>(src) +
+                  static_cast<std::size_t>((row0 * h_all + first) * width) * esize;
+  for (std::int64_t r = 0; r < rows; ++r, s += stride, dst += n) std::memcpy(dst, s, n);
+  return dst;
+}
+
+// The buffers of the hybrid forward, kept between calls: the ring shard's q, k, v, out
+// and lse and one staging buffer. Fresh value-initialised buffers of this size (about
+// 250 MB a rank at s = 16384, h = 8, d = 128) cost a page fault and a page clear per
+// 4 KiB on every call.
+BufferPool& ulysses_pool() {
+  static BufferPool pool(6);
+  return pool;
+}
+
+template <class T>
+T* take(std::size_t count, BufferPool::Lease& lease) {
+  if (!BufferPool::take(&ulysses_pool(), std::max<std::size_t>(count, 1) * sizeof(T), lease))
+    throw std::bad_alloc();
+  return static_cast<T*>(lease.data());
 }
 
 }  // namespace
@@ -130,68 +150,96 @@ void hybrid_attention_forward(const comm::Communicator& comm, const Engine& engi
   const std::size_t es = dtype_size(p.dtype);
   const int b = p.b;
   const std::int64_t my_rows = pl.rows_of(pl.u), ring_rows = pl.ring_rows();
-  const std::int64_t in_row = std::int64_t{pl.hq} * p.d + std::int64_t{pl.hk} * (p.d + p.d_v);
-  const std::int64_t out_row = std::int64_t{pl.hq} * (p.d_v + 1);  // fp32 out + lse
 
   double a2a_s = 0.0;
   std::int64_t a2a_bytes = 0;
 
   detail::run_or_abort(comm, "in Ulysses x ring", [&] {
-    std::vector<std::byte> q_ring(static_cast<std::size_t>(ring_rows * pl.hq * p.d) * es);
-    std::vector<std::byte> k_ring(static_cast<std::size_t>(ring_rows * pl.hk * p.d) * es);
-    std::vector<std::byte> v_ring(static_cast<std::size_t>(ring_rows * pl.hk * p.d_v) * es);
-    std::vector<float> out_ring(static_cast<std::size_t>(ring_rows * pl.hq * p.d_v));
-    std::vector<float> lse_ring(static_cast<std::size_t>(ring_rows * pl.hq));
-    // ---- 1. sequence shards -> head shards. Block for rank j: my rows, query heads
-    // [j hq, (j + 1) hq) then K/V heads [kv_first(j), + hk), row by row.
-    double t0 = detail::ring_now_s();
-    std::vector<std::size_t> send_bytes(static_cast<std::size_t>(ulysses)),
-        recv_bytes(static_cast<std::size_t>(ulysses));
-    for (int j = 0; j < ulysses; ++j) {
-      send_bytes[static_cast<std::size_t>(j)] = static_cast<std::size_t>(my_rows * in_row) * es;
-      recv_bytes[static_cast<std::size_t>(j)] =
-          static_cast<std::size_t>(pl.rows_of(j) * in_row) * es;
-    }
-    std::vector<std::byte> send(static_cast<std::size_t>(ulysses) * send_bytes[0]);
-    std::byte* w = send.data();
-    for (int j = 0; j < ulysses; ++j) {
-      for (std::int64_t r = 0; r < my_rows; ++r) {
-        w = copy_heads(w, p.q, r, p.h, j * pl.hq, pl.hq, p.d, es);
-        w = copy_heads(w, p.k, r, p.h_k, pl.kv_first(j), pl.hk, p.d, es);
-        w = copy_heads(w, p.v, r, p.h_k, pl.kv_first(j), pl.hk, p.d_v, es);
-      }
-    }
-    std::size_t recv_total = 0;
-    for (auto n : recv_bytes) recv_total += n;
-    std::vector<std::byte> recv(recv_total);
-    comm::alltoall_bytes(ulysses_group, send.data(), send_bytes, recv.data(), recv_bytes);
-    // Rows from rank i are its pieces of every sequence, in sequence order.
-    const std::byte* rd = recv.data();
-    const auto q_n = static_cast<std::size_t>(pl.hq * p.d) * es;
+    const auto U = static_cast<std::size_t>(ulysses);
+    const auto hq = static_cast<std::size_t>(pl.hq);
+    // Bytes of one row's head slice of q, k and v; floats of one row's slice of out.
+    const auto q_n = hq * static_cast<std::size_t>(p.d) * es;
     const auto k_n = static_cast<std::size_t>(pl.hk * p.d) * es;
     const auto v_n = static_cast<std::size_t>(pl.hk * p.d_v) * es;
-    for (int i = 0; i < ulysses; ++i) {
-      for (int s = 0; s < b; ++s) {
-        const std::int64_t start = pl.piece_start(s, i);
-        for (std::int64_t t = 0; t < pl.piece_rows(s, i); ++t) {
-          const auto row = static_cast<std::size_t>(start + t);
-          std::memcpy(q_ring.data() + row * q_n, rd, q_n);
-          std::memcpy(k_ring.data() + row * k_n, rd + q_n, k_n);
-          std::memcpy(v_ring.data() + row * v_n, rd + q_n + k_n, v_n);
-          rd += q_n + k_n + v_n;
+    const auto o_n = hq * static_cast<std::size_t>(p.d_v);
+    const auto rows = [](std::int64_t n) { return static_cast<std::size_t>(n); };
+    BufferPool::Lease q_lease, k_lease, v_lease, o_lease, lse_lease, stage_lease;
+    auto* q_ring = take<std::byte>(rows(ring_rows) * q_n, q_lease);
+    auto* k_ring = take<std::byte>(rows(ring_rows) * k_n, k_lease);
+    auto* v_ring = take<std::byte>(rows(ring_rows) * v_n, v_lease);
+    auto* out_ring = take<float>(rows(ring_rows) * o_n, o_lease);
+    auto* lse_ring = take<float>(rows(ring_rows) * hq, lse_lease);
+    // Staging, one slot per other rank (slot of rank j: j, or j - 1 above my index):
+    // forward, my rows' slices for it ([my_rows, .] of q, then k, then v); backward,
+    // its outputs for my rows [my_rows, hq, d_v] then their LSEs [my_rows, hq].
+    const std::size_t fwd_slot = rows(my_rows) * (q_n + k_n + v_n);
+    const std::size_t bwd_slot = rows(my_rows) * (o_n + hq) * sizeof(float);
+    const std::size_t slot_bytes = (std::max(fwd_slot, bwd_slot) + 63) / 64 * 64;  // floats aligned
+    auto* stage = take<std::byte>((U - 1) * slot_bytes, stage_lease);
+    auto slot = [&](int j) {
+      return stage + static_cast<std::size_t>(j < pl.u ? j : j - 1) * slot_bytes;
+    };
+    std::vector<std::int64_t> my_off(static_cast<std::size_t>(b) + 1, 0);  // my rows per sequence
+    for (int s = 0; s < b; ++s)
+      my_off[static_cast<std::size_t>(s) + 1] =
+          my_off[static_cast<std::size_t>(s)] + pl.piece_rows(s, pl.u);
+    auto mine = [&](int s) { return my_off[static_cast<std::size_t>(s)]; };
+
+    // ---- 1. sequence shards -> head shards. Rank j needs my rows of its query heads
+    // [j hq, (j + 1) hq) and K/V heads [kv_first(j), + hk). Each tensor's slice is
+    // packed once, already in the ring layout [rows, heads, d], and goes as one message
+    // per sequence that lands at the sequence's piece in j's q/k/v_ring (no unpacking);
+    // my own slices are copied straight into my ring tensors while the messages move.
+    double t0 = detail::ring_now_s();
+    struct Tensor {
+      const void* src;
+      int h_all;
+      std::int64_t width;
+      std::byte* ring;
+      std::size_t n;  // bytes of one row's slice
+      int first(const HybridPlan& plan, int j, bool is_q) const {
+        return is_q ? j * plan.hq : plan.kv_first(j);
+      }
+    };
+    const Tensor tensors[3] = {{p.q, p.h, p.d, q_ring, q_n},
+                               {p.k, p.h_k, p.d, k_ring, k_n},
+                               {p.v, p.h_k, p.d_v, v_ring, v_n}};
+    std::vector<comm::PeerBlock> sends, recvs;
+    for (int j = 0; j < ulysses; ++j) {
+      if (j == pl.u) continue;
+      std::byte* w = slot(j);
+      for (int t = 0; t < 3; ++t) {
+        const Tensor& x = tensors[t];
+        const int heads = t == 0 ? pl.hq : pl.hk;
+        std::byte* packed = w;
+        w = copy_slice(w, x.src, 0, my_rows, x.h_all, x.first(pl, j, t == 0), heads, x.width, es);
+        for (int s = 0; s < b; ++s) {
+          sends.push_back({j, packed + rows(mine(s)) * x.n, rows(pl.piece_rows(s, pl.u)) * x.n});
+          recvs.push_back(
+              {j, x.ring + rows(pl.piece_start(s, j)) * x.n, rows(pl.piece_rows(s, j)) * x.n});
         }
       }
     }
-    a2a_bytes += static_cast<std::int64_t>(send.size() - send_bytes[0]);
+    comm::exchange_blocks(ulysses_group, sends, recvs, [&] {
+      for (int t = 0; t < 3; ++t) {
+        const Tensor& x = tensors[t];
+        const int heads = t == 0 ? pl.hq : pl.hk;
+        for (int s = 0; s < b; ++s)
+          copy_slice(x.ring + rows(pl.piece_start(s, pl.u)) * x.n, x.src, mine(s),
+                     pl.piece_rows(s, pl.u), x.h_all, x.first(pl, pl.u, t == 0), heads, x.width,
+                     es);
+      }
+    });
+    a2a_bytes += static_cast<std::int64_t>((U - 1) * fwd_slot);
     a2a_s += detail::ring_now_s() - t0;
 
     // ---- 2. the ring over the R ranks of this Ulysses index, on hq heads.
     RingAttentionParams rp = p;
-    rp.q = q_ring.data();
-    rp.k = k_ring.data();
-    rp.v = v_ring.data();
-    rp.out = out_ring.data();
-    rp.lse = lse_ring.data();
+    rp.q = q_ring;
+    rp.k = k_ring;
+    rp.v = v_ring;
+    rp.out = out_ring;
+    rp.lse = lse_ring;
     rp.h = pl.hq;
     rp.h_k = pl.hk;
     // Sinks of this rank's heads (applied once, by the ring, after its last merge).
@@ -199,64 +247,82 @@ void hybrid_attention_forward(const comm::Communicator& comm, const Engine& engi
     rp.lse_layout = LseLayout::kApi;
     ring_attention(ring_group, engine, mode, rp, options, stats ? &stats->ring_stats : nullptr);
 
-    // ---- 3. head shards -> sequence shards: to rank j its rows (its pieces) of my
-    // heads, each row hq x d_v outputs then hq LSEs (fp32).
+    // ---- 3. head shards -> sequence shards. To rank j: its rows (its pieces) of my
+    // heads, the outputs straight from out_ring (one message per sequence) and the LSEs
+    // packed [rows of j, hq]. From rank i: my rows of its heads into its staging slot,
+    // then written to out / lse (my own heads are written while the messages move).
     t0 = detail::ring_now_s();
-    for (int j = 0; j < ulysses; ++j) {
-      send_bytes[static_cast<std::size_t>(j)] =
-          static_cast<std::size_t>(pl.rows_of(j) * out_row) * sizeof(float);
-      recv_bytes[static_cast<std::size_t>(j)] =
-          static_cast<std::size_t>(my_rows * out_row) * sizeof(float);
-    }
-    // LSE of ring row `row` (sequence s, index t within its ring shard), head hh:
+    // LSE of ring row t of sequence s (index within its ring shard), head hh:
     // dense [b, hq, n_g], varlen [hq, t_g].
     auto ring_lse = [&](int s, std::int64_t t, int hh) {
       if (p.cu_seqlens)
-        return lse_ring[static_cast<std::size_t>(hh * ring_rows +
-                                                 pl.ring_off[static_cast<std::size_t>(s)] + t)];
-      const std::int64_t n = pl.ring_len[0];
-      return lse_ring[static_cast<std::size_t>((s * pl.hq + hh) * n + t)];
+        return lse_ring[rows(hh * ring_rows + pl.ring_off[static_cast<std::size_t>(s)] + t)];
+      return lse_ring[rows((s * pl.hq + hh) * pl.ring_len[0] + t)];
     };
-    std::vector<float> send_o(static_cast<std::size_t>(ring_rows * out_row));
-    float* wo = send_o.data();
-    for (int j = 0; j < ulysses; ++j) {
-      for (int s = 0; s < b; ++s) {
-        const std::int64_t start = pl.piece_start(s, j);
-        const std::int64_t off = start - pl.ring_off[static_cast<std::size_t>(s)];
-        for (std::int64_t t = 0; t < pl.piece_rows(s, j); ++t) {
-          const float* src = out_ring.data() + (start + t) * pl.hq * p.d_v;
-          wo = std::copy(src, src + pl.hq * p.d_v, wo);
-          for (int hh = 0; hh < pl.hq; ++hh) *wo++ = ring_lse(s, off + t, hh);
-        }
-      }
-    }
-    std::vector<float> recv_o(static_cast<std::size_t>(ulysses * my_rows * out_row));
-    comm::alltoall_bytes(ulysses_group, send_o.data(), send_bytes, recv_o.data(), recv_bytes);
-    // From rank i: my rows (sequence order) for query heads [i hq, (i + 1) hq).
     const std::int64_t my_n = b > 0 ? pl.piece_rows(0, pl.u) : 0;  // dense rows per sequence
-    const float* ro = recv_o.data();
-    for (int i = 0; i < ulysses; ++i) {
-      std::int64_t r = 0;
+    // My row r (row t of my piece of sequence s), query head `head` of the whole problem.
+    auto put_lse = [&](int s, std::int64_t t, std::int64_t r, std::int64_t head, float x) {
+      if (p.lse_layout == LseLayout::kRows) {
+        p.lse[r * p.h + head] = x;
+      } else if (p.cu_seqlens) {
+        p.lse[head * my_rows + r] = x;
+      } else {
+        p.lse[(s * p.h + head) * my_n + t] = x;
+      }
+    };
+    // Rows of a piece of sequence s (ring rows from `start`, my rows from r0) to out:
+    // outputs from `o` ([rows, hq, d_v]) for query heads [i hq, (i + 1) hq).
+    auto put_out = [&](const float* o, std::int64_t r0, std::int64_t n, int i) {
+      for (std::int64_t r = r0; r < r0 + n; ++r, o += o_n)
+        std::copy(o, o + o_n, p.out + (r * p.h + std::int64_t{i} * pl.hq) * p.d_v);
+    };
+    std::vector<float> lse_send(p.lse ? rows(ring_rows) * hq : 0);
+    sends.clear();
+    recvs.clear();
+    float* ls = lse_send.data();
+    for (int j = 0; j < ulysses; ++j) {
+      if (j == pl.u) continue;
+      float* lse_j = ls;
       for (int s = 0; s < b; ++s) {
-        for (std::int64_t t = 0; t < pl.piece_rows(s, pl.u); ++t, ++r) {
-          std::copy(ro, ro + pl.hq * p.d_v, p.out + (r * p.h + i * pl.hq) * p.d_v);
-          ro += pl.hq * p.d_v;
-          for (int hh = 0; hh < pl.hq; ++hh, ++ro) {
-            if (!p.lse) continue;
-            const std::int64_t head = i * pl.hq + hh;
-            if (p.lse_layout == LseLayout::kRows) {
-              p.lse[r * p.h + head] = *ro;
-            } else if (p.cu_seqlens) {
-              p.lse[head * my_rows + r] = *ro;
-            } else {
-              p.lse[(s * p.h + head) * my_n + t] = *ro;
-            }
-          }
+        const std::int64_t start = pl.piece_start(s, j), n = pl.piece_rows(s, j);
+        sends.push_back({j, out_ring + rows(start) * o_n, rows(n) * o_n * sizeof(float)});
+        const std::int64_t off = start - pl.ring_off[static_cast<std::size_t>(s)];
+        if (p.lse) {
+          for (std::int64_t t = 0; t < n; ++t)
+            for (int hh = 0; hh < pl.hq; ++hh) *ls++ = ring_lse(s, off + t, hh);
         }
+        recvs.push_back({j, reinterpret_cast<float*>(slot(j)) + rows(mine(s)) * o_n,
+                         rows(pl.piece_rows(s, pl.u)) * o_n * sizeof(float)});
+      }
+      if (p.lse) {
+        sends.push_back({j, lse_j, static_cast<std::size_t>(ls - lse_j) * sizeof(float)});
+        recvs.push_back({j, reinterpret_cast<float*>(slot(j)) + rows(my_rows) * o_n,
+                         rows(my_rows) * hq * sizeof(float)});
       }
     }
-    a2a_bytes += static_cast<std::int64_t>((send_o.size() * sizeof(float)) -
-                                           send_bytes[static_cast<std::size_t>(pl.u)]);
+    comm::exchange_blocks(ulysses_group, sends, recvs, [&] {
+      for (int s = 0; s < b; ++s) {
+        const std::int64_t start = pl.piece_start(s, pl.u), n = pl.piece_rows(s, pl.u);
+        put_out(out_ring + rows(start) * o_n, mine(s), n, pl.u);
+        if (!p.lse) continue;
+        const std::int64_t off = start - pl.ring_off[static_cast<std::size_t>(s)];
+        for (std::int64_t t = 0; t < n; ++t)
+          for (int hh = 0; hh < pl.hq; ++hh)
+            put_lse(s, t, mine(s) + t, std::int64_t{pl.u} * pl.hq + hh, ring_lse(s, off + t, hh));
+      }
+    });
+    for (int i = 0; i < ulysses; ++i) {
+      if (i == pl.u) continue;
+      const auto* o = reinterpret_cast<const float*>(slot(i));
+      put_out(o, 0, my_rows, i);
+      if (!p.lse) continue;
+      const float* l = o + rows(my_rows) * o_n;
+      for (int s = 0; s < b; ++s)
+        for (std::int64_t t = 0; t < pl.piece_rows(s, pl.u); ++t)
+          for (int hh = 0; hh < pl.hq; ++hh)
+            put_lse(s, t, mine(s) + t, std::int64_t{i} * pl.hq + hh, *l++);
+    }
+    for (const auto& blk : sends) a2a_bytes += static_cast<std::int64_t>(blk.bytes);
     a2a_s += detail::ring_now_s() - t0;
   });
   if (stats) {

@@ -614,6 +614,48 @@ TEST(RingMpiErrors, TooManyRanksForSequence) {
   EXPECT_THROW(ring_attention_forward(comm, engine, p), InvalidArgument);
 }
 
+// comm::exchange_blocks: several blocks per pair (one empty) land where each receive
+// says, in list order, with `overlap` run once; a block to the calling rank is refused.
+TEST(CommExchange, BlocksLandInListOrder) {
+  const comm::Communicator& comm = test::world();
+  const int P = comm.size(), r = comm.rank();
+  auto size_of = [](int from, int to, int blk) {
+    return blk == 1 ? std::size_t{0} : static_cast<std::size_t>(7 * from + 3 * to + 5 * blk + 1);
+  };
+  auto value = [](int from, int to, int blk, std::size_t i) {
+    return static_cast<unsigned char>(31 * from + 17 * to + 5 * blk + i);
+  };
+  std::vector<std::vector<unsigned char>> out, in;
+  std::vector<comm::PeerBlock> sends, recvs;
+  for (int j = 0; j < P; ++j) {
+    if (j == r) continue;
+    for (int blk = 0; blk < 3; ++blk) {
+      auto& o = out.emplace_back(size_of(r, j, blk));
+      for (std::size_t i = 0; i < o.size(); ++i) o[i] = value(r, j, blk, i);
+      in.emplace_back(size_of(j, r, blk), 0xEE);
+    }
+  }
+  // Blocks of one pair listed in order, each received into a buffer of its own.
+  for (std::size_t n = 0; n < out.size(); ++n) {
+    const int j =
+        static_cast<int>(n / 3) < r ? static_cast<int>(n / 3) : static_cast<int>(n / 3) + 1;
+    sends.push_back({j, out[n].data(), out[n].size()});
+    recvs.push_back({j, in[n].data(), in[n].size()});
+  }
+  int overlaps = 0;
+  comm::exchange_blocks(comm, sends, recvs, [&] { ++overlaps; });
+  EXPECT_EQ(overlaps, 1);
+  for (std::size_t n = 0; n < in.size(); ++n) {
+    const int j =
+        static_cast<int>(n / 3) < r ? static_cast<int>(n / 3) : static_cast<int>(n / 3) + 1;
+    const int blk = static_cast<int>(n % 3);
+    for (std::size_t i = 0; i < in[n].size(); ++i)
+      ASSERT_EQ(in[n][i], value(j, r, blk, i)) << "block " << blk << " from " << j << " byte " << i;
+  }
+  unsigned char b = 0;
+  EXPECT_THROW(comm::exchange_blocks(comm, {{r, &b, 1}}, {}), InvalidArgument);
+}
+
 TEST(RingBlockMask, Classification) {
   // Contiguous causal: chunk after the query chunk hidden, before it full, same diagonal.
   EXPECT_EQ(classify_block(10, 10, 20, 10, 1, -1, 0).kind, BlockMask::kHidden);

@@ -4,6 +4,7 @@
 //    library version) before any data moves,
 //  - scatter_rows / gather_rows: move the rows a rank owns (any layout, described as
 //    strided row spans) between a root holding the whole tensor and the owners,
+//  - alltoall_bytes / exchange_blocks: all-to-all of packed or individually placed blocks,
 //  - UserOp + allreduce / reduce with a user-defined operation (e.g. the LSE merge).
 #pragma once
 
@@ -76,6 +77,26 @@ void gather_rows(const Communicator& comm, int root, const void* local, std::siz
 void alltoall_bytes(const Communicator& comm, const void* send,
                     const std::vector<std::size_t>& send_bytes, void* recv,
                     const std::vector<std::size_t>& recv_bytes);
+
+// One block of an exchange: `bytes` bytes at `data`, sent to or received from `peer`.
+struct PeerBlock {
+  int peer = 0;
+  void* data = nullptr;  // only read for a send
+  std::size_t bytes = 0;
+};
+
+// Point-to-point exchange of described blocks, e.g. an all-to-all whose blocks land
+// directly in their final places (no packed receive buffer to unpack). Posts every
+// receive, then every send (a block over 1 GiB as several messages), runs `overlap`
+// (work that needs none of the blocks, e.g. the caller's local copies), and waits for
+// all. Blocks between two ranks pair up in list order: the i-th block that rank a
+// sends to b is the i-th block that b receives from a, with the same size. Zero-byte
+// blocks are skipped on both sides; a block to or from the calling rank itself is an
+// InvalidArgument (copy it locally). `overlap` must not throw: the blocks are in use
+// until the wait.
+void exchange_blocks(const Communicator& comm, const std::vector<PeerBlock>& sends,
+                     const std::vector<PeerBlock>& recvs,
+                     const std::function<void()>& overlap = {});
 
 // Broadcast of `bytes` bytes (any size) from root.
 void broadcast_bytes(const Communicator& comm, int root, void* data, std::size_t bytes);
