@@ -373,7 +373,7 @@ def case_kvcache_fp8():
             "--q-descale", save("qd.npy", ds[0]), "--k-descale", save("kd.npy", ds[1]),
             "--v-descale", save("vd.npy", ds[2]), "--out", path("o.npy"), "--lse", path("l.npy"),
             "--k-cache-out", path("kc2.npy"), "--v-cache-out", path("vc2.npy")]
-    # Decode on cpu-avx512-bf16 / cpu-amx (what "auto" picks on AVX512_BF16 CPUs) rounds the
+    # Decode on cpu-avx512-bf16 (what "auto" picks on AMD AVX512_BF16 CPUs) rounds the
     # softmax weights P to bf16 as FlashAttention-3 does: up to 2^-8 max|v| more
     # (docs/semantics.md section 6; v dequantised, times v_descale).
     v_max = max(np.abs(E4M3[vc_ref]).max(), np.abs(E4M3[vn]).max()) * ds[2].max()

@@ -58,15 +58,15 @@ KernelFn kernel_for(CpuIsa isa) {
 // faster on a Xeon (docs/cpu-backend.md). Key-major fp32 decode, bf16 / fp16 decode
 // and all prefill keep AVX-512.
 // kAmx / kAvx512Bf16: bf16 storage runs flash_fwd_amx / flash_fwd_avx512_bf16 (engine
-// prefill, AVX-512 decode); fp8 e4m3 flash_fwd_fp8_avx512_bf16_vbmi where the CPU has
-// AVX512_VBMI (vdpbf16ps decode, AVX-512 prefill); other dtypes the AVX-512 kernels
-// (docs/cpu-backend.md). cpu-amx runs calls with
+// prefill, AVX-512 decode); on kAvx512Bf16, fp8 e4m3 runs flash_fwd_fp8_avx512_bf16_vbmi
+// where the CPU has AVX512_VBMI (vdpbf16ps decode, AVX-512 prefill; on the Sapphire Rapids
+// Xeon that decode measured slower than the fp32 kernel, so cpu-amx keeps the latter);
+// other dtypes the AVX-512 kernels (docs/cpu-backend.md). cpu-amx runs calls with
 // qv on the AVX-512 vector tiles (its AMX tile has no qv product).
 KernelFn kernel_for_problem(CpuIsa isa, const AttnProblem& a) {
   if (a.dtype == DType::kBF16 && !a.qv && isa == CpuIsa::kAmx) return &cpu::flash_fwd_amx;
   if (a.dtype == DType::kBF16 && isa == CpuIsa::kAvx512Bf16) return &cpu::flash_fwd_avx512_bf16;
-  if (a.dtype == DType::kFP8E4M3 && (isa == CpuIsa::kAmx || isa == CpuIsa::kAvx512Bf16) &&
-      cpu_has_avx512_vbmi())
+  if (a.dtype == DType::kFP8E4M3 && isa == CpuIsa::kAvx512Bf16 && cpu_has_avx512_vbmi())
     return &cpu::flash_fwd_fp8_avx512_bf16_vbmi;
   isa = vector_isa(isa);
   if (isa == CpuIsa::kAvx512 && a.dtype == DType::kF32 && !a.decode_key_major) {
