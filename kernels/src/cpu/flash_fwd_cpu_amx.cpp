@@ -3,7 +3,9 @@
 // Compiled with the amx flags by the *_amx.cpp rule of kernels/CMakeLists.txt.
 // GCC 12 reports the deliberately undefined lanes of its own AVX-512 intrinsics
 // (_mm512_undefined_*) as (maybe-)uninitialized once they are inlined here.
+#if !defined(__clang__)  // clang has no -Wmaybe-uninitialized (and no such report)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "cpu/amx_prefill.hpp"
