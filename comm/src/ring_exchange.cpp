@@ -19,7 +19,7 @@ BufferPool& exchange_pool() {
 }  // namespace
 
 RingExchange::RingExchange(const Communicator& comm, std::size_t max_bytes, int tag)
-    : comm_(comm), max_bytes_(max_bytes) {
+    : max_bytes_(max_bytes) {
   RA_CHECK_ARG_LE(max_bytes, static_cast<std::size_t>(INT_MAX),
                   "ring exchange: block larger than one MPI message (bytes)");
   for (int i = 0; i < kBuffers; ++i)

@@ -166,14 +166,14 @@ std::vector<BenchCase> mla_bench_cases() {
                          return run_decode(ctx, kv, sh.b, sh.h, ctx.quick ? sh.quick_s : sh.s);
                        }});
     }
-  const int topk = 128;
+  constexpr int kTopk = 128;  // a constant: the lambdas below need no capture of it
   for (int s : {160, 192, 256, 512, 1024, 2048})
     for (MlaPrefillPath path : {MlaPrefillPath::kMaskedDense, MlaPrefillPath::kSparseGather}) {
       const std::string name = std::string("mla_prefill_") + mla_prefill_path_name(path) + "_s" +
-                               std::to_string(s) + "_k" + std::to_string(topk);
-      cases.push_back({name, "GFLOP/s", [path, s, topk](const BenchContext& ctx) {
+                               std::to_string(s) + "_k" + std::to_string(kTopk);
+      cases.push_back({name, "GFLOP/s", [path, s](const BenchContext& ctx) {
                          return run_prefill(ctx, path, ctx.quick ? s / 4 : s,
-                                            ctx.quick ? topk / 4 : topk);
+                                            ctx.quick ? kTopk / 4 : kTopk);
                        }});
     }
   return cases;

@@ -62,7 +62,6 @@ class RingExchange {
   bool active() const { return active_; }
 
  private:
-  const Communicator& comm_;
   std::size_t max_bytes_;
   static constexpr int kBuffers = 3;
   int next() const { return (cur_ + 1) % kBuffers; }
