@@ -20,6 +20,7 @@
 #include "mpi_test_main.hpp"
 #include "ringattn/comm/collectives.hpp"
 #include "ringattn/comm/communicator.hpp"
+#include "ringattn/contiguous_params.hpp"
 #include "ringattn/distributed_decode.hpp"
 #include "ringattn/engine.hpp"
 #include "ringattn/merge_state.hpp"
@@ -440,11 +441,7 @@ TEST(DecodeMpi, SinksAppliedOnceAfterTheReduction) {
     f.h = h;
     f.h_k = h_k;
     f.d = f.d_v = d;
-    f.q_head_stride = f.out_head_stride = f.k_head_stride = f.v_head_stride = d;
-    f.q_row_stride = f.out_row_stride = std::int64_t{h} * d;
-    f.q_batch_stride = f.out_batch_stride = std::int64_t{s_q} * h * d;
-    f.k_row_stride = f.v_row_stride = std::int64_t{h_k} * d;
-    f.k_batch_stride = f.v_batch_stride = s * h_k * d;
+    set_contiguous_strides(f);
     f.mask.causal = causal;
     f.mask.sinks = sinks.data();
     engine.forward(f);
@@ -521,11 +518,7 @@ TEST(DecodeMpi, AttentionChunkAtGlobalPositions) {
     f.h = h;
     f.h_k = h_k;
     f.d = f.d_v = d;
-    f.q_head_stride = f.out_head_stride = f.k_head_stride = f.v_head_stride = d;
-    f.q_row_stride = f.out_row_stride = std::int64_t{h} * d;
-    f.q_batch_stride = f.out_batch_stride = std::int64_t{s_q} * h * d;
-    f.k_row_stride = f.v_row_stride = std::int64_t{h_k} * d;
-    f.k_batch_stride = f.v_batch_stride = s * h_k * d;
+    set_contiguous_strides(f);
     f.mask.causal = run.causal;
     f.mask.window_left = run.wl;
     f.mask.attention_chunk = run.chunk;

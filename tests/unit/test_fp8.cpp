@@ -29,6 +29,7 @@
 
 #include "reference_f64.hpp"
 #include "ringattn/attention_params.hpp"
+#include "ringattn/contiguous_params.hpp"
 #include "ringattn/engine.hpp"
 #include "ringattn/error.hpp"
 #include "test_util.hpp"
@@ -196,18 +197,7 @@ TEST_P(Fp8Forward, MatchesFloat64Reference) {
   p.v = v.data();
   p.out = out.data();
   p.lse = lse.data();
-  p.q_batch_stride = q.stride(0);
-  p.q_row_stride = q.stride(1);
-  p.q_head_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0);
-  p.k_row_stride = k.stride(1);
-  p.k_head_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0);
-  p.v_row_stride = v.stride(1);
-  p.v_head_stride = v.stride(2);
-  p.out_batch_stride = out.stride(0);
-  p.out_row_stride = out.stride(1);
-  p.out_head_stride = out.stride(2);
+  set_strides(p, q, k, v, out);
   p.b = c.b;
   p.s_q = max_q;
   p.s_k = max_k;
@@ -386,10 +376,7 @@ TEST_P(Fp8Decode, EveryFiniteValueIsExact) {
   p.h = h;
   p.h_k = h_k;
   p.d = p.d_v = d;
-  p.q_head_stride = p.out_head_stride = d;
-  p.q_row_stride = p.q_batch_stride = p.out_row_stride = p.out_batch_stride = h * d;
-  p.k_head_stride = p.v_head_stride = d;
-  p.k_row_stride = p.k_batch_stride = p.v_row_stride = p.v_batch_stride = d;
+  set_contiguous_strides(p);
   const Engine engine(EngineOptions{GetParam(), 0});
   engine.forward(p);
   for (int bi = 0; bi < b; ++bi)
@@ -479,9 +466,7 @@ TEST(Fp8Validation, NamesTheArgument) {
     p.h = 2;
     p.h_k = 1;
     p.d = p.d_v = 8;
-    p.q_head_stride = p.k_head_stride = p.v_head_stride = p.out_head_stride = 8;
-    p.q_row_stride = p.out_row_stride = 16;
-    p.k_row_stride = p.v_row_stride = 8;
+    set_contiguous_strides(p);
     const float one = 1.0f;
     p.descale.v = &one;
     expect_invalid("descale on fp32", [&] { engine.forward(p); },

@@ -113,6 +113,23 @@ struct Tensor {
   }
 };
 
+// Strides of a dense call from its [b, s, h, x] tensors (padded or not): q, k, v, out.
+inline void set_strides(FwdParams& p, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& out) {
+  p.q_batch_stride = q.stride(0);
+  p.q_row_stride = q.stride(1);
+  p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0);
+  p.k_row_stride = k.stride(1);
+  p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0);
+  p.v_row_stride = v.stride(1);
+  p.v_head_stride = v.stride(2);
+  p.out_batch_stride = out.stride(0);
+  p.out_row_stride = out.stride(1);
+  p.out_head_stride = out.stride(2);
+}
+
 // Tensor of `shape`, row-major, with the second-to-last dim's stride padded by
 // `pad` elements (pad = 0: contiguous). The whole storage starts as NaN.
 inline Tensor make_tensor(DType dtype, std::vector<std::int64_t> shape, std::int64_t pad = 0) {
