@@ -1,7 +1,6 @@
 #include "ringattn/comm/collectives.hpp"
 
 #include <algorithm>
-#include <climits>
 #include <cstring>
 #include <new>
 
@@ -244,57 +243,6 @@ void gather_rows(const Communicator& comm, int root, const void* local, std::siz
     packed.resize(bytes);
     recv_bytes(comm, r, kGatherTag, packed.data(), bytes);
     copy_spans<false>(spans, row_bytes, static_cast<std::byte*>(global), packed.data());
-  }
-}
-
-void alltoall_bytes(const Communicator& comm, const void* send,
-                    const std::vector<std::size_t>& send_bytes, void* recv,
-                    const std::vector<std::size_t>& recv_bytes) {
-  const int ranks = comm.size();
-  const auto n = static_cast<std::size_t>(ranks);
-  RA_CHECK_ARG_EQ(send_bytes.size(), n, "alltoall_bytes: send_bytes entries vs ranks");
-  RA_CHECK_ARG_EQ(recv_bytes.size(), n, "alltoall_bytes: recv_bytes entries vs ranks");
-  std::vector<std::size_t> send_at(n + 1, 0), recv_at(n + 1, 0);
-  for (std::size_t j = 0; j < n; ++j) {
-    send_at[j + 1] = send_at[j] + send_bytes[j];
-    recv_at[j + 1] = recv_at[j] + recv_bytes[j];
-  }
-  const auto* sp = static_cast<const std::byte*>(send);
-  auto* rp = static_cast<std::byte*>(recv);
-  if (send_at[n] <= static_cast<std::size_t>(INT_MAX) &&
-      recv_at[n] <= static_cast<std::size_t>(INT_MAX)) {
-    // Everything addressable with int counts and displacements: one MPI_Alltoallv.
-    std::vector<int> sc(n), sd(n), rc(n), rd(n);
-    for (std::size_t j = 0; j < n; ++j) {
-      sc[j] = static_cast<int>(send_bytes[j]);
-      sd[j] = static_cast<int>(send_at[j]);
-      rc[j] = static_cast<int>(recv_bytes[j]);
-      rd[j] = static_cast<int>(recv_at[j]);
-    }
-    RA_MPI_CHECK(MPI_Alltoallv(sp, sc.data(), sd.data(), MPI_BYTE, rp, rc.data(), rd.data(),
-                               MPI_BYTE, comm.get()));
-    return;
-  }
-  // Larger: P rounds of pairwise exchanges (round k: send to r + k, receive from
-  // r - k), each block as messages of at most kMaxMessageBytes, matched in order.
-  const int rank = comm.rank();
-  for (int k = 0; k < ranks; ++k) {
-    const auto to = static_cast<std::size_t>((rank + k) % ranks);
-    const auto from = static_cast<std::size_t>((rank - k + ranks) % ranks);
-    std::vector<MPI_Request> reqs;
-    for (std::size_t off = 0; off < recv_bytes[from]; off += kMaxMessageBytes) {
-      reqs.emplace_back();
-      RA_MPI_CHECK(MPI_Irecv(rp + recv_at[from] + off,
-                             static_cast<int>(std::min(recv_bytes[from] - off, kMaxMessageBytes)),
-                             MPI_BYTE, static_cast<int>(from), 0, comm.get(), &reqs.back()));
-    }
-    for (std::size_t off = 0; off < send_bytes[to]; off += kMaxMessageBytes) {
-      reqs.emplace_back();
-      RA_MPI_CHECK(MPI_Isend(sp + send_at[to] + off,
-                             static_cast<int>(std::min(send_bytes[to] - off, kMaxMessageBytes)),
-                             MPI_BYTE, static_cast<int>(to), 0, comm.get(), &reqs.back()));
-    }
-    RA_MPI_CHECK(MPI_Waitall(static_cast<int>(reqs.size()), reqs.data(), MPI_STATUSES_IGNORE));
   }
 }
 

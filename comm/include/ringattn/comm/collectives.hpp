@@ -4,7 +4,7 @@
 //    library version) before any data moves,
 //  - scatter_rows / gather_rows: move the rows a rank owns (any layout, described as
 //    strided row spans) between a root holding the whole tensor and the owners,
-//  - alltoall_bytes / exchange_blocks: all-to-all of packed or individually placed blocks,
+//  - exchange_blocks: all-to-all of individually placed blocks,
 //  - UserOp + allreduce / reduce with a user-defined operation (e.g. the LSE merge).
 #pragma once
 
@@ -69,14 +69,6 @@ void scatter_rows(const Communicator& comm, int root, const void* global, std::s
 // in `global` on the root (ignored elsewhere).
 void gather_rows(const Communicator& comm, int root, const void* local, std::size_t row_bytes,
                  const SpansOf& spans_of, void* global);
-
-// Collective all-to-all of byte blocks (MPI_Alltoallv): rank r sends send_bytes[j]
-// bytes to rank j, taken back to back from `send` in rank order, and receives
-// recv_bytes[i] bytes from rank i into `recv`, back to back in rank order. Every
-// block must fit in an int count (InvalidArgument naming the block otherwise).
-void alltoall_bytes(const Communicator& comm, const void* send,
-                    const std::vector<std::size_t>& send_bytes, void* recv,
-                    const std::vector<std::size_t>& recv_bytes);
 
 // One block of an exchange: `bytes` bytes at `data`, sent to or received from `peer`.
 struct PeerBlock {
