@@ -40,9 +40,11 @@ struct Fp8DpBf16Decode {
   using P = typename B::P;
   static constexpr int L = B::kLanes;  // fp32 lanes = bf16 pairs per vector
   static constexpr int kChunk = 64;    // e4m3 values per conversion (one 64-byte load)
-  // Bytes per prefetch_l2 call: 64 asks for each line twice, as the fp32 kernel does (one
-  // prefetch per line measured the same in L2; from DRAM the fp32 kernel lost 3-8 points).
-  static constexpr int kPrefetchBytes = 64;
+  // Bytes per prefetch_l2 call: 32, one prefetch per 64-byte load, so each line of a
+  // 64-byte-aligned row is asked for once. Asking twice, as the fp32 kernel does, cost
+  // the fp8 engine 2-7 % on 2 threads from DRAM once its prefetches walk memory in order
+  // (decode_tile): the extra prefetch is an issue slot in a loop that is compute-bound.
+  static constexpr int kPrefetchBytes = 32;
   // Keys per decode tile: 64 (FlashFwd's head-major tile has 16) spreads the per-tile
   // work of each row (softmax reductions, O loaded, rescaled and stored once per tile)
   // over 4x the keys: in L2, one thread, 25 -> 22-23 ns per key-head (4 query rows)
@@ -58,6 +60,7 @@ struct Fp8DpBf16Decode {
     AlignedBuf<bf16_t> q;         // [rows][qld] q rows in B::fp8_to_bf16 order, zero padded
     AlignedBuf<std::uint32_t> p;  // [rows][kTile / 2] P of the tile as bf16 pairs
     AlignedBuf<float> mul;        // [rows] score factor (scale x descales x 256^2)
+    AlignedBuf<const fp8e4m3_t*> kpf, vpf;  // [heads][kTile] prefetch rows (decode_tile)
     int qld = 0;
   };
 
@@ -68,6 +71,8 @@ struct Fp8DpBf16Decode {
     sc.mm.q.reset(m * static_cast<std::size_t>(sc.mm.qld));
     sc.mm.p.reset(m * kTile / 2);
     sc.mm.mul.reset(m);
+    sc.mm.kpf.reset(static_cast<std::size_t>(f.p.h_k) * kTile);
+    sc.mm.vpf.reset(static_cast<std::size_t>(f.p.h_k) * kTile);
   }
 
   // A decode task's q rows (r = g * nq + ii, as FlashFwd's) as bf16 of value / 256, and
@@ -97,17 +102,21 @@ struct Fp8DpBf16Decode {
     }
   }
 
-  // Scores of R rows (a power of two <= L) against keys krows[0 .. nk) (padded to a
-  // multiple of KB = L / R): R x KB accumulators = L independent dot-product chains,
-  // finished by one transposed reduction; s[r][k] = sum * mul[r]. Each 64-byte K load
-  // is paired with a prefetch of the same offset in kf (the row kDecodePrefetchKeys
-  // keys ahead).
+  // Scores of R rows (a power of two <= L) against the keys' rows krows[k] + off, k in
+  // [0, nk) (padded to a multiple of KB = L / R): R x KB accumulators = L independent
+  // dot-product chains, finished by one transposed reduction whose lanes (r KB + kb)
+  // are multiplied by mul[r] and stored as R runs of KB scores. Each 64-byte K load is
+  // paired with a prefetch of the same offset in kf[k] (decode_tile's prefetch list).
   template <int R>
   [[gnu::flatten]] static void qk_rows(const typename B::Fp8Tables& tab, const bf16_t* q, int qld,
                                        const float* mul, const fp8e4m3_t* const* krows,
-                                       const fp8e4m3_t* const* kf, int nk, int d, float* s) {
+                                       const fp8e4m3_t* const* kf, std::int64_t off, int nk, int d,
+                                       float* s) {
     constexpr int KB = L / R;
     const int dfull = d / kChunk * kChunk;
+    alignas(64) float mv[L];  // lane r KB + kb: mul[r]
+    for (int i = 0; i < L; ++i) mv[i] = mul[i / KB];
+    const V mulv = B::load(mv);
     for (int k0 = 0; k0 < nk; k0 += KB) {
       V acc[L];
 #pragma GCC unroll 16
@@ -119,9 +128,9 @@ struct Fp8DpBf16Decode {
           prefetch_l2<kPrefetchBytes>(kf[k0 + kb] + c);
           typename B::Bytes x;
           if constexpr (decltype(tail)::value) {
-            x = B::load_fp8_bytes(krows[k0 + kb] + c, n);
+            x = B::load_fp8_bytes(krows[k0 + kb] + off + c, n);
           } else {
-            x = B::load_fp8_bytes(krows[k0 + kb] + c);
+            x = B::load_fp8_bytes(krows[k0 + kb] + off + c);
           }
           P ka, kb2;
           B::fp8_to_bf16(tab, x, ka, kb2);
@@ -135,30 +144,27 @@ struct Fp8DpBf16Decode {
       };
       for (int c = 0; c < dfull; c += kChunk) chunk(c, std::false_type{}, kChunk);
       if (dfull < d) chunk(dfull, std::true_type{}, d - dfull);
-      alignas(64) float sums[L];
-      B::store(sums, B::reduce_add_lanes(acc));
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-        for (int kb = 0; kb < KB; ++kb)
-          s[r * kDecodeRowStride + k0 + kb] = sums[r * KB + kb] * mul[r];
+      B::template store_groups<KB>(s + k0, kDecodeRowStride,
+                                   B::mul(B::reduce_add_lanes(acc), mulv));
     }
   }
   template <int R = L>
   static void qk_rows_pow2(int rows, int& r0, const typename B::Fp8Tables& tab, const bf16_t* q,
                            int qld, const float* mul, const fp8e4m3_t* const* krows,
-                           const fp8e4m3_t* const* kf, int nk, int d, float* s) {
+                           const fp8e4m3_t* const* kf, std::int64_t off, int nk, int d, float* s) {
     for (; rows - r0 >= R; r0 += R)
-      qk_rows<R>(tab, q + r0 * qld, qld, mul + r0, krows, kf, nk, d, s + r0 * kDecodeRowStride);
-    if constexpr (R > 1) qk_rows_pow2<R / 2>(rows, r0, tab, q, qld, mul, krows, kf, nk, d, s);
+      qk_rows<R>(tab, q + r0 * qld, qld, mul + r0, krows, kf, off, nk, d,
+                 s + r0 * kDecodeRowStride);
+    if constexpr (R > 1) qk_rows_pow2<R / 2>(rows, r0, tab, q, qld, mul, krows, kf, off, nk, d, s);
   }
 
-  // O[R rows][c0 .. c0 + NVv * L) = O * alpha + P V over key pairs: V rows vrows[2i],
-  // vrows[2i + 1] (n = min(64, d_v - c0) columns read), P pairs pb[r * kTile / 2 + i].
+  // O[R rows][c0 .. c0 + NVv * L) = O * alpha + P V over key pairs: V rows
+  // vrows[2i] + off, vrows[2i + 1] + off (n = min(64, d_v - c0) columns read), P pairs
+  // pb[r * kTile / 2 + i]; the loads are paired with prefetches of vf[2i], vf[2i + 1].
   template <int R, int NVv, bool kTail>
   static void pv_chunk(const typename B::Fp8Tables& tab, const std::uint32_t* pb,
-                       const fp8e4m3_t* const* vrows, const fp8e4m3_t* const* vf, int npairs,
-                       int c0, int n, const float* alpha, float* o, int ldo) {
+                       const fp8e4m3_t* const* vrows, const fp8e4m3_t* const* vf, std::int64_t off,
+                       int npairs, int c0, int n, const float* alpha, float* o, int ldo) {
     V acc[R][NVv];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
@@ -171,11 +177,11 @@ struct Fp8DpBf16Decode {
       prefetch_l2<kPrefetchBytes>(vf[2 * i + 1] + c0);
       typename B::Bytes x, y;
       if constexpr (kTail) {
-        x = B::load_fp8_bytes(vrows[2 * i] + c0, n);
-        y = B::load_fp8_bytes(vrows[2 * i + 1] + c0, n);
+        x = B::load_fp8_bytes(vrows[2 * i] + off + c0, n);
+        y = B::load_fp8_bytes(vrows[2 * i + 1] + off + c0, n);
       } else {
-        x = B::load_fp8_bytes(vrows[2 * i] + c0);
-        y = B::load_fp8_bytes(vrows[2 * i + 1] + c0);
+        x = B::load_fp8_bytes(vrows[2 * i] + off + c0);
+        y = B::load_fp8_bytes(vrows[2 * i + 1] + off + c0);
       }
       P vp[4];
       B::fp8_pairs(tab, x, y, vp);
@@ -194,20 +200,20 @@ struct Fp8DpBf16Decode {
   // All d_v columns for R (<= 4) rows: 64-column chunks, the last one narrower.
   template <int R>
   static void pv_rows(const typename B::Fp8Tables& tab, const std::uint32_t* pb,
-                      const fp8e4m3_t* const* vrows, const fp8e4m3_t* const* vf, int npairs, int dv,
-                      const float* alpha, float* o, int ldo) {
+                      const fp8e4m3_t* const* vrows, const fp8e4m3_t* const* vf, std::int64_t off,
+                      int npairs, int dv, const float* alpha, float* o, int ldo) {
     int c0 = 0;
     for (; c0 + kChunk <= dv; c0 += kChunk)
-      pv_chunk<R, 4, false>(tab, pb, vrows, vf, npairs, c0, kChunk, alpha, o, ldo);
+      pv_chunk<R, 4, false>(tab, pb, vrows, vf, off, npairs, c0, kChunk, alpha, o, ldo);
     const int n = dv - c0;
     if (n > 3 * L) {
-      pv_chunk<R, 4, true>(tab, pb, vrows, vf, npairs, c0, n, alpha, o, ldo);
+      pv_chunk<R, 4, true>(tab, pb, vrows, vf, off, npairs, c0, n, alpha, o, ldo);
     } else if (n > 2 * L) {
-      pv_chunk<R, 3, true>(tab, pb, vrows, vf, npairs, c0, n, alpha, o, ldo);
+      pv_chunk<R, 3, true>(tab, pb, vrows, vf, off, npairs, c0, n, alpha, o, ldo);
     } else if (n > L) {
-      pv_chunk<R, 2, true>(tab, pb, vrows, vf, npairs, c0, n, alpha, o, ldo);
+      pv_chunk<R, 2, true>(tab, pb, vrows, vf, off, npairs, c0, n, alpha, o, ldo);
     } else if (n > 0) {
-      pv_chunk<R, 1, true>(tab, pb, vrows, vf, npairs, c0, n, alpha, o, ldo);
+      pv_chunk<R, 1, true>(tab, pb, vrows, vf, off, npairs, c0, n, alpha, o, ldo);
     }
   }
 
@@ -218,7 +224,8 @@ struct Fp8DpBf16Decode {
   // head hh are r in [hh * mh, (hh + 1) * mh). Head-major as FlashFwd's
   // decode_tile_head_major: per head its K rows for the scores, FlashFwd's softmax over
   // all rows, P to bf16 pairs, per head its V rows for O += P V (accumulators in
-  // registers across the tile's keys). Row pointers are resolved once per key.
+  // registers across the tile's keys). Row pointers are resolved once per key (head 0 of
+  // the task; head hh adds hh times the head stride).
   template <class F>
   static void decode_tile(const F& f, const SeqDesc& sd, const Task& t, typename F::Scratch& sc,
                           int M, int nq, std::int64_t j0, int nc, bool full) {
@@ -229,20 +236,29 @@ struct Fp8DpBf16Decode {
     const std::int64_t khs = kv_head_stride(sd.k), vhs = kv_head_stride(sd.v);
     f.decode_tile_rows_of(sd, t, sc, j0, nc, ncv, F::kDecodePrefetchKeys);
     const typename B::Fp8Tables tab = B::fp8_tables();
-    const fp8e4m3_t* const* kb = sc.kbase.get();
-    const fp8e4m3_t* const* vb = sc.vbase.get();
-    const fp8e4m3_t* const* kfb = sc.kpf_base.get();
-    const fp8e4m3_t* const* vfb = sc.vpf_base.get();
-    const fp8e4m3_t** kp = sc.kptr.get();
-    const fp8e4m3_t** kf = sc.kpf.get();
+    // Rows past nc (padding of the score block, masked; the odd key of the last V pair,
+    // P = 0) repeat the last key's row; every head adds its stride to these pointers.
+    const fp8e4m3_t** kb = sc.kbase.get();
+    const fp8e4m3_t** vb = sc.vbase.get();
+    for (int j = nc; j < ncv; ++j) kb[j] = kb[nc - 1], vb[j] = vb[nc - 1];
+    // The rows kDecodePrefetchKeys keys ahead, prefetched in memory order: the heads of
+    // a key side by side, then the next key. Step (head hh, key j) of the head-major
+    // loops below asks for entry hh * ncv + j of this key-major list, so the prefetches
+    // walk the next tile's block front to back. Asked for head by head (rows a key
+    // stride apart), the same prefetches left fp8 decode 8-12 % slower from DRAM on 2
+    // threads (docs/cpu-backend.md).
+    const fp8e4m3_t** kpf = sc.mm.kpf.get();
+    const fp8e4m3_t** vpf = sc.mm.vpf.get();
+    for (int j = 0, i = 0; j < ncv; ++j)
+      for (int hh = 0; hh < t.nh; ++hh, ++i) {
+        kpf[i] = sc.kpf_base[j] + hh * khs;
+        vpf[i] = sc.vpf_base[j] + hh * vhs;
+      }
     const int qld = sc.mm.qld;
     for (int hh = 0; hh < t.nh; ++hh) {
-      for (int j = 0; j < nc; ++j) kp[j] = kb[j] + hh * khs;
-      for (int j = nc; j < ncv; ++j) kp[j] = kp[nc - 1];  // padding (masked)
-      for (int j = 0; j < ncv; ++j) kf[j] = kfb[j] + hh * khs;
       int r0 = 0;
-      qk_rows_pow2(mh, r0, tab, sc.mm.q.get() + hh * mh * qld, qld, sc.mm.mul.get() + hh * mh, kp,
-                   kf, nc, p.d, sc.s.get() + hh * mh * kDecodeRowStride);
+      qk_rows_pow2(mh, r0, tab, sc.mm.q.get() + hh * mh * qld, qld, sc.mm.mul.get() + hh * mh, kb,
+                   kpf + hh * ncv, hh * khs, nc, p.d, sc.s.get() + hh * mh * kDecodeRowStride);
     }
     f.softmax_tile(sc, M, nq, j0, nc, ncv, full);
     // P (0 past nc) to bf16 pairs.
@@ -252,12 +268,9 @@ struct Fp8DpBf16Decode {
         B::store_bf16(reinterpret_cast<bf16_t*>(pb + r * (kTile / 2)) + c,
                       B::load(sc.s.get() + r * kDecodeRowStride + c));
     const int npairs = (nc + 1) / 2;
-    const fp8e4m3_t** vp = sc.vrow_t.get();
-    const fp8e4m3_t** vf = sc.vpf.get();
     for (int hh = 0; hh < t.nh; ++hh) {
-      for (int j = 0; j < nc; ++j) vp[j] = vb[j] + hh * vhs;
-      for (int j = 0; j < nc; ++j) vf[j] = vfb[j] + hh * vhs;
-      if (nc % 2) vp[nc] = vp[nc - 1], vf[nc] = vf[nc - 1];  // its P is 0
+      const std::int64_t off = hh * vhs;
+      const fp8e4m3_t* const* vf = vpf + hh * ncv;
       for (int r0 = hh * mh; r0 < (hh + 1) * mh; r0 += 4) {
         const int rows = std::min(4, (hh + 1) * mh - r0);
         const std::uint32_t* pr = pb + r0 * (kTile / 2);
@@ -265,16 +278,16 @@ struct Fp8DpBf16Decode {
         float* orow = sc.o.get() + r0 * f.dvp;
         switch (rows) {
           case 4:
-            pv_rows<4>(tab, pr, vp, vf, npairs, p.d_v, al, orow, f.dvp);
+            pv_rows<4>(tab, pr, vb, vf, off, npairs, p.d_v, al, orow, f.dvp);
             break;
           case 3:
-            pv_rows<3>(tab, pr, vp, vf, npairs, p.d_v, al, orow, f.dvp);
+            pv_rows<3>(tab, pr, vb, vf, off, npairs, p.d_v, al, orow, f.dvp);
             break;
           case 2:
-            pv_rows<2>(tab, pr, vp, vf, npairs, p.d_v, al, orow, f.dvp);
+            pv_rows<2>(tab, pr, vb, vf, off, npairs, p.d_v, al, orow, f.dvp);
             break;
           default:
-            pv_rows<1>(tab, pr, vp, vf, npairs, p.d_v, al, orow, f.dvp);
+            pv_rows<1>(tab, pr, vb, vf, off, npairs, p.d_v, al, orow, f.dvp);
             break;
         }
       }

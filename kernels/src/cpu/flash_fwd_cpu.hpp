@@ -97,6 +97,19 @@ inline std::int64_t kv_rows_offset(const KvRows& kv, std::int64_t t, int hk) {
   return t * kv.row_stride + hk * kv.head_stride;
 }
 
+// Keys t, t + 1, .. (at most n) whose rows follow each other at kv_row_stride(kv):
+// all n for a dense tensor or an unpaged cache, the rest of t's page for a paged one.
+inline std::int64_t kv_rows_run(const KvRows& kv, std::int64_t t, std::int64_t n) {
+  if (!kv.cache || !kv.cache->page_table) return n;
+  const std::int64_t slot = kv_leftpad(*kv.cache, kv.seq) + t;
+  return std::min(n, kv.cache->page_size - slot % kv.cache->page_size);
+}
+// Elements between the rows of two consecutive keys within such a run.
+inline std::int64_t kv_row_stride(const KvRows& kv) {
+  if (kv.cache) return kv.is_v ? kv.cache->v_cache_row_stride : kv.cache->k_cache_row_stride;
+  return kv.row_stride;
+}
+
 // Elements between the rows of two consecutive KV heads of one key.
 inline std::int64_t kv_head_stride(const KvRows& kv) {
   if (kv.cache) return kv.is_v ? kv.cache->v_cache_head_stride : kv.cache->k_cache_head_stride;

@@ -729,15 +729,26 @@ struct FlashFwd {
                            int npf, std::int64_t ahead) const {
     const T** kb = sc.kbase.get();
     const T** vb = sc.vbase.get();
-    for (int j = 0; j < nc; ++j) {
-      kb[j] = k_row(sd, j0 + j, t.hk);
-      vb[j] = v_row(sd, j0 + j, t.hk);
-    }
+    rows_of(sd.k, j0, nc, t.hk, kb);
+    rows_of(sd.v, j0, nc, t.hk, vb);
     const std::int64_t pj0 = j0 + ahead;
-    for (int j = 0; j < npf; ++j) {
-      const bool in_range = pj0 + j < t.ke;
-      sc.kpf_base[j] = in_range ? k_row(sd, pj0 + j, t.hk) : kb[std::min(j, nc - 1)];
-      sc.vpf_base[j] = in_range ? v_row(sd, pj0 + j, t.hk) : vb[std::min(j, nc - 1)];
+    const int nin = static_cast<int>(std::clamp<std::int64_t>(t.ke - pj0, 0, npf));
+    rows_of(sd.k, pj0, nin, t.hk, sc.kpf_base.get());
+    rows_of(sd.v, pj0, nin, t.hk, sc.vpf_base.get());
+    for (int j = nin; j < npf; ++j) {
+      sc.kpf_base[j] = kb[std::min(j, nc - 1)];
+      sc.vpf_base[j] = vb[std::min(j, nc - 1)];
+    }
+  }
+  // rows[j] = the row of key t0 + j, KV head hk, for j < n: the (paged) cache lookup
+  // once per run of keys that follow each other in memory.
+  static void rows_of(const KvRows& kv, std::int64_t t0, int n, int hk, const T** rows) {
+    const std::int64_t stride = kv_row_stride(kv);
+    for (int j = 0; j < n;) {
+      const T* r = reinterpret_cast<const T*>(kv.base) + kv_rows_offset(kv, t0 + j, hk);
+      const int run = static_cast<int>(kv_rows_run(kv, t0 + j, n - j));
+      for (int i = 0; i < run; ++i) rows[j + i] = r + i * stride;
+      j += run;
     }
   }
 

@@ -63,6 +63,27 @@ struct SimdAvx512 {
     return widen_fp8(_mm_maskz_loadu_epi8(first_n(n), p));
   }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  // Lanes [g G, (g + 1) G) of v to dst + g ld, for every group g < 16 / G.
+  template <int G>
+  static void store_groups(float* dst, std::int64_t ld, V v) {
+    static_assert(G >= 1 && 16 % G == 0, "whole groups");
+    if constexpr (G == 16) {
+      _mm512_storeu_ps(dst, v);
+    } else if constexpr (G == 8) {
+      _mm256_storeu_ps(dst, _mm512_castps512_ps256(v));
+      _mm256_storeu_ps(dst + ld, _mm512_extractf32x8_ps(v, 1));
+    } else if constexpr (G == 4) {
+      _mm_storeu_ps(dst, _mm512_castps512_ps128(v));
+      _mm_storeu_ps(dst + ld, _mm512_extractf32x4_ps(v, 1));
+      _mm_storeu_ps(dst + 2 * ld, _mm512_extractf32x4_ps(v, 2));
+      _mm_storeu_ps(dst + 3 * ld, _mm512_extractf32x4_ps(v, 3));
+    } else {
+      alignas(64) float t[16];
+      _mm512_store_ps(t, v);
+      for (int g = 0; g < 16 / G; ++g)
+        for (int i = 0; i < G; ++i) dst[g * ld + i] = t[g * G + i];
+    }
+  }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
