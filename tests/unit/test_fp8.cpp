@@ -307,6 +307,11 @@ std::vector<Fp8KvCase> kv_cases() {
   c = kv_case("decode_sq2_group6_d256", 12, 2, 256, 2, 2, {201}, 32, DType::kF32);
   c.kv.causal = true;
   cs.push_back(c);
+  // GQA 4 (the engine's 4-row score block over pairs of keys) at d = 80: two 32-value
+  // steps and a masked 16-value tail, paged with a leftpad.
+  c = kv_case("decode_gqa4_d80_tail", 8, 2, 80, 1, 1, {333, 90}, 16, DType::kBF16);
+  c.kv.leftpad = {5, 0};
+  cs.push_back(c);
   c = kv_case("decode_mha_d32", 4, 4, 32, 1, 0, {70, 3}, 0, DType::kF32);
   c.descales = Descales::kOnlyV;
   cs.push_back(c);

@@ -110,25 +110,36 @@ struct SimdAvx512 {
   // Transposed horizontal sum of kLanes vectors: lane i of the result = sum of the
   // lanes of v[i]. Four halving steps (unpack ps, unpack pd, two 128-bit chunk
   // shuffles), 15 shuffle pairs + adds for 16 dot products.
+  // Lane 4k + j = the sum of w[j]'s four lanes in 128-bit chunk k, for j < 4.
+  static V sum_chunks4(const V* w) {
+    // per 128-bit chunk: [a0+a2, b0+b2, a1+a3, b1+b3] for (a, b) = (w0, w1), (w2, w3)
+    const V r1 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
+    const V r2 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
+    return _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(r1), _mm512_castps_pd(r2))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(r1), _mm512_castps_pd(r2))));
+  }
+  // Chunks 0 + 1 and 2 + 3 of a and b: [a01, a23, b01, b23] (each 4 lanes).
+  static V add_chunk_pairs(V a, V b) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
   static V reduce_add_lanes(const V* v) {
     V u[4];
-    for (int i = 0; i < 4; ++i) {
-      const V* w = v + 4 * i;
-      // per 128-bit chunk: [a0+a2, b0+b2, a1+a3, b1+b3] for (a, b) = (w0, w1), (w2, w3)
-      const V r1 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
-      const V r2 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
-      // per chunk: [w0, w1, w2, w3] partial sums over that chunk's 4 lanes
-      u[i] = _mm512_add_ps(
-          _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(r1), _mm512_castps_pd(r2))),
-          _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(r1), _mm512_castps_pd(r2))));
-    }
+    for (int i = 0; i < 4; ++i) u[i] = sum_chunks4(v + 4 * i);
     // Sum the four 128-bit chunks: chunk k of the result belongs to u[k].
-    const V w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
-    const V w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
+    const V w01 = add_chunk_pairs(u[0], u[1]);
+    const V w23 = add_chunk_pairs(u[2], u[3]);
+    return add_chunk_pairs(w01, w23);
+  }
+  // v[0 .. 15], each holding two partial sums, one per 256-bit half: out[i] lanes [0, 4)
+  // = the low-half sums of v[8i .. 8i + 3], [4, 8) their high-half sums, [8, 12) and
+  // [12, 16) the same of v[8i + 4 .. 8i + 7]. One level fewer than reduce_add_lanes.
+  static void reduce_add_halves(const V* v, V out[2]) {
+    V u[4];
+    for (int i = 0; i < 4; ++i) u[i] = sum_chunks4(v + 4 * i);
+    out[0] = add_chunk_pairs(u[0], u[1]);
+    out[1] = add_chunk_pairs(u[2], u[3]);
   }
   static float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
   static V exp(V x) { return simd_exp<SimdAvx512>(x); }

@@ -64,6 +64,19 @@ struct SimdAvx512Bf16Vbmi : SimdAvx512Bf16 {
   static __m512i load_fp8_bytes(const fp8e4m3_t* p, int n) {
     return _mm512_maskz_loadu_epi8(n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1, p);
   }
+  // 32 e4m3 bytes of a in the low 256 bits, 32 of b in the high (n of each, n <= 32; the
+  // other bytes read as 0): fp8_to_bf16 then keeps a's values in the low halves of its
+  // two pair vectors and b's in the high halves.
+  static __m512i load_fp8_halves(const fp8e4m3_t* a, const fp8e4m3_t* b) {
+    return _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+  }
+  static __m512i load_fp8_halves(const fp8e4m3_t* a, const fp8e4m3_t* b, int n) {
+    const __mmask32 m = n >= 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(m, a)),
+                              _mm256_maskz_loadu_epi8(m, b), 1);
+  }
   // The bf16 bytes of the 64 e4m3 bytes x: low bytes into lo, high bytes (sign included)
   // into hi, element by element.
   static void fp8_bf16_bytes(const Fp8Tables& t, __m512i x, __m512i& lo, __m512i& hi) {
