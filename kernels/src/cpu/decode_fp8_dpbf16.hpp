@@ -12,8 +12,9 @@
 // every vdpbf16ps does 32 products:
 //   S = q K^T   q (e4m3, exact in bf16) converted once per task; K rows converted in
 //               place, R rows x L / R keys of accumulators, one transposed reduction
-//               per L dot products (as FlashFwd's qk_rows); the softmax scale and the
-//               descales multiply the sums.
+//               per L dot products (as FlashFwd's qk_rows); 4 rows (GQA 4) take two
+//               keys per conversion and vector, one reduction level less (qk_rows4);
+//               the softmax scale and the descales multiply the sums.
 //   P           FlashFwd's fp32 online softmax (softmax_tile), then P rounded to bf16
 //               (round to nearest even, as FlashAttention-3 does for 16-bit inputs; the
 //               row sum keeps the fp32 P).
