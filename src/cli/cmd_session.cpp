@@ -181,16 +181,13 @@ struct SessionSetup {
 };
 
 // What the session computed, and its timings.
-struct SessionResults {
+struct SessionResults : StepShares {
   std::vector<std::pair<int, std::int64_t>> mine;  // (sequence, position) of local rows
   std::int64_t t_r = 0;                            // local prefill rows
   std::vector<float> p_out, p_lse;                 // [t_r, h, d_v], [h, t_r]
   StepStats pst;
   std::vector<float> d_out, d_lse;  // [T, b, t, h, d_v], [T, b, h, t]
-  // Per decode step, shares of the step (StepStats): the reduction's own cost, the mean
-  // and the largest imbalance wait, the slowest rank's whole time inside the reduction.
-  std::vector<double> step_s, merge_share, imbalance_share, max_wait_share, reduction_share;
-  std::vector<double> local_sum;  // rank 0: per rank, the sum of its local decode times
+  std::vector<double> local_sum;    // rank 0: per rank, the sum of its local decode times
   double decode_bytes = 0.0;
   std::vector<float> e_out, e_lse;  // [b, S1, h, d_v], [b, h, S1]
   ExtendPlan plan;
@@ -481,12 +478,7 @@ void prefill(const comm::Communicator& comm, const Engine& engine, KvSession& se
 // (StepStats); rank 0 sums every rank's local time (the per-rank imbalance).
 void record_step(const comm::Communicator& comm, const StepStats& ds, SessionResults& res) {
   const int P = comm.size();
-  const double step = std::max(ds.total_s, 1e-12);
-  res.step_s.push_back(ds.total_s);
-  res.merge_share.push_back(ds.merge_s / step);
-  res.imbalance_share.push_back(ds.wait_s / step);
-  res.max_wait_share.push_back(ds.max_wait_s / step);
-  res.reduction_share.push_back(allreduce_max(comm, ds.reduce_s) / step);
+  res.add(comm, ds);
   std::vector<double> locals(static_cast<std::size_t>(P));
   RA_MPI_CHECK(MPI_Gather(&ds.local_s, 1, MPI_DOUBLE, locals.data(), 1, MPI_DOUBLE, 0, comm.get()));
   for (int r = 0; r < P; ++r)
@@ -734,10 +726,7 @@ void print_json(const SessionReport& r) {
   // wait in it for the slowest rank is decode_imbalance_share (mean over ranks) and
   // decode_max_wait_share (the fastest rank); decode_reduction_share is the slowest
   // rank's whole time inside the reduction (merge + wait, the measure before the split).
-  j["decode_merge_share"] = json_number(median(res.merge_share));
-  j["decode_imbalance_share"] = json_number(median(res.imbalance_share));
-  j["decode_max_wait_share"] = json_number(median(res.max_wait_share));
-  j["decode_reduction_share"] = json_number(median(res.reduction_share));
+  res.to_json(j);
   j["decode_merge_after_barrier"] = r.a.merge_after_barrier;
   Json per_rank = Json::array();
   for (double x : res.local_sum) per_rank.push_back(json_number(x / std::max(1, sh.steps)));

@@ -180,6 +180,22 @@ double allreduce_max(const comm::Communicator& comm, double x) {
   return r;
 }
 
+void StepShares::add(const comm::Communicator& comm, const StepStats& ds) {
+  const double step = std::max(ds.total_s, 1e-12);
+  step_s.push_back(ds.total_s);
+  merge_share.push_back(ds.merge_s / step);
+  imbalance_share.push_back(ds.wait_s / step);
+  max_wait_share.push_back(ds.max_wait_s / step);
+  reduction_share.push_back(allreduce_max(comm, ds.reduce_s) / step);
+}
+
+void StepShares::to_json(Json& j) const {
+  j["decode_merge_share"] = json_number(median(merge_share));
+  j["decode_imbalance_share"] = json_number(median(imbalance_share));
+  j["decode_max_wait_share"] = json_number(median(max_wait_share));
+  j["decode_reduction_share"] = json_number(median(reduction_share));
+}
+
 double allreduce_sum(const comm::Communicator& comm, double x) {
   double r = 0.0;
   RA_MPI_CHECK(MPI_Allreduce(&x, &r, 1, MPI_DOUBLE, MPI_SUM, comm.get()));

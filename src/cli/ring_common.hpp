@@ -11,6 +11,7 @@
 #include "cli/cli_common.hpp"
 #include "ringattn/comm/communicator.hpp"
 #include "ringattn/dtype.hpp"
+#include "ringattn/kv_session.hpp"
 
 namespace ringattn::cli {
 
@@ -72,6 +73,18 @@ Json result_json(const char* command, int ranks, const Engine& engine);
 // The maximum / sum of x over the ranks (collective).
 double allreduce_max(const comm::Communicator& comm, double x);
 double allreduce_sum(const comm::Communicator& comm, double x);
+
+// The decode steps of a session (`session`, `session --mla`): per step its latency and
+// the shares of the reduction's split (StepStats): the reduction's own cost, the mean and
+// the largest imbalance wait, the slowest rank's whole time inside the reduction.
+struct StepShares {
+  std::vector<double> step_s, merge_share, imbalance_share, max_wait_share, reduction_share;
+  // One step (collective: the slowest rank's reduction time).
+  void add(const comm::Communicator& comm, const StepStats& ds);
+  // The medians as decode_merge_share, decode_imbalance_share, decode_max_wait_share and
+  // decode_reduction_share.
+  void to_json(Json& j) const;
+};
 
 // The engine of --dtype/--backend/--threads, made on every rank collectively (a bad
 // --backend on one rank is the same error on all).

@@ -35,10 +35,8 @@ struct Synthetic {
 };
 
 // What the session computed, and its timings.
-struct MlaResults {
+struct MlaResults : StepShares {
   StepStats pst;
-  // Per decode step: latency and the shares of the reduction's split (StepStats).
-  std::vector<double> step_s, merge_share, imbalance_share, max_wait_share, reduction_share;
   CheckErrors err;
   double session_s = 0.0;  // prompt store to the last step, slowest rank
 };
@@ -125,12 +123,7 @@ void decode_steps(const comm::Communicator& comm, MlaSession& session, const Syn
       syn.latent_rows(s, pos, r.t, nkv.data() + static_cast<std::size_t>(row * D) * es);
     }
     const StepStats ds = session.decode(r.t, q.data(), nkv.data(), out.data(), lse.data(), r.root);
-    const double total = std::max(ds.total_s, 1e-12);
-    res.step_s.push_back(ds.total_s);
-    res.merge_share.push_back(ds.merge_s / total);
-    res.imbalance_share.push_back(ds.wait_s / total);
-    res.max_wait_share.push_back(ds.max_wait_s / total);
-    res.reduction_share.push_back(allreduce_max(comm, ds.reduce_s) / total);
+    res.add(comm, ds);
     if (r.check && (step == 0 || step == r.steps - 1) && comm.rank() == std::max(r.root, 0))
       check_step(syn, step, out.data(), lse.data(), res.err);
   }
@@ -159,10 +152,7 @@ void print_json(const MlaSessionRun& r, int ranks, const Engine& engine, const M
   j["decode_step_median_s"] = json_number(step_med);
   j["decode_step_max_s"] = json_number(
       res.step_s.empty() ? 0.0 : *std::max_element(res.step_s.begin(), res.step_s.end()));
-  j["decode_merge_share"] = json_number(median(res.merge_share));
-  j["decode_imbalance_share"] = json_number(median(res.imbalance_share));
-  j["decode_max_wait_share"] = json_number(median(res.max_wait_share));
-  j["decode_reduction_share"] = json_number(median(res.reduction_share));
+  res.to_json(j);
   j["decode_merge_after_barrier"] = r.merge_barrier;
   j["decode_tokens_per_s"] = json_number(step_med > 0 ? double(r.b) * r.t / step_med : 0.0);
   j["decode_cache_read_gb_per_s"] =
