@@ -106,20 +106,23 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
   return os.str();
 }
 
-// FA3's qv (extra query part, score = scale * (q . k + qv . v)): shaped as out, `want`
-// ([b, s_q, h, d_v] or [total_q, h, d_v], named by `want_text`), in q's dtype. Sets the
-// params' qv pointer and strides; a mismatch names both shapes.
-void set_qv(const std::optional<TensorArg>& qv, const TensorArg& q,
-            const std::vector<std::int64_t>& want, const char* want_text, bool varlen,
-            const void*& ptr, std::int64_t& batch, std::int64_t& row, std::int64_t& head) {
+// FA3's qv (extra query part, score = scale * (q . k + qv . v)): shaped as out
+// ([b, s_q, h, d_v], or [total_q, h, d_v] when varlen), in q's dtype. Sets the params'
+// qv pointer and strides; a mismatch names both shapes.
+template <class Params>
+void set_qv(const std::optional<TensorArg>& qv, const TensorArg& q, bool varlen, std::int64_t b,
+            std::int64_t s_q, std::int64_t h, std::int64_t d_v, Params& p) {
   if (!qv) return;
+  const std::vector<std::int64_t> want = varlen ? std::vector<std::int64_t>{q.dim(0), h, d_v}
+                                                : std::vector<std::int64_t>{b, s_q, h, d_v};
+  const char* want_text = varlen ? "[total_q, h, d_v]" : "[b, s_q, h, d_v]";
   RA_CHECK_ARG(qv->type == q.type, qv->name << ": dtype " << elem_type_name(qv->type)
                                             << " must equal q's " << elem_type_name(q.type));
   RA_CHECK_ARG(qv->shape == want, qv->name << ": shape " << shape_text(qv->shape) << " must equal "
                                            << want_text << " = " << shape_text(want) << " (q is "
                                            << shape_text(q.shape) << ")");
-  ptr = qv->data<const void>();
-  strides3(*qv, varlen, batch, row, head);
+  p.qv = qv->data<const void>();
+  strides3(*qv, varlen, p.qv_batch_stride, p.qv_row_stride, p.qv_head_stride);
 }
 
 // Dense: q [b, s_q, h, d], k [b, s_k, h_k, d], v [b, s_k, h_k, d_v] -> out
@@ -179,13 +182,7 @@ void fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const Tenso
   p.mask.attention_chunk = attention_chunk;
   p.num_splits = num_splits;
   set_descales(p.descale, p.b, p.h_k, q_descale, k_descale, v_descale);
-  if (varlen) {
-    set_qv(qv, q, {q.dim(0), s.h, s.d_v}, "[total_q, h, d_v]", true, p.qv, p.qv_batch_stride,
-           p.qv_row_stride, p.qv_head_stride);
-  } else {
-    set_qv(qv, q, {s.b, s.s_q, s.h, s.d_v}, "[b, s_q, h, d_v]", false, p.qv, p.qv_batch_stride,
-           p.qv_row_stride, p.qv_head_stride);
-  }
+  set_qv(qv, q, varlen, s.b, s.s_q, s.h, s.d_v, p);
   auto eng = engine();
   run_kernel([&] { eng->forward(p); });
 }
@@ -372,13 +369,7 @@ void fwd_kvcache(const TensorArg& q, const TensorArg& k_cache, const TensorArg& 
   p.mask.attention_chunk = attention_chunk;
   p.num_splits = num_splits;
   set_descales(p.descale, p.b, p.h_k, q_descale, k_descale, v_descale);
-  if (vq) {
-    set_qv(qv, q, {q.dim(0), p.h, p.d_v}, "[total_q, h, d_v]", true, p.qv, p.qv_batch_stride,
-           p.qv_row_stride, p.qv_head_stride);
-  } else {
-    set_qv(qv, q, {p.b, p.s_q, p.h, p.d_v}, "[b, s_q, h, d_v]", false, p.qv, p.qv_batch_stride,
-           p.qv_row_stride, p.qv_head_stride);
-  }
+  set_qv(qv, q, vq, p.b, p.s_q, p.h, p.d_v, p);
   SchedulerMetadata md;
   auto eng = engine();
   if (plan) {
