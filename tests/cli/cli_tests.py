@@ -447,6 +447,19 @@ def case_attn_qv():
 
 
 # ---------------------------------------------------------------- kvcache
+def paged_cache(r, b, h_k, d, d_v, page, blocks, max_pages, seqlens):
+    """K/V caches [blocks, page, h_k, d / d_v] holding seqlens[i] random tokens of sequence i
+    on the pages of its page-table row (a random permutation), NaN in every unused slot."""
+    kc = np.full((blocks, page, h_k, d), np.nan, dtype=np.float32)
+    vc = np.full((blocks, page, h_k, d_v), np.nan, dtype=np.float32)
+    pt = r.permutation(blocks)[: b * max_pages].reshape(b, max_pages).astype(np.int32)
+    for i in range(b):
+        for t in range(seqlens[i]):
+            kc[pt[i, t // page], t % page] = r.standard_normal((h_k, d))
+            vc[pt[i, t // page], t % page] = r.standard_normal((h_k, d_v))
+    return kc, vc, pt
+
+
 def kvcache_ref(q, k_tokens, v_tokens, causal):
     return attention_ref(q, k_tokens, v_tokens, causal=causal)
 
@@ -455,13 +468,7 @@ def case_kvcache_paged_append():
     r = rng()
     b, s_q, h, h_k, d, d_v, page, blocks, max_pages, s_new = 2, 3, 4, 2, 32, 32, 4, 12, 5, 3
     seqlens = np.array([5, 9], dtype=np.int32)
-    kc = np.full((blocks, page, h_k, d), np.nan, dtype=np.float32)
-    vc = np.full((blocks, page, h_k, d_v), np.nan, dtype=np.float32)
-    pt = r.permutation(blocks)[: b * max_pages].reshape(b, max_pages).astype(np.int32)
-    for i in range(b):
-        for t in range(seqlens[i]):
-            kc[pt[i, t // page], t % page] = r.standard_normal((h_k, d))
-            vc[pt[i, t // page], t % page] = r.standard_normal((h_k, d_v))
+    kc, vc, pt = paged_cache(r, b, h_k, d, d_v, page, blocks, max_pages, seqlens)
     q = r.standard_normal((b, s_q, h, d)).astype(np.float32)
     kn = r.standard_normal((b, s_new, h_k, d)).astype(np.float32)
     vn = r.standard_normal((b, s_new, h_k, d_v)).astype(np.float32)
@@ -504,13 +511,7 @@ def case_kvcache_varlen():
     b = len(seqlens)
     cu_q = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     cu_n = np.concatenate([[0], np.cumsum(new_lens)]).astype(np.int32)
-    kc = np.full((blocks, page, h_k, d), np.nan, np.float32)
-    vc = np.full((blocks, page, h_k, d), np.nan, np.float32)
-    pt = r.permutation(blocks)[: b * max_pages].reshape(b, max_pages).astype(np.int32)
-    for i in range(b):
-        for t in range(seqlens[i]):
-            kc[pt[i, t // page], t % page] = r.standard_normal((h_k, d))
-            vc[pt[i, t // page], t % page] = r.standard_normal((h_k, d))
+    kc, vc, pt = paged_cache(r, b, h_k, d, d, page, blocks, max_pages, seqlens)
     q = r.standard_normal((cu_q[-1], h, d)).astype(np.float32)
     kn = r.standard_normal((cu_n[-1], h_k, d)).astype(np.float32)
     vn = r.standard_normal((cu_n[-1], h_k, d)).astype(np.float32)
@@ -582,13 +583,7 @@ def case_kvcache_qv():
     r = rng()
     b, s_q, h, h_k, d, d_v, page, blocks, max_pages, s_new = 2, 3, 4, 2, 64, 128, 4, 14, 6, 2
     seqlens = np.array([7, 13], dtype=np.int32)
-    kc = np.full((blocks, page, h_k, d), np.nan, dtype=np.float32)
-    vc = np.full((blocks, page, h_k, d_v), np.nan, dtype=np.float32)
-    pt = r.permutation(blocks)[: b * max_pages].reshape(b, max_pages).astype(np.int32)
-    for i in range(b):
-        for t in range(seqlens[i]):
-            kc[pt[i, t // page], t % page] = r.standard_normal((h_k, d))
-            vc[pt[i, t // page], t % page] = r.standard_normal((h_k, d_v))
+    kc, vc, pt = paged_cache(r, b, h_k, d, d_v, page, blocks, max_pages, seqlens)
     q = r.standard_normal((b, s_q, h, d)).astype(np.float32)
     qv = r.standard_normal((b, s_q, h, d_v)).astype(np.float32)
     kn = r.standard_normal((b, s_new, h_k, d)).astype(np.float32)
