@@ -11,36 +11,18 @@ make every rank raise.
 import sys
 
 import numpy as np
-from mpi4py import MPI
 
 import ringattn
 from ringattn import ring
 from ringattn import session as rs
+from checks_mpi import RANK, SIZE, check, f64, summary
 
 try:
     import torch
 except ImportError:  # numpy only
     torch = None
 
-COMM = MPI.COMM_WORLD
-RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
-FAILURES = []
-CHECKS = 0
 D, DV = 576, 512
-
-
-def check(cond, what):
-    global CHECKS
-    CHECKS += 1
-    if not cond:
-        FAILURES.append(what)
-        print(f"[rank {RANK}] FAIL: {what}", flush=True)
-
-
-def f64(x):
-    if torch is not None and isinstance(x, torch.Tensor):
-        return x.detach().to(torch.float64).numpy()
-    return np.asarray(x, dtype=np.float64)
 
 
 def mla_ref(q, kv, L, scale, causal, sink=None):
@@ -185,12 +167,7 @@ def main():
         run_session(kind, "fp32", "contiguous", "zigzag", sinks=True)
         run_one_shot(kind, "fp32", causal=True, root=SIZE - 1)
     test_errors()
-    counts = COMM.allgather((CHECKS, len(FAILURES)))
-    failed = sum(f for _, f in counts)
-    if RANK == 0:
-        print(f"mpi_mla_session: {SIZE} ranks, {sum(c for c, _ in counts)} checks, {failed} failed",
-              flush=True)
-    return 1 if failed else 0
+    return summary("mpi_mla_session")
 
 
 if __name__ == "__main__":

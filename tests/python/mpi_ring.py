@@ -21,20 +21,16 @@ import traceback
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
 import ringattn
 from ringattn import ring
+from checks_mpi import COMM, RANK, SIZE, check, f64, summary
 
 try:
     from ringattn.flash_attn_interface import flash_attn_func
 except (ImportError, AttributeError):  # the single-process API is optional here
     flash_attn_func = None
 
-COMM = MPI.COMM_WORLD
-RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
-FAILURES = []
-CHECKS = 0
 
 RING_FUNCS = {
     "contiguous": ring.ring_flash_attn_func,
@@ -48,23 +44,9 @@ VARLEN_FUNCS = {
 }
 
 
-def check(cond, what):
-    global CHECKS
-    CHECKS += 1
-    if not cond:
-        FAILURES.append(what)
-        print(f"[rank {RANK}] FAIL: {what}", flush=True)
-
-
-def as_f64(x):
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(torch.float64).numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
 def max_err(a, b):
     """max |a - b| treating equal infinities (the -inf LSE of empty rows) as equal."""
-    a, b = as_f64(a), as_f64(b)
+    a, b = f64(a), f64(b)
     same_inf = np.isinf(a) & np.isinf(b) & (np.sign(a) == np.sign(b))
     if (np.isinf(a) != np.isinf(b)).any() or np.isnan(a).any() or np.isnan(b).any():
         return math.inf
@@ -76,7 +58,7 @@ def reference(q, k, v, scale, causal, window, softcap, sinks=None, chunk=0):
     """float64 attention of one sequence: q [s_q, h, d], k/v [s_k, h_k, *]; bottom-right mask
     (docs/semantics.md section 1). Returns out [s_q, h, d_v], lse [h, s_q] (natural log);
     rows that see no key give 0 / -inf."""
-    q, k, v = as_f64(q), as_f64(k), as_f64(v)
+    q, k, v = f64(q), f64(k), f64(v)
     s_q, h, _ = q.shape
     s_k, h_k, _ = k.shape
     if s_q == 0 or s_k == 0:
@@ -232,7 +214,7 @@ def test_varlen():
         rl = np.zeros((h, total))
         for i in range(len(lens)):
             a, e = int(cu[i]), int(cu[i + 1])
-            ro[a:e], rl[:, a:e] = reference(as_f64(q)[a:e], as_f64(k)[a:e], as_f64(v)[a:e],
+            ro[a:e], rl[:, a:e] = reference(f64(q)[a:e], f64(k)[a:e], f64(v)[a:e],
                                             1 / math.sqrt(d), causal, window, softcap)
         check(tuple(out.shape) == (int(cu_local[-1]), h, d), f"{what}: out shape {tuple(out.shape)}")
         check(tuple(lse.shape) == (h, int(cu_local[-1])), f"{what}: lse shape {tuple(lse.shape)}")
@@ -332,7 +314,7 @@ def test_attention_chunk():
         if flash_attn_func is not None and kind == "numpy":  # the single-process kernel agrees
             fo = flash_attn_func(q, k, v, softmax_scale=0.3, causal=causal, window_size=window,
                                  attention_chunk=chunk)
-            e_f = max_err(out, ring.shard(as_f64(fo), layout, RANK, SIZE, ulysses_degree=u))
+            e_f = max_err(out, ring.shard(f64(fo), layout, RANK, SIZE, ulysses_degree=u))
             check(e_f <= tol(dtype), f"{what}: vs flash_attn_func err {e_f:.3g}")
         cu = np.array([0, s, 2 * s], np.int32)
         pack = (lambda x: x.reshape(-1, *x.shape[2:]))
@@ -512,7 +494,7 @@ def test_ulysses():
         ro = np.zeros((total, h, d))
         for i in range(len(lens)):
             a, e = int(cu[i]), int(cu[i + 1])
-            ro[a:e], _ = reference(as_f64(qv)[a:e], as_f64(kv)[a:e], as_f64(vv)[a:e], 1 / math.sqrt(d),
+            ro[a:e], _ = reference(f64(qv)[a:e], f64(kv)[a:e], f64(vv)[a:e], 1 / math.sqrt(d),
                                    True, (-1, -1), 0.0)
         e_o = max_err(out, ring.shard(ro, layout, RANK, SIZE, dim=0, cu_seqlens=cu, ulysses_degree=u))
         check(e_o <= tol(dtype), f"varlen {what}: out err {e_o:.3g}")
@@ -543,13 +525,8 @@ def main():
             print(f"[rank {RANK}] {t.__name__} raised unexpectedly: aborting", flush=True)
             sys.stdout.flush()
             COMM.Abort(1)
-    counts = COMM.allgather((CHECKS, len(FAILURES)))
-    failed = sum(f for _, f in counts)
-    if RANK == 0:
-        print(f"mpi_ring: {SIZE} ranks, {sum(c for c, _ in counts)} checks, {failed} failed, "
-              f"{time.time() - t0:.1f} s, backend {ringattn.backend()}, "
-              f"flash_attn_func {'compared' if flash_attn_func else 'absent'}", flush=True)
-    return 1 if failed else 0
+    return summary("mpi_ring", f", {time.time() - t0:.1f} s, backend {ringattn.backend()}, "
+                   f"flash_attn_func {'compared' if flash_attn_func else 'absent'}")
 
 
 if __name__ == "__main__":

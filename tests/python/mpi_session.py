@@ -9,34 +9,16 @@ import math
 import sys
 
 import numpy as np
-from mpi4py import MPI
 
 import ringattn
 from ringattn import session as rs
+from checks_mpi import RANK, SIZE, check, f64, summary
 
 try:
     import torch
 except ImportError:  # numpy only
     torch = None
 
-COMM = MPI.COMM_WORLD
-RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
-FAILURES = []
-CHECKS = 0
-
-
-def check(cond, what):
-    global CHECKS
-    CHECKS += 1
-    if not cond:
-        FAILURES.append(what)
-        print(f"[rank {RANK}] FAIL: {what}", flush=True)
-
-
-def f64(x):
-    if torch is not None and isinstance(x, torch.Tensor):
-        return x.detach().to(torch.float64).numpy()
-    return np.asarray(x, dtype=np.float64)
 
 
 def causal_ref(q, k, v, scale, wl=-1, chunk=0):
@@ -156,11 +138,7 @@ def main():
         run(kind, "fp32", "contiguous", "pass-kv", -1, sinks=True, chunk=8)
         run(kind, "fp32", "round-robin", "auto", 4, chunk=6)
     test_errors()
-    counts = COMM.allgather((CHECKS, len(FAILURES)))
-    failed = sum(f for _, f in counts)
-    if RANK == 0:
-        print(f"mpi_session: {SIZE} ranks, {sum(c for c, _ in counts)} checks, {failed} failed", flush=True)
-    return 1 if failed else 0
+    return summary("mpi_session")
 
 
 if __name__ == "__main__":
