@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "ringattn/attention_params.hpp"
@@ -34,6 +35,24 @@ struct RefResult {
 
 // docs/semantics.md sections 1-2: dense (p.cu_seqlens_q == nullptr) or varlen forward.
 RefResult reference_forward(const FwdParams& p, RefPrecision prec = RefPrecision::kF64);
+
+// reference_forward in float64 (ref) and in float32 (low), kept for the most recent case
+// `name` (a grid runs one case on every backend in a row; case names are unique within
+// the test binary).
+struct CachedForwardRef {
+  std::string name;
+  RefResult ref, low;
+};
+inline const CachedForwardRef& cached_forward_references(const std::string& name,
+                                                         const FwdParams& p) {
+  static CachedForwardRef cache;
+  if (cache.name != name) {
+    cache.name = name;
+    cache.ref = reference_forward(p, RefPrecision::kF64);
+    cache.low = reference_forward(p, RefPrecision::kF32);
+  }
+  return cache;
+}
 
 // docs/semantics.md section 3. Reads the caches only at positions [leftpad, cache_seqlens)
 // and takes appended keys from k_new/v_new, so it gives the same answer before or

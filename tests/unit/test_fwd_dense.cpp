@@ -238,18 +238,7 @@ DenseProblem make_problem(const DenseCase& c) {
   p.v = pr.v.data();
   p.out = pr.out.data();
   p.lse = c.with_lse ? pr.lse.data() : nullptr;
-  p.q_batch_stride = pr.q.stride(0);
-  p.q_row_stride = pr.q.stride(1);
-  p.q_head_stride = pr.q.stride(2);
-  p.k_batch_stride = pr.k.stride(0);
-  p.k_row_stride = pr.k.stride(1);
-  p.k_head_stride = pr.k.stride(2);
-  p.v_batch_stride = pr.v.stride(0);
-  p.v_row_stride = pr.v.stride(1);
-  p.v_head_stride = pr.v.stride(2);
-  p.out_batch_stride = pr.out.stride(0);
-  p.out_row_stride = pr.out.stride(1);
-  p.out_head_stride = pr.out.stride(2);
+  set_strides(p, pr.q, pr.k, pr.v, pr.out);
   p.b = c.b;
   p.s_q = c.s_q;
   p.s_k = c.s_k;
@@ -268,28 +257,12 @@ DenseProblem make_problem(const DenseCase& c) {
   return pr;
 }
 
-// References of the most recent case, shared by its consecutive backend runs.
-struct CachedRef {
-  std::string name;
-  RefResult ref, low;
-};
-
-const CachedRef& references(const DenseCase& c, const FwdParams& p) {
-  static CachedRef cache;
-  if (cache.name != c.name) {
-    cache.name = c.name;
-    cache.ref = reference_forward(p, RefPrecision::kF64);
-    cache.low = reference_forward(p, RefPrecision::kF32);
-  }
-  return cache;
-}
-
 class DenseForward : public ::testing::TestWithParam<std::tuple<DenseCase, std::string>> {};
 
 TEST_P(DenseForward, MatchesFloat64Reference) {
   const auto& [c, backend] = GetParam();
   DenseProblem pr = make_problem(c);
-  const CachedRef& refs = references(c, pr.p);
+  const CachedForwardRef& refs = cached_forward_references(c.name, pr.p);
   Engine engine(EngineOptions{backend, 0});
   pr.out.poison();
   poison(pr.lse);

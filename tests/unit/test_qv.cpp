@@ -240,28 +240,12 @@ QvProblem make_problem(const QvCase& c) {
   return pr;
 }
 
-// References of the most recent case, shared by its consecutive backend runs.
-struct CachedRef {
-  std::string name;
-  RefResult ref, low;
-};
-
-const CachedRef& references(const std::string& name, const FwdParams& p) {
-  static CachedRef cache;
-  if (cache.name != name) {
-    cache.name = name;
-    cache.ref = reference_forward(p, RefPrecision::kF64);
-    cache.low = reference_forward(p, RefPrecision::kF32);
-  }
-  return cache;
-}
-
 class QvForward : public ::testing::TestWithParam<std::tuple<QvCase, std::string>> {};
 
 TEST_P(QvForward, MatchesFloat64Reference) {
   const auto& [c, backend] = GetParam();
   QvProblem pr = make_problem(c);
-  const CachedRef& r = references(c.name, pr.p);
+  const CachedForwardRef& r = cached_forward_references(c.name, pr.p);
   const Engine engine(EngineOptions{backend, 0});
   pr.out.poison();
   poison(pr.lse);
@@ -394,7 +378,7 @@ TEST_P(QvProperties, DecodeOrdersAgree) {
       std::vector<std::vector<double>> outs;
       for (const char* order : {"key-major", "head-major"}) {
         QvProblem pr = make_problem(c);
-        const CachedRef& r = references(c.name, pr.p);
+        const CachedForwardRef& r = cached_forward_references(c.name, pr.p);
         const Engine engine(EngineOptions{GetParam(), 0, order});
         pr.out.poison();
         engine.forward(pr.p);
