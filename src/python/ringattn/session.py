@@ -48,6 +48,25 @@ def _dtype_name(dtype):
     return names[key]
 
 
+def _check_layouts(cache_layout, prefill_name, prefill_layout):
+    """ValueError naming the argument unless the cache and prefill layouts are known."""
+    if cache_layout not in CACHE_LAYOUTS:
+        raise ValueError(f"cache_layout: expected one of {CACHE_LAYOUTS}, got {cache_layout!r}")
+    if prefill_layout not in _PREFILL_LAYOUTS:
+        raise ValueError(f"{prefill_name}: expected one of {tuple(_PREFILL_LAYOUTS)}, got "
+                         f"{prefill_layout!r}")
+
+
+def _scale_arg(softmax_scale):
+    """softmax_scale as the bindings take it: 0.0 for None (1 / sqrt(d)), else positive and finite."""
+    if softmax_scale is None:
+        return 0.0
+    scale = float(softmax_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"softmax_scale: must be positive and finite, got {softmax_scale!r}")
+    return scale
+
+
 class _ShardedSession:
     """What both sessions share: the per-rank token bookkeeping of the C++ session ``_s``."""
 
@@ -99,19 +118,11 @@ class KvSession(_ShardedSession):
         d_v = d if head_dim_v is None else _tensor.check_scalar_int(head_dim_v, "head_dim_v")
 
         def local():
-            if cache_layout not in CACHE_LAYOUTS:
-                raise ValueError(f"cache_layout: expected one of {CACHE_LAYOUTS}, got {cache_layout!r}")
-            if prefill_layout not in _PREFILL_LAYOUTS:
-                raise ValueError(f"prefill_layout: expected one of {tuple(_PREFILL_LAYOUTS)}, got "
-                                 f"{prefill_layout!r}")
+            _check_layouts(cache_layout, "prefill_layout", prefill_layout)
             wl, wr = _tensor.window_pair(window_size)
             if wr not in (0, -1):
                 raise ValueError(f"window_size: right must be 0 or -1 (the session is causal), got {wr}")
-            scale = 0.0
-            if softmax_scale is not None:
-                scale = float(softmax_scale)
-                if not (math.isfinite(scale) and scale > 0):
-                    raise ValueError(f"softmax_scale: must be positive and finite, got {softmax_scale!r}")
+            scale = _scale_arg(softmax_scale)
             cap = float(softcap)
             if not (math.isfinite(cap) and cap >= 0):
                 raise ValueError(f"softcap: must be finite and >= 0, got {softcap!r}")
@@ -228,21 +239,13 @@ class MlaSession(_ShardedSession):
         self._comm = _comm(group)
 
         def local():
-            if cache_layout not in CACHE_LAYOUTS:
-                raise ValueError(f"cache_layout: expected one of {CACHE_LAYOUTS}, got {cache_layout!r}")
-            if prompt_layout not in _PREFILL_LAYOUTS:
-                raise ValueError(f"prompt_layout: expected one of {tuple(_PREFILL_LAYOUTS)}, got "
-                                 f"{prompt_layout!r}")
+            _check_layouts(cache_layout, "prompt_layout", prompt_layout)
             kv_t = _dtype_name(dtype)
             q_t = kv_t if q_dtype is None else _dtype_name(q_dtype)
             for n, t in (("dtype", kv_t), ("q_dtype", q_t)):
                 if t not in ("fp32", "bf16"):
                     raise ValueError(f"{n}: MLA sessions store fp32 or bf16, got {t}")
-            scale = 0.0
-            if softmax_scale is not None:
-                scale = float(softmax_scale)
-                if not (math.isfinite(scale) and scale > 0):
-                    raise ValueError(f"softmax_scale: must be positive and finite, got {softmax_scale!r}")
+            scale = _scale_arg(softmax_scale)
             h = _tensor.check_scalar_int(num_heads, "num_heads")
             if sinks is not None:
                 _tensor.sinks_arg(sinks, None, h, sinks)
