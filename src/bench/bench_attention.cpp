@@ -138,12 +138,6 @@ BenchMeasurement run_decode(const BenchContext& ctx, DType t, int s_k) {
   return m;
 }
 
-double median_of(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n == 0 ? 0.0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
-}
-
 // decode_fp8_vs_bf16: the same decode call on an fp8 and on a bf16 cache, timed
 // alternately (fp8, bf16, bf16, fp8, fp8, bf16, ...; the machine's load swings hit
 // both alike, and each goes first half of the time).

@@ -222,9 +222,16 @@ std::vector<double> time_runs(const BenchContext& ctx, const std::function<void(
   return t;
 }
 
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n == 0 ? 0.0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
+}
+
 std::vector<BenchCase> all_bench_cases() {
   std::vector<BenchCase> all = attention_bench_cases();
   for (auto& c : mla_bench_cases()) all.push_back(std::move(c));
+  for (auto& c : memory_order_bench_cases()) all.push_back(std::move(c));
   return all;
 }
 

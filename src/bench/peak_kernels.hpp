@@ -23,4 +23,15 @@ inline constexpr double kFmaFlopsPerIterAvx512 = 24 * 16 * 2;  // 24 x 16-lane F
 float read_sum_generic(const float* x, std::size_t n);
 float read_sum_avx2(const float* x, std::size_t n);
 
+// The decode_memory_order case's loop (memory_order_avx2.cpp): one thread's pass over
+// `keys` keys of a K and a V block shaped [keys][kMemoryOrderHeads][kMemoryOrderRowBytes]
+// (an fp8 decode cache), tile by tile, in head-major order with software prefetches or
+// in key-major order without; returns a sum of its accumulators (seed feeds them, so
+// repeated calls are not folded into one).
+inline constexpr int kMemoryOrderHeads = 8, kMemoryOrderRowBytes = 128;
+inline constexpr int kMemoryOrderTileKeys = 64;
+inline constexpr int kMemoryOrderFmaPerLine = 32;  // 8-lane FMAs per 64-byte line
+float memory_order_stream_avx2(const std::byte* k, const std::byte* v, std::int64_t keys,
+                               bool head_major, float seed);
+
 }  // namespace ringattn::bench_detail

@@ -688,6 +688,17 @@ def case_bench_quick():
     for x in data["results"]:
         assert x["value"] > 0 and x["ratio_to_peak"] > 0 and x["median_s"] > 0, x
     assert "of peak" in out and "peak (threads=1)" in out
+    # The memory-order probe: head-major GB/s on the line, key-major and in-cache GB/s in
+    # the note (or the note says why it was skipped).
+    out = run(["bench", "--quick", "--threads", "2", "--repeats", "2", "--case", "^decode_memory_order$",
+               "--json", js]).stdout
+    (x,) = json.load(open(js))["results"]
+    print(x["case"], x["note"])
+    if "skipped" not in x["note"]:
+        assert x["value"] > 0 and x["unit"] == "GB/s", x
+        m = re.search(r"key-major \(no prefetch\) ([0-9.]+) GB/s = ([0-9.]+)x head-major; in cache ([0-9.]+) GB/s",
+                      x["note"])
+        assert m and all(float(g) > 0 for g in m.groups()), x["note"]
     run(["bench", "--list"])
     bad = run(["bench", "--case", "no_such_case"], expect_rc=2)
     assert "--case" in bad.stderr, bad.stderr

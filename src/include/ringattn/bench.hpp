@@ -88,8 +88,12 @@ struct BenchCase {
 // set) before each timed run; returns the run times.
 std::vector<double> time_runs(const BenchContext& ctx, const std::function<void()>& fn);
 
-std::vector<BenchCase> attention_bench_cases();  // src/bench/bench_attention.cpp
-std::vector<BenchCase> mla_bench_cases();        // src/bench/bench_mla.cpp
-std::vector<BenchCase> all_bench_cases();        // every list above, in order
+// Median of v (0 when empty; the mean of the two middle values for even sizes).
+double median_of(std::vector<double> v);
+
+std::vector<BenchCase> attention_bench_cases();     // src/bench/bench_attention.cpp
+std::vector<BenchCase> mla_bench_cases();           // src/bench/bench_mla.cpp
+std::vector<BenchCase> memory_order_bench_cases();  // src/bench/bench_memory_order.cpp
+std::vector<BenchCase> all_bench_cases();           // every list above, in order
 
 }  // namespace ringattn
