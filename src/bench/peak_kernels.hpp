@@ -23,7 +23,7 @@ inline constexpr double kFmaFlopsPerIterAvx512 = 24 * 16 * 2;  // 24 x 16-lane F
 float read_sum_generic(const float* x, std::size_t n);
 float read_sum_avx2(const float* x, std::size_t n);
 
-// The decode_memory_order case's loop (memory_order_avx2.cpp): one thread's pass over
+// The decode_memory_order case's loop (peak_kernels_avx2.cpp): one thread's pass over
 // `keys` keys of a K and a V block shaped [keys][kMemoryOrderHeads][kMemoryOrderRowBytes]
 // (an fp8 decode cache), tile by tile, in head-major order with software prefetches or
 // in key-major order without; returns a sum of its accumulators (seed feeds them, so
