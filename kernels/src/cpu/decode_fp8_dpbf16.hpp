@@ -63,7 +63,6 @@ struct Fp8DpBf16Decode {
     AlignedBuf<std::uint32_t> p;  // [rows][kTile / 2] P of the tile as bf16 pairs
     AlignedBuf<bf16_t> q2;        // [rows][q2ld] the same, each 32 values twice (qk_rows4)
     AlignedBuf<float> mul;        // [rows] score factor (scale x descales x 256^2)
-    AlignedBuf<const fp8e4m3_t*> kpf, vpf;  // [heads][kTile] prefetch rows (decode_tile)
     int qld = 0, q2ld = 0;
   };
 
@@ -76,8 +75,9 @@ struct Fp8DpBf16Decode {
     sc.mm.q2.reset(m * static_cast<std::size_t>(sc.mm.q2ld));
     sc.mm.p.reset(m * kTile / 2);
     sc.mm.mul.reset(m);
-    sc.mm.kpf.reset(static_cast<std::size_t>(f.p.h_k) * kTile);
-    sc.mm.vpf.reset(static_cast<std::size_t>(f.p.h_k) * kTile);
+    // FlashFwd's prefetch row lists, enlarged to [heads][kTile] (decode_tile).
+    sc.kpf.reset(static_cast<std::size_t>(f.p.h_k) * kTile);
+    sc.vpf.reset(static_cast<std::size_t>(f.p.h_k) * kTile);
   }
 
   // A decode task's q rows (r = g * nq + ii, as FlashFwd's) as bf16 of value / 256, in
@@ -328,8 +328,8 @@ struct Fp8DpBf16Decode {
     // walk the next tile's block front to back. Asked for head by head (rows a key
     // stride apart), the same prefetches left fp8 decode 8-12 % slower from DRAM on 2
     // threads (docs/cpu-backend.md).
-    const fp8e4m3_t** kpf = sc.mm.kpf.get();
-    const fp8e4m3_t** vpf = sc.mm.vpf.get();
+    const fp8e4m3_t** kpf = sc.kpf.get();
+    const fp8e4m3_t** vpf = sc.vpf.get();
     for (int j = 0, i = 0; j < ncv; ++j)
       for (int hh = 0; hh < t.nh; ++hh, ++i) {
         kpf[i] = sc.kpf_base[j] + hh * khs;
