@@ -20,6 +20,7 @@
 
 #include "cli/args.hpp"
 #include "ringattn/attention_params.hpp"
+#include "ringattn/bench.hpp"  // median_of
 #include "ringattn/dtype.hpp"
 #include "ringattn/engine.hpp"
 #include "ringattn/npy.hpp"
@@ -304,7 +305,6 @@ double seconds_of(Fn&& fn) {
   fn();
   return now_seconds() - t0;
 }
-double median(std::vector<double> v);
 
 // JSON output (--json) is built with nlohmann::ordered_json, which keeps the fields in
 // the order they are set. Measured values go through json_number().

@@ -143,14 +143,14 @@ Row run_case(const BenchArgs& a, const BenchCase& c, const Peak& pk, ReadBandwid
   r.unit = c.unit;
   r.note = m.note;
   r.threads = pk.threads;
-  r.median_s = median(m.seconds);
+  r.median_s = median_of(m.seconds);
   r.value = r.median_s > 0 ? m.work / r.median_s / 1e9 : 0.0;
   if (c.unit == "GB/s" && bw.size() == m.seconds.size() && !bw.empty()) {
     std::vector<double> ratios;
     for (std::size_t i = 0; i < bw.size(); ++i)
       ratios.push_back(m.seconds[i] > 0 && bw[i] > 0 ? m.work / m.seconds[i] / 1e9 / bw[i] : 0.0);
-    r.ratio = median(ratios);
-    r.read_gbs = median(bw);
+    r.ratio = median_of(ratios);
+    r.read_gbs = median_of(bw);
     char buf[64];
     std::snprintf(buf, sizeof buf, "; read BW between runs %.1f GB/s", r.read_gbs);
     r.note += buf;

@@ -247,7 +247,7 @@ double run_timed(const comm::Communicator& comm, const Engine& engine, const Dec
     distributed_decode(comm, engine, p);
     times.push_back(allreduce_max(comm, now_seconds() - t0));
   }
-  return median(times);
+  return median_of(times);
 }
 
 // Rank 0, --check: every row against float64 (from the files or the synthetic values).

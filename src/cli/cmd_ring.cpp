@@ -382,7 +382,7 @@ RingFigures run_timed(const comm::Communicator& comm, const Engine& engine, cons
   RingFigures f;
   f.alltoall_s = allreduce_max(comm, hstats.alltoall_s);
   f.alltoall_bytes = allreduce_sum(comm, static_cast<double>(hstats.alltoall_bytes)) / P;
-  f.time_s = median(times);
+  f.time_s = median_of(times);
   // Per-step figures, averaged over steps and ranks (and the max wait over ranks);
   // bytes averaged over the steps that sent something.
   double compute = 0.0, wait = 0.0, bytes = 0.0, sending = 0.0, calls = 0.0;

@@ -696,7 +696,7 @@ struct SessionReport {
   const SessionResults& res;
   const CheckErrors& err;
   double prefill_bytes;  // max over the ranks
-  double step_median() const { return median(res.step_s); }
+  double step_median() const { return median_of(res.step_s); }
   double decode_tokens_per_s() const {
     const double m = step_median();
     return m > 0 ? double(st.sh.b) * st.sh.t / m : 0.0;
@@ -755,9 +755,9 @@ void print_line(const SessionReport& r) {
       r.st.ranks, r.engine.threads(), r.engine.backend_name().c_str(), dtype_name(r.st.dtype), sh.b,
       static_cast<long long>(sh.prompt_max()), sh.h, sh.h_k, sh.d, sh.d_v, r.a.page_size,
       cache_layout_name(r.st.cache_layout), res.pst.total_s, sh.steps, sh.t, r.step_median() * 1e3,
-      percentile(res.step_s, 0.99) * 1e3, median(res.merge_share) * 100.0,
-      median(res.imbalance_share) * 100.0, median(res.max_wait_share) * 100.0,
-      median(res.reduction_share) * 100.0, r.decode_tokens_per_s());
+      percentile(res.step_s, 0.99) * 1e3, median_of(res.merge_share) * 100.0,
+      median_of(res.imbalance_share) * 100.0, median_of(res.max_wait_share) * 100.0,
+      median_of(res.reduction_share) * 100.0, r.decode_tokens_per_s());
   if (sh.s1 > 0)
     std::printf(" | extend %d tok: %.4f s %s (%s)", sh.s1, res.est.total_s,
                 extend_mode_name(res.plan.mode), res.plan.why.c_str());

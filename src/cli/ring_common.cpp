@@ -190,10 +190,10 @@ void StepShares::add(const comm::Communicator& comm, const StepStats& ds) {
 }
 
 void StepShares::to_json(Json& j) const {
-  j["decode_merge_share"] = json_number(median(merge_share));
-  j["decode_imbalance_share"] = json_number(median(imbalance_share));
-  j["decode_max_wait_share"] = json_number(median(max_wait_share));
-  j["decode_reduction_share"] = json_number(median(reduction_share));
+  j["decode_merge_share"] = json_number(median_of(merge_share));
+  j["decode_imbalance_share"] = json_number(median_of(imbalance_share));
+  j["decode_max_wait_share"] = json_number(median_of(max_wait_share));
+  j["decode_reduction_share"] = json_number(median_of(reduction_share));
 }
 
 double allreduce_sum(const comm::Communicator& comm, double x) {

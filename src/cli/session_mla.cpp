@@ -135,7 +135,7 @@ double read_bytes(const MlaSessionRun& r) {
 }
 
 void print_json(const MlaSessionRun& r, int ranks, const Engine& engine, const MlaResults& res) {
-  const double step_med = median(res.step_s);
+  const double step_med = median_of(res.step_s);
   Json j = result_json("session", ranks, engine);
   j["mla"] = true;
   j["dtype"] = dtype_name(r.dtype);
@@ -162,7 +162,7 @@ void print_json(const MlaSessionRun& r, int ranks, const Engine& engine, const M
 }
 
 void print_line(const MlaSessionRun& r, int ranks, const Engine& engine, const MlaResults& res) {
-  const double step_med = median(res.step_s);
+  const double step_med = median_of(res.step_s);
   std::printf(
       "session --mla: ranks=%d threads=%d backend=%s dtype=%s b=%d prompt=%lld h_q=%d "
       "page=%d cache=%s | decode %d x %d tok: step median %.3f ms, merge %.2f%%, "
@@ -170,9 +170,9 @@ void print_line(const MlaSessionRun& r, int ranks, const Engine& engine, const M
       "%.1f GB/s",
       ranks, engine.threads(), engine.backend_name().c_str(), dtype_name(r.dtype), r.b,
       static_cast<long long>(r.prompt), r.h_q, r.page_size, cache_layout_name(r.layout), r.steps,
-      r.t, step_med * 1e3, median(res.merge_share) * 100.0, median(res.imbalance_share) * 100.0,
-      median(res.max_wait_share) * 100.0, median(res.reduction_share) * 100.0,
-      step_med > 0 ? double(r.b) * r.t / step_med : 0.0,
+      r.t, step_med * 1e3, median_of(res.merge_share) * 100.0,
+      median_of(res.imbalance_share) * 100.0, median_of(res.max_wait_share) * 100.0,
+      median_of(res.reduction_share) * 100.0, step_med > 0 ? double(r.b) * r.t / step_med : 0.0,
       step_med > 0 ? read_bytes(r) / step_med / 1e9 : 0.0);
   if (r.check) res.err.print();
   std::printf("\n");
