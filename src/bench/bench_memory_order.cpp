@@ -60,7 +60,10 @@ BenchMeasurement run_memory_order(const BenchContext& ctx, std::int64_t keys) {
     return m;
   }
   const std::int64_t per = keys / threads / kMemoryOrderTileKeys * kMemoryOrderTileKeys;
-  RA_CHECK_ARG_GE(per, kMemoryOrderTileKeys, "keys per thread");
+  if (per < kMemoryOrderTileKeys)
+    RA_THROW(InvalidArgument, "--threads: decode_memory_order needs at least "
+                                  << kMemoryOrderTileKeys << " keys per thread, got " << keys
+                                  << " keys over " << threads << " threads");
   const std::int64_t bytes = per * kKeyBytes;        // one thread's K (and V) block
   const std::int64_t cached = kMemoryOrderTileKeys;  // keys of the in-cache pass (one tile)
   const int cached_passes = static_cast<int>(std::max<std::int64_t>(1, per / cached));

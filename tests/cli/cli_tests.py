@@ -699,6 +699,9 @@ def case_bench_quick():
         m = re.search(r"key-major \(no prefetch\) ([0-9.]+) GB/s = ([0-9.]+)x head-major; in cache ([0-9.]+) GB/s",
                       x["note"])
         assert m and all(float(g) > 0 for g in m.groups()), x["note"]
+    bad = run(["bench", "--quick", "--threads", "64", "--repeats", "1", "--case", "^decode_memory_order$"],
+              expect_rc=2)
+    assert "--threads" in bad.stderr and "64 threads" in bad.stderr, bad.stderr
     run(["bench", "--list"])
     bad = run(["bench", "--case", "no_such_case"], expect_rc=2)
     assert "--case" in bad.stderr, bad.stderr
